@@ -1,0 +1,92 @@
+"""Eq. 39 of the paper, evaluated literally, to measure how far it is from exact.
+
+This is a reference for analysis and tests, not part of the training path: it
+builds the eta chains explicitly, at a cost quadratic in depth, exactly as
+eq. 39 is printed (ReLU network without biases, appendix B.1). Legend, per
+sample, with flax's [d_in, d_out] kernels:
+
+    a_k   = v_{k-1} phi_k                   [d_k]   the layer-k input tangent
+    J_k   = dp/dz_k = u eta^(n,k)           [C, d_k]
+    e_k   = sum_{r<k} eta^(k-1,r) a_r       [d_{k-1}] the tangent of v_{k-1}
+
+Eq. 39, term by term:
+
+    line 1: (v_n omega)^T d2f/dp2 (v_n omega)
+    line 2: 2 sum_k [ df/dp . (eta^(n,k) a_k) omega + (v_n omega)^T d2f/dp2 J_k a_k ]
+    line 3: sum_k (J_k a_k)^T d2f/dp2 (J_k a_k)                  <- k = r only
+    line 4: 2 sum_{k>r} df/dp u eta^(n,k) (eta^(k-1,r) a_r) phi_k
+
+The exact g^T H g (`lrcr.directional`) has (sum_k J_k a_k)^T d2f/dp2 (sum_r J_r
+a_r) in place of line 3: eq. 39 drops the cross-layer Gauss-Newton blocks
+k != r that eq. 36 contains. `eq39_missing_terms` returns exactly those.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lrcr import factors as factors_lib
+from lrcr import layers as layers_lib
+from lrcr.mlp import MLP
+
+Array = jax.Array
+
+
+class Eq39(NamedTuple):
+  """Batch means of eq. 39 as printed and of the cross-layer blocks it omits."""
+  as_printed: Array
+  missing_cross_layer_gauss_newton: Array
+
+
+def eq39(model: MLP, params: Any, x: Array, labels: Array,
+         direction: Any) -> Eq39:
+  """Evaluates eq. 39 as printed, and the cross-layer terms it leaves out.
+
+  Only defined where eq. 39 is: a ReLU `lrcr.MLP` without biases.
+
+  Returns:
+    `Eq39(as_printed, missing_cross_layer_gauss_newton)`; for the exact
+    curvature add the two.
+
+  Raises:
+    ValueError: for a model with biases or a non-ReLU activation.
+  """
+  if model.use_bias or not layers_lib.is_piecewise_linear(model.activation):
+    raise ValueError("eq. 39 is printed for ReLU networks without biases.")
+  layers = layers_lib.as_layers(model, params)
+  steps = layers_lib.as_layers(model, direction, what="direction")
+  fac = factors_lib.per_sample_factors(model, params, x, labels)
+  fn = lambda f, xi: _sample_eq39(layers, steps, f)
+  printed, missing = jax.vmap(fn)(fac, x)
+  return Eq39(printed.mean(), missing.mean())
+
+
+def _sample_eq39(layers, steps, fac: factors_lib.Factors):
+  n = len(layers) - 1
+  hp, dfdp = fac.loss_hess, fac.loss_grad
+  omega = steps[-1].kernel
+  a = [fac.inputs[k] @ steps[k].kernel for k in range(n)]        # a_k
+
+  def eta_apply(k_top: int, r: int, vec: Array) -> Array:
+    """eta^(k_top, r) vec: push a layer-r pre-activation tangent up to v_{k_top}."""
+    t = fac.act_grads[r] * vec                                   # gamma, eq. 19
+    for j in range(r + 1, k_top + 1):
+      t = fac.act_grads[j] * (t @ layers[j].kernel)              # beta, eq. 20
+    return t
+
+  vo = fac.inputs[n] @ omega                                     # v_n omega
+  line1 = vo @ hp @ vo
+  line2 = sum(2.0 * (dfdp @ (eta_apply(n - 1, k, a[k]) @ omega)
+                     + vo @ hp @ (fac.jacobians[k] @ a[k])) for k in range(n))
+  ja = [fac.jacobians[k] @ a[k] for k in range(n)]
+  line3 = sum(ja[k] @ hp @ ja[k] for k in range(n))
+  line4 = 0.0
+  for k in range(1, n):
+    delta_k = dfdp @ fac.jacobians[k]
+    for r in range(k):
+      line4 = line4 + 2.0 * delta_k @ (eta_apply(k - 1, r, a[r]) @ steps[k].kernel)
+  missing = sum(2.0 * ja[k] @ hp @ ja[r] for k in range(n) for r in range(k))
+  return line1 + line2 + line3 + line4, jnp.asarray(missing)

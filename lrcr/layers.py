@@ -1,0 +1,142 @@
+"""Reads an `lrcr.MLP` and its parameters as the list of layers the engine sweeps.
+
+The low-rank engine (`lrcr.factors`, `lrcr.directional`) works on the plain
+sequence (W_1, b_1), ..., (W_n, b_n), (U, c) of eqs. 10-13 rather than on flax
+internals. This module does that translation once, and turns every mismatch
+between a model, its parameters and a direction into an error that says what
+to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lrcr.mlp import MLP
+
+Array = jax.Array
+
+UNSUPPORTED_HINT = (
+    "The low-rank engine covers lrcr.MLP only. For any other differentiable "
+    "model use lrcr.autodiff_curvature_fn(loss_fn, *args) (or "
+    "lrcr.autodiff_directional), which computes the same slope and curvature "
+    "by forward-over-forward autodiff.")
+
+
+class Layer(NamedTuple):
+  """One affine layer `z = v @ kernel + bias`.
+
+  Attributes:
+    kernel: [d_in, d_out], the paper's W^(k) (or U for the output layer).
+    bias: [d_out], or None when the model has no biases.
+  """
+  kernel: Array
+  bias: Array | None
+
+
+def _unwrap(tree: Any) -> Mapping[str, Any]:
+  """Accepts `model.init(...)` variables ({'params': ...}) or the inner dict."""
+  if isinstance(tree, Mapping) and "params" in tree:
+    return tree["params"]
+  return tree
+
+
+def layer_names(model: MLP) -> list[str]:
+  """Names of the layers in forward order: hidden_0..hidden_{n-1}, output."""
+  return [f"hidden_{k}" for k in range(len(model.hidden_sizes))] + ["output"]
+
+
+def check_model(model: Any) -> MLP:
+  """Raises a TypeError naming the model when the engine cannot handle it."""
+  if not isinstance(model, MLP):
+    raise TypeError(
+        f"Unsupported model {type(model).__name__}. {UNSUPPORTED_HINT}")
+  return model
+
+
+def as_layers(model: MLP, tree: Any, what: str = "params") -> list[Layer]:
+  """Extracts [(W_1, b_1), ..., (W_n, b_n), (U, c)] from a params-shaped tree.
+
+  Args:
+    model: the `lrcr.MLP` the tree belongs to.
+    tree: parameters, or a direction shaped like them, with or without the
+      top-level 'params' key.
+    what: how to call `tree` in error messages ("params" or "direction").
+
+  Returns:
+    One `Layer` per affine map, in forward order.
+
+  Raises:
+    TypeError: for a model the engine does not support.
+    ValueError: when the tree does not match the model's layout.
+  """
+  check_model(model)
+  inner = _unwrap(tree)
+  names = layer_names(model)
+  if not isinstance(inner, Mapping) or set(inner) != set(names):
+    got = sorted(inner) if isinstance(inner, Mapping) else type(inner).__name__
+    raise ValueError(
+        f"{what} does not match the layers of {model!r}: expected keys "
+        f"{names}, got {got}. Pass the tree returned by model.init (or one "
+        f"shaped like it).")
+  layers = []
+  for name in names:
+    entry = inner[name]
+    bias = entry.get("bias") if isinstance(entry, Mapping) else None
+    if not isinstance(entry, Mapping) or "kernel" not in entry:
+      raise ValueError(f"{what}['{name}'] has no 'kernel'.")
+    if model.use_bias != (bias is not None):
+      raise ValueError(
+          f"{what}['{name}'] {'lacks' if model.use_bias else 'has'} a 'bias' "
+          f"but the model has use_bias={model.use_bias}.")
+    layers.append(Layer(jnp.asarray(entry["kernel"]),
+                        None if bias is None else jnp.asarray(bias)))
+  return layers
+
+
+def check_direction(params: list[Layer], direction: list[Layer]) -> None:
+  """Raises a ValueError when the direction's shapes differ from the params'."""
+  for k, (p, d) in enumerate(zip(params, direction)):
+    for field in ("kernel", "bias"):
+      ps, ds = getattr(p, field), getattr(d, field)
+      if ps is not None and ps.shape != ds.shape:
+        raise ValueError(
+            f"direction layer {k} {field} has shape {ds.shape}, params have "
+            f"{ps.shape}: the direction must be a pytree shaped like params.")
+
+
+def activation_derivatives(
+    activation: Callable[[Array], Array], z: Array, second: bool = True
+) -> tuple[Array, Array, Array | None]:
+  """Evaluates A(z), A'(z) and A''(z) elementwise by forward-mode autodiff.
+
+  The activation must act elementwise (relu, tanh, sigmoid, softplus, gelu...);
+  then a jvp with a tangent of ones is its derivative.
+
+  Args:
+    activation: elementwise A.
+    z: pre-activations, any shape.
+    second: also compute A''. Skipped (None) for ReLU, whose A'' is zero
+      (eq. 29).
+
+  Returns:
+    (A(z), A'(z), A''(z) or None), each shaped like z.
+  """
+  ones = jnp.ones_like(z)
+  if not second or is_piecewise_linear(activation):
+    v, a1 = jax.jvp(activation, (z,), (ones,))
+    return v, a1, None
+
+  def first(u):
+    return jax.jvp(activation, (u,), (jnp.ones_like(u),))
+
+  (v, a1), (_, a2) = jax.jvp(first, (z,), (ones,))
+  return v, a1, a2
+
+
+def is_piecewise_linear(activation: Callable[[Array], Array]) -> bool:
+  """True for activations with A'' = 0 almost everywhere (ReLU, eq. 29)."""
+  return activation in (jax.nn.relu,)
