@@ -1,0 +1,56 @@
+"""Settings shared by every run of the paper (section 3.2 and appendix A).
+
+Not a run by itself: each `configs/<run>.py` starts from `get_base_config()`
+and sets its figure's data, optimizer, learning rate, sigma and init, e.g.
+
+    python -m experiments.train --config=configs/mnist_sgd_plateau.py \
+        --workdir=runs/fig2
+
+Appendix A: a feedforward ReLU net with 12 hidden layers of 128 units and no
+biases, softmax cross-entropy, mini-batches of 32, 3000 iterations, and the
+base learning rate decayed by 0.95 every 100 iterations.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """The appendix-A settings; a run's config fills in the rest."""
+  config = ml_collections.ConfigDict()
+  config.name = "base"
+  config.figure = ""  # the paper's figure, e.g. "Fig. 2"
+  config.claim_kind = "plateau"  # "plateau" | "no_plateau" | "adam"
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.depth = 12  # hidden layers
+  config.model.width = 128  # units per hidden layer
+  config.model.init_scale = 0.1  # every weight ~ U(-init_scale, init_scale)
+  config.model.use_bias = False
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "sgd"  # sgd | adagrad | adadelta | adam | rmsprop
+  config.optimizer.learning_rate = 0.01  # base lr at step 0
+  config.optimizer.decay_steps = 100  # lr(t) = lr * decay_rate**(t/decay_steps)
+  config.optimizer.decay_rate = 0.95
+  config.optimizer.decay_staircase = False
+  config.optimizer.sigma = 100.0  # cubic weight of eq. 8
+  # How the CR run gets slope and curvature (all exact): "fused" reuses the
+  # gradient pass (lrcr.fused; Gram matrices for SGD), "lowrank" calls
+  # lrcr.lowrank_curvature_fn, "autodiff" forward-over-forward autodiff.
+  config.optimizer.curvature = "fused"
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "mnist"  # mnist | cifar10
+  config.data.source = "auto"  # auto | tfds | files | mnist_5k (lrcr.data)
+  config.data.path = ""  # TFDS data_dir or files directory; "" for none
+  config.data.split = "train"
+
+  config.training = ml_collections.ConfigDict()
+  config.training.num_steps = 3000
+  config.training.batch_size = 32
+  config.training.chunk_size = 100  # steps per jitted lax.scan and checkpoint
+  config.training.nonfinite = "skip"  # skip | stop
+  config.training.progress = True  # tqdm progress bar on stderr
+  config.training.inject_nan_at_step = -1  # testing only: NaN inputs there
+  return config

@@ -1,0 +1,175 @@
+"""Runs every run of the paper and tabulates the results against its claims.
+
+    python -m experiments.reproduce --workdir=runs/paper [--steps=N] \
+        [--data_source=auto] [--data_path=DIR] \
+        [--cifar10_path=/path/to/cifar-10-batches-py] \
+        [--only=mnist_sgd_plateau,...] [--set=model.depth=2 ...]
+
+Each config of `PAPER_RUNS` trains into `workdir/<name>/` through
+`lrcr.train.train_and_evaluate` (so a rerun resumes), then the workdir
+receives summary.md (the table, with the command, the data, the date and the
+total wall time), summary.json and overview.png. A CIFAR-10 run with no
+CIFAR-10 data is listed as not run, with the reason: nothing stands in for it.
+"""
+
+import ast
+from collections.abc import Sequence
+import datetime
+import importlib
+import json
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+
+from lrcr import data as data_lib
+from lrcr import plots
+from lrcr import summary as summary_lib
+from lrcr import train
+
+#: The paper's runs, in figure order (configs/<name>.py).
+PAPER_RUNS = ("mnist_sgd", "mnist_sgd_plateau", "cifar10_sgd_plateau",
+              "mnist_adagrad_plateau", "mnist_adadelta_plateau",
+              "mnist_adam_plateau")
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of all runs.")
+_STEPS = flags.DEFINE_integer(
+    "steps", None, "Iterations per run (default: each config's, 3000).")
+_DATA_SOURCE = flags.DEFINE_enum(
+    "data_source", "auto", list(data_lib.SOURCES),
+    "Data source of the MNIST runs (lrcr.data).")
+_DATA_PATH = flags.DEFINE_string(
+    "data_path", "", "MNIST files directory or TFDS data_dir ('' for none).")
+_CIFAR10_PATH = flags.DEFINE_string(
+    "cifar10_path", "",
+    "cifar-10-batches-py directory (or a TFDS data_dir) for the CIFAR-10 run.")
+_ONLY = flags.DEFINE_list(
+    "only", list(PAPER_RUNS), f"Runs to do, among {', '.join(PAPER_RUNS)}.")
+_SET = flags.DEFINE_multi_string(
+    "set", [], "Override for every config, e.g. --set=model.depth=2.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+_NO_CIFAR = ("CIFAR-10 data not available: pass --cifar10_path=/path/to/"
+             "cifar-10-batches-py (files source)")
+
+
+def _load_config(name: str) -> ml_collections.ConfigDict:
+  """configs/<name>.py with this command's overrides applied."""
+  module = importlib.import_module(f"configs.{name}")
+  config = module.get_config()
+  if _STEPS.value is not None:
+    config.training.num_steps = _STEPS.value
+  config.training.progress = _PROGRESS.value
+  if config.data.name == "cifar10":
+    source = _DATA_SOURCE.value
+    config.data.source = "auto" if source == "mnist_5k" else source
+    config.data.path = _CIFAR10_PATH.value
+  else:
+    config.data.source = _DATA_SOURCE.value
+    config.data.path = _DATA_PATH.value
+  for item in _SET.value:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--set={item!r}: expected key=value.")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    config.update_from_flattened_dict({key.strip(): value})
+  return config
+
+
+def _run_one(name: str, workdir: str) -> dict[str, Any]:
+  """Trains one run; returns its table row with `status` and `reason`."""
+  config = _load_config(name)
+  row = {"run": name, "figure": config.figure, "status": "ok", "reason": ""}
+  try:
+    result = train.train_and_evaluate(config, os.path.join(workdir, name))
+  except data_lib.DataError as err:
+    if config.data.name != "cifar10":
+      raise
+    logging.warning("%s not run: %s", name, err)
+    row.update(status="not run", data=f"not run: {_NO_CIFAR}",
+               reason=f"{_NO_CIFAR}. ({err})")
+    return row
+  except Exception as err:  # pylint: disable=broad-except
+    logging.exception("%s failed.", name)
+    row.update(status="failed", data=f"failed: {type(err).__name__}",
+               reason=f"{type(err).__name__}: {err}")
+    return row
+  row.update(result)
+  return row
+
+
+def _table_row(row: dict[str, Any]) -> dict[str, Any]:
+  """A run that did not run shows its reason and no exit steps ("—")."""
+  if row["status"] == "ok":
+    return row
+  return dict(row, exit_step_base="—", exit_step_cr="—")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  unknown = sorted(set(_ONLY.value) - set(PAPER_RUNS))
+  if unknown:
+    raise app.UsageError(f"--only: unknown run(s) {', '.join(unknown)}; "
+                         f"choose among {', '.join(PAPER_RUNS)}.")
+  workdir = os.path.abspath(_WORKDIR.value)
+  os.makedirs(workdir, exist_ok=True)
+  start = time.perf_counter()
+  date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+  rows = [_run_one(name, workdir) for name in PAPER_RUNS
+          if name in _ONLY.value]
+  wall_time = time.perf_counter() - start
+
+  command = " ".join(["python -m experiments.reproduce"] +
+                     [shlex.quote(a) for a in sys.argv[1:]])
+  data_used = sorted({row["data"] for row in rows if row["status"] == "ok"})
+  lines = [
+      "# lrcr: the paper's runs, base vs base+CR",
+      "",
+      f"- Command: `{command}`",
+      f"- Data: {'; '.join(data_used) or 'none'}",
+      f"- Date: {date}",
+      f"- Total wall time: {wall_time:.1f} s",
+      "",
+      summary_lib.summary_table_markdown([_table_row(row) for row in rows]),
+  ]
+  for row in rows:
+    if row["status"] != "ok":
+      lines.append(f"- {row['run']} ({row['figure']}) {row['status']}: "
+                   f"{row['reason']}")
+    elif row.get("claim"):
+      lines.append(f"- {row['run']} ({row['figure']}): "
+                   f"{row['claim']['reason']}")
+  with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(lines).rstrip() + "\n")
+  report = {"command": command, "date": date, "wall_time_s": wall_time,
+            "data": data_used, "runs": rows}
+  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(train.jsonable(report), f, indent=2, allow_nan=False)
+    f.write("\n")
+
+  runs = [(f"{row['figure']} {row['run']}".strip(), summary_lib.read_metrics(
+      os.path.join(workdir, row["run"], train.METRICS_FILE)))
+          for row in rows if row["status"] == "ok"]
+  if runs:
+    plots.plot_overview(runs, os.path.join(workdir, "overview.png"),
+                        title=f"base (blue) vs base+CR (red); data: "
+                        f"{'; '.join(data_used)}")
+  logging.info("Wrote %s/summary.md in %.1f s.", workdir, wall_time)
+  print(f"Wrote {os.path.join(workdir, 'summary.md')}", flush=True)
+  if any(row["status"] == "failed" for row in rows):
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

@@ -1,0 +1,39 @@
+"""Trains a base optimizer and base+CR side by side for one config.
+
+    python -m experiments.train --config=configs/mnist_sgd_plateau.py \
+        --workdir=runs/fig2 [--config.optimizer.sigma=1000 ...]
+
+This file is intentionally kept short. The work happens in
+`lrcr.train.train_and_evaluate`; the workdir receives config.json,
+metrics.jsonl, checkpoint.msgpack, figure.png and summary.json. Rerunning the
+same command resumes from the checkpoint.
+"""
+
+from collections.abc import Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from lrcr import train
+
+FLAGS = flags.FLAGS
+
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Directory for the run's files (resumable).")
+config_flags.DEFINE_config_file(
+    "config", None, "Run configuration, e.g. configs/mnist_sgd_plateau.py.",
+    lock_config=True)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  logging.info("Config:\n%s", FLAGS.config)
+  train.train_and_evaluate(FLAGS.config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

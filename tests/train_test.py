@@ -1,0 +1,304 @@
+"""Tests of lrcr.train and lrcr.optimizers on the tiny config (configs/test.py).
+
+The pipeline runs on `tfds.testing.mock_data` (random images and labels read
+through `tfds.data_source`, no TensorFlow needed), as in the flax examples.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import test as test_config
+from lrcr import data as data_lib
+from lrcr import optimizers
+from lrcr import train
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+NUM_EXAMPLES = 64
+
+
+def _config(**overrides):
+  config = test_config.get_config()
+  config.data.source = "tfds"
+  for key, value in overrides.items():
+    config.update_from_flattened_dict({key: value})
+  return config
+
+
+def _train(config, workdir, num_examples=NUM_EXAMPLES):
+  with tfds.testing.mock_data(num_examples=num_examples):
+    return train.train_and_evaluate(config, str(workdir))
+
+
+def _metrics_text(workdir):
+  with open(os.path.join(workdir, train.METRICS_FILE), encoding="utf-8") as f:
+    return f.read()
+
+
+def _records(workdir):
+  return [json.loads(line) for line in _metrics_text(workdir).splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """One uninterrupted 40-step run, shared by the tests that compare to it."""
+  workdir = tmp_path_factory.mktemp("reference")
+  summary = _train(_config(), workdir)
+  return workdir, summary
+
+
+# ---------------------------------------------------------------------------
+# The pipeline.
+
+
+def test_pipeline_writes_the_run_record(reference_run):
+  workdir, summary = reference_run
+  config = _config()
+  for name in (train.CONFIG_FILE, train.METRICS_FILE, train.CHECKPOINT_FILE,
+               train.FIGURE_FILE, train.SUMMARY_FILE):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  records = _records(workdir)
+  assert len(records) == config.training.num_steps
+  assert [r["step"] for r in records] == list(range(len(records)))
+  for record in records:
+    assert tuple(record) == train.METRIC_KEYS
+    assert np.isfinite(record["loss_base"]) and np.isfinite(record["loss_cr"])
+    assert record["alpha"] >= 0.0
+    assert record["skipped_base"] == record["skipped_cr"] == 0
+    np.testing.assert_allclose(
+        record["learning_rate_cr"],
+        record["alpha"] * record["base_learning_rate"], rtol=1e-6)
+  # lr(t) = 0.02 * 0.95 ** (t / 100), appendix A.
+  np.testing.assert_allclose(records[39]["base_learning_rate"],
+                             0.02 * 0.95 ** 0.39, rtol=1e-6)
+
+  with open(os.path.join(workdir, train.CONFIG_FILE), encoding="utf-8") as f:
+    assert json.load(f)["optimizer"]["sigma"] == config.optimizer.sigma
+  with open(os.path.join(workdir, train.SUMMARY_FILE), encoding="utf-8") as f:
+    saved = json.load(f)
+  assert saved["num_steps"] == 40
+  assert saved["data"] == f"tfds mnist:train ({NUM_EXAMPLES} examples)"
+  assert saved["data_source"] == "tfds"
+  assert saved["claim"]["kind"] == "plateau"
+  assert saved["steps_per_s"] > 0 and saved["wall_time_s"] > 0
+  assert summary["data"] == saved["data"]
+
+
+def test_both_runs_start_from_the_same_point_on_the_same_batches(
+    reference_run):
+  first = _records(reference_run[0])[0]
+  assert first["loss_base"] == first["loss_cr"]
+  assert first["grad_norm_base"] == first["grad_norm_cr"]
+
+
+def test_the_runs_differ_only_by_the_step_length(reference_run):
+  records = _records(reference_run[0])
+  alphas = np.array([r["alpha"] for r in records])
+  assert np.all(alphas != 1.0)
+  assert records[5]["loss_base"] != records[5]["loss_cr"]
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint and resume.
+
+
+def test_resume_after_a_kill_is_bit_identical(reference_run, tmp_path,
+                                              monkeypatch):
+  workdir = tmp_path / "killed"
+  save = train.save_checkpoint
+  calls = []
+
+  def killed_before_third_checkpoint(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt  # after chunk 3's metrics, before its checkpoint
+    save(*args, **kwargs)
+
+  monkeypatch.setattr(train, "save_checkpoint", killed_before_third_checkpoint)
+  with pytest.raises(KeyboardInterrupt):
+    _train(_config(), workdir)
+  assert len(_records(workdir)) == 30   # chunk 3 is written, not checkpointed
+  monkeypatch.setattr(train, "save_checkpoint", save)
+
+  summary = _train(_config(), workdir)
+  assert summary["resumed_from_step"] == 20
+  assert _metrics_text(workdir) == _metrics_text(reference_run[0])
+  with open(workdir / train.CHECKPOINT_FILE, "rb") as f:
+    resumed = f.read()
+  with open(reference_run[0] / train.CHECKPOINT_FILE, "rb") as f:
+    assert resumed == f.read()
+
+
+def test_a_longer_num_steps_extends_a_finished_run(reference_run, tmp_path):
+  _train(_config(**{"training.num_steps": 25}), tmp_path)
+  assert len(_records(tmp_path)) == 25
+  summary = _train(_config(), tmp_path)
+  assert summary["resumed_from_step"] == 25
+  assert _metrics_text(tmp_path) == _metrics_text(reference_run[0])
+
+
+def test_a_finished_run_is_not_trained_again(reference_run, tmp_path):
+  _train(_config(**{"training.num_steps": 10}), tmp_path)
+  summary = _train(_config(**{"training.num_steps": 10}), tmp_path)
+  assert summary["resumed_from_step"] == 10 and summary["num_steps"] == 10
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+  _train(_config(**{"training.num_steps": 10}), tmp_path)
+  with pytest.raises(ValueError, match=r"different config.*optimizer\.sigma"
+                     r".*new --workdir"):
+    _train(_config(**{"optimizer.sigma": 1000.0}), tmp_path)
+  with pytest.raises(ValueError, match="past config.training.num_steps=5"):
+    _train(_config(**{"training.num_steps": 5}), tmp_path)
+
+
+def test_checkpoint_round_trip(tmp_path):
+  key = jax.random.key(3)
+  params = {"w": jnp.arange(6.0).reshape(2, 3)}
+  tx = optimizers.make_cr_optimizer(_config().optimizer, 0.1)
+  state = train.TrainState(params, optax.sgd(0.1).init(params), params,
+                           tx.init(params))
+  path = str(tmp_path / "ckpt")
+  train.save_checkpoint(path, state, 7, key)
+  restored, step, restored_key = train.restore_checkpoint(path, state,
+                                                          jax.random.key(0))
+  assert step == 7
+  assert np.array_equal(jax.random.key_data(restored_key),
+                        jax.random.key_data(key))
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+  assert not os.path.exists(path + ".tmp")
+
+
+# ---------------------------------------------------------------------------
+# Non-finite steps.
+
+
+def test_skip_leaves_a_nonfinite_step_out(tmp_path):
+  summary = _train(_config(**{"training.inject_nan_at_step": 13}), tmp_path)
+  records = _records(tmp_path)
+  assert len(records) == 40
+  bad = records[13]
+  assert bad["loss_base"] is None and bad["loss_cr"] is None
+  assert bad["skipped_base"] == bad["skipped_cr"] == 1
+  for record in records[:13] + records[14:]:
+    assert record["skipped_base"] == record["skipped_cr"] == 0
+    assert np.isfinite(record["loss_base"]) and np.isfinite(record["loss_cr"])
+  state, _, _ = _restore(tmp_path)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+  assert summary["nonfinite_steps_base"] == summary["nonfinite_steps_cr"] == 1
+
+
+def test_stop_raises_after_saving_the_last_finite_state(tmp_path):
+  config = _config(**{"training.inject_nan_at_step": 13,
+                      "training.nonfinite": "stop"})
+  with pytest.raises(FloatingPointError,
+                     match=r"step 13 in the base and CR run"):
+    _train(config, tmp_path)
+  records = _records(tmp_path)
+  assert [r["step"] for r in records] == list(range(14))
+  assert records[-1]["skipped_base"] == 1
+  state, step, _ = _restore(tmp_path)
+  assert step == 13
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+  assert os.path.exists(tmp_path / train.SUMMARY_FILE)
+
+
+def _restore(workdir):
+  """The checkpoint of a test-config run in workdir, as host arrays."""
+  import flax.serialization  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, train.CHECKPOINT_FILE), "rb") as f:
+    tree = flax.serialization.msgpack_restore(f.read())
+  return tree["state"], int(tree["step"]), tree["data_key"]
+
+
+# ---------------------------------------------------------------------------
+# Config checks.
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("optimizer.sigma", 0.0, r"config\.optimizer\.sigma=0\.0.*> 0"),
+    ("optimizer.sigma", -100.0, r"config\.optimizer\.sigma"),
+    ("optimizer.name", "lbfgs", r"Unknown optimizer 'lbfgs'.*sgd, adagrad"),
+    ("optimizer.learning_rate", 0.0, r"config\.optimizer\.learning_rate"),
+    ("model.init_scale", 0.0, r"config\.model\.init_scale"),
+    ("training.num_steps", 0, r"config\.training\.num_steps"),
+    ("training.chunk_size", 0, r"config\.training\.chunk_size"),
+    ("training.nonfinite", "ignore", r"config\.training\.nonfinite"),
+    ("claim_kind", "huge", r"config\.claim_kind"),
+])
+def test_bad_configs_are_refused_up_front(tmp_path, key, value, match):
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(_config(**{key: value}), str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+def test_a_batch_larger_than_the_data_is_refused(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.training\.batch_size.*20"):
+    _train(_config(**{"training.batch_size": 32}), tmp_path, num_examples=20)
+
+
+# ---------------------------------------------------------------------------
+# Batches.
+
+
+def test_batches_are_a_function_of_the_step():
+  key = jax.random.key(0)
+  n, b = 20, 8   # two batches per epoch; 4 indices left out each epoch
+  epoch0 = np.concatenate([train.batch_indices(key, t, n, b) for t in (0, 1)])
+  epoch1 = np.concatenate([train.batch_indices(key, t, n, b) for t in (2, 3)])
+  assert len(set(epoch0.tolist())) == 2 * b and epoch0.max() < n
+  assert not np.array_equal(epoch0, epoch1)
+  np.testing.assert_array_equal(train.batch_indices(key, 5, n, b),
+                                train.batch_indices(key, 5, n, b))
+  jitted = jax.jit(train.batch_indices, static_argnums=(2, 3))
+  np.testing.assert_array_equal(jitted(key, jnp.int32(3), n, b),
+                                train.batch_indices(key, 3, n, b))
+
+
+# ---------------------------------------------------------------------------
+# Optimizers.
+
+
+def test_schedule_decays_by_095_per_100_steps():
+  config = _config(**{"optimizer.learning_rate": 0.1})
+  schedule = optimizers.make_schedule(config.optimizer)
+  np.testing.assert_allclose(schedule(100), 0.095, rtol=1e-6)
+  np.testing.assert_allclose(schedule(50), 0.1 * 0.95 ** 0.5, rtol=1e-6)
+  config.optimizer.decay_staircase = True
+  staircase = optimizers.make_schedule(config.optimizer)
+  np.testing.assert_allclose(staircase(150), 0.095, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", optimizers.OPTIMIZERS)
+def test_every_base_optimizer_trains_with_cr(tmp_path, name):
+  config = _config(**{"optimizer.name": name, "training.num_steps": 10})
+  summary = _train(config, tmp_path)
+  records = _records(tmp_path)
+  assert summary["num_steps"] == 10
+  assert all(np.isfinite(r["loss_cr"]) and r["alpha"] >= 0 for r in records)
+
+
+def test_adagrad_uses_the_tf1_defaults():
+  params = {"w": jnp.ones(3)}
+  config = _config(**{"optimizer.name": "adagrad"})
+  tx = optimizers.make_base_optimizer(config.optimizer, 1.0)
+  updates, _ = tx.update({"w": jnp.full(3, 0.3)}, tx.init(params))
+  # -lr g / sqrt(0.1 + g^2 + 1e-7)
+  np.testing.assert_allclose(updates["w"], -0.3 / np.sqrt(0.19 + 1e-7),
+                             rtol=1e-6)
+
+
+def test_unknown_optimizer_lists_the_valid_ones():
+  with pytest.raises(ValueError, match="sgd, adagrad, adadelta, adam, rmsprop"):
+    optimizers.make_base_optimizer(_config(**{"optimizer.name": "x"}).optimizer,
+                                   0.1)
+
+
+def test_data_errors_are_value_errors():
+  assert issubclass(data_lib.DataError, ValueError)
