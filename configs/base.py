@@ -19,7 +19,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = "base"
   config.figure = ""  # the paper's figure, e.g. "Fig. 2"
-  config.claim_kind = "plateau"  # "plateau" | "no_plateau" | "adam"
+  config.claim_kind = "plateau"  # plateau | plateau_adaptive | no_plateau | adam
   config.seed = 0
 
   config.model = ml_collections.ConfigDict()

@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = base.get_base_config()
   config.name = "mnist_adagrad_plateau"
   config.figure = "Fig. 4"
-  config.claim_kind = "plateau"
+  config.claim_kind = "plateau_adaptive"
   config.data.name = "mnist"
   config.model.init_scale = 0.1
   config.optimizer.name = "adagrad"

@@ -15,9 +15,9 @@ PAPER = {
     "cifar10_sgd_plateau": ("Fig. 3", "cifar10", "sgd", 0.1, 0.01, 1000.0,
                             "plateau"),
     "mnist_adagrad_plateau": ("Fig. 4", "mnist", "adagrad", 0.1, 0.1, 1000.0,
-                              "plateau"),
+                              "plateau_adaptive"),
     "mnist_adadelta_plateau": ("Fig. 5", "mnist", "adadelta", 0.1, 1.0,
-                               1000.0, "plateau"),
+                               1000.0, "plateau_adaptive"),
     "mnist_adam_plateau": ("§4", "mnist", "adam", 0.1, 0.001, 1000.0,
                            "adam"),
 }

@@ -290,3 +290,11 @@ def test_read_metrics_corrupt_middle_line(tmp_path):
     path.write_text('{"step": 0}\n{"step": 1\n{"step": 2}\n')
     with pytest.raises(ValueError):
         S.read_metrics(path)
+
+
+def test_claim_plateau_adaptive_threshold_is_2x():
+    s = {"exit_step_base": 1000, "exit_step_cr": 700, "plateau_to_later_ratio": 5.0}
+    assert S.qualitative_claim(s, "plateau_adaptive")["holds"] is True
+    assert S.qualitative_claim(s, "plateau")["holds"] is False
+    s["plateau_to_later_ratio"] = 1.5
+    assert S.qualitative_claim(s, "plateau_adaptive")["holds"] is False
