@@ -51,6 +51,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.training.batch_size = 32
   config.training.chunk_size = 100  # steps per jitted lax.scan and checkpoint
   config.training.nonfinite = "skip"  # skip | stop
+  # Data parallelism: 0 = every local device (batch split over a "data" mesh
+  # axis, parameters replicated), 1 = a single device.
+  config.training.num_devices = 0
   config.training.progress = True  # tqdm progress bar on stderr
   config.training.inject_nan_at_step = -1  # testing only: NaN inputs there
   return config

@@ -85,8 +85,10 @@ _INT_METRICS = frozenset({"step", "skipped_base", "skipped_cr"})
 
 # Config keys that may change between a run and its resumption: a longer
 # num_steps extends a finished run, and the rest do not change the numbers.
+# num_devices only changes float rounding, so a run may move to another host.
 RESUMABLE_CHANGES: tuple[str, ...] = ("training.num_steps",
-                                      "training.progress")
+                                      "training.progress",
+                                      "training.num_devices")
 
 
 class TrainState(NamedTuple):
@@ -275,6 +277,7 @@ def make_chunk_fn(
     inject_nan_at_step: int = -1,
     curvature: str = "fused",
     gradient_direction: bool = False,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
   """Builds `run_chunk(state, images, labels, data_key, start, *, length)`.
 
@@ -301,6 +304,9 @@ def make_chunk_fn(
       (`lrcr.lowrank_curvature_fn`) or "autodiff" (`autodiff_curvature_fn`).
     gradient_direction: the base optimizer is plain SGD, so the fused path
       may use its Gram-matrix form.
+    batch_sharding: data parallelism: how each step's batch is laid out over
+      the devices (rows split over the mesh's "data" axis). The parameters
+      stay replicated and XLA reduces the per-sample sums across devices.
 
   Returns:
     The pure function `run_chunk`.
@@ -317,6 +323,9 @@ def make_chunk_fn(
     idx = jax.lax.dynamic_slice_in_dim(perms[epoch - first_epoch], offset,
                                        batch_size)                 # [B]
     x, y = images[idx], labels[idx]                                # [B, D], [B]
+    if batch_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, batch_sharding)
+      y = jax.lax.with_sharding_constraint(y, batch_sharding)
     if inject_nan_at_step >= 0:
       x = jnp.where(t == inject_nan_at_step, jnp.nan, x)
 
@@ -393,6 +402,37 @@ def make_chunk_fn(
     return state, metrics
 
   return run_chunk
+
+
+def make_data_mesh(num_devices: int, batch_size: int) -> jax.sharding.Mesh | None:
+  """A 1-D device mesh with axis "data" for data-parallel training, or None.
+
+  Args:
+    num_devices: devices to use; 0 means every local device (all devices of
+      the process, or of the whole slice after `jax.distributed.initialize`).
+    batch_size: the global batch, which must split evenly over the devices.
+
+  Returns:
+    None when one device is used (no sharding needed), else the mesh.
+
+  Raises:
+    ValueError: for more devices than exist, or a batch that does not split.
+  """
+  available = jax.device_count()
+  n = available if num_devices == 0 else num_devices
+  if not 1 <= n <= available:
+    raise ValueError(
+        f"config.training.num_devices={num_devices}: {available} device(s) "
+        "are available; pass 0 for all of them or 1 for one.")
+  if n == 1:
+    return None
+  if batch_size % n:
+    raise ValueError(
+        f"config.training.batch_size={batch_size} does not split over {n} "
+        f"devices; pass a multiple of {n}, or "
+        f"--config.training.num_devices=1.")
+  return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n],
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 # ---------------------------------------------------------------------------
@@ -604,6 +644,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
           f"config.training.num_steps={training.num_steps}; pass "
           f"--config.training.num_steps>={start} or use a new --workdir.")
     logging.info("Resuming %s from step %d.", workdir, start)
+  mesh = make_data_mesh(training.get("num_devices", 0), training.batch_size)
+  batch_sharding = None
+  if mesh is not None:
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("data"))
+    state, images, labels, data_key = jax.device_put(
+        (state, images, labels, data_key), replicated)
+    logging.info("Data parallel over %d devices: batch %d split %d per device.",
+                 mesh.size, training.batch_size,
+                 training.batch_size // mesh.size)
   _atomic_write(config_path, (config.to_json_best_effort(
       indent=2, sort_keys=True) + "\n").encode("utf-8"))
   _truncate_metrics(metrics_path, start)
@@ -614,7 +665,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       batch_size=training.batch_size, nonfinite=training.nonfinite,
       inject_nan_at_step=training.get("inject_nan_at_step", -1),
       curvature=config.optimizer.get("curvature", "fused"),
-      gradient_direction=config.optimizer.name == "sgd")
+      gradient_direction=config.optimizer.name == "sgd",
+      batch_sharding=batch_sharding)
   jitted = jax.jit(run_chunk, static_argnames="length")
   compiled: dict[int, Any] = {}
   compile_time = train_time = 0.0
