@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from lrcr import train
@@ -22,6 +23,10 @@ FLAGS = flags.FLAGS
 
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for the run's files (resumable).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Call jax.distributed.initialize() first (multi-host: TPU pod slices, "
+    "several GPU hosts), so the data-parallel mesh spans every host.")
 config_flags.DEFINE_config_file(
     "config", None, "Run configuration, e.g. configs/mnist_sgd_plateau.py.",
     lock_config=True)
@@ -30,6 +35,8 @@ config_flags.DEFINE_config_file(
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
   logging.info("Config:\n%s", FLAGS.config)
   train.train_and_evaluate(FLAGS.config, _WORKDIR.value)
 
