@@ -132,3 +132,33 @@ def test_memory_stats_handles_missing_analysis():
   for obj in (NoAnalysis(), Partial(), object()):
     stats = bench.memory_stats(obj)
     assert stats["peak_bytes"] is None
+
+
+def _fake_shape(width, depth, batch, ratios, memory=1.2):
+  variants = {name: dict(ratio=ratios.get(name, 1.0),
+                         ms_per_step=ratios.get(name, 1.0),
+                         memory_ratio=memory)
+              for name in VARIANTS}
+  return dict(width=width, depth=depth, batch=batch, variants=variants)
+
+
+def test_goals_on_the_full_shapes():
+  shapes = {}
+  for width, depth, batch in benchmark.FULL_SHAPES:
+    ratios = {"cr_sgd_fused_gram": 1.5 if depth < 48 else 1.9,
+              "cr_sgd_fused": 1.7, "cr_sgd_lowrank": 2.0,
+              "cr_sgd_autodiff": 2.6}
+    shapes[benchmark.shape_key(width, depth, batch)] = _fake_shape(
+        width, depth, batch, ratios)
+  loop = dict(loop_over_bare=0.95, loop_steps_per_s=95.0,
+              loop_compute_steps_per_s=99.0, bare_steps_per_s=100.0)
+  goals = {g["goal"]: g for g in benchmark.evaluate_goals(shapes, loop,
+                                                          quick=False)}
+  assert len(goals) == 8
+  verdicts = [g["verdict"] for g in goals.values()]
+  # batch 32: 1.5 <= 1.6 met; 256/1024: met; fused_gram vs autodiff 1.73x
+  # met; lowrank vs autodiff 1.3x met; depth 48 +27% not met; memory met;
+  # loop met.
+  assert [v.split(" (")[0] for v in verdicts] == [
+      "met", "met", "met", "met", "met", "NOT met", "met", "met"]
+  assert "+27%" in verdicts[5]
