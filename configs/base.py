@@ -39,6 +39,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   # gradient pass (lrcr.fused; Gram matrices for SGD), "lowrank" calls
   # lrcr.lowrank_curvature_fn, "autodiff" forward-over-forward autodiff.
   config.optimizer.curvature = "fused"
+  # Beyond the paper (section 4's future work): one alpha per step ("global",
+  # the paper), per layer ("layer") or per weight ("variable"), and sigma
+  # adapted by Kohler & Lucchi's accept/reject rule.
+  config.optimizer.granularity = "global"
+  config.optimizer.adaptive_sigma = False
+  # Exactness traded for speed, both off by default (issue 4): the curvature
+  # on the first `curvature_batch_size` rows of the batch (0 = all), and alpha
+  # refreshed every `curvature_every` steps (1 = every step).
+  config.optimizer.curvature_batch_size = 0
+  config.optimizer.curvature_every = 1
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "mnist"  # mnist | cifar10

@@ -7,15 +7,19 @@ search direction in time linear in depth, and the Cubic-Regularization (CR)
 step length as an optax transformation that chains after any base optimizer.
 """
 
+from lrcr.blocks import (hessian_diagonal, layer_directional,
+                         variable_directional)
 from lrcr.cubic import CubicStep, cubic_model, cubic_step, cubic_step_length
 from lrcr.directional import (Directional, autodiff_curvature_fn,
                               autodiff_directional, directional,
                               lowrank_curvature_fn, value_and_directional)
+from lrcr.fused import (cached_curvature_fn, cached_directional,
+                        value_grad_and_cache)
 from lrcr.factors import Factors, factor_gradients, per_sample_factors
 from lrcr.mlp import MLP, cross_entropy_loss, num_params, uniform_init
 from lrcr.transform import (CubicStepInfo, CubicStepState, cubic_adadelta,
                             cubic_adagrad, cubic_adam, cubic_rmsprop,
-                            cubic_sgd, scale_by_cubic_step)
+                            cubic_sgd, layer_prefix, scale_by_cubic_step)
 
 __version__ = "0.1.0"
 
@@ -26,5 +30,7 @@ __all__ = [
     "cubic_rmsprop", "cubic_sgd", "cubic_step", "cubic_step_length",
     "directional", "factor_gradients", "lowrank_curvature_fn", "num_params",
     "per_sample_factors", "scale_by_cubic_step", "uniform_init",
-    "value_and_directional",
+    "value_and_directional", "hessian_diagonal", "layer_directional",
+    "variable_directional", "cached_curvature_fn", "cached_directional",
+    "value_grad_and_cache", "layer_prefix",
 ]

@@ -102,22 +102,6 @@ def make_problem(width: int, depth: int, batch: int, *, input_dim: int = 784,
   return model, params, x, y
 
 
-def subbatch_cache(cache: fused.Cache, rows: int) -> fused.Cache:
-  """The fused cache restricted to its first `rows` samples.
-
-  The per-sample arrays are cut; `grads` (the full-batch gradient) is kept, so
-  `lrcr.fused.cached_directional(..., gradient_direction=False)` on the result
-  gives the full-batch slope and the mean curvature over the first `rows`
-  samples.
-  """
-  cut = lambda t: tuple(a[:rows] for a in t)
-  return cache._replace(inputs=cut(cache.inputs),
-                        act_grads=cut(cache.act_grads),
-                        act_second=cut(cache.act_second),
-                        deltas=cut(cache.deltas), grad_v=cut(cache.grad_v),
-                        probs=cache.probs[:rows])
-
-
 def hvp_curvature_fn(loss_fn: Callable[..., Array], grads: Any,
                      *args: Any) -> Callable[[Any, Any], Directional]:
   """curvature_fn from a Hessian-vector product (jvp of grad).
@@ -158,10 +142,8 @@ def make_steps(model: MLP, batch: int,
   def fused_step(tx, gradient_direction, rows=None):
     def step(params, state, x, y):
       loss, grads, cache = fused.value_grad_and_cache(model, params, x, y)
-      if rows is not None:
-        cache = subbatch_cache(cache, rows)
       curvature_fn = fused.cached_curvature_fn(model, cache,
-                                               gradient_direction)
+                                               gradient_direction, rows)
       updates, state = tx.update(grads, state, params,
                                  curvature_fn=curvature_fn)
       return optax.apply_updates(params, updates), state, loss

@@ -183,3 +183,26 @@ def layer_directional(model: MLP, params: Any, x: Any, labels: Any,
       wrap({name: slopes[k] for k, name in enumerate(names)}),
       wrap({name: curvs[k] for k, name in enumerate(names)}),
       wrap({name: sq[k] for k, name in enumerate(names)}))
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def variable_directional(model: MLP, params: Any, x: Any, labels: Any,
+                         direction: Any):
+  """Per-weight slope, curvature and squared norm: the diagonal model.
+
+  For every weight w_i with direction component g_i: slope g_i dF/dw_i,
+  curvature g_i^2 d2F/dw_i^2 (the exact diagonal, `hessian_diagonal`) and
+  squared norm g_i^2 (appendix B, Table 2, with g_i in place of the unit
+  baseline step).
+
+  Returns:
+    `lrcr.Directional` whose fields are pytrees shaped like params.
+  """
+  from lrcr.directional import Directional  # pylint: disable=g-import-not-at-top
+  from lrcr.mlp import cross_entropy_loss  # pylint: disable=g-import-not-at-top
+  grads = jax.grad(lambda p: cross_entropy_loss(model.apply(
+      p if "params" in p else {"params": p}, x), labels))(params)
+  diag = hessian_diagonal(model, params, x, labels)
+  return Directional(jax.tree.map(jnp.multiply, direction, grads),
+                     jax.tree.map(lambda g, h: g * g * h, direction, diag),
+                     jax.tree.map(jnp.square, direction))

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lrcr import blocks
 from lrcr import factors as factors_lib
 from lrcr import layers as layers_lib
 from lrcr.mlp import MLP
@@ -200,31 +201,74 @@ def autodiff_directional(loss_fn: Callable[..., Array], params: Any,
 CurvatureFn = Callable[[Any, Any], Directional]
 
 
-def lowrank_curvature_fn(model: MLP, x: Any, labels: Any) -> CurvatureFn:
+def lowrank_curvature_fn(model: MLP, x: Any, labels: Any,
+                         granularity: str = "global") -> CurvatureFn:
   """Builds `curvature_fn(params, direction) -> Directional` for an MLP batch.
 
   Pass the result to `scale_by_cubic_step`'s update as the keyword-only extra
   argument `curvature_fn`.
 
+  Args:
+    model: an `lrcr.MLP`.
+    x: the batch inputs [B, d_0].
+    labels: integer labels [B].
+    granularity: "global" (`directional`: scalars), "layer"
+      (`lrcr.blocks.layer_directional`: one scalar per layer) or "variable"
+      (`lrcr.blocks.variable_directional`: trees shaped like params), matching
+      `scale_by_cubic_step(granularity=...)`.
+
   Raises:
     TypeError: at once, for a model the low-rank engine does not support.
+    ValueError: for an unknown granularity.
   """
   layers_lib.check_model(model)
+  fn = {"global": directional, "layer": blocks.layer_directional,
+        "variable": blocks.variable_directional}.get(granularity)
+  if fn is None:
+    raise ValueError(f"granularity={granularity!r}: expected 'global', "
+                     "'layer' or 'variable'.")
 
   def curvature_fn(params: Any, direction: Any) -> Directional:
-    return directional(model, params, x, labels, direction)
+    return fn(model, params, x, labels, direction)
 
   return curvature_fn
 
 
-def autodiff_curvature_fn(loss_fn: Callable[..., Array],
-                          *args: Any) -> CurvatureFn:
+def autodiff_curvature_fn(loss_fn: Callable[..., Array], *args: Any,
+                          granularity: str = "global") -> CurvatureFn:
   """Builds `curvature_fn(params, direction)` for any `loss_fn(params, *args)`.
 
   The generic fallback of `lowrank_curvature_fn`, by forward-over-forward
-  autodiff (`autodiff_directional`).
+  autodiff (`autodiff_directional`). With granularity="layer" it runs one
+  forward-over-forward pass per layer (the direction masked to that layer),
+  layers being the innermost dicts of params (`lrcr.transform.layer_prefix`).
+  The "variable" granularity needs the exact Hessian diagonal, which only the
+  low-rank engine provides cheaply.
   """
+  if granularity == "variable":
+    raise ValueError(
+        "autodiff_curvature_fn has no 'variable' granularity: the exact "
+        "Hessian diagonal would take one Hessian-vector product per weight. "
+        "Use lrcr.lowrank_curvature_fn(model, x, labels, "
+        "granularity='variable') for an lrcr.MLP.")
+  if granularity not in ("global", "layer"):
+    raise ValueError(f"granularity={granularity!r}: expected 'global', "
+                     "'layer' or 'variable'.")
+
   def curvature_fn(params: Any, direction: Any) -> Directional:
-    return autodiff_directional(loss_fn, params, direction, *args)
+    if granularity == "global":
+      return autodiff_directional(loss_fn, params, direction, *args)
+    from lrcr.transform import layer_prefix  # pylint: disable=g-import-not-at-top
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(
+        layer_prefix(direction, fill=0))[0]]
+    out = []
+    for path in paths:
+      def keep(p, leaf, path=path):
+        return leaf if p[:len(path)] == path else jnp.zeros_like(leaf)
+      masked = jax.tree_util.tree_map_with_path(keep, direction)
+      out.append(autodiff_directional(loss_fn, params, masked, *args))
+    treedef = jax.tree.structure(layer_prefix(direction, fill=0))
+    return Directional(*(jax.tree.unflatten(treedef, [getattr(d, f) for d in out])
+                         for f in Directional._fields))
 
   return curvature_fn

@@ -131,8 +131,13 @@ def make_cr_optimizer(optimizer_config: Any,
     schedule: the base optimizer's learning rate.
 
   Returns:
-    `optax.chain(base, lrcr.scale_by_cubic_step(sigma))`.
+    `optax.chain(base, lrcr.scale_by_cubic_step(sigma, granularity=...,
+    adaptive_sigma=...))`, with `optimizer.granularity` ("global" by default)
+    and `optimizer.adaptive_sigma` (False by default).
   """
   base = make_base_optimizer(optimizer_config, schedule)
-  return optax.chain(
-      base, transform.scale_by_cubic_step(float(optimizer_config.sigma)))
+  return optax.chain(base, transform.scale_by_cubic_step(
+      float(optimizer_config.sigma),
+      granularity=optimizer_config.get("granularity", "global"),
+      adaptive_sigma=bool(optimizer_config.get("adaptive_sigma", False)),
+      curvature_every=int(optimizer_config.get("curvature_every", 1))))

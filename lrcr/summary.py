@@ -38,6 +38,7 @@ FLOAT_FIELDS: tuple[str, ...] = (
     "predicted_decrease",
     "grad_norm_base",
     "grad_norm_cr",
+    "sigma",
 )
 
 #: Claim kinds understood by :func:`qualitative_claim`.

@@ -60,6 +60,7 @@ from lrcr import mlp
 from lrcr import optimizers
 from lrcr import plots
 from lrcr import summary as summary_lib
+from lrcr import transform
 from lrcr.directional import autodiff_curvature_fn, lowrank_curvature_fn
 
 Array = jax.Array
@@ -80,7 +81,7 @@ NONFINITE_POLICIES: tuple[str, ...] = ("skip", "stop")
 METRIC_KEYS: tuple[str, ...] = (
     "step", "loss_base", "loss_cr", "alpha", "base_learning_rate",
     "learning_rate_cr", "slope", "curvature", "sqnorm", "predicted_decrease",
-    "grad_norm_base", "grad_norm_cr", "skipped_base", "skipped_cr")
+    "grad_norm_base", "grad_norm_cr", "skipped_base", "skipped_cr", "sigma")
 _INT_METRICS = frozenset({"step", "skipped_base", "skipped_cr"})
 
 # Config keys that may change between a run and its resumption: a longer
@@ -177,6 +178,21 @@ def validate_config(config: Any) -> None:
     raise ValueError(
         f"config.optimizer.curvature={curvature!r}: expected one of "
         f"{', '.join(CURVATURE_PATHS)} (all exact; 'fused' is the fastest).")
+  rows = config.optimizer.get("curvature_batch_size", 0)
+  if not (_is_int(rows) and 0 <= rows):
+    raise ValueError(
+        f"config.optimizer.curvature_batch_size={rows!r}: the rows of each "
+        "batch the curvature is taken on; an integer >= 1, or 0 for all.")
+  every = config.optimizer.get("curvature_every", 1)
+  if not (_is_int(every) and every >= 1):
+    raise ValueError(
+        f"config.optimizer.curvature_every={every!r}: refresh alpha every "
+        "that many steps; an integer >= 1 (1 = every step, the paper).")
+  granularity = config.optimizer.get("granularity", "global")
+  if granularity not in transform.GRANULARITIES:
+    raise ValueError(
+        f"config.optimizer.granularity={granularity!r}: expected one of "
+        f"{', '.join(transform.GRANULARITIES)}.")
   claim_kind = config.get("claim_kind", None)
   if claim_kind and claim_kind not in summary_lib.CLAIM_KINDS:
     raise ValueError(
@@ -278,6 +294,8 @@ def make_chunk_fn(
     curvature: str = "fused",
     gradient_direction: bool = False,
     batch_sharding: jax.sharding.Sharding | None = None,
+    granularity: str = "global",
+    curvature_batch_size: int = 0,
 ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
   """Builds `run_chunk(state, images, labels, data_key, start, *, length)`.
 
@@ -304,6 +322,10 @@ def make_chunk_fn(
       (`lrcr.lowrank_curvature_fn`) or "autodiff" (`autodiff_curvature_fn`).
     gradient_direction: the base optimizer is plain SGD, so the fused path
       may use its Gram-matrix form.
+    granularity: the CR step's granularity ("global", "layer", "variable");
+      the fused path covers "global", the others use `lowrank_curvature_fn`.
+    curvature_batch_size: if > 0, the curvature is taken on the first that
+      many rows of each batch (the slope on all of them).
     batch_sharding: data parallelism: how each step's batch is laid out over
       the devices (rows split over the mesh's "data" axis). The parameters
       stay replicated and XLA reduces the per-sample sums across devices.
@@ -335,18 +357,24 @@ def make_chunk_fn(
                                       state.params_base)
     # CR run: x_{t+1} = x_t + alpha_t g_t, alpha_t of eq. 37 from the exact
     # slope (eq. 38) and curvature (eq. 39) of F along g_t at x_t.
-    if curvature == "fused":
+    rows = curvature_batch_size or None
+    if curvature == "fused" and granularity == "global":
       loss_c, grads_c, cache = fused.value_grad_and_cache(
           model, state.params_cr, x, y)
       curvature_fn = fused.cached_curvature_fn(model, cache,
-                                               gradient_direction)
+                                               gradient_direction, rows)
     else:
       loss_c, grads_c = jax.value_and_grad(loss_fn)(state.params_cr, x, y)
-      curvature_fn = (lowrank_curvature_fn(model, x, y)
-                      if curvature == "lowrank"
-                      else autodiff_curvature_fn(loss_fn, x, y))
-    updates_c, opt_c = cr_tx.update(grads_c, state.opt_cr, state.params_cr,
-                                    curvature_fn=curvature_fn)
+      xc, yc = x[:rows], y[:rows]
+      curvature_fn = (
+          autodiff_curvature_fn(loss_fn, xc, yc, granularity=granularity)
+          if curvature == "autodiff"
+          else lowrank_curvature_fn(model, xc, yc, granularity=granularity))
+      if rows:    # the slope stays on the whole batch (exact)
+        curvature_fn = _full_batch_slope(curvature_fn, grads_c)
+    updates_c, opt_c = cr_tx.update(
+        grads_c, state.opt_cr, state.params_cr, curvature_fn=curvature_fn,
+        value_fn=lambda p: loss_fn(p, x, y), value=loss_c)
 
     ok_b = jnp.isfinite(loss_b) & _all_finite(updates_b)
     ok_c = jnp.isfinite(loss_c) & _all_finite(updates_c)
@@ -366,8 +394,17 @@ def make_chunk_fn(
         opt_cr=_select(apply_c, opt_c, state.opt_cr))
 
     # What this step computed (also when it was skipped).
-    alpha = optax.tree.get(opt_c, "learning_rate")
+    # For per-layer or per-weight alphas: the ||g_b||^2-weighted mean alpha
+    # (the global alpha with the same projection on g), and block sums.
     info = optax.tree.get(opt_c, "info")
+    total = lambda tree: sum(jnp.sum(a) for a in jax.tree.leaves(tree))
+    sqnorm = total(info.sqnorm)
+    alpha_tree = optax.tree.get(opt_c, "learning_rate")
+    alpha = total(jax.tree.map(jnp.multiply, alpha_tree, info.sqnorm)) / \
+        jnp.where(sqnorm > 0, sqnorm, 1.0)
+    if not jax.tree.leaves(alpha_tree)[0].shape and len(
+        jax.tree.leaves(alpha_tree)) == 1:
+      alpha = jax.tree.leaves(alpha_tree)[0]      # the paper's single alpha
     base_lr = jnp.asarray(schedule(t), jnp.float32)
     metrics = {
         "step": t,
@@ -376,10 +413,11 @@ def make_chunk_fn(
         "alpha": alpha,
         "base_learning_rate": base_lr,
         "learning_rate_cr": alpha * base_lr,  # in the base optimizer's units
-        "slope": info.slope,
-        "curvature": info.curvature,
-        "sqnorm": info.sqnorm,
-        "predicted_decrease": info.predicted_decrease,
+        "slope": total(info.slope),
+        "curvature": total(info.curvature),
+        "sqnorm": sqnorm,
+        "predicted_decrease": total(info.predicted_decrease),
+        "sigma": optax.tree.get(opt_c, "sigma"),
         "grad_norm_base": optax.tree.norm(grads_b),
         "grad_norm_cr": optax.tree.norm(grads_c),
         "skipped_base": (~ok_b).astype(jnp.int32),
@@ -402,6 +440,25 @@ def make_chunk_fn(
     return state, metrics
 
   return run_chunk
+
+
+def _full_batch_slope(curvature_fn, grads):
+  """curvature_fn with its slope replaced by the whole batch's g . grad F.
+
+  Works for every granularity: the slope tree is a prefix of params, and each
+  of its leaves gets the inner product of the direction and the gradient
+  over the part of params under it (elementwise for "variable").
+  """
+  def block_slope(s, g, u):
+    if not isinstance(g, (Mapping, list, tuple)) and jnp.shape(s) == jnp.shape(g):
+      return g * u
+    return optax.tree.vdot(g, u)
+
+  def fn(params, direction):
+    d = curvature_fn(params, direction)
+    return d._replace(slope=jax.tree.map(block_slope, d.slope, grads,
+                                         direction))
+  return fn
 
 
 def make_data_mesh(num_devices: int, batch_size: int) -> jax.sharding.Mesh | None:
@@ -666,7 +723,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       inject_nan_at_step=training.get("inject_nan_at_step", -1),
       curvature=config.optimizer.get("curvature", "fused"),
       gradient_direction=config.optimizer.name == "sgd",
-      batch_sharding=batch_sharding)
+      batch_sharding=batch_sharding,
+      granularity=config.optimizer.get("granularity", "global"),
+      curvature_batch_size=config.optimizer.get("curvature_batch_size", 0))
   jitted = jax.jit(run_chunk, static_argnames="length")
   compiled: dict[int, Any] = {}
   compile_time = train_time = 0.0

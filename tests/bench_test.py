@@ -84,9 +84,8 @@ def test_subbatch_curvature(rows):
   model, params, x, y = bench.make_problem(16, 3, 12, seed=2)
   _, grads, cache = fused.value_grad_and_cache(model, params, x, y)
   direction = jax.tree.map(lambda g: -0.3 * g, grads)
-  cut = fused.cached_directional(model, params, bench.subbatch_cache(cache,
-                                                                     rows),
-                                 direction)
+  cut = fused.cached_directional(model, params, cache, direction,
+                                 curvature_rows=rows)
   full = lrcr.directional(model, params, x, y, direction)
   sub = lrcr.directional(model, params, x[:rows], y[:rows], direction)
   np.testing.assert_allclose(cut.slope, full.slope, rtol=1e-5)

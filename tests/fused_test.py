@@ -10,15 +10,17 @@ import lrcr
 from lrcr import fused
 from tests import reference
 
-CASES = [(0, (5, 7, 4), jax.nn.relu, False), (1, (6,), jnp.tanh, True),
-         (2, (4, 3, 6, 5), jax.nn.softplus, False), (3, (3, 8), jax.nn.gelu, True),
-         (4, (9, 2, 5, 6, 3), jax.nn.relu, True)]
+# Widths of 24-40 at batch 7 make the Gram form the cheaper one (and so the
+# one taken) on the wide layers; the narrow ones take the plain products.
+CASES = [(0, (5, 7, 4), jax.nn.relu, False), (1, (30, 40), jnp.tanh, True),
+         (2, (4, 30, 30, 30, 5), jax.nn.softplus, False),
+         (3, (32, 24), jax.nn.gelu, True), (4, (36, 36, 36), jax.nn.relu, True)]
 
 
 @pytest.mark.parametrize("seed,hidden,act,bias", CASES)
 def test_cached_path_is_exact(seed, hidden, act, bias):
   with jax.enable_x64(True):
-    model, params, x, y = reference.make_problem(seed, hidden, 4, 7, 5,
+    model, params, x, y = reference.make_problem(seed, hidden, 4, 7, 40,
                                                  activation=act, use_bias=bias)
     loss, grads, cache = fused.value_grad_and_cache(model, params, x, y)
     ref_loss, ref_grads = jax.value_and_grad(

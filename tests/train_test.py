@@ -302,3 +302,39 @@ def test_unknown_optimizer_lists_the_valid_ones():
 
 def test_data_errors_are_value_errors():
   assert issubclass(data_lib.DataError, ValueError)
+
+
+@pytest.mark.parametrize("granularity", ["global", "layer", "variable"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_every_granularity_and_sigma_mode_trains_without_nan(
+    tmp_path, granularity, adaptive):
+  config = _config(**{"optimizer.granularity": granularity,
+                      "optimizer.adaptive_sigma": adaptive,
+                      "optimizer.name": "adam" if adaptive else "sgd",
+                      "training.num_steps": 30, "training.nonfinite": "stop"})
+  summary = _train(config, tmp_path)
+  records = _records(tmp_path)
+  assert summary["num_steps"] == 30 and summary["stopped"] is None
+  assert all(np.isfinite(r["loss_cr"]) and r["alpha"] >= 0 for r in records)
+  assert all(r["skipped_cr"] == 0 for r in records)
+  assert any(r["alpha"] > 0 for r in records)
+  sigmas = {r["sigma"] for r in records}
+  if adaptive:
+    assert len(sigmas) > 1           # sigma moved
+  else:
+    assert sigmas == {100.0}
+
+
+@pytest.mark.parametrize("overrides", [
+    {"optimizer.curvature_batch_size": 4},
+    {"optimizer.curvature_batch_size": 4, "optimizer.curvature": "lowrank",
+     "optimizer.granularity": "layer"},
+    {"optimizer.curvature_every": 5}])
+def test_speed_options_train(tmp_path, overrides):
+  config = _config(**overrides, **{"training.num_steps": 20})
+  _train(config, tmp_path)
+  records = _records(tmp_path)
+  assert all(np.isfinite(r["loss_cr"]) and r["alpha"] >= 0 for r in records)
+  if "optimizer.curvature_every" in overrides:
+    alphas = [r["alpha"] for r in records]
+    assert all(alphas[i] == alphas[i - i % 5] for i in range(20))

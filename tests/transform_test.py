@@ -141,3 +141,123 @@ def test_trains_paper_net_after_every_base_optimizer(mnist, name, scheduled):
   assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
   # The state's alpha is the last step's.
   np.testing.assert_allclose(optax.tree.get(state, "learning_rate"), alphas[-1])
+
+
+# --- Granularity and adaptive sigma (beyond the paper). ----------------------
+
+
+@pytest.mark.parametrize("granularity", ["layer", "variable"])
+def test_block_alphas_solve_each_block(granularity):
+  model, params, x, y = reference.make_problem(3, (6, 5), 4, 8, 3,
+                                               dtype=jnp.float32,
+                                               activation=jnp.tanh,
+                                               use_bias=True)
+  grads = jax.grad(lambda p: lrcr.cross_entropy_loss(model.apply(p, x), y))(params)
+  g = jax.tree.map(lambda a: -0.1 * a, grads)
+  tx = lrcr.scale_by_cubic_step(50.0, granularity=granularity)
+  fn = lrcr.lowrank_curvature_fn(model, x, y, granularity=granularity)
+  updates, state = tx.update(g, tx.init(params), params, curvature_fn=fn)
+  d = fn(params, g)
+  alpha = jax.tree.map(lambda s, h, n: lrcr.cubic_step_length(s, h, n, 50.0),
+                       d.slope, d.curvature, d.sqnorm)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               optax.tree.get(state, "learning_rate"), alpha)
+  leaves = jax.tree.leaves(optax.tree.get(state, "learning_rate"))
+  assert all(bool(jnp.all(jnp.isfinite(a) & (a >= 0))) for a in leaves)
+  assert max(float(jnp.max(a)) for a in leaves) > 0
+  # updates = alpha_block * g on every block.
+  scaled = jax.tree.map(
+      lambda a, sub: jax.tree.map(lambda u: a * u, sub), alpha, g)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                       atol=1e-12),
+               updates, scaled)
+
+
+def test_layer_granularity_autodiff_matches_lowrank():
+  model, params, x, y = reference.make_problem(4, (6, 5), 4, 8, 3,
+                                               dtype=jnp.float32)
+  loss = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
+  g = reference.random_direction(1, params)
+  a = lrcr.autodiff_curvature_fn(loss, x, y, granularity="layer")(params, g)
+  b = lrcr.lowrank_curvature_fn(model, x, y, granularity="layer")(params, g)
+  for f in ("slope", "curvature", "sqnorm"):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4,
+                                                         atol=1e-7),
+                 getattr(a, f), getattr(b, f))
+  with pytest.raises(ValueError, match="variable"):
+    lrcr.autodiff_curvature_fn(loss, x, y, granularity="variable")
+
+
+def test_wrong_structure_for_granularity_is_a_clear_error():
+  model, params, x, y = _small()
+  tx = lrcr.scale_by_cubic_step(10.0, granularity="layer")
+  with pytest.raises(TypeError, match="granularity='layer'"):
+    tx.update(params, tx.init(params), params,
+              curvature_fn=lrcr.lowrank_curvature_fn(model, x, y))
+  with pytest.raises(ValueError, match="granularity"):
+    lrcr.scale_by_cubic_step(10.0, granularity="row")
+
+
+def test_adaptive_sigma_accepts_rejects_and_updates_sigma():
+  model, params, x, y = _small()
+  loss = lambda p: lrcr.cross_entropy_loss(model.apply(p, x), y)
+  grads = jax.grad(loss)(params)
+  fn = lrcr.lowrank_curvature_fn(model, x, y)
+  tx = lrcr.cubic_sgd(10.0, adaptive_sigma=True)
+  state = tx.init(params)
+  with pytest.raises(TypeError, match="value_fn"):
+    tx.update(grads, state, params, curvature_fn=fn)
+  f0 = loss(params)
+  # A trial loss far above the start: rho < 0.1, rejected, sigma doubles.
+  u, s = tx.update(grads, state, params, curvature_fn=fn,
+                   value_fn=lambda p: f0 + 10.0, value=f0)
+  assert not bool(s[1].accepted) and float(s[1].sigma) == 20.0
+  assert all(float(jnp.max(jnp.abs(a))) == 0.0 for a in jax.tree.leaves(u))
+  # A decrease far beyond the prediction: very successful, sigma halves.
+  u, s = tx.update(grads, state, params, curvature_fn=fn,
+                   value_fn=lambda p: f0 - 10.0, value=f0)
+  assert bool(s[1].accepted) and float(s[1].sigma) == 5.0
+  assert float(optax.tree.get(s, "learning_rate")) > 0
+  # The real loss: rho from the true trial value, and sigma is recorded.
+  u, s = tx.update(grads, state, params, curvature_fn=fn, value_fn=loss)
+  step = lrcr.cubic_step(*lrcr.directional(model, params, x, y,
+                                           jax.tree.map(lambda a: -a, grads)),
+                         10.0)
+  rho = (f0 - loss(optax.apply_updates(params, u))) / step.predicted_decrease
+  assert float(s[1].sigma) == (5.0 if rho > 0.9 else 10.0 if rho >= 0.1 else 20.0)
+
+
+def test_curvature_every_reuses_alpha_and_skips_the_curvature():
+  model, params, x, y = _small()
+  grads = jax.grad(lambda p: lrcr.cross_entropy_loss(model.apply(p, x), y))(params)
+  fn = lrcr.lowrank_curvature_fn(model, x, y)
+  tx = lrcr.scale_by_cubic_step(10.0, curvature_every=3)
+  state = tx.init(params)
+  alphas = []
+  for i in range(6):
+    # Descent directions that differ from step to step.
+    g = jax.tree.map(lambda a, r: -a * (1.0 + jnp.abs(r)), grads,
+                     reference.random_direction(i, params))
+    u, state = tx.update(g, state, params, curvature_fn=fn)
+    alphas.append(float(optax.tree.get(state, "learning_rate")))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, alphas[-1] * b,
+                                                         rtol=1e-6), u, g)
+  # Refreshed on updates 0 and 3 only; in between the last alpha is reused.
+  assert alphas[1] == alphas[0] == alphas[2] and alphas[4] == alphas[3] == alphas[5]
+  assert alphas[3] != alphas[0]
+  with pytest.raises(ValueError, match="curvature_every"):
+    lrcr.scale_by_cubic_step(10.0, curvature_every=0)
+  with pytest.raises(ValueError, match="adaptive_sigma"):
+    lrcr.scale_by_cubic_step(10.0, curvature_every=2, adaptive_sigma=True)
+
+
+def test_curvature_rows_takes_the_curvature_on_a_sub_batch():
+  model, params, x, y = _small()
+  loss, grads, cache = lrcr.value_grad_and_cache(model, params, x, y)
+  g = reference.random_direction(3, params)
+  d = lrcr.cached_directional(model, params, cache, g, curvature_rows=3)
+  full = lrcr.directional(model, params, x, y, g)
+  sub = lrcr.directional(model, params, x[:3], y[:3], g)
+  np.testing.assert_allclose(d.slope, full.slope, rtol=1e-5)
+  np.testing.assert_allclose(d.curvature, sub.curvature, rtol=1e-5)
+  np.testing.assert_allclose(d.sqnorm, full.sqnorm, rtol=1e-6)
