@@ -49,6 +49,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # refreshed every `curvature_every` steps (1 = every step).
   config.optimizer.curvature_batch_size = 0
   config.optimizer.curvature_every = 1
+  # Section 3.1 for SGD: "batch" (alpha from the batch-mean slope and
+  # curvature, the paper), "mean_alpha" (E[alpha] E[g]) or "mean_alpha_g"
+  # (E[alpha g]); per-sample alphas, the options the paper found too noisy.
+  config.optimizer.averaging = "batch"
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "mnist"  # mnist | cifar10

@@ -133,6 +133,12 @@ def value_grad_and_cache(model: MLP, params: Any, x: Any,
   return loss, grads, cache
 
 
+#: Stack equally shaped layers only while a stacked operand stays below this
+#: size: stacking pays at small batches (dispatch-bound), and its copies cost
+#: more than they save at large ones (measured in experiments.benchmark).
+GROUP_MAX_BYTES = 2 ** 21
+
+
 def grouped(fn, *lists):
   """[fn(a_k, b_k, ...) for k], batched over runs of equally shaped entries.
 
@@ -145,7 +151,9 @@ def grouped(fn, *lists):
   i = 0
   while i < n:
     j = i + 1
-    while j < n and all(l[j].shape == l[i].shape for l in lists):
+    while (j < n and all(l[j].shape == l[i].shape for l in lists) and
+           all((j + 1 - i) * l[i].size * l[i].dtype.itemsize <= GROUP_MAX_BYTES
+               for l in lists)):
       j += 1
     if j - i == 1:
       out[i] = fn(*(l[i] for l in lists))

@@ -39,6 +39,7 @@ FLOAT_FIELDS: tuple[str, ...] = (
     "grad_norm_base",
     "grad_norm_cr",
     "sigma",
+    "alpha_cv",
 )
 
 #: Claim kinds understood by :func:`qualitative_claim`.

@@ -54,6 +54,7 @@ import numpy as np
 import optax
 import tqdm
 
+from lrcr import averaging as averaging_lib
 from lrcr import data as data_lib
 from lrcr import fused
 from lrcr import mlp
@@ -81,7 +82,8 @@ NONFINITE_POLICIES: tuple[str, ...] = ("skip", "stop")
 METRIC_KEYS: tuple[str, ...] = (
     "step", "loss_base", "loss_cr", "alpha", "base_learning_rate",
     "learning_rate_cr", "slope", "curvature", "sqnorm", "predicted_decrease",
-    "grad_norm_base", "grad_norm_cr", "skipped_base", "skipped_cr", "sigma")
+    "grad_norm_base", "grad_norm_cr", "skipped_base", "skipped_cr", "sigma",
+    "alpha_cv")
 _INT_METRICS = frozenset({"step", "skipped_base", "skipped_cr"})
 
 # Config keys that may change between a run and its resumption: a longer
@@ -193,6 +195,18 @@ def validate_config(config: Any) -> None:
     raise ValueError(
         f"config.optimizer.granularity={granularity!r}: expected one of "
         f"{', '.join(transform.GRANULARITIES)}.")
+  averaging = config.optimizer.get("averaging", "batch")
+  if averaging not in averaging_lib.AVERAGINGS:
+    raise ValueError(
+        f"config.optimizer.averaging={averaging!r}: expected one of "
+        f"{', '.join(averaging_lib.AVERAGINGS)}.")
+  if averaging != "batch" and (
+      config.optimizer.name != "sgd" or granularity != "global" or
+      config.optimizer.get("adaptive_sigma", False) or rows or every > 1):
+    raise ValueError(
+        f"config.optimizer.averaging={averaging!r} is section 3.1's option "
+        "for plain SGD: it needs optimizer.name='sgd', granularity='global', "
+        "adaptive_sigma=False, curvature_batch_size=0 and curvature_every=1.")
   claim_kind = config.get("claim_kind", None)
   if claim_kind and claim_kind not in summary_lib.CLAIM_KINDS:
     raise ValueError(
@@ -296,6 +310,8 @@ def make_chunk_fn(
     batch_sharding: jax.sharding.Sharding | None = None,
     granularity: str = "global",
     curvature_batch_size: int = 0,
+    averaging: str = "batch",
+    sigma: float = 100.0,
 ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
   """Builds `run_chunk(state, images, labels, data_key, start, *, length)`.
 
@@ -326,6 +342,9 @@ def make_chunk_fn(
       the fused path covers "global", the others use `lowrank_curvature_fn`.
     curvature_batch_size: if > 0, the curvature is taken on the first that
       many rows of each batch (the slope on all of them).
+    averaging: section 3.1's option for SGD: "batch" (the paper),
+      "mean_alpha" or "mean_alpha_g" (`lrcr.averaging`).
+    sigma: the cubic weight, used by the non-"batch" averagings.
     batch_sharding: data parallelism: how each step's batch is laid out over
       the devices (rows split over the mesh's "data" axis). The parameters
       stay replicated and XLA reduces the per-sample sums across devices.
@@ -358,7 +377,13 @@ def make_chunk_fn(
     # CR run: x_{t+1} = x_t + alpha_t g_t, alpha_t of eq. 37 from the exact
     # slope (eq. 38) and curvature (eq. 39) of F along g_t at x_t.
     rows = curvature_batch_size or None
-    if curvature == "fused" and granularity == "global":
+    if averaging != "batch":
+      # Section 3.1's alternatives: per-sample alphas (lrcr.averaging).
+      loss_c, grads_c = jax.value_and_grad(loss_fn)(state.params_cr, x, y)
+      averaged = averaging_lib.averaged_sgd_update(
+          model, state.params_cr, x, y, sigma, averaging)
+      updates_c, opt_c = averaged.updates, state.opt_cr
+    elif curvature == "fused" and granularity == "global":
       loss_c, grads_c, cache = fused.value_grad_and_cache(
           model, state.params_cr, x, y)
       curvature_fn = fused.cached_curvature_fn(model, cache,
@@ -372,9 +397,10 @@ def make_chunk_fn(
           else lowrank_curvature_fn(model, xc, yc, granularity=granularity))
       if rows:    # the slope stays on the whole batch (exact)
         curvature_fn = _full_batch_slope(curvature_fn, grads_c)
-    updates_c, opt_c = cr_tx.update(
-        grads_c, state.opt_cr, state.params_cr, curvature_fn=curvature_fn,
-        value_fn=lambda p: loss_fn(p, x, y), value=loss_c)
+    if averaging == "batch":
+      updates_c, opt_c = cr_tx.update(
+          grads_c, state.opt_cr, state.params_cr, curvature_fn=curvature_fn,
+          value_fn=lambda p: loss_fn(p, x, y), value=loss_c)
 
     ok_b = jnp.isfinite(loss_b) & _all_finite(updates_b)
     ok_c = jnp.isfinite(loss_c) & _all_finite(updates_c)
@@ -406,6 +432,17 @@ def make_chunk_fn(
         jax.tree.leaves(alpha_tree)) == 1:
       alpha = jax.tree.leaves(alpha_tree)[0]      # the paper's single alpha
     base_lr = jnp.asarray(schedule(t), jnp.float32)
+    alpha_cv = jnp.zeros((), jnp.float32)
+    if averaging != "batch":
+      # alpha in the units of the SGD direction -lr grad F, and the spread of
+      # the per-sample alphas (coefficient of variation): the noise of 3.1.
+      alpha = averaged.alpha / base_lr
+      alpha_cv = averaged.alphas.std() / jnp.maximum(averaged.alphas.mean(),
+                                                     1e-30)
+      nan = jnp.full((), jnp.nan, jnp.float32)
+      info = info._replace(slope=nan, curvature=nan, sqnorm=nan,
+                           predicted_decrease=nan)
+      sqnorm = nan
     metrics = {
         "step": t,
         "loss_base": loss_b,
@@ -418,6 +455,7 @@ def make_chunk_fn(
         "sqnorm": sqnorm,
         "predicted_decrease": total(info.predicted_decrease),
         "sigma": optax.tree.get(opt_c, "sigma"),
+        "alpha_cv": alpha_cv,
         "grad_norm_base": optax.tree.norm(grads_b),
         "grad_norm_cr": optax.tree.norm(grads_c),
         "skipped_base": (~ok_b).astype(jnp.int32),
@@ -725,7 +763,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       gradient_direction=config.optimizer.name == "sgd",
       batch_sharding=batch_sharding,
       granularity=config.optimizer.get("granularity", "global"),
-      curvature_batch_size=config.optimizer.get("curvature_batch_size", 0))
+      curvature_batch_size=config.optimizer.get("curvature_batch_size", 0),
+      averaging=config.optimizer.get("averaging", "batch"),
+      sigma=float(config.optimizer.sigma))
   jitted = jax.jit(run_chunk, static_argnames="length")
   compiled: dict[int, Any] = {}
   compile_time = train_time = 0.0

@@ -338,3 +338,20 @@ def test_speed_options_train(tmp_path, overrides):
   if "optimizer.curvature_every" in overrides:
     alphas = [r["alpha"] for r in records]
     assert all(alphas[i] == alphas[i - i % 5] for i in range(20))
+
+
+@pytest.mark.parametrize("averaging", ["mean_alpha", "mean_alpha_g"])
+def test_section_3_1_averagings_train(tmp_path, averaging):
+  config = _config(**{"optimizer.averaging": averaging,
+                      "training.num_steps": 20})
+  _train(config, tmp_path)
+  records = _records(tmp_path)
+  assert all(np.isfinite(r["loss_cr"]) and r["alpha"] >= 0 for r in records)
+  assert any(r["alpha_cv"] > 0 for r in records)   # per-sample alphas differ
+
+
+def test_averaging_needs_plain_sgd(tmp_path):
+  config = _config(**{"optimizer.averaging": "mean_alpha",
+                      "optimizer.name": "adam"})
+  with pytest.raises(ValueError, match="plain SGD"):
+    _train(config, tmp_path)
