@@ -56,19 +56,11 @@ class Factors(NamedTuple):
 def _sample_factors(layers: list[layers_lib.Layer], activation, x: Array,
                     label: Array) -> Factors:
   """Factors of one sample. x: [d_0]; label: [] int."""
-  inputs, grads, seconds = [], [], []
-  v = x
-  for layer in layers[:-1]:
-    inputs.append(v)
-    z = v @ layer.kernel                                   # eq. 10
-    if layer.bias is not None:
-      z = z + layer.bias
-    v, a1, a2 = layers_lib.activation_derivatives(activation, z)
-    grads.append(a1)                                       # gamma, eq. 19
-    seconds.append(jnp.zeros_like(z) if a2 is None else a2)
-  inputs.append(v)
+  fwd = layers_lib.forward(layers, activation, x)
+  grads = fwd.act_grads                                    # gamma, eq. 19
+  seconds = fwd.act_second or tuple(jnp.zeros_like(a) for a in grads)
+  p = fwd.logits                                           # eq. 13
   out = layers[-1]
-  p = v @ out.kernel + (0.0 if out.bias is None else out.bias)  # eq. 13
   q = jax.nn.softmax(p)                                    # eq. 14
   loss_grad = q - jax.nn.one_hot(label, p.shape[-1], dtype=p.dtype)
   loss_hess = jnp.diag(q) - jnp.outer(q, q)
@@ -80,8 +72,8 @@ def _sample_factors(layers: list[layers_lib.Layer], activation, x: Array,
     dp_dz = dp_dv * a1[None, :]                            # u eta^(n,k), eq. 23
     jacobians.append(dp_dz)
     dp_dv = dp_dz @ layer.kernel.T
-  return Factors(tuple(inputs), tuple(grads), tuple(seconds),
-                 tuple(reversed(jacobians)), loss_grad, loss_hess)
+  return Factors(fwd.inputs, grads, seconds, tuple(reversed(jacobians)),
+                 loss_grad, loss_hess)
 
 
 @functools.partial(jax.jit, static_argnames="model")

@@ -94,22 +94,8 @@ def value_grad_and_cache(model: MLP, params: Any, x: Any,
   x, labels = factors_lib.check_batch(layers, x, labels)
   smooth = not layers_lib.is_piecewise_linear(model.activation)
   batch = x.shape[0]
-  inputs, a1s, a2s = [], [], []
-  v = x
-  for layer in layers[:-1]:
-    inputs.append(v)
-    z = v @ layer.kernel                                        # eq. 10
-    if layer.bias is not None:
-      z = z + layer.bias
-    v, a1, a2 = layers_lib.activation_derivatives(model.activation, z, smooth)
-    a1s.append(a1)
-    if smooth:
-      a2s.append(a2)
-  inputs.append(v)
-  out = layers[-1]
-  p = v @ out.kernel                                            # eq. 13
-  if out.bias is not None:
-    p = p + out.bias
+  fwd = layers_lib.forward(layers, model.activation, x, smooth)
+  inputs, a1s, a2s, p = fwd.inputs, fwd.act_grads, fwd.act_second, fwd.logits
   q = jax.nn.softmax(p)                                         # eq. 14
   loss = optax.softmax_cross_entropy_with_integer_labels(
       p, labels).mean()                                         # eqs. 15-16

@@ -140,3 +140,51 @@ def activation_derivatives(
 def is_piecewise_linear(activation: Callable[[Array], Array]) -> bool:
   """True for activations with A'' = 0 almost everywhere (ReLU, eq. 29)."""
   return activation in (jax.nn.relu,)
+
+
+class Forward(NamedTuple):
+  """A forward pass (eqs. 10-13), for one sample ([d]) or a batch ([B, d]).
+
+  Attributes:
+    inputs: v^(k-1), the input of every affine layer k = 1..n+1.
+    act_grads: A'(z^(k)), k = 1..n (gamma, eq. 19).
+    act_second: A''(z^(k)), k = 1..n, or an empty tuple when not asked for
+      or zero (ReLU).
+    logits: p (eq. 13).
+  """
+  inputs: tuple[Array, ...]
+  act_grads: tuple[Array, ...]
+  act_second: tuple[Array, ...]
+  logits: Array
+
+
+def forward(layers: list[Layer], activation: Callable[[Array], Array],
+            x: Array, second: bool = True) -> Forward:
+  """Runs eqs. 10-13 and keeps what the derivatives need.
+
+  Args:
+    layers: from `as_layers`.
+    activation: the elementwise A.
+    x: one sample [d_0] or a batch [B, d_0].
+    second: also keep A''(z^(k)) (skipped for ReLU, where it is zero).
+
+  Returns:
+    `Forward`.
+  """
+  inputs, a1s, a2s = [], [], []
+  v = x
+  for layer in layers[:-1]:
+    inputs.append(v)
+    z = v @ layer.kernel                                        # eq. 10
+    if layer.bias is not None:
+      z = z + layer.bias
+    v, a1, a2 = activation_derivatives(activation, z, second)
+    a1s.append(a1)
+    if a2 is not None:
+      a2s.append(a2)
+  inputs.append(v)
+  out = layers[-1]
+  p = v @ out.kernel                                            # eq. 13
+  if out.bias is not None:
+    p = p + out.bias
+  return Forward(tuple(inputs), tuple(a1s), tuple(a2s), p)
