@@ -11,6 +11,8 @@ one of:
 - variable: one alpha per weight (exact Hessian diagonal, Table 2)
 - adaptive: the paper's single alpha with Kohler & Lucchi's adaptive sigma
 - sigma<value>: the paper's method with another sigma, e.g. sigma10000
+- mean_alpha, mean_alpha_g: section 3.1's per-sample averagings E[alpha] E[g]
+  and E[alpha g] (SGD only, i.e. mnist_sgd_plateau)
 """
 
 import importlib
@@ -20,6 +22,7 @@ import ml_collections
 RUNS = ("mnist_sgd_plateau", "mnist_adagrad_plateau", "mnist_adadelta_plateau",
         "mnist_adam_plateau")
 VARIANTS = ("global", "layer", "variable", "adaptive")
+AVERAGINGS = ("mean_alpha", "mean_alpha_g")
 
 
 def get_config(arg: str = "mnist_sgd_plateau,layer") -> ml_collections.ConfigDict:
@@ -32,11 +35,13 @@ def get_config(arg: str = "mnist_sgd_plateau,layer") -> ml_collections.ConfigDic
     config.optimizer.granularity = variant
   elif variant == "adaptive":
     config.optimizer.adaptive_sigma = True
+  elif variant in ("mean_alpha", "mean_alpha_g"):
+    config.optimizer.averaging = variant
   elif variant.startswith("sigma"):
     config.optimizer.sigma = float(variant[len("sigma"):])
   elif variant != "global":
     raise ValueError(f"configs/beyond.py:{arg}: variant must be one of "
-                     f"{VARIANTS} or sigma<value>.")
+                     f"{VARIANTS + AVERAGINGS} or sigma<value>.")
   config.name = f"{run}_{variant}"
   config.claim_kind = ""
   return config

@@ -1,14 +1,16 @@
 """Runs the beyond-the-paper grid and the sigma sweep, and tabulates them.
 
     python -m experiments.beyond --workdir=runs/beyond [--steps=N] \
-        [--grid=1] [--sweep=1]
+        [--grid=1] [--sweep=1] [--averaging=1]
 
 The grid: Figs. 2, 4, 5 and the Adam run, each with the paper's global alpha,
 layer-specific alphas, variable-specific alphas and adaptive sigma
 (configs/beyond.py). The sweep: Fig. 2 with sigma in {10, 100, 1000, 10000},
 to test section 4's claim that performance is insensitive to sigma within
 orders of magnitude and that sigma moves the variability of the learning
-rate more than its size. Writes beyond.md and beyond.json to the workdir.
+rate more than its size. The averaging runs: Fig. 2 with section 3.1's three
+ways to average over the batch (the paper's, E[alpha] E[g], E[alpha g]).
+Writes beyond.md and beyond.json to the workdir; runs already done resume.
 """
 
 from collections.abc import Sequence
@@ -31,6 +33,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of all runs.")
 _STEPS = flags.DEFINE_integer("steps", None, "Iterations per run (3000).")
 _GRID = flags.DEFINE_bool("grid", True, "Run the granularity/adaptive grid.")
 _SWEEP = flags.DEFINE_bool("sweep", True, "Run the sigma sweep on Fig. 2.")
+_AVERAGING = flags.DEFINE_bool(
+    "averaging", True, "Run section 3.1's per-sample averagings on Fig. 2.")
 _SIGMAS = (10, 100, 1000, 10000)
 
 
@@ -52,12 +56,15 @@ def _run(arg, workdir):
   records = summary_lib.read_metrics(
       os.path.join(workdir, config.name, train.METRICS_FILE))
   median_lr, spread = _lr_stats(records)
+  cv = np.array([r.get("alpha_cv", 0.0) for r in records], float)
   return {"run": arg, "final_loss_base": result["final_loss_base"],
           "final_loss_cr": result["final_loss_cr"],
           "exit_step_base": result["exit_step_base"],
           "exit_step_cr": result["exit_step_cr"],
           "median_learning_rate_cr": median_lr, "log10_lr_std": spread,
-          "steps_per_s": result["steps_per_s"], "data": result["data"]}
+          "steps_per_s": result["steps_per_s"], "data": result["data"],
+          "median_alpha_cv": float(np.nanmedian(cv)) if cv.size else 0.0,
+          "nonfinite_steps_cr": result["nonfinite_steps_cr"]}
 
 
 def _fmt(x):
@@ -66,13 +73,17 @@ def _fmt(x):
   return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
-def _table(rows):
+def _table(rows, cv=False):
   head = ("| run, variant | final loss base / CR | exit base / CR | median CR lr "
-          "| std log10 CR lr | it/s |\n|---|---|---|---|---|---|")
+          "| std log10 CR lr | it/s |" + (" median CV of per-sample alpha |"
+                                          if cv else "") + "\n|---|---|---|---|---|---|"
+          + ("---|" if cv else ""))
   body = [f"| {r['run']} | {_fmt(r['final_loss_base'])} / "
           f"{_fmt(r['final_loss_cr'])} | {_fmt(r['exit_step_base'])} / "
           f"{_fmt(r['exit_step_cr'])} | {_fmt(r['median_learning_rate_cr'])} "
-          f"| {_fmt(r['log10_lr_std'])} | {_fmt(r['steps_per_s'])} |"
+          f"| {_fmt(r['log10_lr_std'])} | "
+          f"{'—' if r['steps_per_s'] is None else _fmt(r['steps_per_s'])} |"
+          + (f" {_fmt(r['median_alpha_cv'])} |" if cv else "")
           for r in rows]
   return "\n".join([head] + body)
 
@@ -87,10 +98,13 @@ def main(argv: Sequence[str]) -> None:
            for variant in beyond.VARIANTS] if _GRID.value else [])
   sweep = ([_run(f"mnist_sgd_plateau,sigma{s}", workdir) for s in _SIGMAS]
            if _SWEEP.value else [])
+  averaging = ([_run("mnist_sgd_plateau,global", workdir)] +
+               [_run(f"mnist_sgd_plateau,{a}", workdir)
+                for a in beyond.AVERAGINGS] if _AVERAGING.value else [])
   wall = time.perf_counter() - start
   command = " ".join(["python -m experiments.beyond"] +
                      [shlex.quote(a) for a in sys.argv[1:]])
-  data = sorted({r["data"] for r in grid + sweep})
+  data = sorted({r["data"] for r in grid + sweep + averaging})
   lines = ["# lrcr beyond the paper", "",
            f"- Command: `{command}`", f"- Data: {'; '.join(data)}",
            f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
@@ -99,11 +113,15 @@ def main(argv: Sequence[str]) -> None:
     lines += ["## Granularity and adaptive sigma", "", _table(grid), ""]
   if sweep:
     lines += ["## Sigma sweep on Fig. 2 (SGD, plateau)", "", _table(sweep), ""]
+  if averaging:
+    lines += ["## Section 3.1's averaging options on Fig. 2", "",
+              _table(averaging, cv=True), ""]
   with open(os.path.join(workdir, "beyond.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
   with open(os.path.join(workdir, "beyond.json"), "w", encoding="utf-8") as f:
     json.dump(train.jsonable({"command": command, "wall_time_s": wall,
-                              "grid": grid, "sweep": sweep}), f, indent=2)
+                              "grid": grid, "sweep": sweep,
+                              "averaging": averaging}), f, indent=2)
   print("\n".join(lines), flush=True)
 
 
