@@ -21,6 +21,8 @@ from lrcr.transform import (CubicStepInfo, CubicStepState, cubic_adadelta,
                             cubic_adagrad, cubic_adam, cubic_rmsprop,
                             cubic_sgd, layer_prefix, scale_by_cubic_step)
 
+from lrcr import averaging, eq39  # submodules named in the docs: lrcr.averaging...
+
 __version__ = "0.1.0"
 
 __all__ = [

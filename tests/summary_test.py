@@ -12,28 +12,25 @@ LN10 = math.log(10.0)
 
 
 def _records(loss_base, loss_cr, lr_cr):
-    return [
-        {
-            "step": i,
-            "loss_base": float(b),
-            "loss_cr": float(c),
-            "learning_rate_cr": float(r),
-            "alpha": float(r) / 0.01,
-            "slope": -1.0,
-            "curvature": 1.0,
-            "base_learning_rate": 0.01,
-        }
-        for i, (b, c, r) in enumerate(zip(loss_base, loss_cr, lr_cr))
-    ]
+  return [{
+      "step": i,
+      "loss_base": float(b),
+      "loss_cr": float(c),
+      "learning_rate_cr": float(r),
+      "alpha": float(r) / 0.01,
+      "slope": -1.0,
+      "curvature": 1.0,
+      "base_learning_rate": 0.01,
+  } for i, (b, c, r) in enumerate(zip(loss_base, loss_cr, lr_cr))]
 
 
 def _plateau_curve(n, flat, low=0.5, drop=100):
-    """ln10 for `flat` steps, then a linear drop over `drop` steps to `low`."""
-    x = np.full(n, LN10)
-    end = min(n, flat + drop)
-    x[flat:end] = np.linspace(LN10, low, drop + 1)[1 : end - flat + 1]
-    x[end:] = low
-    return x
+  """ln10 for `flat` steps, then a linear drop over `drop` steps to `low`."""
+  x = np.full(n, LN10)
+  end = min(n, flat + drop)
+  x[flat:end] = np.linspace(LN10, low, drop + 1)[1:end - flat + 1]
+  x[end:] = low
+  return x
 
 
 # ----------------------------------------------------------------- moving_average
@@ -41,260 +38,300 @@ def _plateau_curve(n, flat, low=0.5, drop=100):
 
 @pytest.mark.parametrize("period", [1, 3, 10, 100])
 def test_moving_average_matches_loop(period):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=250)
-    x[[5, 6, 7, 50]] = np.nan
-    expected = np.array(
-        [np.nanmean(x[max(0, i - period + 1) : i + 1]) if np.isfinite(x[max(0, i - period + 1) : i + 1]).any() else np.nan
-         for i in range(len(x))]
-    )
-    got = S.moving_average(x, period)
-    assert got.shape == x.shape
-    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12, equal_nan=True)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=250)
+  x[[5, 6, 7, 50]] = np.nan
+  expected = np.array([
+      np.nanmean(x[max(0, i - period + 1):i +
+                   1]) if np.isfinite(x[max(0, i - period + 1):i +
+                                        1]).any() else np.nan
+      for i in range(len(x))
+  ])
+  got = S.moving_average(x, period)
+  assert got.shape == x.shape
+  np.testing.assert_allclose(got,
+                             expected,
+                             rtol=1e-10,
+                             atol=1e-12,
+                             equal_nan=True)
 
 
 def test_moving_average_all_nan_window_and_inf():
-    x = np.array([np.nan, np.nan, 1.0, np.inf, 3.0])
-    got = S.moving_average(x, 2)
-    assert np.isnan(got[0]) and np.isnan(got[1])
-    np.testing.assert_allclose(got[2:], [1.0, 1.0, 3.0])
+  x = np.array([np.nan, np.nan, 1.0, np.inf, 3.0])
+  got = S.moving_average(x, 2)
+  assert np.isnan(got[0]) and np.isnan(got[1])
+  np.testing.assert_allclose(got[2:], [1.0, 1.0, 3.0])
 
 
 def test_moving_average_bad_period():
-    with pytest.raises(ValueError):
-        S.moving_average([1.0, 2.0], 0)
+  with pytest.raises(ValueError):
+    S.moving_average([1.0, 2.0], 0)
 
 
 # ---------------------------------------------------------------- plateau exit
 
 
 def test_plateau_exit_known_by_construction():
-    # Flat at ln10 for 500 steps, then drop by 0.01 per step.
-    x = np.concatenate([np.full(500, LN10), LN10 - 0.01 * np.arange(1, 301)])
-    thr = 0.95 * LN10
-    ma = np.array([x[max(0, i - 99) : i + 1].mean() for i in range(len(x))])
-    expected = next(i for i in range(99, len(x)) if ma[i] < thr)
-    assert S.plateau_exit_step(x) == expected
-    # Mean of window ending at 500+k is ln10 - 0.01*k(k+1)/200 < 0.95 ln10.
-    k = next(k for k in range(1, 100) if 0.01 * k * (k + 1) / 200 > 0.05 * LN10)
-    assert expected == 499 + k
+  # Flat at ln10 for 500 steps, then drop by 0.01 per step.
+  x = np.concatenate([np.full(500, LN10), LN10 - 0.01 * np.arange(1, 301)])
+  thr = 0.95 * LN10
+  ma = np.array([x[max(0, i - 99):i + 1].mean() for i in range(len(x))])
+  expected = next(i for i in range(99, len(x)) if ma[i] < thr)
+  assert S.plateau_exit_step(x) == expected
+  # Mean of window ending at 500+k is ln10 - 0.01*k(k+1)/200 < 0.95 ln10.
+  k = next(k for k in range(1, 100) if 0.01 * k * (k + 1) / 200 > 0.05 * LN10)
+  assert expected == 499 + k
 
 
 def test_plateau_exit_none_for_flat_and_short():
-    assert S.plateau_exit_step(np.full(1000, LN10)) is None
-    assert S.plateau_exit_step(np.full(50, 0.1)) is None  # no full window
+  assert S.plateau_exit_step(np.full(1000, LN10)) is None
+  assert S.plateau_exit_step(np.full(50, 0.1)) is None  # no full window
 
 
 def test_plateau_exit_ignores_partial_windows():
-    x = np.full(300, LN10)
-    x[:3] = 0.0  # noisy first batches: partial windows average 0
-    assert S.plateau_exit_step(x) is None
+  x = np.full(300, LN10)
+  x[:3] = 0.0  # noisy first batches: partial windows average 0
+  assert S.plateau_exit_step(x) is None
 
 
 def test_plateau_exit_nan_aware():
-    x = np.full(200, 0.1)
-    x[::3] = np.nan
-    assert S.plateau_exit_step(x) == 99
+  x = np.full(200, 0.1)
+  x[::3] = np.nan
+  assert S.plateau_exit_step(x) == 99
 
 
 # --------------------------------------------------------------- summarize_run
 
 
 def _plateau_run():
-    n = 1000
-    base = _plateau_curve(n, flat=800)
-    cr = _plateau_curve(n, flat=200)
-    lr = np.where(np.arange(n) < 250, 1.0, 0.01)
-    return _records(base, cr, lr), base, cr, lr
+  n = 1000
+  base = _plateau_curve(n, flat=800)
+  cr = _plateau_curve(n, flat=200)
+  lr = np.where(np.arange(n) < 250, 1.0, 0.01)
+  return _records(base, cr, lr), base, cr, lr
 
 
 def test_summarize_run_known_answers():
-    records, base, cr, lr = _plateau_run()
-    s = S.summarize_run(records)
-    assert s["num_steps"] == 1000
-    assert s["final_loss_base"] == pytest.approx(base[-100:].mean())
-    assert s["final_loss_cr"] == pytest.approx(0.5)
-    assert s["exit_step_cr"] == S.plateau_exit_step(cr)
-    assert 200 < s["exit_step_cr"] < 300
-    assert s["exit_step_base"] == S.plateau_exit_step(base)
-    assert s["exit_step_base"] > 800
-    assert s["peak_learning_rate_cr"] == pytest.approx(1.0)
-    assert s["median_learning_rate_cr"] == pytest.approx(0.01)
-    e = s["exit_step_cr"]
-    assert s["plateau_learning_rate_cr"] == pytest.approx(np.median(lr[:e]))
-    assert s["later_median_learning_rate_cr"] == pytest.approx(np.median(lr[e:]))
-    assert s["plateau_to_later_ratio"] == pytest.approx(
-        np.median(lr[:e]) / np.median(lr[e:])
-    )
-    assert s["nonfinite_steps_base"] == 0 and s["nonfinite_steps_cr"] == 0
-    assert s["claim"] is None
-    json.dumps(s)  # serializable
+  records, base, cr, lr = _plateau_run()
+  s = S.summarize_run(records)
+  assert s["num_steps"] == 1000
+  assert s["final_loss_base"] == pytest.approx(base[-100:].mean())
+  assert s["final_loss_cr"] == pytest.approx(0.5)
+  assert s["exit_step_cr"] == S.plateau_exit_step(cr)
+  assert 200 < s["exit_step_cr"] < 300
+  assert s["exit_step_base"] == S.plateau_exit_step(base)
+  assert s["exit_step_base"] > 800
+  assert s["peak_learning_rate_cr"] == pytest.approx(1.0)
+  assert s["median_learning_rate_cr"] == pytest.approx(0.01)
+  e = s["exit_step_cr"]
+  assert s["plateau_learning_rate_cr"] == pytest.approx(np.median(lr[:e]))
+  assert s["later_median_learning_rate_cr"] == pytest.approx(np.median(lr[e:]))
+  assert s["plateau_to_later_ratio"] == pytest.approx(
+      np.median(lr[:e]) / np.median(lr[e:]))
+  assert s["nonfinite_steps_base"] == 0 and s["nonfinite_steps_cr"] == 0
+  assert s["claim"] is None
+  json.dumps(s)  # serializable
 
 
 def test_summarize_run_plateau_lr_stats_none_without_exit():
-    n = 300
-    records = _records(np.full(n, LN10), np.full(n, LN10), np.full(n, 0.1))
-    s = S.summarize_run(records)
-    assert s["exit_step_base"] is None and s["exit_step_cr"] is None
-    assert s["plateau_learning_rate_cr"] is None
-    assert s["later_median_learning_rate_cr"] is None
-    assert s["plateau_to_later_ratio"] is None
+  n = 300
+  records = _records(np.full(n, LN10), np.full(n, LN10), np.full(n, 0.1))
+  s = S.summarize_run(records)
+  assert s["exit_step_base"] is None and s["exit_step_cr"] is None
+  assert s["plateau_learning_rate_cr"] is None
+  assert s["later_median_learning_rate_cr"] is None
+  assert s["plateau_to_later_ratio"] is None
 
 
 def test_summarize_run_nan_handling():
-    records, *_ = _plateau_run()
-    records[-1]["loss_cr"] = float("nan")
-    records[-2]["loss_cr"] = None
-    records[-3]["loss_base"] = float("inf")
-    records[10]["learning_rate_cr"] = None
-    records[11]["learning_rate_cr"] = float("nan")
-    records[12]["learning_rate_cr"] = 1e6
-    del records[13]["learning_rate_cr"]
-    s = S.summarize_run(records)
-    assert s["nonfinite_steps_cr"] == 2
-    assert s["nonfinite_steps_base"] == 1
-    assert s["final_loss_cr"] == pytest.approx(0.5)
-    assert math.isfinite(s["final_loss_base"])
-    assert s["peak_learning_rate_cr"] == pytest.approx(1e6)
+  records, *_ = _plateau_run()
+  records[-1]["loss_cr"] = float("nan")
+  records[-2]["loss_cr"] = None
+  records[-3]["loss_base"] = float("inf")
+  records[10]["learning_rate_cr"] = None
+  records[11]["learning_rate_cr"] = float("nan")
+  records[12]["learning_rate_cr"] = 1e6
+  del records[13]["learning_rate_cr"]
+  s = S.summarize_run(records)
+  assert s["nonfinite_steps_cr"] == 2
+  assert s["nonfinite_steps_base"] == 1
+  assert s["final_loss_cr"] == pytest.approx(0.5)
+  assert math.isfinite(s["final_loss_base"])
+  assert s["peak_learning_rate_cr"] == pytest.approx(1e6)
 
 
 def test_summarize_run_num_classes_and_claim_key():
-    n = 400
-    loss = np.full(n, math.log(100.0))
-    loss[200:] = 0.9 * math.log(100.0)  # below 0.95 ln 100, above ln 10
-    s10 = S.summarize_run(_records(loss, loss, np.ones(n)))
-    s100 = S.summarize_run(
-        _records(loss, loss, np.ones(n)), num_classes=100, claim_kind="no_plateau"
-    )
-    assert s10["exit_step_cr"] is None
-    assert s100["exit_step_cr"] is not None
-    assert s100["claim"]["kind"] == "no_plateau"
+  n = 400
+  loss = np.full(n, math.log(100.0))
+  loss[200:] = 0.9 * math.log(100.0)  # below 0.95 ln 100, above ln 10
+  s10 = S.summarize_run(_records(loss, loss, np.ones(n)))
+  s100 = S.summarize_run(_records(loss, loss, np.ones(n)),
+                         num_classes=100,
+                         claim_kind="no_plateau")
+  assert s10["exit_step_cr"] is None
+  assert s100["exit_step_cr"] is not None
+  assert s100["claim"]["kind"] == "no_plateau"
 
 
 # ----------------------------------------------------------- qualitative_claim
 
 
 def test_claim_plateau_true_and_false():
-    records, *_ = _plateau_run()
-    c = S.summarize_run(records, claim_kind="plateau")["claim"]
-    assert c["kind"] == "plateau" and c["holds"] is True
-    assert isinstance(c["reason"], str) and str(S.summarize_run(records)["exit_step_cr"]) in c["reason"]
+  records, *_ = _plateau_run()
+  c = S.summarize_run(records, claim_kind="plateau")["claim"]
+  assert c["kind"] == "plateau" and c["holds"] is True
+  assert isinstance(c["reason"], str) and str(
+      S.summarize_run(records)["exit_step_cr"]) in c["reason"]
 
-    # Small learning-rate ratio -> false.
-    n = 1000
-    base = _plateau_curve(n, flat=800)
-    cr = _plateau_curve(n, flat=200)
-    c = S.summarize_run(_records(base, cr, np.full(n, 0.01)), claim_kind="plateau")["claim"]
-    assert c["holds"] is False
+  # Small learning-rate ratio -> false.
+  n = 1000
+  base = _plateau_curve(n, flat=800)
+  cr = _plateau_curve(n, flat=200)
+  c = S.summarize_run(_records(base, cr, np.full(n, 0.01)),
+                      claim_kind="plateau")["claim"]
+  assert c["holds"] is False
 
-    # Base exits first -> false even with a large ratio.
-    lr = np.where(np.arange(n) < 850, 1.0, 0.01)
-    c = S.summarize_run(_records(cr, base, lr), claim_kind="plateau")["claim"]
-    assert c["holds"] is False
+  # Base exits first -> false even with a large ratio.
+  lr = np.where(np.arange(n) < 850, 1.0, 0.01)
+  c = S.summarize_run(_records(cr, base, lr), claim_kind="plateau")["claim"]
+  assert c["holds"] is False
 
 
 def test_claim_plateau_base_never_exits():
-    s = {"exit_step_base": None, "exit_step_cr": 300, "plateau_to_later_ratio": 50.0}
-    assert S.qualitative_claim(s, "plateau")["holds"] is True
-    s["exit_step_cr"] = None
-    assert S.qualitative_claim(s, "plateau")["holds"] is False
+  s = {
+      "exit_step_base": None,
+      "exit_step_cr": 300,
+      "plateau_to_later_ratio": 50.0
+  }
+  assert S.qualitative_claim(s, "plateau")["holds"] is True
+  s["exit_step_cr"] = None
+  assert S.qualitative_claim(s, "plateau")["holds"] is False
 
 
 def test_claim_no_plateau():
-    n = 500
-    base = np.linspace(2.0, 0.5, n)
-    cr = np.linspace(2.0, 0.55, n)
-    lr = np.full(n, 0.01)
-    assert S.summarize_run(_records(base, cr, lr), claim_kind="no_plateau")["claim"]["holds"]
-    # CR much worse -> false.
-    cr_bad = np.linspace(2.0, 1.2, n)
-    assert not S.summarize_run(_records(base, cr_bad, lr), claim_kind="no_plateau")["claim"]["holds"]
-    # Not descending -> false.
-    flat = np.full(n, 2.0)
-    assert not S.summarize_run(_records(flat, flat, lr), claim_kind="no_plateau")["claim"]["holds"]
+  n = 500
+  base = np.linspace(2.0, 0.5, n)
+  cr = np.linspace(2.0, 0.55, n)
+  lr = np.full(n, 0.01)
+  assert S.summarize_run(_records(base, cr, lr),
+                         claim_kind="no_plateau")["claim"]["holds"]
+  # CR much worse -> false.
+  cr_bad = np.linspace(2.0, 1.2, n)
+  assert not S.summarize_run(_records(base, cr_bad, lr),
+                             claim_kind="no_plateau")["claim"]["holds"]
+  # Not descending -> false.
+  flat = np.full(n, 2.0)
+  assert not S.summarize_run(_records(flat, flat, lr),
+                             claim_kind="no_plateau")["claim"]["holds"]
 
 
 def test_claim_adam():
-    n = 1000
-    same = _plateau_curve(n, flat=300)
-    lr = np.full(n, 1e-3)
-    c = S.summarize_run(_records(same, same, lr), claim_kind="adam")["claim"]
-    assert c["kind"] == "adam" and c["holds"] is True
-    # CR exits much earlier -> gain -> claim false.
-    c = S.summarize_run(
-        _records(same, _plateau_curve(n, flat=100), lr), claim_kind="adam"
-    )["claim"]
-    assert c["holds"] is False
-    # CR final loss clearly better -> claim false.
-    c = S.summarize_run(
-        _records(same, _plateau_curve(n, flat=300, low=0.3), lr), claim_kind="adam"
-    )["claim"]
-    assert c["holds"] is False
+  n = 1000
+  same = _plateau_curve(n, flat=300)
+  lr = np.full(n, 1e-3)
+  c = S.summarize_run(_records(same, same, lr), claim_kind="adam")["claim"]
+  assert c["kind"] == "adam" and c["holds"] is True
+  # CR exits much earlier -> gain -> claim false.
+  c = S.summarize_run(_records(same, _plateau_curve(n, flat=100), lr),
+                      claim_kind="adam")["claim"]
+  assert c["holds"] is False
+  # CR final loss clearly better -> claim false.
+  c = S.summarize_run(_records(same, _plateau_curve(n, flat=300, low=0.3), lr),
+                      claim_kind="adam")["claim"]
+  assert c["holds"] is False
 
 
 def test_claim_unknown_kind():
-    with pytest.raises(ValueError):
-        S.qualitative_claim({}, "bogus")
+  with pytest.raises(ValueError):
+    S.qualitative_claim({}, "bogus")
 
 
 # ------------------------------------------------------------------------ table
 
 
 def test_summary_table_markdown():
-    records, *_ = _plateau_run()
-    s1 = S.summarize_run(records, claim_kind="plateau")
-    n = 300
-    s2 = S.summarize_run(_records(np.full(n, LN10), np.full(n, LN10), np.full(n, 0.1)))
-    rows = [
-        {**s1, "run": "sgd_cr", "figure": "Fig. 2", "data": "synthetic"},
-        {**s2, "run": "flat", "figure": "Fig. 3", "data": "MNIST subset"},
-    ]
-    table = S.summary_table_markdown(rows)
-    lines = table.strip().splitlines()
-    assert len(lines) == 2 + 2
-    assert lines[0].startswith("| run | paper figure | data | steps |")
-    assert "claim holds" in lines[0]
-    assert set(lines[1].replace("|", "")) == {"-"}
-    ncols = lines[0].count("|")
-    assert all(line.count("|") == ncols for line in lines)
-    assert "sgd_cr" in lines[2] and "yes" in lines[2]
-    assert "never" in lines[3] and "—" in lines[3]
-    assert f"{s1['final_loss_cr']:.4g}" in lines[2]
+  records, *_ = _plateau_run()
+  s1 = S.summarize_run(records, claim_kind="plateau")
+  n = 300
+  s2 = S.summarize_run(
+      _records(np.full(n, LN10), np.full(n, LN10), np.full(n, 0.1)))
+  rows = [
+      {
+          **s1, "run": "sgd_cr",
+          "figure": "Fig. 2",
+          "data": "synthetic"
+      },
+      {
+          **s2, "run": "flat",
+          "figure": "Fig. 3",
+          "data": "MNIST subset"
+      },
+  ]
+  table = S.summary_table_markdown(rows)
+  lines = table.strip().splitlines()
+  assert len(lines) == 2 + 2
+  assert lines[0].startswith("| run | paper figure | data | steps |")
+  assert "claim holds" in lines[0]
+  assert set(lines[1].replace("|", "")) == {"-"}
+  ncols = lines[0].count("|")
+  assert all(line.count("|") == ncols for line in lines)
+  assert "sgd_cr" in lines[2] and "yes" in lines[2]
+  assert "never" in lines[3] and "—" in lines[3]
+  assert f"{s1['final_loss_cr']:.4g}" in lines[2]
 
 
 # ----------------------------------------------------------------- read_metrics
 
 
 def test_read_metrics_truncated_and_null(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    recs = [
-        {"step": 0, "loss_base": 2.3, "loss_cr": None, "learning_rate_cr": 0.5},
-        {"step": 1, "loss_base": float("nan"), "loss_cr": 2.2, "learning_rate_cr": None},
-        {"step": 2, "loss_base": 2.1, "loss_cr": 2.0, "learning_rate_cr": 0.4},
-    ]
-    text = "".join(json.dumps(r) + "\n" for r in recs)
-    text += '{"step": 3, "loss_base": 2.0, "loss_'  # killed mid-write
-    path.write_text(text)
-    out = S.read_metrics(path)
-    assert [r["step"] for r in out] == [0, 1, 2]
-    assert math.isnan(out[0]["loss_cr"])
-    assert math.isnan(out[1]["loss_base"])
-    assert math.isnan(out[1]["learning_rate_cr"])
-    assert out[2]["learning_rate_cr"] == pytest.approx(0.4)
-    s = S.summarize_run(out)
-    assert s["num_steps"] == 3 and s["nonfinite_steps_cr"] == 1
+  path = tmp_path / "metrics.jsonl"
+  recs = [
+      {
+          "step": 0,
+          "loss_base": 2.3,
+          "loss_cr": None,
+          "learning_rate_cr": 0.5
+      },
+      {
+          "step": 1,
+          "loss_base": float("nan"),
+          "loss_cr": 2.2,
+          "learning_rate_cr": None
+      },
+      {
+          "step": 2,
+          "loss_base": 2.1,
+          "loss_cr": 2.0,
+          "learning_rate_cr": 0.4
+      },
+  ]
+  text = "".join(json.dumps(r) + "\n" for r in recs)
+  text += '{"step": 3, "loss_base": 2.0, "loss_'  # killed mid-write
+  path.write_text(text)
+  out = S.read_metrics(path)
+  assert [r["step"] for r in out] == [0, 1, 2]
+  assert math.isnan(out[0]["loss_cr"])
+  assert math.isnan(out[1]["loss_base"])
+  assert math.isnan(out[1]["learning_rate_cr"])
+  assert out[2]["learning_rate_cr"] == pytest.approx(0.4)
+  s = S.summarize_run(out)
+  assert s["num_steps"] == 3 and s["nonfinite_steps_cr"] == 1
 
 
 def test_read_metrics_corrupt_middle_line(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 0}\n{"step": 1\n{"step": 2}\n')
-    with pytest.raises(ValueError):
-        S.read_metrics(path)
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 0}\n{"step": 1\n{"step": 2}\n')
+  with pytest.raises(ValueError):
+    S.read_metrics(path)
 
 
 def test_claim_plateau_adaptive_threshold_is_2x():
-    s = {"exit_step_base": 1000, "exit_step_cr": 700, "plateau_to_later_ratio": 5.0}
-    assert S.qualitative_claim(s, "plateau_adaptive")["holds"] is True
-    assert S.qualitative_claim(s, "plateau")["holds"] is False
-    s["plateau_to_later_ratio"] = 1.5
-    assert S.qualitative_claim(s, "plateau_adaptive")["holds"] is False
+  s = {
+      "exit_step_base": 1000,
+      "exit_step_cr": 700,
+      "plateau_to_later_ratio": 5.0
+  }
+  assert S.qualitative_claim(s, "plateau_adaptive")["holds"] is True
+  assert S.qualitative_claim(s, "plateau")["holds"] is False
+  s["plateau_to_later_ratio"] = 1.5
+  assert S.qualitative_claim(s, "plateau_adaptive")["holds"] is False

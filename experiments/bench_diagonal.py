@@ -1,0 +1,85 @@
+"""Cost of the exact Hessian diagonal and the per-layer blocks, against C backward passes.
+
+    python -m experiments.bench_diagonal [--repeats=15]
+
+For the paper's 12x128 MNIST net (float32), times, interleaved in one process,
+medians of repeated samples:
+
+- `sgd_grad`: one value_and_grad (a plain gradient step's derivative work)
+- `c_backward`: C backward passes, the vjp of the logits with each one-hot
+  cotangent: what a Gauss-Newton diagonal by rows of the Jacobian costs, and
+  the budget BackPACK's DiagHessian is usually compared with
+- `hessian_diagonal`: `lrcr.hessian_diagonal` (exact; Gauss-Newton for ReLU)
+- `layer_directional`: `lrcr.layer_directional` along a dense direction
+
+and prints a markdown table of ms and of the ratio to `c_backward`.
+"""
+
+from collections.abc import Sequence
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lrcr
+
+_REPEATS = flags.DEFINE_integer("repeats", 15, "Timing repeats.")
+
+
+def _sample(fn, args, calls):
+  start = time.perf_counter()
+  for _ in range(calls):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / calls * 1e3
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  print(f"jax {jax.__version__}, {jax.default_backend()}, "
+        f"{jax.devices()[0].device_kind}")
+  print("| activation, batch | variant | ms (median) | ratio to C backward passes |")
+  print("|---|---|---|---|")
+  for act_name, act in (("relu", jax.nn.relu), ("tanh", jnp.tanh)):
+    for batch in (32, 256):
+      model = lrcr.MLP([128] * 12, 10, activation=act,
+                       kernel_init=lrcr.uniform_init(0.1))
+      x = jax.random.uniform(jax.random.key(0), (batch, 784))
+      y = jnp.arange(batch) % 10
+      params = model.init(jax.random.key(1), x)
+      g = jax.tree.map(lambda a: jnp.cos(37.0 * a), params)
+      loss = lambda p: lrcr.cross_entropy_loss(model.apply(p, x), y)
+
+      def c_backward(p):
+        logits, vjp = jax.vjp(lambda q: model.apply(q, x), p)
+        eye = jnp.eye(logits.shape[-1], dtype=logits.dtype)
+        return jax.vmap(lambda e: vjp(jnp.broadcast_to(e, logits.shape))[0])(eye)
+
+      fns = {
+          "sgd_grad": (jax.jit(jax.value_and_grad(loss)), (params,)),
+          "c_backward": (jax.jit(c_backward), (params,)),
+          "hessian_diagonal": (lrcr.hessian_diagonal, (model, params, x, y)),
+          "layer_directional": (lrcr.layer_directional,
+                                (model, params, x, y, g)),
+      }
+      calls = {}
+      for name, (fn, args) in fns.items():
+        jax.block_until_ready(fn(*args))
+        one = _sample(fn, args, 1)
+        calls[name] = max(1, int(30.0 / max(one, 1e-3)))
+      times = {name: [] for name in fns}
+      for _ in range(_REPEATS.value):
+        for name in np.random.permutation(list(fns)):
+          fn, args = fns[name]
+          times[name].append(_sample(fn, args, calls[name]))
+      ref = np.median(times["c_backward"])
+      for name in fns:
+        med = np.median(times[name])
+        print(f"| {act_name}, {batch} | {name} | {med:.3f} | {med / ref:.2f}x |")
+
+
+if __name__ == "__main__":
+  app.run(main)
