@@ -17,6 +17,8 @@ from lrcr.fused import (cached_curvature_fn, cached_directional,
                         value_grad_and_cache)
 from lrcr.factors import Factors, factor_gradients, per_sample_factors
 from lrcr.mlp import MLP, cross_entropy_loss, num_params, uniform_init
+from lrcr.nets import (Activation, AvgPool, Conv, Dense, Flatten, MaxPool,
+                       Recurrent, Sequential)
 from lrcr.transform import (CubicStepInfo, CubicStepState, cubic_adadelta,
                             cubic_adagrad, cubic_adam, cubic_rmsprop,
                             cubic_sgd, layer_prefix, scale_by_cubic_step)
@@ -34,5 +36,6 @@ __all__ = [
     "per_sample_factors", "scale_by_cubic_step", "uniform_init",
     "value_and_directional", "hessian_diagonal", "layer_directional",
     "variable_directional", "cached_curvature_fn", "cached_directional",
-    "value_grad_and_cache", "layer_prefix",
+    "value_grad_and_cache", "layer_prefix", "Sequential", "Dense", "Conv",
+    "Activation", "AvgPool", "MaxPool", "Flatten", "Recurrent",
 ]

@@ -56,6 +56,7 @@ import optax
 from lrcr import blocks
 from lrcr import factors as factors_lib
 from lrcr import layers as layers_lib
+from lrcr import nets
 from lrcr.mlp import MLP
 
 Array = jax.Array
@@ -133,6 +134,8 @@ def _prepare(model: MLP, params: Any, x: Any, labels: Any, direction: Any):
 def value_and_directional(model: MLP, params: Any, x: Any, labels: Any,
                           direction: Any) -> tuple[Array, Directional]:
   """Like `directional`, and also returns the batch loss F at params."""
+  if isinstance(model, nets.Sequential):       # conv / recurrent, app. B.2
+    return nets.sequential_directional(model, params, x, labels, direction)
   layers, steps, x, labels = _prepare(model, params, x, labels, direction)
   fn = lambda xi, yi: _sample_sweep(layers, steps, model.activation, xi, yi)
   f, slope, curvature = jax.vmap(fn)(x, labels)
@@ -155,10 +158,13 @@ def directional(model: MLP, params: Any, x: Any, labels: Any,
   without biases. It is not eq. 39 as printed, which drops the cross-layer
   Gauss-Newton blocks: see the module docstring and `lrcr.eq39`.
 
+  `lrcr.Sequential` networks (convolutional, pooling and recurrent layers,
+  appendix B.2) go through the same exact contraction in `lrcr.nets`.
+
   Args:
-    model: an `lrcr.MLP`.
+    model: an `lrcr.MLP` or an `lrcr.Sequential`.
     params: its parameters (`model.init` output or the inner dict).
-    x: inputs [B, d_0].
+    x: inputs [B, d_0] ([B, ...] for a `Sequential`).
     labels: integer labels [B].
     direction: the search direction g, a pytree shaped like params.
 
@@ -170,6 +176,8 @@ def directional(model: MLP, params: Any, x: Any, labels: Any,
       `autodiff_directional`).
     ValueError: for a direction or batch that does not fit the model.
   """
+  if isinstance(model, nets.Sequential):
+    return nets.sequential_directional(model, params, x, labels, direction)[1]
   return value_and_directional(model, params, x, labels, direction)[1]
 
 
@@ -221,6 +229,14 @@ def lowrank_curvature_fn(model: MLP, x: Any, labels: Any,
     TypeError: at once, for a model the low-rank engine does not support.
     ValueError: for an unknown granularity.
   """
+  if isinstance(model, nets.Sequential):
+    if granularity != "global":
+      raise ValueError(
+          f"granularity={granularity!r} is implemented for lrcr.MLP; an "
+          "lrcr.Sequential network supports 'global' (or use "
+          "autodiff_curvature_fn(loss_fn, x, labels, granularity='layer')).")
+    return lambda params, direction: directional(model, params, x, labels,
+                                                 direction)
   layers_lib.check_model(model)
   fn = {"global": directional, "layer": blocks.layer_directional,
         "variable": blocks.variable_directional}.get(granularity)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from lrcr import layers as layers_lib
+from lrcr import nets
 from lrcr.mlp import MLP
 
 Array = jax.Array
@@ -90,12 +91,18 @@ def per_sample_factors(model: MLP, params: Any, x: Array,
     labels: integer labels [B].
 
   Returns:
-    `Factors`, each field with a leading batch axis.
+    `Factors`, each field with a leading batch axis. For an `lrcr.Sequential`
+    network: `lrcr.nets.sequential_factors`, a dict {layer name:
+    LayerFactors(inputs, deltas)} whose outer products summed over output
+    positions or time steps are the per-sample weight gradients (eqs. 49, 53,
+    61).
 
   Raises:
     TypeError: for a model the low-rank engine does not support.
     ValueError: for inputs or parameters that do not fit the model.
   """
+  if isinstance(model, nets.Sequential):            # app. B.2
+    return nets.sequential_factors(model, params, x, labels)
   layers = layers_lib.as_layers(model, params)
   x, labels = check_batch(layers, x, labels)
   fn = lambda xi, yi: _sample_factors(layers, model.activation, xi, yi)

@@ -20,7 +20,8 @@ from lrcr.mlp import MLP
 Array = jax.Array
 
 UNSUPPORTED_HINT = (
-    "The low-rank engine covers lrcr.MLP only. For any other differentiable "
+    "The low-rank engine covers lrcr.MLP and lrcr.Sequential (Dense, Conv, "
+    "pooling, Flatten, Recurrent layers). For any other differentiable "
     "model use lrcr.autodiff_curvature_fn(loss_fn, *args) (or "
     "lrcr.autodiff_directional), which computes the same slope and curvature "
     "by forward-over-forward autodiff.")
@@ -51,6 +52,9 @@ def layer_names(model: MLP) -> list[str]:
 
 def check_model(model: Any) -> MLP:
   """Raises a TypeError naming the model when the engine cannot handle it."""
+  from lrcr import nets  # pylint: disable=g-import-not-at-top (nets imports this)
+  if isinstance(model, nets.Sequential):
+    return model             # checked layer by layer in lrcr.nets
   if not isinstance(model, MLP):
     raise TypeError(
         f"Unsupported model {type(model).__name__}. {UNSUPPORTED_HINT}")
