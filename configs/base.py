@@ -27,6 +27,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.width = 128  # units per hidden layer
   config.model.init_scale = 0.1  # every weight ~ U(-init_scale, init_scale)
   config.model.use_bias = False
+  # "mlp" (the paper's net: depth x width) or "sequential" (lrcr.nets: conv,
+  # pooling, recurrent layers from the `layers` string; see lrcr.train).
+  config.model.kind = "mlp"
+  config.model.layers = ""
+  config.model.activation = "relu"
+  config.model.input_shape = ()  # () = flat vectors; (32, 32, 3), (28, 28)...
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "sgd"  # sgd | adagrad | adadelta | adam | rmsprop
@@ -64,6 +70,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.training.num_steps = 3000
   config.training.batch_size = 32
   config.training.chunk_size = 100  # steps per jitted lax.scan and checkpoint
+  config.training.scan_unroll = 1  # lax.scan unroll (True: the whole chunk)
   config.training.nonfinite = "skip"  # skip | stop
   # Data parallelism: 0 = every local device (batch split over a "data" mesh
   # axis, parameters replicated), 1 = a single device.

@@ -33,14 +33,23 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of all runs.")
 _STEPS = flags.DEFINE_integer("steps", None, "Iterations per run (3000).")
 _GRID = flags.DEFINE_bool("grid", True, "Run the granularity/adaptive grid.")
 _SWEEP = flags.DEFINE_bool("sweep", True, "Run the sigma sweep on Fig. 2.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", [], "Grid variants to (re)run; default all. The other rows "
+    "are kept from an earlier beyond.json.")
 _AVERAGING = flags.DEFINE_bool(
     "averaging", True, "Run section 3.1's per-sample averagings on Fig. 2.")
 _SIGMAS = (10, 100, 1000, 10000)
 
 
 def _lr_stats(records):
-  """Median CR learning rate and its variability (std of log10) after step 100."""
-  lr = np.array([r["learning_rate_cr"] for r in records[100:]], float)
+  """Median CR learning rate and its variability (std of log10) after step 100.
+
+  Only steps that were taken count: skipped steps (non-finite) and steps
+  rejected by adaptive sigma are left out.
+  """
+  kept = [r for r in records[100:]
+          if not r.get("skipped_cr") and r.get("accepted", 1)]
+  lr = np.array([r["learning_rate_cr"] for r in kept], float)
   lr = lr[np.isfinite(lr) & (lr > 0)]
   if not lr.size:
     return float("nan"), float("nan")
@@ -56,7 +65,8 @@ def _run(arg, workdir):
   records = summary_lib.read_metrics(
       os.path.join(workdir, config.name, train.METRICS_FILE))
   median_lr, spread = _lr_stats(records)
-  cv = np.array([r.get("alpha_cv", 0.0) for r in records], float)
+  cv = np.array([r.get("alpha_cv", 0.0) for r in records
+                 if not r.get("skipped_cr")], float)
   return {"run": arg, "final_loss_base": result["final_loss_base"],
           "final_loss_cr": result["final_loss_cr"],
           "exit_step_base": result["exit_step_base"],
@@ -64,7 +74,9 @@ def _run(arg, workdir):
           "median_learning_rate_cr": median_lr, "log10_lr_std": spread,
           "steps_per_s": result["steps_per_s"], "data": result["data"],
           "median_alpha_cv": float(np.nanmedian(cv)) if cv.size else 0.0,
-          "nonfinite_steps_cr": result["nonfinite_steps_cr"]}
+          "nonfinite_steps_cr": result["nonfinite_steps_cr"],
+          "rejected_steps": int(sum(1 - int(r.get("accepted", 1))
+                                    for r in records))}
 
 
 def _fmt(x):
@@ -94,14 +106,33 @@ def main(argv: Sequence[str]) -> None:
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
+  variants = _VARIANTS.value or beyond.VARIANTS
   grid = ([_run(f"{run},{variant}", workdir) for run in beyond.RUNS
-           for variant in beyond.VARIANTS] if _GRID.value else [])
+           for variant in variants] if _GRID.value else [])
+  if grid and _VARIANTS.value and os.path.exists(
+      os.path.join(workdir, "beyond.json")):
+    with open(os.path.join(workdir, "beyond.json"), encoding="utf-8") as f:
+      fresh = {r["run"] for r in grid}
+      grid = [r for r in json.load(f).get("grid", [])
+              if r["run"] not in fresh] + grid
+      order = [f"{run},{v}" for run in beyond.RUNS for v in beyond.VARIANTS]
+      grid.sort(key=lambda r: order.index(r["run"]) if r["run"] in order
+                else len(order))
   sweep = ([_run(f"mnist_sgd_plateau,sigma{s}", workdir) for s in _SIGMAS]
            if _SWEEP.value else [])
   averaging = ([_run("mnist_sgd_plateau,global", workdir)] +
                [_run(f"mnist_sgd_plateau,{a}", workdir)
                 for a in beyond.AVERAGINGS] if _AVERAGING.value else [])
   wall = time.perf_counter() - start
+  # Parts not run this time keep their rows from an earlier beyond.json.
+  previous = {}
+  path_json = os.path.join(workdir, "beyond.json")
+  if os.path.exists(path_json):
+    with open(path_json, encoding="utf-8") as f:
+      previous = json.load(f)
+  grid = grid or previous.get("grid", [])
+  sweep = sweep or previous.get("sweep", [])
+  averaging = averaging or previous.get("averaging", [])
   command = " ".join(["python -m experiments.beyond"] +
                      [shlex.quote(a) for a in sys.argv[1:]])
   data = sorted({r["data"] for r in grid + sweep + averaging})

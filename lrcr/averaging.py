@@ -86,6 +86,7 @@ def _sample_own_gradient(layers, activation, x: Array, label: Array):
 
 
 @functools.partial(jax.jit, static_argnames="model")
+@layers_lib.exact_matmuls
 def per_sample_own_directional(model: MLP, params: Any, x: Any,
                                labels: Any) -> Directional:
   """Slope, curvature and squared norm of each f_i along its own -grad f_i.
@@ -102,6 +103,7 @@ def per_sample_own_directional(model: MLP, params: Any, x: Any,
 
 
 @functools.partial(jax.jit, static_argnames=("model", "averaging"))
+@layers_lib.exact_matmuls
 def averaged_sgd_update(model: MLP, params: Any, x: Any, labels: Any,
                         sigma: float, averaging: str = "batch") -> AveragedStep:
   """One SGD+CR step with one of section 3.1's three averaging options.

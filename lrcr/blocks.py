@@ -88,6 +88,7 @@ def _sample_hz_diag(layers, activation, x: Array, label: Array):
 
 
 @functools.partial(jax.jit, static_argnames="model")
+@layers_lib.exact_matmuls
 def hessian_diagonal(model: MLP, params: Any, x: Any, labels: Any) -> Any:
   """The exact diagonal of the Hessian of the batch-mean loss F.
 
@@ -148,6 +149,7 @@ def _sample_layer_blocks(layers, steps, activation, x: Array, label: Array):
 
 
 @functools.partial(jax.jit, static_argnames="model")
+@layers_lib.exact_matmuls
 def layer_directional(model: MLP, params: Any, x: Any, labels: Any,
                       direction: Any):
   """Per-layer slopes g_k . grad_k F and diagonal blocks g_k^T H_kk g_k.
@@ -186,6 +188,7 @@ def layer_directional(model: MLP, params: Any, x: Any, labels: Any,
 
 
 @functools.partial(jax.jit, static_argnames="model")
+@layers_lib.exact_matmuls
 def variable_directional(model: MLP, params: Any, x: Any, labels: Any,
                          direction: Any):
   """Per-weight slope, curvature and squared norm: the diagonal model.

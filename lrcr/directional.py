@@ -131,6 +131,7 @@ def _prepare(model: MLP, params: Any, x: Any, labels: Any, direction: Any):
 
 
 @functools.partial(jax.jit, static_argnames="model")
+@layers_lib.exact_matmuls
 def value_and_directional(model: MLP, params: Any, x: Any, labels: Any,
                           direction: Any) -> tuple[Array, Directional]:
   """Like `directional`, and also returns the batch loss F at params."""
@@ -144,6 +145,7 @@ def value_and_directional(model: MLP, params: Any, x: Any, labels: Any,
 
 
 @functools.partial(jax.jit, static_argnames="model")
+@layers_lib.exact_matmuls
 def directional(model: MLP, params: Any, x: Any, labels: Any,
                 direction: Any) -> Directional:
   """Exact slope, curvature and squared norm of F along a direction.
@@ -181,6 +183,7 @@ def directional(model: MLP, params: Any, x: Any, labels: Any,
   return value_and_directional(model, params, x, labels, direction)[1]
 
 
+@layers_lib.exact_matmuls
 def autodiff_directional(loss_fn: Callable[..., Array], params: Any,
                          direction: Any, *args: Any) -> Directional:
   """Slope, curvature and squared norm along g for any differentiable loss.

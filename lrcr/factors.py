@@ -78,6 +78,7 @@ def _sample_factors(layers: list[layers_lib.Layer], activation, x: Array,
 
 
 @functools.partial(jax.jit, static_argnames="model")
+@layers_lib.exact_matmuls
 def per_sample_factors(model: MLP, params: Any, x: Array,
                        labels: Array) -> Factors:
   """Computes the per-sample low-rank factors of an `lrcr.MLP` for a batch.

@@ -74,6 +74,7 @@ def _wrap_like(params: Any, inner: dict) -> Any:
 
 
 @functools.partial(jax.jit, static_argnames="model")
+@layers_lib.exact_matmuls
 def value_grad_and_cache(model: MLP, params: Any, x: Any,
                          labels: Any) -> tuple[Array, Any, Cache]:
   """Loss F, its gradient, and the cache for `cached_directional`.
@@ -161,6 +162,7 @@ def subbatch(cache: Cache, rows: int) -> Cache:
                         probs=cache.probs[:rows])
 
 
+@layers_lib.exact_matmuls
 def cached_directional(model: MLP, params: Any, cache: Cache, direction: Any,
                        gradient_direction: bool = False,
                        curvature_rows: int | None = None) -> Directional:

@@ -318,6 +318,7 @@ def check_model(model: Any) -> Sequential:
 
 
 @functools.partial(jax.jit, static_argnames="model")
+@layers_lib.exact_matmuls
 def sequential_directional(model: Sequential, params: Any, x: Any,
                            labels: Any, direction: Any):
   """Exact (loss, slope, curvature, sqnorm) of F along g for a `Sequential`.
@@ -353,6 +354,7 @@ class LayerFactors(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames="model")
+@layers_lib.exact_matmuls
 def sequential_factors(model: Sequential, params: Any, x: Any,
                        labels: Any) -> dict[str, LayerFactors]:
   """The per-sample factors of every parameterized layer (appendix B.2), by name.

@@ -202,6 +202,13 @@ def plateau_exit_step(
 # --------------------------------------------------------------------------
 
 
+def _skipped(records, key: str, losses: np.ndarray) -> int:
+  """Steps the loop skipped (non-finite loss or update), or non-finite losses."""
+  if records and key in records[0]:
+    return int(sum(int(r.get(key) or 0) for r in records))
+  return int(np.count_nonzero(~np.isfinite(losses)))
+
+
 def summarize_run(
     records: Sequence[Mapping[str, Any]],
     *,
@@ -277,8 +284,8 @@ def summarize_run(
       "plateau_learning_rate_cr": plateau_lr,
       "later_median_learning_rate_cr": later_lr,
       "plateau_to_later_ratio": ratio,
-      "nonfinite_steps_base": int(np.count_nonzero(~np.isfinite(loss_base))),
-      "nonfinite_steps_cr": int(np.count_nonzero(~np.isfinite(loss_cr))),
+      "nonfinite_steps_base": _skipped(records, "skipped_base", loss_base),
+      "nonfinite_steps_cr": _skipped(records, "skipped_cr", loss_cr),
       "claim": None,
   }
   if claim_kind is not None:

@@ -58,6 +58,7 @@ from lrcr import averaging as averaging_lib
 from lrcr import data as data_lib
 from lrcr import fused
 from lrcr import mlp
+from lrcr import nets
 from lrcr import optimizers
 from lrcr import plots
 from lrcr import summary as summary_lib
@@ -83,8 +84,8 @@ METRIC_KEYS: tuple[str, ...] = (
     "step", "loss_base", "loss_cr", "alpha", "base_learning_rate",
     "learning_rate_cr", "slope", "curvature", "sqnorm", "predicted_decrease",
     "grad_norm_base", "grad_norm_cr", "skipped_base", "skipped_cr", "sigma",
-    "alpha_cv")
-_INT_METRICS = frozenset({"step", "skipped_base", "skipped_cr"})
+    "alpha_cv", "accepted")
+_INT_METRICS = frozenset({"step", "skipped_base", "skipped_cr", "accepted"})
 
 # Config keys that may change between a run and its resumption: a longer
 # num_steps extends a finished run, and the rest do not change the numbers.
@@ -201,7 +202,8 @@ def validate_config(config: Any) -> None:
         f"config.optimizer.averaging={averaging!r}: expected one of "
         f"{', '.join(averaging_lib.AVERAGINGS)}.")
   if averaging != "batch" and (
-      config.optimizer.name != "sgd" or granularity != "global" or
+      optimizers.check_name(config.optimizer.name) != "sgd" or
+      granularity != "global" or
       config.optimizer.get("adaptive_sigma", False) or rows or every > 1):
     raise ValueError(
         f"config.optimizer.averaging={averaging!r} is section 3.1's option "
@@ -308,6 +310,8 @@ def make_chunk_fn(
     curvature: str = "fused",
     gradient_direction: bool = False,
     batch_sharding: jax.sharding.Sharding | None = None,
+    input_shape: tuple[int, ...] = (),
+    unroll: int | bool = 1,
     granularity: str = "global",
     curvature_batch_size: int = 0,
     averaging: str = "batch",
@@ -338,6 +342,11 @@ def make_chunk_fn(
       (`lrcr.lowrank_curvature_fn`) or "autodiff" (`autodiff_curvature_fn`).
     gradient_direction: the base optimizer is plain SGD, so the fused path
       may use its Gram-matrix form.
+    unroll: `lax.scan`'s unroll. XLA on CPUs runs convolutions inside a
+      loop body about 15x slower than outside (measured on the CNN config),
+      so convolutional configs unroll their chunks (`training.scan_unroll`).
+    input_shape: the shape of one example as the model takes it (empty:
+      the flat vector), e.g. (32, 32, 3) for a CNN, (28, 28) for an RNN.
     granularity: the CR step's granularity ("global", "layer", "variable");
       the fused path covers "global", the others use `lowrank_curvature_fn`.
     curvature_batch_size: if > 0, the curvature is taken on the first that
@@ -364,6 +373,8 @@ def make_chunk_fn(
     idx = jax.lax.dynamic_slice_in_dim(perms[epoch - first_epoch], offset,
                                        batch_size)                 # [B]
     x, y = images[idx], labels[idx]                                # [B, D], [B]
+    if input_shape:                                  # [B, H, W, C] or [B, T, d]
+      x = x.reshape((batch_size,) + tuple(input_shape))
     if batch_sharding is not None:
       x = jax.lax.with_sharding_constraint(x, batch_sharding)
       y = jax.lax.with_sharding_constraint(y, batch_sharding)
@@ -383,7 +394,8 @@ def make_chunk_fn(
       averaged = averaging_lib.averaged_sgd_update(
           model, state.params_cr, x, y, sigma, averaging)
       updates_c, opt_c = averaged.updates, state.opt_cr
-    elif curvature == "fused" and granularity == "global":
+    elif (curvature == "fused" and granularity == "global" and
+          isinstance(model, mlp.MLP)):
       loss_c, grads_c, cache = fused.value_grad_and_cache(
           model, state.params_cr, x, y)
       curvature_fn = fused.cached_curvature_fn(model, cache,
@@ -439,6 +451,7 @@ def make_chunk_fn(
       alpha = averaged.alpha / base_lr
       alpha_cv = averaged.alphas.std() / jnp.maximum(averaged.alphas.mean(),
                                                      1e-30)
+      alpha_cv = jnp.where(jnp.isfinite(loss_c), alpha_cv, jnp.nan)
       nan = jnp.full((), jnp.nan, jnp.float32)
       info = info._replace(slope=nan, curvature=nan, sqnorm=nan,
                            predicted_decrease=nan)
@@ -455,6 +468,8 @@ def make_chunk_fn(
         "sqnorm": sqnorm,
         "predicted_decrease": total(info.predicted_decrease),
         "sigma": optax.tree.get(opt_c, "sigma"),
+        "accepted": jnp.asarray(optax.tree.get(opt_c, "accepted"),
+                                jnp.int32),
         "alpha_cv": alpha_cv,
         "grad_norm_base": optax.tree.norm(grads_b),
         "grad_norm_cr": optax.tree.norm(grads_c),
@@ -474,7 +489,8 @@ def make_chunk_fn(
     body = functools.partial(step_fn, images=images, labels=labels,
                              perms=perms, first_epoch=first_epoch)
     steps = jnp.asarray(start, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
-    (state, _), metrics = jax.lax.scan(body, (state, jnp.array(False)), steps)
+    (state, _), metrics = jax.lax.scan(body, (state, jnp.array(False)), steps,
+                                       unroll=unroll)
     return state, metrics
 
   return run_chunk
@@ -497,6 +513,56 @@ def _full_batch_slope(curvature_fn, grads):
     return d._replace(slope=jax.tree.map(block_slope, d.slope, grads,
                                          direction))
   return fn
+
+
+#: The layer specs of `config.model.layers` strings (lrcr.nets).
+_LAYER_SPECS = {"dense": nets.Dense, "conv": nets.Conv,
+                "activation": nets.Activation, "avgpool": nets.AvgPool,
+                "maxpool": nets.MaxPool, "flatten": nets.Flatten,
+                "recurrent": nets.Recurrent}
+
+
+def make_model(model_config: Any, num_classes: int):
+  """`lrcr.MLP` (the paper's net) or an `lrcr.Sequential` from `config.model`.
+
+  `model.kind` "mlp" uses depth, width, init_scale and use_bias.
+  `model.kind` "sequential" reads `model.layers`, a string such as
+  "conv:16:3:1,activation,maxpool,flatten,dense:64,activation" (conv:
+  features:kernel:stride[:padding]; maxpool/avgpool[:window:stride];
+  recurrent:features; dense:features), see configs/cifar10_cnn_sgd_plateau.py.
+  """
+  init = mlp.uniform_init(model_config.init_scale)
+  kind = model_config.get("kind", "mlp")
+  if kind == "mlp":
+    return mlp.MLP(hidden_sizes=(model_config.width,) * model_config.depth,
+                   num_classes=num_classes, kernel_init=init,
+                   use_bias=model_config.use_bias)
+  if kind != "sequential":
+    raise ValueError(f"config.model.kind={kind!r}: expected 'mlp' or "
+                     "'sequential'.")
+  specs = []
+  for item in str(model_config.layers).split(","):
+    name, *args = item.strip().split(":")
+    if name not in _LAYER_SPECS:
+      raise ValueError(
+          f"config.model.layers: unknown layer {name!r} in {item!r}; expected "
+          f"one of {', '.join(_LAYER_SPECS)}.")
+    if name == "conv":
+      features, size, stride = (int(a) for a in args[:3])
+      padding = args[3].upper() if len(args) > 3 else "SAME"
+      specs.append(nets.Conv(features, (size, size), (stride, stride),
+                             padding))
+    elif name in ("maxpool", "avgpool"):
+      window, stride = (int(a) for a in args) if args else (2, 2)
+      specs.append(_LAYER_SPECS[name]((window, window), (stride, stride)))
+    elif name in ("dense", "recurrent"):
+      specs.append(_LAYER_SPECS[name](int(args[0])))
+    else:
+      specs.append(_LAYER_SPECS[name]())
+  activation = {"relu": jax.nn.relu, "tanh": jnp.tanh}[
+      model_config.get("activation", "relu")]
+  return nets.Sequential(tuple(specs), num_classes, activation=activation,
+                         use_bias=model_config.use_bias, kernel_init=init)
 
 
 def make_data_mesh(num_devices: int, batch_size: int) -> jax.sharding.Mesh | None:
@@ -714,17 +780,22 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     ) from err
 
   # Model, optimizers, and the shared initialization (appendix A).
-  model = mlp.MLP(hidden_sizes=(config.model.width,) * config.model.depth,
-                  num_classes=dataset.num_classes,
-                  kernel_init=mlp.uniform_init(config.model.init_scale),
-                  use_bias=config.model.use_bias)
+  model = make_model(config.model, dataset.num_classes)
+  input_shape = tuple(config.model.get("input_shape", ()) or ())
+  if input_shape and math.prod(input_shape) != dataset.images.shape[1]:
+    raise ValueError(
+        f"config.model.input_shape={input_shape} holds "
+        f"{math.prod(input_shape)} values, but the {dataset.name} examples "
+        f"have {dataset.images.shape[1]}; use e.g. (28, 28) or (28, 28, 1) "
+        "for MNIST and (32, 32, 3) for CIFAR-10.")
   schedule = optimizers.make_schedule(config.optimizer)
   base_tx = optimizers.make_base_optimizer(config.optimizer, schedule)
   cr_tx = optimizers.make_cr_optimizer(config.optimizer, schedule)
   images = jnp.asarray(dataset.images, jnp.float32)   # [N, D], on device
   labels = jnp.asarray(dataset.labels, jnp.int32)     # [N]
   init_key, data_key = jax.random.split(jax.random.key(config.seed))
-  params = model.init(init_key, images[:1])["params"]
+  params = model.init(init_key, images[:1].reshape(
+      (1,) + (input_shape or images.shape[1:])))["params"]
   state = _as_device_state(TrainState(
       params_base=params, opt_base=base_tx.init(params),
       params_cr=params, opt_cr=cr_tx.init(params)))
@@ -760,8 +831,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       batch_size=training.batch_size, nonfinite=training.nonfinite,
       inject_nan_at_step=training.get("inject_nan_at_step", -1),
       curvature=config.optimizer.get("curvature", "fused"),
-      gradient_direction=config.optimizer.name == "sgd",
-      batch_sharding=batch_sharding,
+      gradient_direction=optimizers.check_name(config.optimizer.name) == "sgd",
+      batch_sharding=batch_sharding, input_shape=input_shape,
+      unroll=training.get("scan_unroll", 1),
       granularity=config.optimizer.get("granularity", "global"),
       curvature_batch_size=config.optimizer.get("curvature_batch_size", 0),
       averaging=config.optimizer.get("averaging", "batch"),

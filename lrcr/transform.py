@@ -114,7 +114,10 @@ def scale_by_cubic_step(
   * "variable": one alpha_i per weight from the diagonal model
     m_i(a) = a g_i dF/dw_i + a^2/2 g_i^2 H_ii + sigma/6 |a g_i|^3. In the unit
     step t = a |g_i| this is Table 2's model with a unit baseline step along
-    each variable. `curvature_fn` returns trees shaped like params
+    each variable. Consequence: the step alpha_i g_i depends on the base
+    optimizer only through the sign of g_i, so after SGD, Adagrad, Adadelta
+    or Adam (which keep the gradient's sign) it is the same method; in float32
+    a weight with |g_i| below about 1e-19 (g_i^2 underflows) gets no step. `curvature_fn` returns trees shaped like params
     (`lowrank_curvature_fn(..., granularity="variable")`, built from the
     exact Hessian diagonal `lrcr.hessian_diagonal`).
 
@@ -258,6 +261,8 @@ def scale_by_cubic_step(
       sig = jnp.clip(sig, sigma_min, sigma_max).astype(dtype)
       new_updates = jax.tree.map(
           lambda u: jnp.where(accepted, u, jnp.zeros_like(u)), new_updates)
+      # A rejected step moves nothing: record the alpha actually applied.
+      alpha = jax.tree.map(lambda a: jnp.where(accepted, a, 0.0), alpha)
     return new_updates, CubicStepState(
         learning_rate=alpha, info=info, sigma=sig, accepted=accepted,
         count=optax.safe_increment(state.count))

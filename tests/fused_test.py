@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import lrcr
 from lrcr import fused
@@ -39,10 +40,12 @@ def test_cached_path_is_exact(seed, hidden, act, bias):
     # The Gram-matrix path for gradient-proportional directions (SGD).
     for scale in (-0.37, 2.5, 0.0):
       g = jax.tree.map(lambda a: scale * a, grads)
-      _, curv, _ = reference.dense_reference(model, params, x, y, g)
+      slope, curv, sqnorm = reference.dense_reference(model, params, x, y, g)
       d = fused.cached_directional(model, params, cache, g,
                                    gradient_direction=True)
       np.testing.assert_allclose(d.curvature, curv, rtol=1e-10, atol=1e-16)
+      np.testing.assert_allclose(d.slope, slope, rtol=1e-10, atol=1e-16)
+      np.testing.assert_allclose(d.sqnorm, sqnorm, rtol=1e-10, atol=1e-16)
 
 
 def test_cached_curvature_fn_in_a_chain_matches_lowrank_curvature_fn():
@@ -60,3 +63,20 @@ def test_cached_curvature_fn_in_a_chain_matches_lowrank_curvature_fn():
                                optax.tree.get(s_ref, "learning_rate"), rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                          atol=1e-9), u, u_ref)
+
+
+def test_gram_path_falls_back_when_the_output_gradient_is_zero():
+  """c = <g, grad>/||grad||^2 is read off the output layer; when that layer's
+  gradient vanishes, the whole tree is used."""
+  with jax.enable_x64(True):
+    model, params, x, y = reference.make_problem(2, (30, 30), 4, 6, 40)
+    loss, grads, cache = fused.value_grad_and_cache(model, params, x, y)
+    zero_out = jax.tree.map(jnp.zeros_like, grads["params"]["output"])
+    grads = {"params": dict(grads["params"], output=zero_out)}
+    cache = cache._replace(grads=grads)
+    g = jax.tree.map(lambda a: -0.5 * a, grads)
+    d = fused.cached_directional(model, params, cache, g, True)
+    gf = ravel_pytree(g)[0]
+    gr = ravel_pytree(grads)[0]
+    np.testing.assert_allclose(d.slope, gf @ gr, rtol=1e-12)
+    np.testing.assert_allclose(d.sqnorm, gf @ gf, rtol=1e-12)

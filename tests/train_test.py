@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from configs import test as test_config
+import lrcr
 from lrcr import data as data_lib
 from lrcr import optimizers
 from lrcr import train
@@ -97,10 +98,33 @@ def test_both_runs_start_from_the_same_point_on_the_same_batches(
   assert first["grad_norm_base"] == first["grad_norm_cr"]
 
 
-def test_the_runs_differ_only_by_the_step_length(reference_run):
+def test_the_first_cr_step_matches_an_independent_rebuild(reference_run):
+  """Step 0 rebuilt outside the loop: same init, same batch, lrcr.directional
+  and the cubic root give the recorded alpha, slope and curvature, and the
+  step they imply gives the recorded loss of step 1 (same batch order)."""
   records = _records(reference_run[0])
-  alphas = np.array([r["alpha"] for r in records])
-  assert np.all(alphas != 1.0)
+  config = _config()
+  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    ds = data_lib.load_dataset(config.data.name, "tfds")
+  model = lrcr.MLP((config.model.width,) * config.model.depth, ds.num_classes,
+                   kernel_init=lrcr.uniform_init(config.model.init_scale))
+  init_key, data_key = jax.random.split(jax.random.key(config.seed))
+  images = jnp.asarray(ds.images)
+  params = model.init(init_key, images[:1])["params"]
+  idx = train.batch_indices(data_key, 0, ds.num_examples,
+                            config.training.batch_size)
+  x, y = images[idx], jnp.asarray(ds.labels)[idx]
+  loss = lambda p: lrcr.cross_entropy_loss(model.apply({"params": p}, x), y)
+  f0, grads = jax.value_and_grad(loss)(params)
+  g = jax.tree.map(lambda a: -config.optimizer.learning_rate * a, grads)
+  d = lrcr.directional(model, params, x, y, g)
+  alpha = lrcr.cubic_step_length(d.slope, d.curvature, d.sqnorm,
+                                 config.optimizer.sigma)
+  np.testing.assert_allclose(records[0]["loss_cr"], f0, rtol=1e-6)
+  np.testing.assert_allclose(records[0]["slope"], d.slope, rtol=1e-4)
+  np.testing.assert_allclose(records[0]["curvature"], d.curvature, rtol=1e-3)
+  np.testing.assert_allclose(records[0]["alpha"], alpha, rtol=1e-3)
+  assert records[0]["alpha"] > 0
   assert records[5]["loss_base"] != records[5]["loss_cr"]
 
 
@@ -355,3 +379,32 @@ def test_averaging_needs_plain_sgd(tmp_path):
                       "optimizer.name": "adam"})
   with pytest.raises(ValueError, match="plain SGD"):
     _train(config, tmp_path)
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("cifar10_cnn_sgd_plateau", {
+        "model.layers": "conv:4:3:2,activation,maxpool:2:2,conv:4:3:1,"
+                        "activation,flatten,dense:8,activation",
+        "training.chunk_size": 5}),
+    ("sequence_rnn_sgd", {"model.layers": "recurrent:8"}),
+])
+def test_conv_and_recurrent_configs_train(tmp_path, name, overrides):
+  """The B.2 configs through the whole pipeline on mock data (tiny layers)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config.data.source = "tfds"
+  config.training.num_steps = 10
+  config.training.progress = False
+  config.update_from_flattened_dict(overrides)
+  summary = _train(config, tmp_path)
+  records = _records(tmp_path)
+  assert summary["num_steps"] == 10
+  assert all(np.isfinite(r["loss_cr"]) and r["alpha"] >= 0 for r in records)
+  assert any(r["alpha"] > 0 for r in records)
+  assert records[0]["loss_base"] == records[0]["loss_cr"]
+
+
+def test_make_model_rejects_unknown_layers():
+  config = _config(**{"model.kind": "sequential", "model.layers": "dropout"})
+  with pytest.raises(ValueError, match="unknown layer 'dropout'"):
+    train.make_model(config.model, 10)
