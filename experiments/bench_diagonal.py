@@ -16,7 +16,6 @@ and prints a markdown table of ms and of the ratio to `c_backward`.
 """
 
 from collections.abc import Sequence
-import time
 
 from absl import app
 from absl import flags
@@ -25,16 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import lrcr
+from lrcr import bench
 
 _REPEATS = flags.DEFINE_integer("repeats", 15, "Timing repeats.")
-
-
-def _sample(fn, args, calls):
-  start = time.perf_counter()
-  for _ in range(calls):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / calls * 1e3
 
 
 def main(argv: Sequence[str]) -> None:
@@ -65,16 +57,10 @@ def main(argv: Sequence[str]) -> None:
           "layer_directional": (lrcr.layer_directional,
                                 (model, params, x, y, g)),
       }
-      calls = {}
-      for name, (fn, args) in fns.items():
-        jax.block_until_ready(fn(*args))
-        one = _sample(fn, args, 1)
-        calls[name] = max(1, int(30.0 / max(one, 1e-3)))
-      times = {name: [] for name in fns}
-      for _ in range(_REPEATS.value):
-        for name in np.random.permutation(list(fns)):
-          fn, args = fns[name]
-          times[name].append(_sample(fn, args, calls[name]))
+      times = bench.interleaved_samples(
+          {name: bench.call_sampler(fn, args) for name, (fn, args)
+           in fns.items()}, _REPEATS.value)
+      times = {name: [1e3 * t for t in ts] for name, ts in times.items()}
       ref = np.median(times["c_backward"])
       for name in fns:
         med = np.median(times[name])

@@ -15,7 +15,6 @@ and prints the ratios to `sgd` and of autodiff to low-rank.
 
 from collections.abc import Sequence
 import importlib
-import time
 
 from absl import app
 from absl import flags
@@ -25,17 +24,10 @@ import numpy as np
 import optax
 
 import lrcr
+from lrcr import bench
 from lrcr import train
 
 _REPEATS = flags.DEFINE_integer("repeats", 11, "Timing repeats.")
-
-
-def _sample(fn, args, calls):
-  start = time.perf_counter()
-  for _ in range(calls):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / calls * 1e3
 
 
 def main(argv: Sequence[str]) -> None:
@@ -72,15 +64,10 @@ def main(argv: Sequence[str]) -> None:
         "cr_autodiff": (jax.jit(lambda p, s: step("autodiff", p, s)),
                         (params, cr.init(params))),
     }
-    calls = {}
-    for key, (fn, args) in fns.items():
-      jax.block_until_ready(fn(*args))
-      calls[key] = max(1, int(50.0 / max(_sample(fn, args, 1), 1e-3)))
-    times = {key: [] for key in fns}
-    for _ in range(_REPEATS.value):
-      for key in np.random.permutation(list(fns)):
-        fn, args = fns[key]
-        times[key].append(_sample(fn, args, calls[key]))
+    times = bench.interleaved_samples(
+        {key: bench.call_sampler(fn, args, 0.05) for key, (fn, args)
+         in fns.items()}, _REPEATS.value)
+    times = {key: [1e3 * t for t in ts] for key, ts in times.items()}
     med = {key: float(np.median(v)) for key, v in times.items()}
     print(f"| {name} | {med['sgd']:.2f} | {med['cr_lowrank'] / med['sgd']:.2f}x "
           f"| {med['cr_autodiff'] / med['sgd']:.2f}x "

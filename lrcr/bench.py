@@ -284,6 +284,26 @@ def make_sampler(fn: Callable[..., Any], args: Sequence[Any],
   return sample
 
 
+def call_sampler(fn: Callable[..., Any], args: Sequence[Any],
+                 target_s: float = 0.03) -> Callable[[], float]:
+  """`sample() -> seconds per call` of `fn(*args)` (same inputs every call).
+
+  For functions that are not training steps (a curvature evaluation, a
+  Hessian diagonal). After a warm-up call, the number of calls per sample is
+  set so that a sample takes about `target_s`.
+  """
+  def run(calls: int) -> float:
+    tic = time.perf_counter()
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - tic) / calls
+
+  run(1)
+  calls = max(1, int(target_s / max(run(1), 1e-9)))
+  return lambda: run(calls)
+
+
 def calibrate(fn: Callable[..., Any], args: Sequence[Any], target_s: float,
               max_calls: int = 100_000) -> int:
   """Calls per sample so that a sample takes about `target_s` seconds."""
