@@ -53,10 +53,14 @@ class AveragedStep(NamedTuple):
     alpha: the effective step length along -grad F: <updates, -grad F> /
       ||grad F||^2 (for "batch" and "mean_alpha" exactly the alpha applied).
     alphas: the per-sample alpha_i [B] ("batch": the single alpha, repeated).
+    loss: the batch loss F at params.
+    grads: grad F at params (shaped like params).
   """
   updates: Any
   alpha: Array
   alphas: Array
+  loss: Array
+  grads: Any
 
 
 def _sample_own_gradient(layers, activation, x: Array, label: Array):
@@ -129,22 +133,20 @@ def averaged_sgd_update(model: MLP, params: Any, x: Any, labels: Any,
   if averaging not in AVERAGINGS:
     raise ValueError(f"averaging={averaging!r}: expected one of {AVERAGINGS}.")
   batch = x.shape[0]
-  wrap = (lambda p: p) if "params" in params else (lambda p: {"params": p})
-
   def weighted_loss(p, w):
     losses = optax.softmax_cross_entropy_with_integer_labels(
-        model.apply(wrap(p), x), labels)
+        model.apply({"params": layers_lib.unwrap(p)}, x), labels)
     return jnp.sum(w * losses)
 
   ones = jnp.full((batch,), 1.0 / batch, x.dtype)
-  grads = jax.grad(weighted_loss)(params, ones)                   # grad F
+  loss, grads = jax.value_and_grad(weighted_loss)(params, ones)   # F, grad F
   gsq = optax.tree.norm(grads, squared=True)
   if averaging == "batch":
     g = jax.tree.map(jnp.negative, grads)
     d = directional(model, params, x, labels, g)
     alpha = cubic.cubic_step_length(d.slope, d.curvature, d.sqnorm, sigma)
     return AveragedStep(jax.tree.map(lambda u: alpha * u, g), alpha,
-                        jnp.full((batch,), alpha))
+                        jnp.full((batch,), alpha), loss, grads)
   own = per_sample_own_directional(model, params, x, labels)
   alphas = cubic.cubic_step_length(own.slope, own.curvature, own.sqnorm,
                                    sigma)                          # [B]
@@ -157,4 +159,4 @@ def averaged_sgd_update(model: MLP, params: Any, x: Any, labels: Any,
     updates = jax.tree.map(jnp.negative, weighted)                # E[alpha_i g_i]
     alpha = optax.tree.vdot(updates, jax.tree.map(jnp.negative, grads)) / \
         jnp.where(gsq > 0, gsq, 1.0)
-  return AveragedStep(updates, alpha, alphas)
+  return AveragedStep(updates, alpha, alphas, loss, grads)

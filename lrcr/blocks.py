@@ -59,17 +59,12 @@ from lrcr.mlp import MLP
 Array = jax.Array
 
 
-def _gauss_newton_diag(q: Array, jac: Array) -> Array:
-  """diag(J^T (diag(q) - q q^T) J) for J [C, d]: [d]."""
-  return q @ (jac * jac) - (q @ jac) ** 2
-
-
 def _sample_hz_diag(layers, activation, x: Array, label: Array):
   """Per sample: layer inputs and diag(d2f/dz_k^2) for every affine layer."""
   fac = factors_lib._sample_factors(layers, activation, x, label)  # pylint: disable=protected-access
   q = fac.loss_grad + jax.nn.one_hot(label, fac.loss_grad.shape[0],
                                      dtype=fac.loss_grad.dtype)  # softmax
-  hz = [_gauss_newton_diag(q, jac) for jac in fac.jacobians]
+  hz = [layers_lib.softmax_gauss_newton(q, jac) for jac in fac.jacobians]
   hz.append(jnp.diag(fac.loss_hess))                  # p = v_n U: no residual
   if not layers_lib.is_piecewise_linear(activation):
     # R_k by the recursion in the module docstring, from the top layer down.
@@ -118,7 +113,7 @@ def hessian_diagonal(model: MLP, params: Any, x: Any, labels: Any) -> Any:
     if layer.bias is not None:
       entry["bias"] = h.mean(0)
     inner[name] = entry
-  return {"params": inner} if "params" in params else inner
+  return layers_lib.rewrap(params, inner)
 
 
 def _sample_layer_blocks(layers, steps, activation, x: Array, label: Array):
@@ -180,11 +175,9 @@ def layer_directional(model: MLP, params: Any, x: Any, labels: Any,
   names = layers_lib.layer_names(model)
   sq = [jnp.sum(s.kernel ** 2) + (0.0 if s.bias is None else jnp.sum(s.bias ** 2))
         for s in steps]
-  wrap = lambda d: {"params": d} if "params" in params else d
-  return Directional(
-      wrap({name: slopes[k] for k, name in enumerate(names)}),
-      wrap({name: curvs[k] for k, name in enumerate(names)}),
-      wrap({name: sq[k] for k, name in enumerate(names)}))
+  wrap = lambda values: layers_lib.rewrap(
+      params, {name: values[k] for k, name in enumerate(names)})
+  return Directional(wrap(slopes), wrap(curvs), wrap(sq))
 
 
 @functools.partial(jax.jit, static_argnames="model")
@@ -204,7 +197,7 @@ def variable_directional(model: MLP, params: Any, x: Any, labels: Any,
   from lrcr.directional import Directional  # pylint: disable=g-import-not-at-top
   from lrcr.mlp import cross_entropy_loss  # pylint: disable=g-import-not-at-top
   grads = jax.grad(lambda p: cross_entropy_loss(model.apply(
-      p if "params" in p else {"params": p}, x), labels))(params)
+      {"params": layers_lib.unwrap(p)}, x), labels))(params)
   diag = hessian_diagonal(model, params, x, labels)
   return Directional(jax.tree.map(jnp.multiply, direction, grads),
                      jax.tree.map(lambda g, h: g * g * h, direction, diag),

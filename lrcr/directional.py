@@ -104,7 +104,7 @@ def _sample_sweep(layers: list[layers_lib.Layer],
   f = -logq[label]
   df_dp = q - jax.nn.one_hot(label, p.shape[-1], dtype=p.dtype)    # [C]
   slope = df_dp @ dp                                            # eq. 38
-  gauss_newton = q @ (dp * dp) - (q @ dp) ** 2                  # dp^T H_p dp
+  gauss_newton = layers_lib.softmax_gauss_newton(q, dp)        # dp^T H_p dp
 
   # Backward sweep: delta_k = df/dz_k, folded against the tangents.
   residual = 0.0

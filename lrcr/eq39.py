@@ -59,8 +59,7 @@ def eq39(model: MLP, params: Any, x: Array, labels: Array,
   layers = layers_lib.as_layers(model, params)
   steps = layers_lib.as_layers(model, direction, what="direction")
   fac = factors_lib.per_sample_factors(model, params, x, labels)
-  fn = lambda f, xi: _sample_eq39(layers, steps, f)
-  printed, missing = jax.vmap(fn)(fac, x)
+  printed, missing = jax.vmap(lambda f: _sample_eq39(layers, steps, f))(fac)
   return Eq39(printed.mean(), missing.mean())
 
 

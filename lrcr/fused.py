@@ -69,10 +69,6 @@ class Cache(NamedTuple):
   grads: Any
 
 
-def _wrap_like(params: Any, inner: dict) -> Any:
-  return {"params": inner} if "params" in params else inner
-
-
 @functools.partial(jax.jit, static_argnames="model")
 @layers_lib.exact_matmuls
 def value_grad_and_cache(model: MLP, params: Any, x: Any,
@@ -114,7 +110,7 @@ def value_grad_and_cache(model: MLP, params: Any, x: Any,
     grads[name] = {"kernel": v.T @ d / batch}                   # eqs. 27-28
     if layer.bias is not None:
       grads[name]["bias"] = d.sum(0) / batch
-  grads = _wrap_like(params, grads)
+  grads = layers_lib.rewrap(params, grads)
   cache = Cache(tuple(inputs), tuple(a1s), tuple(a2s), tuple(deltas),
                 tuple(grad_vs), q, grads)
   return loss, grads, cache
@@ -320,8 +316,8 @@ def _tangent_sweep(layers, steps, cache: Cache, pre, adjoint, n) -> Array:
 
 
 def _gauss_newton(q: Array, dp: Array) -> Array:
-  """sum_i dp_i^T (diag(q_i) - q_i q_i^T) dp_i for softmax cross-entropy (eq. 3)."""
-  return jnp.sum(q * dp * dp) - jnp.sum(jnp.sum(q * dp, axis=1) ** 2)
+  """sum_i dp_i^T (diag(q_i) - q_i q_i^T) dp_i over the batch rows (eq. 3)."""
+  return jnp.sum(jax.vmap(layers_lib.softmax_gauss_newton)(q, dp))
 
 
 def cached_curvature_fn(model: MLP, cache: Cache,

@@ -39,11 +39,28 @@ class Layer(NamedTuple):
   bias: Array | None
 
 
-def _unwrap(tree: Any) -> Mapping[str, Any]:
+def unwrap(tree: Any) -> Mapping[str, Any]:
   """Accepts `model.init(...)` variables ({'params': ...}) or the inner dict."""
   if isinstance(tree, Mapping) and "params" in tree:
     return tree["params"]
   return tree
+
+
+def rewrap(like: Any, inner: Any) -> Any:
+  """`inner` under a 'params' key when `like` has one: the inverse of `unwrap`."""
+  return {"params": inner} if isinstance(like, Mapping) and "params" in like \
+      else inner
+
+
+def softmax_gauss_newton(q: Array, dp: Array) -> Array:
+  """dp^T (diag(q) - q q^T) dp for softmax cross-entropy (eq. 3), one sample.
+
+  Args:
+    q: softmax probabilities [C].
+    dp: a logit tangent [C], or several as columns [C, d] (then the diagonal
+      of J^T H_p J, [d]).
+  """
+  return q @ (dp * dp) - (q @ dp) ** 2
 
 
 def layer_names(model: MLP) -> list[str]:
@@ -79,7 +96,7 @@ def as_layers(model: MLP, tree: Any, what: str = "params") -> list[Layer]:
     ValueError: when the tree does not match the model's layout.
   """
   check_model(model)
-  inner = _unwrap(tree)
+  inner = unwrap(tree)
   names = layer_names(model)
   if not isinstance(inner, Mapping) or set(inner) != set(names):
     got = sorted(inner) if isinstance(inner, Mapping) else type(inner).__name__

@@ -305,7 +305,7 @@ def _sample_directional(model, params, direction, x, label):
   q = jax.nn.softmax(aux.logits)
   dfdp = q - jax.nn.one_hot(label, q.shape[-1], dtype=q.dtype)
   dp = aux.dp
-  gauss_newton = q @ (dp * dp) - (q @ dp) ** 2            # dp^T H_p dp
+  gauss_newton = layers_lib.softmax_gauss_newton(q, dp)  # dp^T H_p dp
   residual = sum(jnp.sum(d * s) for d, s in zip(deltas, aux.sources))
   return f, dfdp @ dp, gauss_newton + residual
 

@@ -390,9 +390,9 @@ def make_chunk_fn(
     rows = curvature_batch_size or None
     if averaging != "batch":
       # Section 3.1's alternatives: per-sample alphas (lrcr.averaging).
-      loss_c, grads_c = jax.value_and_grad(loss_fn)(state.params_cr, x, y)
       averaged = averaging_lib.averaged_sgd_update(
           model, state.params_cr, x, y, sigma, averaging)
+      loss_c, grads_c = averaged.loss, averaged.grads
       updates_c, opt_c = averaged.updates, state.opt_cr
     elif (curvature == "fused" and granularity == "global" and
           isinstance(model, mlp.MLP)):
