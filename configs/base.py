@@ -1,9 +1,10 @@
 """Settings shared by every run of the paper (section 3.2 and appendix A).
 
-Not a run by itself: each `configs/<run>.py` starts from `get_base_config()`
-and sets its figure's data, optimizer, learning rate, sigma and init, e.g.
+Not a run by itself: `configs/paper.py:<run>` and the other configs start
+from `get_base_config()` and set their data, optimizer, learning rate, sigma
+and init, e.g.
 
-    python -m experiments.train --config=configs/mnist_sgd_plateau.py \
+    python -m experiments.train --config=configs/paper.py:mnist_sgd_plateau \
         --workdir=runs/fig2
 
 Appendix A: a feedforward ReLU net with 12 hidden layers of 128 units and no
@@ -27,10 +28,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.width = 128  # units per hidden layer
   config.model.init_scale = 0.1  # every weight ~ U(-init_scale, init_scale)
   config.model.use_bias = False
-  # "mlp" (the paper's net: depth x width) or "sequential" (lrcr.nets: conv,
-  # pooling, recurrent layers from the `layers` string; see lrcr.train).
+  # "mlp" (the paper's net: depth x width), "cnn" or "rnn" (width units);
+  # see experiments/models.py.
   config.model.kind = "mlp"
-  config.model.layers = ""
   config.model.activation = "relu"
   config.model.input_shape = ()  # () = flat vectors; (32, 32, 3), (28, 28)...
 
@@ -41,9 +41,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optimizer.decay_rate = 0.95
   config.optimizer.decay_staircase = False
   config.optimizer.sigma = 100.0  # cubic weight of eq. 8
-  # How the CR run gets slope and curvature (all exact): "fused" reuses the
-  # gradient pass (lrcr.fused; Gram matrices for SGD), "lowrank" calls
-  # lrcr.lowrank_curvature_fn, "autodiff" forward-over-forward autodiff.
+  # How the CR run gets slope and curvature (all exact; experiments/steps.py):
+  # "fused" reuses the gradient pass (lrcr.fused; Gram matrices for SGD),
+  # "lowrank" calls lrcr.lowrank_curvature_fn, "autodiff" forward-over-forward
+  # autodiff, "hvp" a Hessian-vector product. Non-MLP models use "autodiff".
   config.optimizer.curvature = "fused"
   # Beyond the paper (section 4's future work): one alpha per step ("global",
   # the paper), per layer ("layer") or per weight ("variable"), and sigma
@@ -62,7 +63,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "mnist"  # mnist | cifar10
-  config.data.source = "auto"  # auto | tfds | files | mnist_5k (lrcr.data)
+  config.data.source = "auto"  # auto | tfds | files | mnist_5k (input_pipeline)
   config.data.path = ""  # TFDS data_dir or files directory; "" for none
   config.data.split = "train"
 

@@ -15,9 +15,9 @@ one of:
   and E[alpha g] (SGD only, i.e. mnist_sgd_plateau)
 """
 
-import importlib
-
 import ml_collections
+
+from configs import paper
 
 RUNS = ("mnist_sgd_plateau", "mnist_adagrad_plateau", "mnist_adadelta_plateau",
         "mnist_adam_plateau")
@@ -30,7 +30,7 @@ def get_config(arg: str = "mnist_sgd_plateau,layer") -> ml_collections.ConfigDic
   run, _, variant = arg.partition(",")
   if run not in RUNS:
     raise ValueError(f"configs/beyond.py:{arg}: run must be one of {RUNS}.")
-  config = importlib.import_module(f"configs.{run}").get_config()
+  config = paper.get_config(run)
   if variant in ("layer", "variable"):
     config.optimizer.granularity = variant
   elif variant == "adaptive":

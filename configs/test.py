@@ -1,28 +1,20 @@
 """python -m experiments.train --config=configs/test.py --workdir=/tmp/lrcr_test
 
-A tiny run for the tests: a 2x16 net, 40 steps of batch 8 in chunks of 10,
-MNIST (the tests point it at mock or packaged data), no progress bar.
+A tiny run for the tests: Fig. 2's run (`configs/paper.py:mnist_sgd_plateau`)
+on a 2x16 net, 40 steps of batch 8 in chunks of 10, no progress bar (the
+tests point it at mock or packaged data).
 """
 
 import ml_collections
 
-from configs import base
+from configs import paper
 
 
 def get_config() -> ml_collections.ConfigDict:
   """The tiny test run: SGD vs SGD+CR on a plateau-style init."""
-  config = base.get_base_config()
-  config.name = "test"
-  config.figure = "test"
-  config.claim_kind = "plateau"
-  config.data.name = "mnist"
-  config.data.source = "auto"
-  config.model.depth = 2
-  config.model.width = 16
-  config.model.init_scale = 0.1
-  config.optimizer.name = "sgd"
-  config.optimizer.learning_rate = 0.02
-  config.optimizer.sigma = 100.0
+  config = paper.get_config("mnist_sgd_plateau")
+  config.name = config.figure = "test"
+  config.model.depth, config.model.width = 2, 16
   config.training.num_steps = 40
   config.training.batch_size = 8
   config.training.chunk_size = 10

@@ -1,5 +1,5 @@
-"""Thin command-line entry points, e.g. experiments.train, experiments.reproduce.
+"""The application around lrcr: data, the training loop, figures, benchmarks.
 
-They parse flags and configs and call one function in `lrcr`; `lrcr` never
-imports this package.
+Run from a checkout with `python -m experiments.<entry point>`; its
+dependencies are the `experiments` extra. `lrcr` never imports this package.
 """

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lrcr
-from lrcr import bench
+from experiments import bench
 
 _REPEATS = flags.DEFINE_integer("repeats", 15, "Timing repeats.")
 

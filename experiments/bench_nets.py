@@ -3,14 +3,15 @@
     python -m experiments.bench_nets [--repeats=11]
 
 Times, interleaved in one process, medians of repeated samples, batch 32,
-float32, on the layers of configs/cifar10_cnn_sgd_plateau.py and
-configs/sequence_rnn_sgd.py (random inputs of their shapes):
+float32, on the models of configs/cifar10_cnn_sgd_plateau.py and
+configs/sequence_rnn_sgd.py (random inputs of their shapes), with the
+training loop's own steps (`experiments.steps`):
 
 - `sgd`: value_and_grad + SGD update
-- `cr_lowrank`: plus the exact curvature by the low-rank engine (lrcr.nets)
-- `cr_autodiff`: plus the curvature by forward-over-forward autodiff
+- `cr_autodiff`: CR-SGD, curvature by forward-over-forward autodiff
+- `cr_hvp`: CR-SGD, curvature by a Hessian-vector product
 
-and prints the ratios to `sgd` and of autodiff to low-rank.
+and prints the ratios to `sgd`.
 """
 
 from collections.abc import Sequence
@@ -24,8 +25,9 @@ import numpy as np
 import optax
 
 import lrcr
-from lrcr import bench
-from lrcr import train
+from experiments import bench
+from experiments import models
+from experiments import steps
 
 _REPEATS = flags.DEFINE_integer("repeats", 11, "Timing repeats.")
 
@@ -33,45 +35,32 @@ _REPEATS = flags.DEFINE_integer("repeats", 11, "Timing repeats.")
 def main(argv: Sequence[str]) -> None:
   del argv
   print(f"jax {jax.__version__}, {jax.default_backend()}")
-  print("| net (batch 32) | sgd ms | CR low-rank | CR forward-over-forward "
-        "| autodiff / low-rank |")
-  print("|---|---|---|---|---|")
+  print("| net (batch 32) | sgd ms | CR forward-over-forward | CR hvp |")
+  print("|---|---|---|---|")
   for name in ("cifar10_cnn_sgd_plateau", "sequence_rnn_sgd"):
     config = importlib.import_module(f"configs.{name}").get_config()
-    model = train.make_model(config.model, 10)
-    shape = (32,) + tuple(config.model.input_shape)
-    x = jax.random.uniform(jax.random.key(0), shape)
+    model = models.make_model(config.model, 10)
+    x = jax.random.uniform(jax.random.key(0),
+                           (32,) + tuple(config.model.input_shape))
     y = jnp.arange(32) % 10
-    params = model.init(jax.random.key(1), x)
-    loss = lambda p, x=x, y=y, m=model: lrcr.cross_entropy_loss(m.apply(p, x), y)
+    params = model.init(jax.random.key(1), x)["params"]
     sgd = optax.sgd(0.01)
     cr = lrcr.cubic_sgd(config.optimizer.sigma, 0.01)
-
-    def step(curvature, p, s, loss=loss, x=x, y=y, model=model):
-      value, grads = jax.value_and_grad(loss)(p)
-      if curvature is None:
-        updates, s = sgd.update(grads, s, p)
-      else:
-        fn = (lrcr.lowrank_curvature_fn(model, x, y) if curvature == "lowrank"
-              else lrcr.autodiff_curvature_fn(lambda q: loss(q)))
-        updates, s = cr.update(grads, s, p, curvature_fn=fn)
-      return optax.apply_updates(p, updates), s, value
-
-    fns = {
-        "sgd": (jax.jit(lambda p, s: step(None, p, s)), (params, sgd.init(params))),
-        "cr_lowrank": (jax.jit(lambda p, s: step("lowrank", p, s)),
-                       (params, cr.init(params))),
-        "cr_autodiff": (jax.jit(lambda p, s: step("autodiff", p, s)),
-                        (params, cr.init(params))),
-    }
-    times = bench.interleaved_samples(
-        {key: bench.call_sampler(fn, args, 0.05) for key, (fn, args)
-         in fns.items()}, _REPEATS.value)
-    times = {key: [1e3 * t for t in ts] for key, ts in times.items()}
-    med = {key: float(np.median(v)) for key, v in times.items()}
-    print(f"| {name} | {med['sgd']:.2f} | {med['cr_lowrank'] / med['sgd']:.2f}x "
-          f"| {med['cr_autodiff'] / med['sgd']:.2f}x "
-          f"| {med['cr_autodiff'] / med['cr_lowrank']:.2f}x |")
+    fns = {"sgd": (steps.make_base_step(model, sgd), sgd)}
+    for curvature in ("autodiff", "hvp"):
+      fns[f"cr_{curvature}"] = (steps.make_cr_step(
+          model, cr, steps.CROptions(curvature=curvature)), cr)
+    samplers = {
+        key: bench.make_sampler(jax.jit(steps.applied(step)),
+                                (params, tx.init(params), x, y), 5)
+        for key, (step, tx) in fns.items()}
+    for sample in samplers.values():
+      sample()                                        # compile
+    times = bench.interleaved_samples(samplers, _REPEATS.value)
+    med = {key: 1e3 * float(np.median(v)) for key, v in times.items()}
+    print(f"| {name} | {med['sgd']:.2f} | "
+          f"{med['cr_autodiff'] / med['sgd']:.2f}x | "
+          f"{med['cr_hvp'] / med['sgd']:.2f}x |")
 
 
 if __name__ == "__main__":

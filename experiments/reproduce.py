@@ -5,8 +5,8 @@
         [--cifar10_path=/path/to/cifar-10-batches-py] \
         [--only=mnist_sgd_plateau,...] [--set=model.depth=2 ...]
 
-Each config of `PAPER_RUNS` trains into `workdir/<name>/` through
-`lrcr.train.train_and_evaluate` (so a rerun resumes), then the workdir
+Each run of `configs/paper.py` trains into `workdir/<name>/` through
+`train_lib.train_and_evaluate` (so a rerun resumes), then the workdir
 receives summary.md (the table, with the command, the data, the date and the
 total wall time), summary.json and overview.png. A CIFAR-10 run with no
 CIFAR-10 data is listed as not run, with the reason: nothing stands in for it.
@@ -15,7 +15,6 @@ CIFAR-10 data is listed as not run, with the reason: nothing stands in for it.
 import ast
 from collections.abc import Sequence
 import datetime
-import importlib
 import json
 import os
 import shlex
@@ -28,22 +27,21 @@ from absl import flags
 from absl import logging
 import ml_collections
 
-from lrcr import data as data_lib
-from lrcr import plots
-from lrcr import summary as summary_lib
-from lrcr import train
+from configs import paper
+from experiments import input_pipeline as data_lib
+from experiments import plots
+from experiments import summary as summary_lib
+from experiments import train_lib as train
 
-#: The paper's runs, in figure order (configs/<name>.py).
-PAPER_RUNS = ("mnist_sgd", "mnist_sgd_plateau", "cifar10_sgd_plateau",
-              "mnist_adagrad_plateau", "mnist_adadelta_plateau",
-              "mnist_adam_plateau")
+#: The paper's runs, in figure order (configs/paper.py).
+PAPER_RUNS = tuple(paper.RUNS)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of all runs.")
 _STEPS = flags.DEFINE_integer(
     "steps", None, "Iterations per run (default: each config's, 3000).")
 _DATA_SOURCE = flags.DEFINE_enum(
     "data_source", "auto", list(data_lib.SOURCES),
-    "Data source of the MNIST runs (lrcr.data).")
+    "Data source of the MNIST runs (experiments.input_pipeline).")
 _DATA_PATH = flags.DEFINE_string(
     "data_path", "", "MNIST files directory or TFDS data_dir ('' for none).")
 _CIFAR10_PATH = flags.DEFINE_string(
@@ -60,9 +58,8 @@ _NO_CIFAR = ("CIFAR-10 data not available: pass --cifar10_path=/path/to/"
 
 
 def _load_config(name: str) -> ml_collections.ConfigDict:
-  """configs/<name>.py with this command's overrides applied."""
-  module = importlib.import_module(f"configs.{name}")
-  config = module.get_config()
+  """configs/paper.py:<name> with this command's overrides applied."""
+  config = paper.get_config(name)
   if _STEPS.value is not None:
     config.training.num_steps = _STEPS.value
   config.training.progress = _PROGRESS.value

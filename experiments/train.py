@@ -1,12 +1,12 @@
 """Trains a base optimizer and base+CR side by side for one config.
 
-    python -m experiments.train --config=configs/mnist_sgd_plateau.py \
+    python -m experiments.train --config=configs/mnist.py:fig2 \
         --workdir=runs/fig2 [--config.optimizer.sigma=1000 ...]
 
 This file is intentionally kept short. The work happens in
-`lrcr.train.train_and_evaluate`; the workdir receives config.json,
-metrics.jsonl, checkpoint.msgpack, figure.png and summary.json. Rerunning the
-same command resumes from the checkpoint.
+`experiments.train_lib.train_and_evaluate`; the workdir receives config.json,
+metrics.jsonl, checkpoints/, figure.png and summary.json. Rerunning the same
+command resumes from the last checkpoint.
 """
 
 from collections.abc import Sequence
@@ -17,7 +17,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from lrcr import train
+from experiments import train_lib
 
 FLAGS = flags.FLAGS
 
@@ -28,7 +28,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "Call jax.distributed.initialize() first (multi-host: TPU pod slices, "
     "several GPU hosts), so the data-parallel mesh spans every host.")
 config_flags.DEFINE_config_file(
-    "config", None, "Run configuration, e.g. configs/mnist_sgd_plateau.py.",
+    "config", None, "Run configuration, e.g. configs/mnist.py:fig2.",
     lock_config=True)
 
 
@@ -38,7 +38,7 @@ def main(argv: Sequence[str]) -> None:
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.info("Config:\n%s", FLAGS.config)
-  train.train_and_evaluate(FLAGS.config, _WORKDIR.value)
+  train_lib.train_and_evaluate(FLAGS.config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

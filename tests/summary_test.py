@@ -1,4 +1,4 @@
-"""Tests for lrcr.summary."""
+"""Tests for experiments.summary."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from lrcr import summary as S
+from experiments import summary as S
 
 LN10 = math.log(10.0)
 

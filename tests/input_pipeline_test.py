@@ -1,4 +1,4 @@
-"""Tests for lrcr.data: real-format files in tmp_path, mocked TFDS, mnist_5k."""
+"""Tests for experiments.input_pipeline: real-format files in tmp_path, mocked TFDS, mnist_5k."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from lrcr import data
+from experiments import input_pipeline as data
 
 DataError = data.DataError
 
@@ -120,7 +120,7 @@ def test_mnist_files_exact_values(tmp_path, capsys):
   assert (ds.num_classes, ds.name, ds.source) == (10, "mnist", "files")
   assert ds.description == f"files {tmp_path} (train-*: 5 examples)"
   assert ds.num_examples == 5
-  assert capsys.readouterr().out == f"lrcr.data: using {ds.description}\n"
+  assert capsys.readouterr().out == f"input_pipeline: using {ds.description}\n"
 
   ds = data.load_dataset("MNIST", "files", str(tmp_path), split="test")
   np.testing.assert_array_equal(ds.images, expected_flat(test[0]))

@@ -6,23 +6,24 @@ Every step function has the signature
 
 and is pure, so `jax.jit(step).lower(...).compile()` gives both the executable
 that is timed and its memory analysis. `make_steps` builds them all for one
-network and batch shape:
+network and batch shape, each from the training loop's own steps
+(`experiments.steps.make_base_step` and `make_cr_step`), so the benchmark
+times exactly what the loop runs:
 
     sgd                  value_and_grad + optax.sgd (the base of CR-SGD)
     adagrad              value_and_grad + optax.adagrad (the base of CR-Adagrad)
-    cr_sgd_fused_gram    lrcr.fused, gradient_direction=True (Gram matrices)
-    cr_sgd_fused         lrcr.fused, dense direction sweep
-    cr_sgd_lowrank       value_and_grad + lrcr.lowrank_curvature_fn
-    cr_sgd_autodiff      value_and_grad + lrcr.autodiff_curvature_fn (fwd-over-fwd)
-    cr_sgd_hvp           value_and_grad + g . (jvp of grad)(g), a Hessian-vector product
-    cr_adagrad_fused     lrcr.fused dense sweep after optax.adagrad
-    cr_sgd_fused_sub8    option: the gradient on all B rows, the curvature on
-                         the first 8 (the fused cache cut to 8 rows)
-    cr_sgd_lowrank_sub8  option: the same with lrcr.directional on x[:8]
+    cr_sgd_fused_gram    curvature="fused", gradient_direction=True (Gram)
+    cr_sgd_fused         curvature="fused", dense direction sweep
+    cr_sgd_lowrank       curvature="lowrank" (lrcr.lowrank_curvature_fn)
+    cr_sgd_autodiff      curvature="autodiff" (forward-over-forward)
+    cr_sgd_hvp           curvature="hvp": g . (jvp of grad)(g)
+    cr_adagrad_fused     curvature="fused" after optax.adagrad
+    cr_sgd_fused_sub8    option: curvature_batch_size=8 on the fused path
+    cr_sgd_lowrank_sub8  option: curvature_batch_size=8 on the lowrank path
     sgd_scan10           10 SGD steps under lax.scan (base of cr_sgd_every10)
-    cr_sgd_every10       option: 10 CR-SGD steps under lax.scan; alpha is
-                         refreshed (fused Gram path) on the first only, the
-                         other 9 reuse it (lax.cond)
+    cr_sgd_every10       option: 10 CR-SGD steps under lax.scan with
+                         scale_by_cubic_step(curvature_every=10): alpha is
+                         refreshed on the first only
 
 The sub-batch variants take the slope from the full-batch gradient and the
 curvature from the sub-batch (Byrd et al. 2011); with B <= 8 they equal the
@@ -41,11 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lrcr import fused
-from lrcr.directional import (Directional, autodiff_curvature_fn, directional,
-                              lowrank_curvature_fn)
-from lrcr.mlp import MLP, cross_entropy_loss, uniform_init
-from lrcr.transform import scale_by_cubic_step
+import lrcr
+from experiments import steps as steps_lib
 
 Array = jax.Array
 Step = Callable[[Any, Any, Array, Array], tuple[Any, Any, Array]]
@@ -68,7 +66,7 @@ class Variant(NamedTuple):
     base: the variant whose time is its denominator.
     steps_per_call: training steps one call performs (10 for the scans).
     kind: "base", "exact" (an exact CR step), "baseline" (an exact CR step
-      by generic autodiff) or "option" (an approximation of issue 4).
+      by generic autodiff) or "option" (an approximation).
     description: one line for the report.
   """
   name: str
@@ -80,9 +78,10 @@ class Variant(NamedTuple):
   description: str
 
 
-def paper_mlp(width: int, depth: int, num_classes: int = 10) -> MLP:
+def paper_mlp(width: int, depth: int, num_classes: int = 10) -> lrcr.MLP:
   """The paper's ReLU MLP, no biases, weights ~ U(-0.1, 0.1)."""
-  return MLP((width,) * depth, num_classes, kernel_init=uniform_init(0.1))
+  return lrcr.MLP((width,) * depth, num_classes,
+                  kernel_init=lrcr.uniform_init(0.1))
 
 
 def make_problem(width: int, depth: int, batch: int, *, input_dim: int = 784,
@@ -102,132 +101,73 @@ def make_problem(width: int, depth: int, batch: int, *, input_dim: int = 784,
   return model, params, x, y
 
 
-def hvp_curvature_fn(loss_fn: Callable[..., Array], grads: Any,
-                     *args: Any) -> Callable[[Any, Any], Directional]:
-  """curvature_fn from a Hessian-vector product (jvp of grad).
-
-  slope = g . grads, curvature = g . (H g) with H g = jvp(grad F)(g).
-  """
-  def curvature_fn(params: Any, direction: Any) -> Directional:
-    hg = jax.jvp(jax.grad(lambda p: loss_fn(p, *args)), (params,),
-                 (direction,))[1]
-    return Directional(optax.tree.vdot(direction, grads),
-                       optax.tree.vdot(direction, hg),
-                       optax.tree.norm(direction, squared=True))
-  return curvature_fn
-
-
-def make_steps(model: MLP, batch: int,
-               names: Sequence[str] | None = None) -> dict[str, Variant]:
-  """The benchmark's variants for `model` at batch size `batch`."""
-
-  def loss_fn(params, x, y):
-    return cross_entropy_loss(model.apply({"params": params}, x), y)
-
-  sgd = optax.sgd(SGD_LR)
-  adagrad = optax.adagrad(ADAGRAD_LR, initial_accumulator_value=ADAGRAD_INIT)
-  cr_sgd = optax.chain(optax.sgd(SGD_LR), scale_by_cubic_step(SIGMA))
-  cr_adagrad = optax.chain(
-      optax.adagrad(ADAGRAD_LR, initial_accumulator_value=ADAGRAD_INIT),
-      scale_by_cubic_step(SIGMA))
-  sub = min(SUB_BATCH, batch)
-
-  def plain(tx):
-    def step(params, state, x, y):
-      loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state, loss
-    return step
-
-  def fused_step(tx, gradient_direction, rows=None):
-    def step(params, state, x, y):
-      loss, grads, cache = fused.value_grad_and_cache(model, params, x, y)
-      curvature_fn = fused.cached_curvature_fn(model, cache,
-                                               gradient_direction, rows)
-      updates, state = tx.update(grads, state, params,
-                                 curvature_fn=curvature_fn)
-      return optax.apply_updates(params, updates), state, loss
-    return step
-
-  def grad_then(make_curvature_fn):
-    def step(params, state, x, y):
-      loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-      updates, state = cr_sgd.update(
-          grads, state, params, curvature_fn=make_curvature_fn(grads, x, y))
-      return optax.apply_updates(params, updates), state, loss
-    return step
-
-  def lowrank_sub(grads, x, y):
-    def curvature_fn(params, direction):
-      d = directional(model, params, x[:sub], y[:sub], direction)
-      return Directional(optax.tree.vdot(direction, grads), d.curvature,
-                         d.sqnorm)
-    return curvature_fn
-
-  sgd_step = plain(sgd)
-  gram_step = fused_step(cr_sgd, True)
-
-  def scan_sgd(params, state, xs, ys):
+def _scanned(step: Step) -> Step:
+  """`step` over xs [T, B, D], ys [T, B] under lax.scan; the last loss."""
+  def scan_step(params, state, xs, ys):
     def body(carry, xy):
-      p, s, loss = sgd_step(*carry, *xy)
+      p, s, loss = step(*carry, *xy)
       return (p, s), loss
     (params, state), losses = jax.lax.scan(body, (params, state), (xs, ys))
     return params, state, losses[-1]
+  return scan_step
 
-  def scan_every(params, state, xs, ys):
-    def reuse(p, s, x, y):
-      # alpha from the last refresh times the SGD direction of this step.
-      loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
-      direction, sgd_state = optax.sgd(SGD_LR).update(grads, s[0], p)
-      alpha = s[1].learning_rate
-      updates = jax.tree.map(lambda u: alpha * u, direction)
-      return optax.apply_updates(p, updates), (sgd_state, s[1]), loss
 
-    def body(carry, inputs):
-      i, (x, y) = inputs
-      p, s, loss = jax.lax.cond(i % EVERY == 0, gram_step, reuse, *carry, x, y)
-      return (p, s), loss
+def make_steps(model: lrcr.MLP, batch: int,
+               names: Sequence[str] | None = None) -> dict[str, Variant]:
+  """The benchmark's variants for `model` at batch size `batch`."""
+  sgd = optax.sgd(SGD_LR)
+  adagrad = optax.adagrad(ADAGRAD_LR, initial_accumulator_value=ADAGRAD_INIT)
+  cr_sgd = optax.chain(optax.sgd(SGD_LR), lrcr.scale_by_cubic_step(SIGMA))
+  cr_adagrad = optax.chain(
+      optax.adagrad(ADAGRAD_LR, initial_accumulator_value=ADAGRAD_INIT),
+      lrcr.scale_by_cubic_step(SIGMA))
+  cr_every = optax.chain(optax.sgd(SGD_LR), lrcr.scale_by_cubic_step(
+      SIGMA, curvature_every=EVERY))
+  sub = min(SUB_BATCH, batch)
 
-    steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
-    (params, state), losses = jax.lax.scan(body, (params, state),
-                                           (steps, (xs, ys)))
-    return params, state, losses[-1]
+  def base(tx):
+    return steps_lib.applied(steps_lib.make_base_step(model, tx))
 
+  def cr(tx, curvature, **options):
+    return steps_lib.applied(steps_lib.make_cr_step(
+        model, tx, steps_lib.CROptions(curvature=curvature, sigma=SIGMA,
+                                       **options)))
+
+  gram = dict(gradient_direction=True)
   variants = [
-      Variant("sgd", sgd_step, sgd, "sgd", 1, "base",
+      Variant("sgd", base(sgd), sgd, "sgd", 1, "base",
               "value_and_grad + optax.sgd"),
-      Variant("adagrad", plain(adagrad), adagrad, "adagrad", 1, "base",
+      Variant("adagrad", base(adagrad), adagrad, "adagrad", 1, "base",
               "value_and_grad + optax.adagrad"),
-      Variant("cr_sgd_fused_gram", gram_step, cr_sgd, "sgd", 1, "exact",
+      Variant("cr_sgd_fused_gram", cr(cr_sgd, "fused", **gram), cr_sgd,
+              "sgd", 1, "exact",
               "lrcr.fused, gradient_direction=True (Gram matrices)"),
-      Variant("cr_sgd_fused", fused_step(cr_sgd, False), cr_sgd, "sgd", 1,
+      Variant("cr_sgd_fused", cr(cr_sgd, "fused"), cr_sgd, "sgd", 1,
               "exact", "lrcr.fused, dense direction sweep"),
-      Variant("cr_sgd_lowrank",
-              grad_then(lambda g, x, y: lowrank_curvature_fn(model, x, y)),
-              cr_sgd, "sgd", 1, "exact",
+      Variant("cr_sgd_lowrank", cr(cr_sgd, "lowrank"), cr_sgd, "sgd", 1,
+              "exact",
               "value_and_grad + lrcr.lowrank_curvature_fn (self-contained)"),
-      Variant("cr_sgd_autodiff",
-              grad_then(lambda g, x, y: autodiff_curvature_fn(loss_fn, x, y)),
-              cr_sgd, "sgd", 1, "baseline",
+      Variant("cr_sgd_autodiff", cr(cr_sgd, "autodiff"), cr_sgd, "sgd", 1,
+              "baseline",
               "value_and_grad + forward-over-forward (autodiff_curvature_fn)"),
-      Variant("cr_sgd_hvp",
-              grad_then(lambda g, x, y: hvp_curvature_fn(loss_fn, g, x, y)),
-              cr_sgd, "sgd", 1, "baseline",
+      Variant("cr_sgd_hvp", cr(cr_sgd, "hvp"), cr_sgd, "sgd", 1, "baseline",
               "value_and_grad + g.(H g), H g by jvp of grad"),
-      Variant("cr_adagrad_fused", fused_step(cr_adagrad, False), cr_adagrad,
+      Variant("cr_adagrad_fused", cr(cr_adagrad, "fused"), cr_adagrad,
               "adagrad", 1, "exact", "lrcr.fused dense sweep after adagrad"),
-      Variant("cr_sgd_fused_sub8", fused_step(cr_sgd, False, rows=sub),
-              cr_sgd, "sgd", 1, "option",
-              f"lrcr.fused; slope on all rows, curvature on the first {sub} "
-              "(dense sweep on the cut cache)"),
-      Variant("cr_sgd_lowrank_sub8", grad_then(lowrank_sub), cr_sgd, "sgd", 1,
-              "option", f"value_and_grad; curvature by lrcr.directional on "
+      Variant("cr_sgd_fused_sub8",
+              cr(cr_sgd, "fused", curvature_batch_size=sub), cr_sgd, "sgd", 1,
+              "option", f"lrcr.fused; slope on all rows, curvature on the "
+              f"first {sub} (dense sweep on the cut cache)"),
+      Variant("cr_sgd_lowrank_sub8",
+              cr(cr_sgd, "lowrank", curvature_batch_size=sub), cr_sgd, "sgd",
+              1, "option", f"value_and_grad; curvature by lrcr.directional on "
               f"the first {sub} rows"),
-      Variant("sgd_scan10", scan_sgd, sgd, "sgd_scan10", EVERY, "base",
-              f"{EVERY} SGD steps under lax.scan"),
-      Variant("cr_sgd_every10", scan_every, cr_sgd, "sgd_scan10", EVERY,
-              "option", f"{EVERY} CR-SGD steps under lax.scan, alpha "
-              f"refreshed (fused Gram) on 1 of {EVERY} via lax.cond"),
+      Variant("sgd_scan10", _scanned(base(sgd)), sgd, "sgd_scan10", EVERY,
+              "base", f"{EVERY} SGD steps under lax.scan"),
+      Variant("cr_sgd_every10", _scanned(cr(cr_every, "fused", **gram)),
+              cr_every, "sgd_scan10", EVERY, "option",
+              f"{EVERY} CR-SGD steps under lax.scan, alpha refreshed (fused "
+              f"Gram) on 1 of {EVERY} (curvature_every={EVERY})"),
   ]
   out = {v.name: v for v in variants}
   if names is not None:

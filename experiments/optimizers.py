@@ -27,7 +27,7 @@ from typing import Any
 
 import optax
 
-from lrcr import transform
+import lrcr
 
 # TF1 defaults of each base optimizer's extra hyperparameters (appendix A).
 # TF1's RMSProp starts its mean square at 1 and puts eps inside the sqrt.
@@ -136,7 +136,7 @@ def make_cr_optimizer(optimizer_config: Any,
     and `optimizer.adaptive_sigma` (False by default).
   """
   base = make_base_optimizer(optimizer_config, schedule)
-  return optax.chain(base, transform.scale_by_cubic_step(
+  return optax.chain(base, lrcr.scale_by_cubic_step(
       float(optimizer_config.sigma),
       granularity=optimizer_config.get("granularity", "global"),
       adaptive_sigma=bool(optimizer_config.get("adaptive_sigma", False)),

@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lrcr.summary import extract_series, extract_steps, moving_average
+from experiments.summary import extract_series, extract_steps, moving_average
 
 #: Colours used in the paper.
 BASE_COLOR = "blue"

@@ -1,0 +1,125 @@
+"""The networks of the configs: the paper's MLP, and a CNN and an RNN (app. B.2).
+
+    model = make_model(config.model, num_classes)
+    logits = model.apply({"params": params}, x)      # [B, C]
+
+`config.model.kind`:
+
+- "mlp": `lrcr.MLP`, the paper's net (eqs. 10-16): `depth` hidden layers of
+  `width` units, ReLU, weights ~ U(-init_scale, init_scale). Its curvature
+  goes through lrcr's low-rank engine.
+- "cnn": `CNN`, 3x3 convolutions with max pooling, then dense layers.
+- "rnn": `RNN`, a simple recurrence v_t = A(x_t V + b + v_{t-1} W) (eq. 58,
+  weights shared over time) over the rows of an image; the logits read the
+  last state.
+
+The CNN and the RNN are plain `flax.linen` modules; their exact curvature
+comes from forward-over-forward autodiff (`lrcr.autodiff_curvature_fn`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import lrcr
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu, "tanh": jnp.tanh}
+KINDS = ("mlp", "cnn", "rnn")
+
+
+class CNN(nn.Module):
+  """3x3 convolutions (stride 1, SAME), max pooling, dense layers, logits.
+
+  Attributes:
+    conv_features: channels of each convolution.
+    pool_after: indices of the convolutions followed by a 2x2 max pool.
+    dense_features: widths of the dense layers before the logits.
+    num_classes: C.
+    activation: elementwise activation after every hidden layer.
+    use_bias: biases in every layer.
+    kernel_init: initializer of every kernel.
+  """
+  conv_features: Sequence[int]
+  pool_after: Sequence[int]
+  dense_features: Sequence[int]
+  num_classes: int
+  activation: Callable[[jax.Array], jax.Array] = jax.nn.relu
+  use_bias: bool = False
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:   # [B, H, W, C] -> [B, K]
+    for i, features in enumerate(self.conv_features):
+      x = nn.Conv(features, (3, 3), padding="SAME", use_bias=self.use_bias,
+                  kernel_init=self.kernel_init)(x)
+      x = self.activation(x)
+      if i in self.pool_after:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    for features in self.dense_features:
+      x = self.activation(nn.Dense(features, use_bias=self.use_bias,
+                                   kernel_init=self.kernel_init)(x))
+    return nn.Dense(self.num_classes, use_bias=self.use_bias,
+                    kernel_init=self.kernel_init)(x)
+
+
+class RNN(nn.Module):
+  """v_t = A(x_t V + b + v_{t-1} W), v_0 = 0, then logits from v_T (eq. 58).
+
+  `nn.SimpleCell` always has the bias b (on the input term).
+
+  Attributes:
+    features: units of the recurrent state.
+    num_classes: C.
+    activation: A.
+    use_bias: a bias in the logits layer.
+    kernel_init: initializer of V, W and the logits kernel.
+  """
+  features: int
+  num_classes: int
+  activation: Callable[[jax.Array], jax.Array] = jnp.tanh
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:   # [B, T, d] -> [B, K]
+    cell = nn.SimpleCell(self.features, activation_fn=self.activation,
+                         kernel_init=self.kernel_init,
+                         recurrent_kernel_init=self.kernel_init)
+    states = nn.RNN(cell)(x)                         # [B, T, features]
+    return nn.Dense(self.num_classes, use_bias=self.use_bias,
+                    kernel_init=self.kernel_init)(states[:, -1])
+
+
+def make_model(model_config: Any, num_classes: int) -> nn.Module:
+  """The network of `config.model` (see the module docstring).
+
+  Raises:
+    ValueError: for an unknown `model.kind` or `model.activation`.
+  """
+  kind = model_config.get("kind", "mlp")
+  name = model_config.get("activation", "relu")
+  if kind not in KINDS or name not in ACTIVATIONS:
+    raise ValueError(
+        f"config.model.kind={kind!r}, config.model.activation={name!r}: "
+        f"expected a kind among {', '.join(KINDS)} and an activation among "
+        f"{', '.join(ACTIVATIONS)}.")
+  init = lrcr.uniform_init(model_config.init_scale)
+  if kind == "mlp":
+    return lrcr.MLP(hidden_sizes=(model_config.width,) * model_config.depth,
+                    num_classes=num_classes, activation=ACTIVATIONS[name],
+                    kernel_init=init, use_bias=model_config.use_bias)
+  if kind == "cnn":
+    return CNN(tuple(model_config.conv_features),
+               tuple(model_config.pool_after),
+               tuple(model_config.dense_features), num_classes,
+               activation=ACTIVATIONS[name], use_bias=model_config.use_bias,
+               kernel_init=init)
+  return RNN(model_config.width, num_classes, activation=ACTIVATIONS[name],
+             use_bias=model_config.use_bias, kernel_init=init)
