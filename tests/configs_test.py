@@ -1,86 +1,84 @@
-"""Every config loads, passes the checks, and has the paper's values."""
+"""Every config trains: its model, optimizers and CR step run on its data shape."""
 
 import importlib
 
+import jax
+import numpy as np
 import pytest
 
-from configs import base
-from lrcr import train
+from configs import beyond
+from configs import paper
+from experiments import models
+from experiments import optimizers
+from experiments import steps
+from experiments import train_lib
 
-# name: (figure, data, optimizer, init scale, base lr, sigma, claim kind)
-PAPER = {
-    "mnist_sgd": ("Fig. 1", "mnist", "sgd", 0.2, 0.01, 100.0, "no_plateau"),
-    "mnist_sgd_plateau": ("Fig. 2", "mnist", "sgd", 0.1, 0.02, 100.0,
-                          "plateau"),
-    "cifar10_sgd_plateau": ("Fig. 3", "cifar10", "sgd", 0.1, 0.01, 1000.0,
-                            "plateau"),
-    "mnist_adagrad_plateau": ("Fig. 4", "mnist", "adagrad", 0.1, 0.1, 1000.0,
-                              "plateau_adaptive"),
-    "mnist_adadelta_plateau": ("Fig. 5", "mnist", "adadelta", 0.1, 1.0,
-                               1000.0, "plateau_adaptive"),
-    "mnist_adam_plateau": ("§4", "mnist", "adam", 0.1, 0.001, 1000.0,
-                           "adam"),
-}
+tfds = pytest.importorskip("tensorflow_datasets")
 
-INTERFACE_KEYS = (
-    "data.source", "data.path", "data.name", "training.num_steps",
-    "training.batch_size", "training.chunk_size", "training.nonfinite",
-    "training.progress", "optimizer.name", "optimizer.learning_rate",
-    "optimizer.sigma", "model.init_scale", "model.depth", "model.width",
-    "seed", "name", "figure", "claim_kind")
+#: (config module, argument or None) of every run config.
+CONFIGS = ([("paper", run) for run in paper.RUNS] +
+           [("beyond", f"{run},{variant}") for run in beyond.RUNS
+            for variant in beyond.VARIANTS] +
+           [("beyond", "mnist_sgd_plateau,mean_alpha"),
+            ("cifar10_cnn_sgd_plateau", None), ("sequence_rnn_sgd", None),
+            ("test", None)])
+
+SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
 
-def _load(name):
-  return importlib.import_module(f"configs.{name}")
+def _get(name, arg):
+  module = importlib.import_module(f"configs.{name}")
+  return module.get_config() if arg is None else module.get_config(arg)
 
 
-@pytest.mark.parametrize("name", [*PAPER, "test"])
-def test_config_loads_and_passes_the_checks(name):
-  module = _load(name)
-  config = module.get_config()
-  for key in INTERFACE_KEYS:
-    node = config
-    for part in key.split("."):
-      node = node[part]
-  train.validate_config(config)
-  assert config.name == name
-  assert module.__doc__.startswith(
-      f"python -m experiments.train --config=configs/{name}.py --workdir=")
+@pytest.mark.parametrize("name, arg", CONFIGS)
+def test_config_takes_two_steps(name, arg):
+  """The config's own model and CR step, on random data of its shape, shrunk
+  to a narrow net so that every config runs in a second or two."""
+  config = _get(name, arg)
+  train_lib.check_config(config)
+  config.model.depth, config.model.width = min(config.model.depth, 2), 8
+  if config.model.kind == "cnn":
+    config.model.conv_features, config.model.dense_features = (4, 4, 4, 4), (8,)
+  shape = tuple(config.model.input_shape) or (int(np.prod(
+      SHAPES[config.data.name])),)
+  x = jax.random.uniform(jax.random.key(0), (8,) + shape)
+  y = np.arange(8) % 10
+  model = models.make_model(config.model, 10)
+  params = model.init(jax.random.key(1), x[:1])["params"]
+  schedule = optimizers.make_schedule(config.optimizer)
+  tx = optimizers.make_cr_optimizer(config.optimizer, schedule)
+  step = jax.jit(steps.applied(steps.make_cr_step(
+      model, tx, steps.CROptions.from_config(config.optimizer))))
+  state = tx.init(params)
+  losses = []
+  for _ in range(2):
+    params, state, loss = step(params, state, x, y)
+    losses.append(float(loss))
+  assert np.all(np.isfinite(losses))
+  assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize("name", PAPER)
-def test_paper_values(name):
-  config = _load(name).get_config()
-  figure, data, optimizer, init, lr, sigma, claim = PAPER[name]
-  assert (config.figure, config.data.name, config.optimizer.name,
-          config.model.init_scale, config.optimizer.learning_rate,
-          config.optimizer.sigma, config.claim_kind) == (
-              figure, data, optimizer, init, lr, sigma, claim)
+@pytest.mark.parametrize("name", ["cifar10_cnn_sgd_plateau",
+                                  "sequence_rnn_sgd"])
+def test_conv_and_recurrent_configs_run_the_pipeline(tmp_path, name):
+  """The B.2 configs through train_and_evaluate on mock data (tiny layers)."""
+  config = _get(name, None)
+  config.data.source = "tfds"
+  config.training.num_steps = 5
+  config.training.chunk_size = 5
+  config.training.progress = False
+  config.model.width = 8
+  if config.model.kind == "cnn":
+    config.model.conv_features, config.model.dense_features = (4, 4, 4, 4), (8,)
+  with tfds.testing.mock_data(num_examples=64):
+    summary = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert summary["num_steps"] == 5
+  assert np.isfinite(summary["final_loss_cr"])
 
 
-@pytest.mark.parametrize("name", PAPER)
-def test_appendix_a_settings(name):
-  config = _load(name).get_config()
-  assert (config.model.depth, config.model.width) == (12, 128)
-  assert config.model.use_bias is False
-  assert config.training.batch_size == 32
-  assert config.training.num_steps == 3000
-  assert (config.optimizer.decay_steps, config.optimizer.decay_rate,
-          config.optimizer.decay_staircase) == (100, 0.95, False)
-  assert config.data.source == "auto"
-  assert config.training.nonfinite in train.NONFINITE_POLICIES
-  assert config.training.progress is True
-
-
-def test_test_config_is_tiny():
-  config = _load("test").get_config()
-  assert (config.model.depth, config.model.width) == (2, 16)
-  assert (config.training.num_steps, config.training.batch_size,
-          config.training.chunk_size) == (40, 8, 10)
-  assert config.training.progress is False
-
-
-def test_base_config_is_appendix_a():
-  config = base.get_base_config()
-  assert config.training.inject_nan_at_step == -1
-  assert config.data.path == ""
+def test_unknown_runs_are_refused():
+  with pytest.raises(ValueError, match="mnist_sgd_plateau"):
+    paper.get_config("fig2")
+  with pytest.raises(ValueError, match="variant must be one of"):
+    beyond.get_config("mnist_sgd_plateau,everything")
