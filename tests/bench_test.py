@@ -1,4 +1,4 @@
-"""Smoke tests of experiments/benchmark.py and lrcr.bench (no timing asserted)."""
+"""experiments/benchmark.py and experiments/bench.py (no timing asserted)."""
 
 import json
 import math
@@ -9,9 +9,8 @@ import optax
 import pytest
 
 import lrcr
+from experiments import bench
 from experiments import benchmark
-from lrcr import bench
-from lrcr import fused
 
 VARIANTS = ("sgd", "adagrad", "cr_sgd_fused_gram", "cr_sgd_fused",
             "cr_sgd_lowrank", "cr_sgd_autodiff", "cr_sgd_hvp",
@@ -23,74 +22,25 @@ def _finite_positive(x):
   return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_quick_benchmark_writes_every_variant(tmp_path):
-  report = benchmark.main(["--quick", f"--out={tmp_path}"])
+def test_quick_benchmark_reports_every_variant(tmp_path):
+  report = benchmark.run(quick=True, out=str(tmp_path))
   with open(tmp_path / "benchmark.json", encoding="utf-8") as f:
     saved = json.load(f)
   assert saved == json.loads(json.dumps(report))
-  assert (tmp_path / "benchmark.md").read_text().startswith("# lrcr benchmark")
-  for key in ("jax_version", "backend", "device_kind", "cpu_count"):
-    assert saved["environment"][key]
-  assert saved["date"] and saved["command"].endswith("--quick --out="
-                                                     f"{tmp_path}")
   (shape,) = saved["shapes"].values()
   assert set(shape["variants"]) == set(VARIANTS)
+  markdown = (tmp_path / "benchmark.md").read_text()
   for name, v in shape["variants"].items():
-    for field in ("ms_per_step", "ratio", "ratio_of_medians", "ms_q1",
-                  "ms_q3", "calls_per_sample"):
+    assert f"| {name} |" in markdown
+    for field in ("ms_per_step", "ratio", "calls_per_sample"):
       assert _finite_positive(v[field]), (name, field, v[field])
-    assert v["ms_iqr"] >= 0 and v["ratio_iqr"] >= 0
-    assert len(v["samples_ms"]) == saved["repeats"] == 3
-    if v["peak_bytes"] is not None:   # CPU reports it
-      assert _finite_positive(v["memory_ratio"]), name
-  assert _finite_positive(
-      shape["derived"]["cr_sgd_every10_derived"]["ratio"])
+    assert len(v["samples_ms"]) == saved["repeats"]
   loop = saved["loop"]
   assert loop["error"] is None, loop["error"]
   assert _finite_positive(loop["bare_steps_per_s"])
   assert _finite_positive(loop["loop_compute_steps_per_s"])
-  goals = saved["goals"]
-  assert len(goals) == 8
-  for g in goals:
-    assert g["verdict"].startswith(("met", "NOT met", "not measured"))
-
-
-def test_exact_variants_take_the_same_step():
-  model, params, x, y = bench.make_problem(16, 3, 12, seed=1)
-  steps = bench.make_steps(model, 12)
-  names = ("cr_sgd_fused_gram", "cr_sgd_fused", "cr_sgd_lowrank",
-           "cr_sgd_autodiff", "cr_sgd_hvp")
-
-  @jax.jit
-  def all_steps(params):
-    out = {}
-    for name in names:
-      v = steps[name]
-      p, state, _ = v.step(params, v.tx.init(params), x, y)
-      out[name] = (p, state[1].learning_rate)
-    return out
-
-  new = all_steps(params)
-  ref_params, ref_alpha = new["cr_sgd_autodiff"]
-  assert ref_alpha > 0
-  for name, (p, alpha) in new.items():
-    np.testing.assert_allclose(alpha, ref_alpha, rtol=1e-3, err_msg=name)
-    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref_params)):
-      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6, err_msg=name)
-
-
-@pytest.mark.parametrize("rows", [3, 8])
-def test_subbatch_curvature(rows):
-  model, params, x, y = bench.make_problem(16, 3, 12, seed=2)
-  _, grads, cache = fused.value_grad_and_cache(model, params, x, y)
-  direction = jax.tree.map(lambda g: -0.3 * g, grads)
-  cut = fused.cached_directional(model, params, cache, direction,
-                                 curvature_rows=rows)
-  full = lrcr.directional(model, params, x, y, direction)
-  sub = lrcr.directional(model, params, x[:rows], y[:rows], direction)
-  np.testing.assert_allclose(cut.slope, full.slope, rtol=1e-5)
-  np.testing.assert_allclose(cut.curvature, sub.curvature, rtol=1e-4)
-  np.testing.assert_allclose(cut.sqnorm, full.sqnorm, rtol=1e-6)
+  assert all(g["verdict"].startswith(("met", "NOT met", "not measured"))
+             for g in saved["goals"])
 
 
 def test_every10_reuses_alpha_between_refreshes():
