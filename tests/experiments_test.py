@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lrcr import summary as summary_lib
+from experiments import summary as summary_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +31,7 @@ def test_train_cli_with_overrides(tmp_path):
     config = json.load(f)
   assert config["optimizer"]["sigma"] == 1000.0
   assert config["training"]["num_steps"] == 20
-  for name in ("figure.png", "summary.json", "checkpoint.msgpack"):
+  for name in ("figure.png", "summary.json", "checkpoints"):
     assert (workdir / name).exists(), name
 
 
@@ -65,6 +65,13 @@ def test_reproduce_cli(tmp_path):
   assert cifar["status"] == "not run"
   assert "CIFAR-10 data not available: pass --cifar10_path=" in summary_md
   assert not (tmp_path / "cifar10_sgd_plateau" / "metrics.jsonl").exists()
+
+
+def test_benchmark_cli_uses_absl_flags(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark", "--nosuch_flag"],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode != 0 and "Unknown command line flag" in proc.stderr
 
 
 @pytest.mark.parametrize("flag", ["--only=mnist_nope", "--set=model.depth"])

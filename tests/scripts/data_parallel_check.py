@@ -13,11 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import lrcr
-from lrcr import fused, summary, train
+from lrcr import fused
 
 
 def _config(num_devices, workdir):
-  sys.path.insert(0, os.getcwd())
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
   config.data.source = "mnist_5k"
@@ -28,6 +27,8 @@ def _config(num_devices, workdir):
 
 
 def main(out_dir):
+  sys.path.insert(0, os.getcwd())
+  from experiments import summary, train_lib as train  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 4, jax.devices()
   result = {"devices": jax.device_count()}
   for n in (4, 1):
