@@ -1,0 +1,596 @@
+"""Slope, curvature and low-rank factors of any loss: lrcr's public engine API.
+
+Given `loss_fn(params, *batch) -> F` (any JAX program: `model.apply` of a flax
+linen model, a functional nnx model, a hand-written function) and a direction
+g shaped like params, the cubic step of eq. 37 needs
+
+    slope     = g . grad F          # eq. 38
+    curvature = g^T H g             # eq. 39 (corrected), H the exact Hessian
+    sqnorm    = ||g||^2             # eq. 40, squared
+
+`value_grad_and_curvature` computes the loss and the gradient in one forward
+and backward pass and returns a `curvature_fn` that contracts any direction
+against the second-order adjoint of that same pass (`lrcr.engine`): the fast
+path, exact to float rounding, for any model. `lowrank_curvature_fn` is the
+same engine behind the signature of `autodiff_curvature_fn`.
+
+Granularity (section 4's future work; appendix B's Table 2):
+
+* "global": scalars, the paper's method.
+* "layer": one slope and one diagonal block g_k^T H_kk g_k per param group
+  (the innermost dicts of params, i.e. one flax module each), exact, for any
+  model: the tangent sweep runs once per group, vectorized with `jax.vmap`.
+* "variable": the exact Hessian diagonal (`hessian_diagonal`), per weight.
+
+The Gram form (section 2; the notes' cost floor). When the direction is a
+multiple of the gradient (plain SGD), each weight's direction is itself a sum
+of per-sample outer products, phi = c V^T Ybar with V the operand of the weight
+and Ybar the adjoint of its output. Then V phi = c (V V^T) Ybar and
+Ybar . (dV phi) = c sum((dV V^T) * (Ybar Ybar^T)) cost O(N^2 d) through N x N
+Gram matrices instead of O(N d^2): `gradient_direction=True` uses them for
+every weight operation where that is cheaper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from lrcr import engine
+from lrcr.mlp import cross_entropy_loss
+from lrcr.types import (GRANULARITIES, CurvatureFn, Directional, group_index,
+                        param_groups)
+
+Array = jax.Array
+
+
+def _check_granularity(granularity: str) -> None:
+  if granularity not in GRANULARITIES:
+    raise ValueError(f"granularity={granularity!r}: expected one of "
+                     f"{GRANULARITIES}.")
+
+
+def _as_loss_fn(model_or_loss: Any) -> Callable[..., Array]:
+  """A flax module becomes its softmax cross-entropy loss (the paper's F)."""
+  if isinstance(model_or_loss, nn.Module):
+    model = model_or_loss
+
+    def loss_fn(params, x, labels):
+      return cross_entropy_loss(model.apply(params, x), labels)
+
+    return loss_fn
+  if not callable(model_or_loss):
+    raise TypeError(
+        f"expected loss_fn(params, *batch) -> scalar, or a flax module; got "
+        f"{type(model_or_loss).__name__}.")
+  return model_or_loss
+
+
+def _flat_direction(direction: Any, treedef: Any, flat_params: Sequence[Array]):
+  leaves, tree = jax.tree.flatten(direction)
+  if tree != treedef:
+    raise ValueError(
+        f"the direction's tree structure {tree} differs from params' "
+        f"{treedef}; pass updates shaped like params.")
+  for d, p in zip(leaves, flat_params):
+    if jnp.shape(d) != jnp.shape(p):
+      raise ValueError(f"a direction leaf has shape {jnp.shape(d)} where its "
+                       f"parameter has {jnp.shape(p)}.")
+  return leaves
+
+
+def _vdot(a, b) -> Array:
+  return jnp.sum(a * b)
+
+
+# ---------------------------------------------------------------------------
+# The Gram form of a weight operation (direction = c * gradient).
+# ---------------------------------------------------------------------------
+
+def _gram_ok(node, uses: dict) -> bool:
+  """A 2-D weight on the right of a matmul, read by this operation only."""
+  if node.name != "dot_general" or node.weight != 1 or uses.get(node.param) != 1:
+    return False
+  (lc, rc), (lb, rb) = node.params["dimension_numbers"]
+  lhs, rhs = node.in_avals
+  if lb or rb or rhs.ndim != 2 or tuple(rc) != (0,) or tuple(lc) != (lhs.ndim - 1,):
+    return False
+  n = 1
+  for s in lhs.shape[:-1]:
+    n *= s
+  d_in, d_out = rhs.shape
+  # Gram: N^2 (d_in + d_out) per product pair; dense: N d_in d_out.
+  return n * (d_in + d_out) < d_in * d_out
+
+
+def _gram_rewrite(uses: dict, scale: Array):
+  """Evaluates weight operations in the Gram form, for direction = scale * grad."""
+  def rewrite(node, vals, tans, ybar):
+    if ybar is None or not _gram_ok(node, uses):
+      return None
+    v, w = vals                                            # [..., d_in], [d_in, d_out]
+    shape = ybar[0].shape                                  # [..., d_out]
+    v2 = v.reshape(-1, v.shape[-1])                        # [N, d_in]
+    y2 = ybar[0].reshape(-1, shape[-1])                    # [N, d_out]
+    out = scale * ((v2 @ v2.T) @ y2)                       # V phi = c (V V^T) Ybar
+    contribution = None
+    if node.cin[0]:
+      dv = tans[0].reshape(v2.shape)                       # [N, d_in]
+      out = out + dv @ w                                   # dV W
+      # Ybar . (2 dV phi) = 2 c sum((dV V^T) * (Ybar Ybar^T))   (eq. 36)
+      contribution = 2 * scale * jnp.sum((dv @ v2.T) * (y2 @ y2.T))
+    return [out.reshape(shape)], contribution
+
+  return rewrite
+
+
+# ---------------------------------------------------------------------------
+# The fast path.
+# ---------------------------------------------------------------------------
+
+class _Pass(NamedTuple):
+  traced: engine.Traced
+  flat_params: list
+  loss: Array
+  flat_grads: list
+  residuals: dict
+  ybar: dict
+  diagonal: list | None = None
+
+
+def _gradient_pass(loss_fn, params, batch, diagonal: bool = False) -> _Pass:
+  traced = engine.trace(loss_fn, params, batch)
+  flat_p = jax.tree.leaves(params)
+  eps = engine.zero_offsets(traced.program)
+  if not diagonal:
+    loss, vjp_fn, res = jax.vjp(traced.forward, flat_p, eps, has_aux=True)
+    flat_g, ybar = vjp_fn(jnp.ones_like(loss))
+    return _Pass(traced, flat_p, loss, list(flat_g), res, ybar)
+  roles = _diagonal_roles(traced, params)
+  head = traced.find_head()
+  (loss, logits), vjp_fn, res = jax.vjp(
+      lambda p, e: traced.forward_with(p, e, head), flat_p, eps, has_aux=True)
+  flat_g, ybar = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(logits)))
+  ps = _Pass(traced, flat_p, loss, list(flat_g), res, ybar)
+  # Per sample b, the Hessian of F in the logits row P_b (C x C), by
+  # forward-over-reverse on the head with one unit tangent per class on
+  # every row at once (the rows are separate samples), then its
+  # eigendecomposition H_b = sum_r lam_br u_br u_br^T.
+  batch_size = logits.shape[0]
+  num = logits[0].size
+  head_grad = jax.grad(traced.head_fn(res, head))
+  unit = lambda c: jnp.broadcast_to(
+      jax.nn.one_hot(c, num, dtype=logits.dtype), (batch_size, num)
+  ).reshape(logits.shape)
+  cols = jax.vmap(lambda c: jax.jvp(head_grad, (logits,), (unit(c),))[1])(
+      jnp.arange(num)).reshape(num, batch_size, num)           # [C_in, B, C]
+  hess = jnp.moveaxis(cols, 0, -1)                             # [B, C, C]
+  lam, vecs = jnp.linalg.eigh((hess + jnp.swapaxes(hess, 1, 2)) / 2)
+  # One backward pass per r from the pseudo-outputs s_br = u_br . P_b
+  # (vectorized over r) gives each weight's adjoints for all of them.
+  cot = jnp.moveaxis(vecs, -1, 0).reshape((num,) + logits.shape)
+  _, ybar_r = jax.vmap(lambda u: vjp_fn((jnp.zeros_like(loss), u)))(cot)
+  diag = [_leaf_diagonal(ps, role, ybar_r, lam) for role in roles]
+  return ps._replace(diagonal=diag)
+
+
+def _curvature(ps: _Pass, flat_d: list, rewrite=None) -> Array:
+  prog = ps.traced.program
+  in_tans = dict(zip(prog.invars, flat_d))
+  return engine.sweep(prog, ps.residuals, ps.ybar, in_tans, rewrite)[1]
+
+
+def value_grad_and_curvature(
+    loss_fn: Callable[..., Array], params: Any, *batch: Any,
+    granularity: str = "global", gradient_direction: bool = False,
+) -> tuple[Array, Any, CurvatureFn]:
+  """The loss, its gradient, and the exact curvature along any direction.
+
+  One forward and one backward pass (what `jax.value_and_grad` costs) give
+  the loss, the gradient and every adjoint the curvature needs; the returned
+  `curvature_fn(params, direction)` then costs one tangent sweep. Use it
+  inside your jitted step:
+
+      loss, grads, curvature_fn = lrcr.value_grad_and_curvature(
+          loss_fn, params, x, y)
+      updates, state = tx.update(grads, state, params,
+                                 curvature_fn=curvature_fn)
+
+  Args:
+    loss_fn: `loss_fn(params, *batch) -> scalar`, any JAX program.
+    params: the point (a pytree of float arrays).
+    *batch: the other arguments of loss_fn (a batch, labels, a dropout key).
+    granularity: "global", "layer" or "variable" (see the module docstring),
+      matching `scale_by_cubic_step(granularity=...)`.
+    gradient_direction: promise that every direction passed to
+      `curvature_fn` is a scalar multiple of the gradient (plain SGD, also
+      with a learning-rate schedule). The weights' products then go through
+      N x N Gram matrices where that is cheaper; the numbers are the same.
+
+  Returns:
+    (loss, grads, curvature_fn). `curvature_fn(params, direction)` returns
+    `lrcr.Directional(slope, curvature, sqnorm)`, always at the params given
+    here (its own `params` argument is accepted for the optax contract and
+    not read).
+
+  Raises:
+    lrcr.engine.UnsupportedProgramError: for an operation JAX cannot
+      differentiate twice; `autodiff_curvature_fn` is then no help either.
+    ValueError: if loss_fn does not return a real scalar, or for an unknown
+      granularity.
+  """
+  _check_granularity(granularity)
+  ps = _gradient_pass(loss_fn, params, batch,
+                      diagonal=granularity == "variable")
+  grads = jax.tree.unflatten(ps.traced.params_treedef, ps.flat_grads)
+  treedef = ps.traced.params_treedef
+
+  def curvature_fn(params_unused: Any, direction: Any) -> Directional:
+    del params_unused
+    flat_d = _flat_direction(direction, treedef, ps.flat_params)
+    slopes = [_vdot(d, g) for d, g in zip(flat_d, ps.flat_grads)]
+    sqnorms = [_vdot(d, d) for d in flat_d]
+    if granularity == "global":
+      slope = sum(slopes)
+      rewrite = None
+      if gradient_direction:
+        gg = sum(_vdot(g, g) for g in ps.flat_grads)
+        rewrite = _gram_rewrite(ps.traced.uses,
+                                slope / jnp.where(gg > 0, gg, 1.0))
+      return Directional(slope, _curvature(ps, flat_d, rewrite), sum(sqnorms))
+    if granularity == "layer":
+      index, gtree = group_index(params)
+      k = gtree.num_leaves
+
+      def masked(j):
+        return [jnp.where(i == j, d, jnp.zeros_like(d))
+                for i, d in zip(index, flat_d)]
+
+      curv = jax.vmap(lambda j: _curvature(ps, masked(j)))(jnp.arange(k))
+      per = lambda vals: jax.tree.unflatten(gtree, [
+          sum((v for i, v in zip(index, vals) if i == j),
+              jnp.zeros((), vals[0].dtype)) for j in range(k)])
+      return Directional(per(slopes), jax.tree.unflatten(gtree, list(curv)),
+                         per(sqnorms))
+    # "variable": the exact diagonal of this pass.
+    diag = ps.diagonal
+    unf = lambda leaves: jax.tree.unflatten(treedef, leaves)
+    return Directional(unf([d * g for d, g in zip(flat_d, ps.flat_grads)]),
+                       unf([d * d * h for d, h in zip(flat_d, diag)]),
+                       unf([d * d for d in flat_d]))
+
+  return ps.loss, grads, curvature_fn
+
+
+def lowrank_curvature_fn(loss_fn: Any, *batch: Any,
+                         granularity: str = "global") -> CurvatureFn:
+  """Builds `curvature_fn(params, direction)` for `scale_by_cubic_step`.
+
+  The engine behind `autodiff_curvature_fn`'s signature. Each call runs its
+  own forward and backward pass; inside a training step,
+  `value_grad_and_curvature` shares them with the gradient and is faster.
+
+  Args:
+    loss_fn: `loss_fn(params, *batch) -> scalar`, or a flax module such as
+      `lrcr.MLP`, standing for softmax cross-entropy of its logits on
+      `batch = (x, labels)`.
+    *batch: the other arguments of loss_fn.
+    granularity: "global", "layer" or "variable".
+  """
+  _check_granularity(granularity)
+  fn = _as_loss_fn(loss_fn)
+
+  def curvature_fn(params: Any, direction: Any) -> Directional:
+    return value_grad_and_curvature(fn, params, *batch,
+                                    granularity=granularity)[2](params,
+                                                                direction)
+
+  return curvature_fn
+
+
+def directional(model_or_loss: Any, params: Any, *args: Any) -> Directional:
+  """Slope, curvature and squared norm along a direction, by the engine.
+
+  `directional(model, params, x, labels, direction)` for a flax module (its
+  softmax cross-entropy), or `directional(loss_fn, params, *batch,
+  direction)`: the direction is the last argument.
+  """
+  *batch, direction = args
+  fn = _as_loss_fn(model_or_loss)
+  return value_grad_and_curvature(fn, params, *batch)[2](params, direction)
+
+
+def value_and_directional(model_or_loss: Any, params: Any,
+                          *args: Any) -> tuple[Array, Directional]:
+  """(F, `directional(...)`) from one pass."""
+  *batch, direction = args
+  fn = _as_loss_fn(model_or_loss)
+  loss, _, curvature_fn = value_grad_and_curvature(fn, params, *batch)
+  return loss, curvature_fn(params, direction)
+
+
+# ---------------------------------------------------------------------------
+# Forward-over-forward autodiff: the reference and the fallback.
+# ---------------------------------------------------------------------------
+
+def autodiff_directional(loss_fn: Callable[..., Array], params: Any,
+                         direction: Any, *args: Any) -> Directional:
+  """Slope, curvature and squared norm along g by forward-over-forward autodiff.
+
+  The inner `jax.jvp` of t -> loss_fn(params + t g, *args) gives the slope,
+  the outer one its derivative g^T H g. Works for any differentiable loss.
+  """
+  def slope_at(p):
+    return jax.jvp(lambda q: loss_fn(q, *args), (p,), (direction,))[1]
+
+  slope, curvature = jax.jvp(slope_at, (params,), (direction,))
+  return Directional(slope, curvature, optax.tree.norm(direction, squared=True))
+
+
+def autodiff_curvature_fn(loss_fn: Callable[..., Array], *args: Any,
+                          granularity: str = "global") -> CurvatureFn:
+  """Builds `curvature_fn(params, direction)` by forward-over-forward autodiff.
+
+  The fallback for a program the engine refuses. With granularity "layer" it
+  runs one forward-over-forward pass per param group (vectorized). It has no
+  "variable" granularity: the exact diagonal would take one Hessian-vector
+  product per weight.
+  """
+  _check_granularity(granularity)
+  if granularity == "variable":
+    raise ValueError(
+        "autodiff_curvature_fn has no 'variable' granularity: the exact "
+        "Hessian diagonal would take one Hessian-vector product per weight. "
+        "Use lrcr.lowrank_curvature_fn(loss_fn, *batch, "
+        "granularity='variable').")
+
+  def curvature_fn(params: Any, direction: Any) -> Directional:
+    if granularity == "global":
+      return autodiff_directional(loss_fn, params, direction, *args)
+    index, gtree = group_index(direction)
+    leaves, treedef = jax.tree.flatten(direction)
+
+    def one(j):
+      masked = [jnp.where(i == j, d, jnp.zeros_like(d))
+                for i, d in zip(index, leaves)]
+      return autodiff_directional(loss_fn, params,
+                                  jax.tree.unflatten(treedef, masked), *args)
+
+    out = jax.vmap(one)(jnp.arange(gtree.num_leaves))
+    return Directional(*(jax.tree.unflatten(gtree, list(f)) for f in out))
+
+  return curvature_fn
+
+
+# ---------------------------------------------------------------------------
+# Per-sample factors and the Hessian diagonal.
+# ---------------------------------------------------------------------------
+
+class WeightFactors(NamedTuple):
+  """The per-sample factors of one weight operation's gradient (section 2).
+
+  For a dense layer z = v W read at P positions per sample (P = 1 for an
+  MLP; time steps of a scan; pixels of a convolution, whose inputs are then
+  the image patches), sample b contributes
+
+      dF/dW (from this operation) = sum_p inputs[b, p]^T adjoints[b, p]
+
+  (eqs. 27-28: rank 1 per position), and the batch gradient is the sum over
+  b. For a mean loss F = mean_b f_b, the per-sample gradient is
+  B * sum_p inputs[b, p]^T adjoints[b, p].
+
+  Attributes:
+    inputs: [B, P, d_in], the operand that multiplies the weight.
+    adjoints: [B, P, d_out], dF/dz at the operation's output.
+    kernel_shape: the weight's shape; `gradient(...)` reshapes to it.
+  """
+  inputs: Array
+  adjoints: Array
+  kernel_shape: tuple
+
+  def sample_gradients(self) -> Array:
+    """[B, *kernel_shape]: each sample's term of dF/dW, sum_p in^T adj."""
+    g = jnp.einsum("bpi,bpj->bij", self.inputs, self.adjoints)
+    return _to_kernel(g, self.kernel_shape)
+
+
+def _to_kernel(g: Array, kernel_shape: tuple) -> Array:
+  """[B, d_in, d_out] (patch features in channel-major order) -> kernel shape."""
+  if len(kernel_shape) == 2:
+    return g
+  # Convolution HWIO: the patches' features are ordered (C_in, H, W).
+  *spatial, c_in, c_out = kernel_shape
+  g = g.reshape((g.shape[0], c_in, *spatial, c_out))
+  return jnp.moveaxis(g, 1, -2)
+
+
+def _path_names(params: Any) -> list[str]:
+  return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _node_values(ps: _Pass, node, outer: tuple):
+  """(operand, adjoint) of a weight operation, batch axis first.
+
+  Inside scans the values are stacked over iterations: [T, B, ...] becomes
+  [B, T, ...].
+  """
+  res, ybar = ps.residuals, ps.ybar
+  for scan in outer:
+    res, ybar = res[-1 - scan.id], ybar[scan.id]
+  x = node.ins[1 - node.weight]
+  operand = x.val if isinstance(x, engine._Lit) else res[x]  # pylint: disable=protected-access
+  adjoint = ybar[node.id][0]
+  for _ in outer:
+    operand = jnp.moveaxis(operand, 0, 1)
+    adjoint = jnp.moveaxis(adjoint, 0, 1)
+  return operand, adjoint
+
+
+def _rows(node, operand: Array, adjoint: Array, depth: int):
+  """Per-sample [B, P, d_in] inputs and [B, P, d_out] adjoints of one operation."""
+  b = operand.shape[0]
+  if node.name == "dot_general":
+    (lc, rc), (lb, rb) = node.params["dimension_numbers"]
+    w_aval = node.in_avals[node.weight]
+    lhs_aval = node.in_avals[1 - node.weight]
+    if (node.weight != 1 or lb or rb or w_aval.ndim != 2 or tuple(rc) != (0,)
+        or tuple(lc) != (lhs_aval.ndim - 1,)):
+      return None
+    return (operand.reshape(b, -1, operand.shape[-1]),
+            adjoint.reshape(b, -1, adjoint.shape[-1]))
+  p = node.params
+  if node.weight != 1 or tuple(p["dimension_numbers"].lhs_spec) != (
+      0, len(node.in_avals[0].shape) - 1) + tuple(
+          range(1, len(node.in_avals[0].shape) - 1)) or p[
+              "feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    return None
+  lead = operand.shape[:depth + 1]
+  flat = operand.reshape((-1,) + operand.shape[depth + 1:])
+  rhs = node.in_avals[1]
+  patches = jax.lax.conv_general_dilated_patches(
+      flat, filter_shape=_filter_shape(p["dimension_numbers"], rhs.shape),
+      window_strides=p["window_strides"], padding=p["padding"],
+      lhs_dilation=p["lhs_dilation"], rhs_dilation=p["rhs_dilation"],
+      dimension_numbers=p["dimension_numbers"], precision=p["precision"])
+  patches = patches.reshape(lead + patches.shape[1:])
+  return (patches.reshape(b, -1, patches.shape[-1]),
+          adjoint.reshape(b, -1, adjoint.shape[-1]))
+
+
+def _filter_shape(dn, rhs_shape) -> tuple:
+  spec = dn.rhs_spec                      # (out, in, spatial...)
+  return tuple(rhs_shape[i] for i in spec[2:])
+
+
+def per_sample_factors(model_or_loss: Any, params: Any,
+                       *batch: Any) -> dict[str, list[WeightFactors]]:
+  """Every dense and convolutional weight's per-sample factors, found in the program.
+
+  Reads `loss_fn(params, *batch)` (or a flax module's cross-entropy) and
+  returns, for every parameter that a matmul or a convolution multiplies
+  with a per-sample operand, its `WeightFactors`: inputs and output
+  adjoints per sample and position, from one forward/backward pass. These
+  are the per-sample gradients of the paper (eqs. 27-28, appendix B.2)
+  without forming them: `WeightFactors.sample_gradients()` rebuilds them.
+
+  The batch axis is the leading axis of the operand (of each scan step's
+  operand inside `scan`). A parameter read by several operations (weight
+  sharing) has one entry per operation; their gradients add up.
+
+  Returns:
+    {param path ("params/Dense_0/kernel"): [WeightFactors, ...]}.
+  """
+  ps = _gradient_pass(_as_loss_fn(model_or_loss), params, batch)
+  names = _path_names(params)
+  out: dict[str, list[WeightFactors]] = {}
+  for node, outer in ps.traced.weight_nodes():
+    operand, adjoint = _node_values(ps, node, outer)
+    rows = _rows(node, operand, adjoint, len(outer))
+    if rows is None:
+      continue
+    out.setdefault(names[node.param], []).append(
+        WeightFactors(rows[0], rows[1],
+                      tuple(node.in_avals[node.weight].shape)))
+  return out
+
+
+_PASS_THROUGH = ("broadcast_in_dim", "reshape", "convert_element_type")
+
+
+def _diagonal_roles(traced: engine.Traced, params: Any) -> list[tuple]:
+  """For every param leaf: ("weight", node) or ("bias", weight node).
+
+  Raises:
+    engine.UnsupportedProgramError: for a leaf that is neither the weight of
+      a matmul or convolution nor a bias added to one's output.
+  """
+  prog = traced.program
+  names = _path_names(params)
+  users: dict[int, list] = {}
+  for node in prog.nodes:
+    for x in node.ins:
+      if isinstance(x, int):
+        users.setdefault(x, []).append(node)
+  weights = {n.param: n for n in prog.nodes if n.weight >= 0}
+  outputs = {n.outs[0]: n for n in weights.values()}
+  roles = []
+  for k, pid in enumerate(prog.invars[:traced.num_params]):
+    if traced.uses.get(k, 0) == 1 and k in weights:
+      roles.append(("weight", weights[k]))
+      continue
+    x, role = pid, None
+    while len(users.get(x, ())) == 1:
+      user = users[x][0]
+      if user.name in _PASS_THROUGH:
+        x = user.outs[0]
+        continue
+      other = [y for y in user.ins if y != x]
+      if (user.name == "add" and len(other) == 1 and other[0] in outputs
+          and len(users.get(other[0], ())) == 1):
+        role = ("bias", outputs[other[0]])
+      break
+    if role is None:
+      raise engine.UnsupportedProgramError(
+          f"the exact Hessian diagonal (granularity 'variable') covers the "
+          f"weights of matmuls and convolutions and the biases added to "
+          f"their outputs; the parameter {names[k]!r} is used otherwise. "
+          f"Use granularity 'layer' or 'global'.")
+    roles.append(role)
+  return roles
+
+
+def _leaf_diagonal(ps: _Pass, role: tuple, ybar_r: dict, lam: Array) -> Array:
+  """d2F/dw^2 = sum_{b,r} lam_br (d s_br / dw)^2 for every entry w of a leaf."""
+  kind, node = role
+  adj_r = ybar_r[node.id][0]                                   # [C, B, ...]
+  if kind == "bias":
+    per = adj_r.reshape(adj_r.shape[:2] + (-1, adj_r.shape[-1])).sum(2)
+    return jnp.einsum("br,rbj->j", lam, per * per)             # [d_out]
+  operand, _ = _node_values(ps, node, ())
+  if node.name == "dot_general" and operand.ndim == 2 and node.weight == 1:
+    # One position per sample: (v_b (x) a_br)^2 = v_b^2 (x) a_br^2.
+    return jnp.einsum("bi,bj->ij", operand * operand,
+                      jnp.einsum("br,rbj->bj", lam, adj_r * adj_r))
+  rows = _rows(node, operand, adj_r[0], 0)
+  if rows is None:
+    raise engine.UnsupportedProgramError(
+        f"the exact Hessian diagonal does not cover this `{node.name}` "
+        "layout; use granularity 'layer' or 'global'.")
+  inputs = rows[0]                                             # [B, P, d_in]
+  adj = adj_r.reshape(adj_r.shape[:2] + (-1, adj_r.shape[-1]))  # [C, B, P, d_out]
+  grads = jnp.einsum("bpi,rbpj->rbij", inputs, adj)
+  diag = jnp.einsum("br,rbij->ij", lam, grads * grads)[None]
+  return _to_kernel(diag, tuple(node.in_avals[node.weight].shape))[0]
+
+
+def hessian_diagonal(model_or_loss: Any, params: Any, *batch: Any) -> Any:
+  """The exact diagonal of the Hessian of F, shaped like params.
+
+  For a model that is piecewise linear (ReLU, max-pooling, ...) from its
+  weights up to its logits P, each weight enters P linearly, so the diagonal
+  is the Gauss-Newton diagonal through P (`lrcr.blocks` derived this for the
+  MLP; here it is read off the program). Per sample b, with the Hessian of F
+  in P_b decomposed as sum_r lam_br u_br u_br^T,
+
+      d2F/dw^2 = sum_b sum_r lam_br (d(u_br . P_b)/dw)^2,
+
+  and d(u_br . P_b)/dW is the outer product of the weight's input and the
+  adjoint of the pseudo-output u_br . P_b (summed over positions): one
+  backward pass per class, vectorized, and no per-sample gradient of the
+  whole model. Assumes the loss is a sum of per-sample terms of the rows
+  of P (no batch statistics).
+
+  Raises:
+    lrcr.engine.UnsupportedProgramError: for a smooth activation or another
+      second-order operation before the logits, or a parameter that is not a
+      dense/convolution weight or its bias; the message names it.
+  """
+  ps = _gradient_pass(_as_loss_fn(model_or_loss), params, batch,
+                      diagonal=True)
+  return jax.tree.unflatten(ps.traced.params_treedef, ps.diagonal)

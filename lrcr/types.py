@@ -1,0 +1,75 @@
+"""Types shared by the engine and the transform: a leaf module, imports no lrcr.
+
+`Directional` is what a `curvature_fn` returns, and `param_groups` decides what
+"one layer" means for the per-layer step lengths (granularity "layer").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+
+Array = jax.Array
+
+#: The granularities of the CR step: one alpha per step, per param group
+#: (a flax module's params), or per weight.
+GRANULARITIES = ("global", "layer", "variable")
+
+
+class Directional(NamedTuple):
+  """Slope, curvature and squared norm of the batch loss F along g.
+
+  For granularity "global" each field is a scalar; for "layer" a tree shaped
+  like `param_groups(params)` (one scalar per group); for "variable" a tree
+  shaped like params (one value per weight).
+
+  Attributes:
+    slope: g . grad F (eq. 38).
+    curvature: g^T H g with H the exact Hessian of F (eq. 39, corrected).
+    sqnorm: ||g||^2 (eq. 40 before the power 3/2).
+  """
+  slope: Any
+  curvature: Any
+  sqnorm: Any
+
+
+#: `curvature_fn(params, direction) -> Directional`, the contract of
+#: `lrcr.scale_by_cubic_step`'s extra argument.
+CurvatureFn = Callable[[Any, Any], Directional]
+
+
+def param_groups(tree: Any, fill: Any = 0.0) -> Any:
+  """The tree with every innermost dict (one module's arrays) replaced by `fill`.
+
+  For flax params {'params': {'Dense_0': {'kernel', 'bias'}, ...}} this is
+  {'params': {'Dense_0': fill, ...}}: a tree prefix of params with one leaf
+  per module. A tree that is a single array is one group.
+  """
+  if isinstance(tree, Mapping):
+    if tree and all(not isinstance(v, (Mapping, list, tuple))
+                    for v in tree.values()):
+      return fill
+    return {k: param_groups(v, fill) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(param_groups(v, fill) for v in tree)
+  return fill
+
+
+def group_index(tree: Any) -> tuple[list[int], Any]:
+  """For each leaf of `tree`, the index of its group in `param_groups(tree)`.
+
+  Returns:
+    (indices, groups_treedef): one int per leaf of `tree` (in flatten order)
+    and the treedef of `param_groups(tree)`.
+  """
+  prefix = param_groups(tree, fill=0)
+  groups, treedef = jax.tree_util.tree_flatten_with_path(prefix)
+  paths = [p for p, _ in groups]
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  index = []
+  for path, _ in leaves:
+    matches = [i for i, g in enumerate(paths) if path[:len(g)] == g]
+    index.append(matches[0])
+  return index, treedef
