@@ -6,11 +6,16 @@
     tree = ckpt.restore(step, target)      # verified first
 
 orbax writes each step into `<directory>/<step>/` (atomically: a temporary
-directory renamed when complete) and keeps the last two. Orbax does not
-checksum what it writes, so a flipped bit in a weight would be restored
-silently; after each save this module records the sha256 of every file of
-the step in `<directory>.sha256.json`, and `restore` recomputes them first.
-A step saved but not yet recorded (a kill between the two) is not used.
+directory renamed when complete) and keeps the last two. Saves are
+asynchronous, as in the flax examples: the arrays are copied to the host and
+written by a background thread while training goes on (a synchronous save
+cost 0.1 s per chunk, 37% of a 100-step chunk of the paper's run on 2 CPU
+cores). Orbax does not checksum what it writes, so a flipped bit in a weight
+would be restored silently; once a save is complete (at the next save, or at
+`finish`) this module records the sha256 of every file of the step in
+`<directory>.sha256.json`, and `restore` recomputes them first. A step saved
+but not yet recorded (a kill before that) is not used: a killed run resumes
+from the last recorded step.
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
-            enable_async_checkpointing=False))
+            enable_async_checkpointing=True))
+    self._pending: int | None = None
 
   def _manifest(self) -> dict[str, dict[str, str]]:
     if not os.path.exists(self.manifest_path):
@@ -62,9 +68,17 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   def save(self, step: int, tree: Any) -> None:
-    """Writes `tree` as step `step`, then records its files' sha256."""
+    """Starts writing `tree` as step `step` (after finishing the last save)."""
+    self.finish()
     self._manager.save(step, args=ocp.args.StandardSave(tree))
+    self._pending = step
+
+  def finish(self) -> None:
+    """Waits for the save in flight, then records its files' sha256."""
     self._manager.wait_until_finished()
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
     root = self._step_dir(step)
     manifest = {str(s): v for s, v in self._manifest().items()
                 if int(s) in self._manager.all_steps()}
@@ -79,6 +93,7 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     """The last step whose checksums were recorded, or None."""
+    self.finish()
     recorded = {int(s) for s in self._manifest()}
     steps = [s for s in self._manager.all_steps() if s in recorded]
     unrecorded = sorted(set(self._manager.all_steps()) - recorded)

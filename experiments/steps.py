@@ -147,8 +147,9 @@ def make_cr_step(model: Any, tx: optax.GradientTransformationExtraArgs,
   def step(params, opt_state, x, y) -> StepOutput:
     if options.averaging != "batch":
       # Section 3.1's alternatives: per-sample alphas, no transform.
-      out = averaging_lib.averaged_sgd_update(model, params, x, y,
-                                              options.sigma, options.averaging)
+      out = averaging_lib.averaged_sgd_update(
+          model, params, x, y, sigma=options.sigma,
+          averaging=options.averaging)
       return StepOutput(out.updates, opt_state, out.loss, out.grads,
                         out.alphas, out.alpha)
     loss, grads, curvature_fn = _value_grad_and_curvature(

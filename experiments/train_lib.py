@@ -547,7 +547,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                   unit="it", file=sys.stderr, dynamic_ncols=True,
                   disable=not training.progress)
   failure, step = None, start
-  with bar:
+  try:
     while step < training.num_steps and not failure:
       length = min(training.chunk_size - step % training.chunk_size,
                    training.num_steps - step)
@@ -582,6 +582,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                       loss_cr=records[-1]["loss_cr"],
                       alpha=records[-1]["alpha"], refresh=False)
       step = next_step
+  finally:
+    bar.close()
+    ckpt.finish()
 
   # Summarise.
   result = _write_summary(config, workdir, dataset, dict(
