@@ -1,7 +1,9 @@
 """Run by tests/parallel_test.py with 4 host devices (XLA_FLAGS set by the caller).
 
 Trains the tiny config on 4 devices and on 1 device and prints both metric
-streams, plus lrcr.directional on a sharded and an unsharded batch, as JSON.
+streams, plus the CR step's slope and curvature (experiments.steps, the
+autodiff and the fused Gram paths) on a sharded and an unsharded batch, as
+JSON.
 """
 
 import json
@@ -12,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, os.getcwd())   # the checkout: experiments/, configs/
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import lrcr
-from lrcr import fused
+from experiments import steps
 
 
 def _config(num_devices, workdir):
@@ -27,8 +31,7 @@ def _config(num_devices, workdir):
 
 
 def main(out_dir):
-  sys.path.insert(0, os.getcwd())
-  from experiments import summary, train_lib as train  # pylint: disable=g-import-not-at-top
+  from experiments import summary, train_lib as train
   assert jax.device_count() == 4, jax.devices()
   result = {"devices": jax.device_count()}
   for n in (4, 1):
@@ -51,16 +54,24 @@ def main(out_dir):
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   xs, ys = jax.device_put(x, shard), jax.device_put(y, shard)
   ps, gs = jax.device_put((params, g), rep)
-  single = lrcr.directional(model, params, x, y, g)
-  sharded = lrcr.directional(model, ps, xs, ys, gs)
-  _, grads, cache = fused.value_grad_and_cache(model, ps, xs, ys)
-  gram = fused.cached_directional(model, ps, cache,
-                                  jax.tree.map(lambda a: -0.1 * a, grads), True)
-  _, grads1, cache1 = fused.value_grad_and_cache(model, params, x, y)
-  gram1 = fused.cached_directional(model, params, cache1,
-                                   jax.tree.map(lambda a: -0.1 * a, grads1), True)
-  result["directional"] = [list(map(float, single)), list(map(float, sharded))]
-  result["gram"] = [list(map(float, gram1)), list(map(float, gram))]
+  params, g = params["params"], g["params"]
+  ps, gs = ps["params"], gs["params"]
+  loss_fn = steps.cross_entropy_loss_fn(model)
+
+  def slope_and_curvature(options, p, xb, yb, direction=None):
+    _, grads, curvature_fn = steps._value_grad_and_curvature(  # pylint: disable=protected-access
+        loss_fn, model, p, xb, yb, options)
+    if direction is None:    # the SGD direction, for the Gram form
+      direction = jax.tree.map(lambda a: -0.1 * a, grads)
+    d = curvature_fn(p, direction)
+    return [float(d.slope), float(d.curvature), float(d.sqnorm)]
+
+  exact = steps.CROptions(curvature="autodiff")
+  gram = steps.CROptions(curvature="fused", gradient_direction=True)
+  result["directional"] = [slope_and_curvature(exact, params, x, y, g),
+                           slope_and_curvature(exact, ps, xs, ys, gs)]
+  result["gram"] = [slope_and_curvature(gram, params, x, y),
+                    slope_and_curvature(gram, ps, xs, ys)]
   result["input_sharding"] = str(xs.sharding)
   print("RESULT " + json.dumps(result))
 
