@@ -17,8 +17,8 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 #: (config module, argument or None) of every run config.
 CONFIGS = ([("paper", run) for run in paper.RUNS] +
-           [("beyond", f"{run},{variant}") for run in beyond.RUNS
-            for variant in beyond.VARIANTS] +
+           [("beyond", f"{run},{variant}")      # each run, each variant once
+            for run, variant in zip(beyond.RUNS, beyond.VARIANTS)] +
            [("beyond", "mnist_sgd_plateau,mean_alpha"),
             ("cifar10_cnn_sgd_plateau", None), ("sequence_rnn_sgd", None),
             ("test", None)])
