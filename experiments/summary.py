@@ -109,10 +109,10 @@ def _finite(x: np.ndarray) -> np.ndarray:
   return x[np.isfinite(x)]
 
 
-def _nanmean(x: np.ndarray) -> float:
-  """Mean of the finite entries; NaN if there are none (no warning)."""
+def _nanmedian(x: np.ndarray) -> float:
+  """Median of the finite entries; NaN if there are none (no warning)."""
   f = _finite(np.asarray(x, dtype=np.float64))
-  return float(f.mean()) if f.size else math.nan
+  return float(np.median(f)) if f.size else math.nan
 
 
 def _nanmedian_or_none(x: np.ndarray) -> float | None:
@@ -130,12 +130,26 @@ def _is_num(x: Any) -> bool:
 # --------------------------------------------------------------------------
 
 
+def _windows(x: Iterable[float], period: int) -> np.ndarray:
+  """[n, period] trailing windows of x, padded with NaN before the start."""
+  if int(period) != period or period < 1:
+    raise ValueError(f"period must be a positive integer, got {period!r}")
+  arr = np.asarray(x, dtype=np.float64)
+  if arr.ndim != 1:
+    raise ValueError(f"x must be 1-D, got shape {arr.shape}")
+  arr = np.where(np.isfinite(arr), arr, np.nan)
+  padded = np.concatenate([np.full(int(period) - 1, np.nan), arr])
+  return np.lib.stride_tricks.sliding_window_view(padded, int(period))
+
+
 def moving_average(x: Iterable[float], period: int = 100) -> np.ndarray:
   """Trailing, NaN-aware moving average.
 
     Entry ``i`` is the mean of the finite values in
     ``x[max(0, i - period + 1): i + 1]``; non-finite values (NaN, ±inf) are
-    ignored and a window without any finite value gives NaN.
+    ignored and a window without any finite value gives NaN. Each window is
+    summed on its own (no running sum), so one huge value only moves the
+    windows that hold it.
 
     Args:
         x: 1-D sequence of values.
@@ -147,23 +161,25 @@ def moving_average(x: Iterable[float], period: int = 100) -> np.ndarray:
     Raises:
         ValueError: If ``period < 1`` or ``x`` is not 1-D.
     """
-  if int(period) != period or period < 1:
-    raise ValueError(f"period must be a positive integer, got {period!r}")
-  period = int(period)
-  arr = np.asarray(x, dtype=np.float64)
-  if arr.ndim != 1:
-    raise ValueError(f"x must be 1-D, got shape {arr.shape}")
-  mask = np.isfinite(arr)
-  vals = np.where(mask, arr, 0.0)
-  csum = np.concatenate(([0.0], np.cumsum(vals)))
-  ccnt = np.concatenate(([0], np.cumsum(mask.astype(np.int64))))
-  hi = np.arange(1, arr.size + 1)
-  lo = np.maximum(0, hi - period)
-  sums = csum[hi] - csum[lo]
-  counts = ccnt[hi] - ccnt[lo]
-  out = np.full(arr.size, np.nan)
+  windows = _windows(x, period)
+  counts = np.isfinite(windows).sum(axis=1)
+  sums = np.nansum(windows, axis=1)
+  out = np.full(len(windows), np.nan)
   ok = counts > 0
   out[ok] = sums[ok] / counts[ok]
+  return out
+
+
+def moving_median(x: Iterable[float], period: int = 100) -> np.ndarray:
+  """Trailing, NaN-aware moving median (as `moving_average`, with medians).
+
+    One huge value in a window does not move its median, so a single spike
+    can neither hide nor invent a plateau exit.
+    """
+  windows = _windows(x, period)
+  out = np.full(len(windows), np.nan)
+  ok = np.isfinite(windows).any(axis=1)
+  out[ok] = np.nanmedian(windows[ok], axis=1)
   return out
 
 
@@ -175,7 +191,9 @@ def plateau_exit_step(
   """First iteration at which the run has left the loss plateau.
 
     That is the first index ``i >= period - 1`` (a full window) whose trailing
-    ``period``-step moving-average loss is strictly below ``threshold``.
+    ``period``-step moving median of the loss is strictly below
+    ``threshold``. A median, not a mean: one huge finite loss (a diverging
+    step, 4e28) moves a mean window for ``period`` steps, but not a median.
 
     Args:
         losses: Per-iteration losses (non-finite values are ignored).
@@ -187,7 +205,7 @@ def plateau_exit_step(
     Returns:
         The 0-based index of that iteration, or ``None`` if it never happens.
     """
-  ma = moving_average(losses, period)
+  ma = moving_median(losses, period)
   if ma.size < period:
     return None
   with np.errstate(invalid="ignore"):
@@ -231,9 +249,9 @@ def summarize_run(
 
     Returns:
         Dict with keys ``num_steps``, ``initial_loss_base``,
-        ``initial_loss_cr`` (mean of the first ``period`` iterations),
-        ``final_loss_base``, ``final_loss_cr`` (mean of the last ``period``
-        iterations), ``exit_step_base``, ``exit_step_cr`` (step of plateau
+        ``initial_loss_cr`` (median of the first ``period`` iterations),
+        ``final_loss_base``, ``final_loss_cr`` (median of the last
+        ``period`` iterations: one spike does not move it), ``exit_step_base``, ``exit_step_cr`` (step of plateau
         exit or ``None``), ``peak_learning_rate_cr``,
         ``median_learning_rate_cr`` (NaN if no finite rate),
         ``plateau_learning_rate_cr`` (median rate over the iterations before
@@ -273,10 +291,10 @@ def summarize_run(
 
   summary: dict[str, Any] = {
       "num_steps": len(records),
-      "initial_loss_base": _nanmean(loss_base[:period]),
-      "initial_loss_cr": _nanmean(loss_cr[:period]),
-      "final_loss_base": _nanmean(loss_base[-period:]),
-      "final_loss_cr": _nanmean(loss_cr[-period:]),
+      "initial_loss_base": _nanmedian(loss_base[:period]),
+      "initial_loss_cr": _nanmedian(loss_cr[:period]),
+      "final_loss_base": _nanmedian(loss_base[-period:]),
+      "final_loss_cr": _nanmedian(loss_cr[-period:]),
       "exit_step_base": as_step(i_base),
       "exit_step_cr": as_step(i_cr),
       "peak_learning_rate_cr": peak,
@@ -405,6 +423,143 @@ def qualitative_claim(summary: Mapping[str, Any], kind: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------
+# Seeds: each seed summarized on its own, then the median and IQR over seeds
+# --------------------------------------------------------------------------
+
+#: A claim holds for a run when it holds on at least this fraction of its
+#: seeds: 4 of 5, 3 of 3, 1 of 1.
+CLAIM_SEED_FRACTION: float = 0.8
+
+#: Summary fields aggregated over seeds (median and interquartile range).
+SEED_FIELDS: tuple[str, ...] = (
+    "initial_loss_base", "initial_loss_cr", "final_loss_base",
+    "final_loss_cr", "exit_step_base", "exit_step_cr",
+    "peak_learning_rate_cr", "median_learning_rate_cr",
+    "plateau_learning_rate_cr", "later_median_learning_rate_cr",
+    "plateau_to_later_ratio", "nonfinite_steps_base", "nonfinite_steps_cr")
+_EXIT_FIELDS = ("exit_step_base", "exit_step_cr")
+
+
+def seeds_required(num_seeds: int) -> int:
+  """How many of `num_seeds` seeds a claim must hold on (`CLAIM_SEED_FRACTION`)."""
+  return max(1, math.ceil(CLAIM_SEED_FRACTION * num_seeds - 1e-9))
+
+
+def split_by_seed(
+    records: Sequence[Mapping[str, Any]]) -> dict[int, list[Mapping[str, Any]]]:
+  """{seed: its records in step order}; records without `seed` are seed 0."""
+  by_seed: dict[int, list[Mapping[str, Any]]] = {}
+  for record in records:
+    by_seed.setdefault(int(record.get("seed", 0) or 0), []).append(record)
+  return by_seed
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+  """Linear-interpolated quantile of sorted finite-or-+inf values."""
+  v = sorted(values)
+  pos = q * (len(v) - 1)
+  lo, frac = int(math.floor(pos)), pos - math.floor(pos)
+  if frac == 0 or v[lo] == v[lo + 1]:
+    return v[lo]
+  if math.isinf(v[lo + 1]):
+    return math.inf
+  return v[lo] + frac * (v[lo + 1] - v[lo])
+
+
+def median_and_iqr(values: Sequence[Any], *, never_is_inf: bool = False
+                   ) -> tuple[float | None, list[float | None] | None]:
+  """(median, [25th, 75th percentile]) of the usable values, or Nones.
+
+  Args:
+    values: one number per seed; None or NaN are left out, unless
+      `never_is_inf`: then None is an exit that never happened, ordered after
+      every step (so a median of "never" is reported as None).
+    never_is_inf: see above; for plateau exit steps.
+  """
+  nums = []
+  for v in values:
+    if v is None and never_is_inf:
+      nums.append(math.inf)
+    elif _is_num(v):
+      nums.append(float(v))
+  if not nums:
+    return None, None
+  out = [_quantile(nums, q) for q in (0.5, 0.25, 0.75)]
+  out = [None if math.isinf(x) else x for x in out]
+  return out[0], out[1:]
+
+
+def summarize_seeds(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    num_classes: int = 10,
+    period: int = 100,
+    claim_kind: str | None = None,
+) -> dict[str, Any]:
+  """Summarizes a run over its seeds: each seed alone, then across seeds.
+
+    Args:
+        records: Per-(step, seed) records (as from :func:`read_metrics`).
+        num_classes, period, claim_kind: as for :func:`summarize_run`.
+
+    Returns:
+        Dict with ``num_steps`` and ``num_seeds``; ``seeds`` (the seeds);
+        ``per_seed`` (one :func:`summarize_run` per seed, with ``seed``);
+        ``median`` and ``iqr`` (``[25th, 75th percentile]``) over seeds of
+        every field of :data:`SEED_FIELDS` (an exit that never happens
+        counts as later than any step; a median or quartile that is "never"
+        is ``None``); the same medians at the top level (``final_loss_cr``,
+        ``exit_step_cr``...), with ``nonfinite_steps_*`` summed over seeds
+        instead; and ``claim``: ``None``, or :func:`qualitative_claim` judged
+        on every seed, ``{"kind", "holds", "holds_on", "num_seeds",
+        "required", "rule", "reason"}``, holding when it holds on at least
+        :func:`seeds_required` seeds.
+    """
+  by_seed = split_by_seed(records)
+  per_seed = []
+  for seed, seed_records in by_seed.items():
+    one = summarize_run(seed_records, num_classes=num_classes, period=period,
+                        claim_kind=claim_kind)
+    per_seed.append({"seed": seed, **one})
+  result: dict[str, Any] = {
+      "num_steps": max((s["num_steps"] for s in per_seed), default=0),
+      "num_seeds": len(per_seed), "seeds": list(by_seed),
+      "median": {}, "iqr": {}}
+  for key in SEED_FIELDS:
+    med, iqr = median_and_iqr([s[key] for s in per_seed],
+                              never_is_inf=key in _EXIT_FIELDS)
+    if key in _EXIT_FIELDS and med is not None:
+      med = int(round(med)) if float(med).is_integer() else med
+    result["median"][key], result["iqr"][key] = med, iqr
+    result[key] = med
+  for key in ("nonfinite_steps_base", "nonfinite_steps_cr"):
+    result[key] = int(sum(s[key] for s in per_seed))
+  result["claim"] = None
+  if claim_kind is not None and per_seed:
+    result["claim"] = _claim_over_seeds(per_seed, claim_kind)
+  result["per_seed"] = per_seed
+  return result
+
+
+def _claim_over_seeds(per_seed: Sequence[Mapping[str, Any]],
+                      kind: str) -> dict[str, Any]:
+  n = len(per_seed)
+  need = seeds_required(n)
+  holding = [s["seed"] for s in per_seed if s["claim"]["holds"]]
+  failing = [s for s in per_seed if not s["claim"]["holds"]]
+  reason = (f"Holds on {len(holding)} of {n} seeds (rule: at least {need} of "
+            f"{n}).")
+  if failing:
+    first = failing[0]
+    reason += f" Seed {first['seed']}: {first['claim']['reason']}"
+  else:
+    reason += f" Seed {per_seed[0]['seed']}: {per_seed[0]['claim']['reason']}"
+  return {"kind": kind, "holds": len(holding) >= need,
+          "holds_on": len(holding), "num_seeds": n, "required": need,
+          "rule": f"holds on at least {need} of {n} seeds", "reason": reason}
+
+
+# --------------------------------------------------------------------------
 # Table
 # --------------------------------------------------------------------------
 
@@ -430,6 +585,8 @@ def _cell(key: str, value: Any) -> str:
   elif key == "claim":
     if isinstance(value, Mapping):
       text = "yes" if value.get("holds") else "no"
+      if "holds_on" in value:
+        text += f" ({value['holds_on']}/{value['num_seeds']} seeds)"
     elif isinstance(value, (bool, np.bool_)):
       text = "yes" if value else "no"
     else:
@@ -439,6 +596,17 @@ def _cell(key: str, value: Any) -> str:
   else:
     text = _fmt(value)
   return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _row_cell(row: Mapping[str, Any], key: str) -> str:
+  """A cell; over several seeds, "median [25th, 75th percentile]"."""
+  text = _cell(key, row.get(key))
+  iqr = (row.get("iqr") or {}).get(key, "absent")
+  if iqr == "absent" or (row.get("num_seeds") or 1) < 2:
+    return text
+  lo, hi = iqr if iqr is not None else (None, None)
+  fmt = _fmt_exit if key in _EXIT_FIELDS else _fmt
+  return f"{text} [{fmt(lo)}, {fmt(hi)}]"
 
 
 def summary_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -452,13 +620,16 @@ def summary_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     Returns:
         The table as a string (header, separator, one line per run), ending
         with a newline. Numbers have 4 significant digits, a ``None`` exit
-        step renders as "never", the claim column as "yes"/"no"/"—".
+        step renders as "never", the claim column as "yes"/"no"/"—" (with
+        "(k/n seeds)" for a claim judged over seeds). A row of
+        :func:`summarize_seeds` over several seeds shows "median [25th,
+        75th percentile]".
     """
   header = "| " + " | ".join(name for name, _ in _TABLE_COLUMNS) + " |"
   sep = "|" + "|".join("---" for _ in _TABLE_COLUMNS) + "|"
   lines = [header, sep]
   for row in rows:
-    cells = [_cell(key, row.get(key)) for _, key in _TABLE_COLUMNS]
+    cells = [_row_cell(row, key) for _, key in _TABLE_COLUMNS]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -468,38 +639,109 @@ def summary_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
 # --------------------------------------------------------------------------
 
 
+class MetricsError(ValueError):
+  """A damaged metrics file; the message names the file and the way out."""
+
+
+def _parse_lines(path) -> list[tuple[int, dict[str, Any]]]:
+  """(line number, record) of every line; drops a torn last line."""
+  with open(path, "r", encoding="utf-8") as f:
+    lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+  out = []
+  for k, (lineno, line) in enumerate(lines):
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      if k == len(lines) - 1 and not line.endswith("\n"):
+        break  # a run killed in the middle of writing its last line
+      raise MetricsError(f"{path}:{lineno}: invalid JSON ({e}). "
+                         f"{RECOVER_METRICS}") from e
+    if not isinstance(rec, dict):
+      raise MetricsError(f"{path}:{lineno}: expected a JSON object. "
+                         f"{RECOVER_METRICS}")
+    for key in FLOAT_FIELDS:
+      if key in rec:
+        rec[key] = _to_float(rec[key])
+    out.append((lineno, rec))
+  return out
+
+
+#: What to do with a damaged metrics file.
+RECOVER_METRICS = (
+    "The metrics cannot be rebuilt from a checkpoint: restore the file from a "
+    "copy, or train again in a new --workdir.")
+
+
+def check_metrics(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any,
+                  *, seeds: Sequence[int] | None = None,
+                  num_steps: int | None = None) -> int:
+  """Checks that records are steps 0, 1, ... in order, each once per seed.
+
+    Every step holds one record per seed, seeds in the same order at every
+    step (a file without ``seed`` keys is one seed).
+
+    Args:
+        lines: (line number, record) pairs in file order.
+        path: the file, for the message.
+        seeds: the expected seeds; by default those of step 0.
+        num_steps: if given, the file must hold exactly this many steps.
+
+    Returns:
+        The number of complete steps. An incomplete last step (a run killed
+        while writing a chunk) does not count; `num_steps` refuses it.
+
+    Raises:
+        MetricsError: naming the file, the line and how to recover.
+    """
+  if seeds is None:
+    seeds = []
+    for _, rec in lines:
+      if rec.get("step") != 0 or rec.get("seed", 0) in seeds:
+        break
+      seeds.append(rec.get("seed", 0))
+    seeds = seeds or [0]
+  seeds = list(seeds)
+  for k, (lineno, rec) in enumerate(lines):
+    step, seed = divmod(k, len(seeds))
+    found = (rec.get("step"), rec.get("seed", 0))
+    if found != (step, seeds[seed]):
+      raise MetricsError(
+          f"{path}:{lineno}: expected step {step}, seed {seeds[seed]}, found "
+          f"step {found[0]}, seed {found[1]}: the file is damaged (a line "
+          f"lost, repeated, moved or edited). {RECOVER_METRICS}")
+  complete = len(lines) // len(seeds)
+  if num_steps is not None and (complete != num_steps or
+                                len(lines) % len(seeds)):
+    raise MetricsError(
+        f"{path}: holds {len(lines)} records, {complete} complete steps of "
+        f"{len(seeds)} seed(s), where the checkpoint is at step {num_steps}: "
+        f"the file is damaged or from another run. {RECOVER_METRICS}")
+  return complete
+
+
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """Reads a ``metrics.jsonl`` file.
+  """Reads a ``metrics.jsonl`` file and checks that it is whole.
 
     Blank lines are skipped and an unparsable *last* line (a run killed in the
-    middle of writing it) is dropped. ``null`` (or otherwise non-numeric)
-    values of the float fields (:data:`FLOAT_FIELDS`) become NaN; ``NaN`` and
-    ``Infinity`` literals are parsed as floats.
+    middle of writing it) is dropped, as is an incomplete last step (some
+    seeds written). ``null`` (or otherwise non-numeric) values of the float
+    fields (:data:`FLOAT_FIELDS`) become NaN; ``NaN`` and ``Infinity``
+    literals are parsed as floats. The rest must be what the training loop
+    writes (:func:`check_metrics`): steps 0, 1, ... in order, one record per
+    seed each; the resume of `experiments.train_lib` applies the same check.
 
     Args:
         path: Path of the JSONL file.
 
     Returns:
-        The records, one dict per iteration, in file order.
+        The records, one dict per (step, seed), in file order.
 
     Raises:
-        ValueError: If a line other than the last one is not valid JSON or a
-            line is not a JSON object.
+        MetricsError (a ValueError): If a line other than the last one is not
+            valid JSON, a line is not a JSON object, or a step is missing,
+            repeated or out of order; the message names the file and line.
     """
-  with open(path, "r", encoding="utf-8") as f:
-    lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
-  records: list[dict[str, Any]] = []
-  for k, (lineno, line) in enumerate(lines):
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError as e:
-      if k == len(lines) - 1:
-        break  # truncated final line
-      raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from e
-    if not isinstance(rec, dict):
-      raise ValueError(f"{path}:{lineno}: expected a JSON object")
-    for key in FLOAT_FIELDS:
-      if key in rec:
-        rec[key] = _to_float(rec[key])
-    records.append(rec)
-  return records
+  lines = _parse_lines(path)
+  complete = check_metrics(lines, path)
+  seeds = len(lines) // complete if complete else 1
+  return [rec for _, rec in lines[:complete * seeds]]

@@ -75,11 +75,13 @@ def test_plateau_exit_known_by_construction():
   # Flat at ln10 for 500 steps, then drop by 0.01 per step.
   x = np.concatenate([np.full(500, LN10), LN10 - 0.01 * np.arange(1, 301)])
   thr = 0.95 * LN10
-  ma = np.array([x[max(0, i - 99):i + 1].mean() for i in range(len(x))])
-  expected = next(i for i in range(99, len(x)) if ma[i] < thr)
+  mm = np.array([np.median(x[max(0, i - 99):i + 1]) for i in range(len(x))])
+  expected = next(i for i in range(99, len(x)) if mm[i] < thr)
   assert S.plateau_exit_step(x) == expected
-  # Mean of window ending at 500+k is ln10 - 0.01*k(k+1)/200 < 0.95 ln10.
-  k = next(k for k in range(1, 100) if 0.01 * k * (k + 1) / 200 > 0.05 * LN10)
+  # The window ending at 499+k (50 <= k < 100) holds the k dropped values;
+  # its median is ln10 - 0.01 (k - 49.5), below 0.95 ln10 once
+  # 0.01 (k - 49.5) > 0.05 ln10.
+  k = next(k for k in range(50, 300) if 0.01 * (k - 49.5) > 0.05 * LN10)
   assert expected == 499 + k
 
 
@@ -115,7 +117,7 @@ def test_summarize_run_known_answers():
   records, base, cr, lr = _plateau_run()
   s = S.summarize_run(records)
   assert s["num_steps"] == 1000
-  assert s["final_loss_base"] == pytest.approx(base[-100:].mean())
+  assert s["final_loss_base"] == pytest.approx(np.median(base[-100:]))
   assert s["final_loss_cr"] == pytest.approx(0.5)
   assert s["exit_step_cr"] == S.plateau_exit_step(cr)
   assert 200 < s["exit_step_cr"] < 300
@@ -321,8 +323,89 @@ def test_read_metrics_truncated_and_null(tmp_path):
 def test_read_metrics_corrupt_middle_line(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 0}\n{"step": 1\n{"step": 2}\n')
-  with pytest.raises(ValueError):
+  with pytest.raises(S.MetricsError, match=rf"{path}:2: invalid JSON.*new "
+                     "--workdir"):
     S.read_metrics(path)
+
+
+def _seed_lines(steps, seeds):
+  return "".join(json.dumps({"step": t, "seed": s, "loss_cr": 1.0}) + "\n"
+                 for t in steps for s in seeds)
+
+
+@pytest.mark.parametrize("steps, what", [
+    (list(range(5, 10)), "expected step 0"),                 # truncated head
+    ([0, 1, 3, 4], "expected step 2"),                       # a lost line
+    ([0, 1, 2, 2, 3], "expected step 3"),                    # repeated
+    ([0, 2, 1, 3], "expected step 1"),                       # moved
+])
+def test_read_metrics_refuses_a_damaged_file(tmp_path, steps, what):
+  """Issue 11, item 1: lost, repeated or moved steps are named, not used."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text(_seed_lines(steps, [0]))
+  with pytest.raises(S.MetricsError, match=rf"{path}:\d+: {what}.*new "
+                     "--workdir"):
+    S.read_metrics(path)
+
+
+def test_read_metrics_checks_every_seed(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text(_seed_lines(range(3), [0, 1, 2]))
+  assert [(r["step"], r["seed"]) for r in S.read_metrics(path)] == [
+      (t, s) for t in range(3) for s in range(3)]
+  # A kill while a chunk was written: the incomplete last step is left out.
+  path.write_text(_seed_lines(range(3), [0, 1, 2]) + _seed_lines([3], [0]))
+  assert len(S.read_metrics(path)) == 9
+  text = _seed_lines(range(3), [0, 1, 2]).splitlines(keepends=True)
+  path.write_text("".join(text[:4] + text[5:]))       # step 1, seed 1 lost
+  with pytest.raises(S.MetricsError, match="expected step 1, seed 1"):
+    S.read_metrics(path)
+
+
+def test_one_huge_loss_neither_hides_nor_invents_an_exit():
+  """Issue 11, item 2."""
+  assert S.plateau_exit_step([2.3] * 5 + [4e28] + [2.3] * 300) is None
+  x = np.concatenate([np.full(300, LN10), np.full(300, 0.5)])
+  x[350] = 4e28
+  assert S.plateau_exit_step(x) == S.plateau_exit_step(
+      np.concatenate([np.full(300, LN10), np.full(300, 0.5)]))
+  ma = S.moving_average([2.3] * 5 + [4e28] + [2.3] * 300, 100)
+  np.testing.assert_allclose(ma[-1], 2.3)     # no running sum to cancel
+
+
+def test_summarize_seeds_median_iqr_and_claim_count():
+  """Issue 12: per-seed numbers, the median and IQR, a claim over seeds."""
+  n = 600
+  records = []
+  for seed, flat in enumerate([150, 200, 250, 300, n]):    # seed 4: no exit
+    cr = _plateau_curve(n, flat=flat)
+    lr = np.where(np.arange(n) < flat + 50, 1.0, 0.01)
+    for r in _records(np.full(n, LN10), cr, lr):
+      records.append({**r, "seed": seed})
+  records.sort(key=lambda r: (r["step"], r["seed"]))
+  s = S.summarize_seeds(records, claim_kind="plateau")
+  assert s["num_seeds"] == 5 and s["seeds"] == [0, 1, 2, 3, 4]
+  exits = [p["exit_step_cr"] for p in s["per_seed"]]
+  assert exits[4] is None and exits[:4] == sorted(exits[:4])
+  assert s["median"]["exit_step_cr"] == s["exit_step_cr"] == exits[2]
+  assert s["iqr"]["exit_step_cr"] == [exits[1], exits[3]]
+  assert s["median"]["exit_step_base"] is None          # never, on all seeds
+  assert s["claim"]["holds_on"] == 4 and s["claim"]["required"] == 4
+  assert s["claim"]["holds"] and "4 of 5" in s["claim"]["reason"]
+  table = S.summary_table_markdown([{"run": "r", **s}])
+  assert f"{exits[2]} [{exits[1]}, {exits[3]}]" in table
+  assert "yes (4/5 seeds)" in table
+
+
+def test_no_plateau_claim_survives_one_spike():
+  """Issue 12: Fig. 1's criterion is the last-100 median, not the mean."""
+  n = 400
+  base = np.linspace(2.0, 0.05, n)
+  cr = base.copy()
+  cr[-5] = 3.66                                 # one over-long step
+  c = S.summarize_run(_records(base, cr, np.full(n, 0.01)),
+                      claim_kind="no_plateau")["claim"]
+  assert c["holds"], c["reason"]
 
 
 def test_claim_plateau_adaptive_threshold_is_2x():
