@@ -1,0 +1,108 @@
+"""experiments/device_check.py on the CPU with tiny sizes (no timing asserted).
+
+The check is meant for a lent accelerator with a short lease; this runs the
+very command (`python -m experiments.device_check --tiny`) in a subprocess on
+the CPU, so that it is known to work before device time is spent on it.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import device_check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+  out = tmp_path_factory.mktemp("device_check")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)         # one CPU device, as on a one-GPU machine
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.device_check", f"--out={out}",
+       "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  md, js = out / "device_check.md", out / "device_check.json"
+  assert md.exists() and js.exists()
+  with open(js, encoding="utf-8") as f:
+    saved = json.load(f)
+  return saved, md.read_text(encoding="utf-8")
+
+
+def test_every_section_ran_without_error(report):
+  saved, markdown = report
+  assert saved["finished"]
+  assert set(saved["sections"]) == set(device_check.SECTIONS)
+  for name, section in saved["sections"].items():
+    assert section["status"] == "ok", (name, section.get("error"),
+                                       section.get("traceback"))
+    assert section["error"] is None
+    assert _positive(section["wall_s"]), name
+  assert _positive(saved["total_wall_s"])
+  env = saved["environment"]
+  assert env["backend"] == "cpu" and env["device_kind"]
+  assert env["jax_version"] and env["jaxlib_version"]
+  for title in ("# lrcr device check", "## 1. Exactness", "## 2. Speed",
+                "## 3. Memory", "## 4. Fig. 2 run", "**Goals:**"):
+    assert title in markdown, title
+
+
+def test_exactness_numbers_are_sane(report):
+  exact = report[0]["sections"]["exactness"]["result"]
+  assert exact["reference_dtype"] == "float64"
+  assert exact["reference_device"].lower().startswith("cpu")
+  assert exact["f64_engine_vs_fof_max"] < 1e-10
+  methods = {(c["direction"], c["method"]) for c in exact["cases"]}
+  assert methods == {("grad", "engine"), ("grad", "engine_gram"),
+                     ("grad", "fof"), ("random", "engine"), ("random", "fof")}
+  for c in exact["cases"]:
+    for key in ("slope", "curvature", "ref_slope", "ref_curvature"):
+      assert math.isfinite(c[key]) and c[key] != 0.0, (key, c)
+    assert c["rel_err_slope"] < 1e-3 and c["rel_err_curvature"] < 1e-3, c
+    if c["direction"] == "grad":
+      assert c["slope"] < 0      # -lr grad F is a descent direction
+  for prec in device_check.PRECISIONS:
+    assert exact["max_rel_err"][prec]["engine"] < 1e-3
+  for table in exact["step_timing"].values():
+    for name, t in table.items():
+      if name != "pin_cost":
+        assert _positive(t["ms"]) and _positive(t["ratio"]), name
+    assert _positive(table["pin_cost"]["cr_highest_over_default"])
+
+
+def test_speed_memory_and_fig2_numbers_are_sane(report):
+  saved = report[0]
+  speed = saved["sections"]["speed"]["result"]
+  assert speed["shapes"]
+  for row in speed["shapes"].values():
+    assert set(row["steps"]) == set(device_check.SPEED_STEPS)
+    for name, t in row["steps"].items():
+      assert _positive(t["ms"]) and _positive(t["ratio"]), name
+  assert _positive(speed["scan_chunk"]["steps_per_s"])
+
+  memory = saved["sections"]["memory"]["result"]
+  for row in memory["shapes"].values():
+    for name in (device_check.SGD, device_check.GRAM, device_check.DENSE):
+      assert _positive(row["stats"][name]["peak_bytes"]), name
+    assert _positive(row[f"{device_check.GRAM}/peak_bytes_ratio"])
+
+  fig2 = saved["sections"]["fig2"]["result"]
+  assert fig2["num_steps"] == device_check.Options.tiny_sizes().fig2_steps
+  assert fig2["data_source"] == "mnist_5k"
+  assert _positive(fig2["wall_time_s"]) and _positive(fig2["steps_per_s"])
+  assert fig2["stopped"] is None
+
+  goals = saved["goals"]
+  assert len(goals["goals"]) == 4
+  assert all(g["met"] in (True, False) for g in goals["goals"]), goals
+  assert "--tiny" in goals["summary"]
