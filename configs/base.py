@@ -22,6 +22,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.figure = ""  # the paper's figure, e.g. "Fig. 2"
   config.claim_kind = "plateau"  # plateau | plateau_adaptive | no_plateau | adam
   config.seed = 0
+  # Seeds trained side by side, vectorized in one program: seed i draws its
+  # initialization and batch order from seed + i (experiments.reproduce: 5).
+  config.num_seeds = 1
 
   config.model = ml_collections.ConfigDict()
   config.model.depth = 12  # hidden layers
@@ -42,10 +45,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optimizer.decay_staircase = False
   config.optimizer.sigma = 100.0  # cubic weight of eq. 8
   # How the CR run gets slope and curvature (all exact; experiments/steps.py):
-  # "fused" reuses the gradient pass (lrcr.fused; Gram matrices for SGD),
-  # "lowrank" calls lrcr.lowrank_curvature_fn, "autodiff" forward-over-forward
-  # autodiff, "hvp" a Hessian-vector product. Non-MLP models use "autodiff".
-  config.optimizer.curvature = "fused"
+  # "engine" shares the gradient pass (lrcr.value_grad_and_curvature; Gram
+  # matrices after SGD), "lowrank" calls lrcr.lowrank_curvature_fn,
+  # "autodiff" forward-over-forward autodiff, "hvp" a Hessian-vector product.
+  config.optimizer.curvature = "engine"
   # Beyond the paper (section 4's future work): one alpha per step ("global",
   # the paper), per layer ("layer") or per weight ("variable"), and sigma
   # adapted by Kohler & Lucchi's accept/reject rule.

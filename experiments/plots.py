@@ -1,4 +1,10 @@
-"""Figures in the paper's layout for base vs. base+CR runs.
+"""Figures in the paper's layout for base vs. base+CR runs, over seeds.
+
+Every curve is the median over seeds, with the interquartile range (25th to
+75th percentile) as a band; a single seed gives a plain line. The learning
+rate panel shows CR's rate in the base optimizer's units, the paper's
+100-step moving average of it (per seed, then the median and band), and the
+base optimizer's own learning rate.
 
 Figures are built as :class:`matplotlib.figure.Figure` objects attached to an
 Agg canvas, without pyplot, so nothing is registered with (or leaked into)
@@ -9,6 +15,7 @@ figures are released after saving.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,11 +25,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from experiments.summary import extract_series, extract_steps, moving_average
+from experiments.summary import split_by_seed
 
 #: Colours used in the paper.
 BASE_COLOR = "blue"
 CR_COLOR = "red"
 AVERAGE_COLOR = "green"
+BASE_LR_COLOR = "black"
+
+#: Opacity of the interquartile bands.
+BAND_ALPHA = 0.25
 
 #: Resolution of saved PNGs.
 DPI = 120
@@ -30,23 +42,53 @@ DPI = 120
 Records = Sequence[Mapping[str, Any]]
 
 
-def _finite_xy(x: np.ndarray, y: np.ndarray, *, positive: bool = False):
-  """Drops points with non-finite (or, if ``positive``, non-positive) y."""
-  keep = np.isfinite(x) & np.isfinite(y)
-  if positive:
-    keep &= y > 0
-  return x[keep], y[keep]
+def by_seed(records: Records, key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(steps [T], values [S, T]): one row per seed, NaN where a seed has none."""
+  runs = list(split_by_seed(records).values())
+  steps = np.unique(np.concatenate([extract_steps(r) for r in runs])) \
+      if runs else np.zeros(0)
+  values = np.full((len(runs), len(steps)), np.nan)
+  for row, run in zip(values, runs):
+    row[np.searchsorted(steps, extract_steps(run))] = extract_series(run, key)
+  return steps, values
+
+
+def median_and_quartiles(values: np.ndarray, *, positive: bool = False):
+  """Median, 25th and 75th percentile over seeds (axis 0) of the finite values
+  (and, if `positive`, of the values > 0); NaN where a step has none."""
+  v = np.where(np.isfinite(values) & ((values > 0) if positive else True),
+               values, np.nan)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN steps
+    return tuple(np.nanpercentile(v, q, axis=0) for q in (50, 25, 75))
+
+
+def _band(ax: Axes, steps: np.ndarray, values: np.ndarray, *, color: str,
+          label: str, positive: bool = False, linewidth: float = 0.8,
+          band: bool = True) -> None:
+  """The median line over seeds and, for several seeds, the IQR band."""
+  median, lo, hi = median_and_quartiles(values, positive=positive)
+  keep = np.isfinite(median)
+  ax.plot(steps[keep], median[keep], color=color, linewidth=linewidth,
+          label=label)
+  if band and len(values) > 1:
+    ax.fill_between(steps[keep], lo[keep], hi[keep], color=color,
+                    alpha=BAND_ALPHA, linewidth=0)
+
+
+def _seeds_label(records: Records) -> str:
+  n = len(split_by_seed(records))
+  return f"median of {n} seeds, IQR band" if n > 1 else "one seed"
 
 
 def _plot_losses(ax: Axes, records: Records, base_name: str, *,
                  legend: bool) -> None:
-  steps = extract_steps(records)
   for key, color, label in (
       ("loss_base", BASE_COLOR, base_name),
       ("loss_cr", CR_COLOR, f"{base_name} with CR"),
   ):
-    x, y = _finite_xy(steps, extract_series(records, key))
-    ax.plot(x, y, color=color, linewidth=0.8, label=label)
+    steps, values = by_seed(records, key)
+    _band(ax, steps, values, color=color, label=label)
   ax.set_xlabel("iteration")
   ax.set_ylabel("error (loss)")
   if legend:
@@ -54,19 +96,18 @@ def _plot_losses(ax: Axes, records: Records, base_name: str, *,
 
 
 def _plot_learning_rate(ax: Axes, records: Records, period: int, *,
-                        legend: bool) -> None:
-  steps = extract_steps(records)
-  lr = extract_series(records, "learning_rate_cr")
-  x, y = _finite_xy(steps, lr, positive=True)
-  ax.plot(x, y, color=CR_COLOR, linewidth=0.6, label="calculated rate")
-  x, y = _finite_xy(steps, moving_average(lr, period), positive=True)
-  ax.plot(
-      x,
-      y,
-      color=AVERAGE_COLOR,
-      linewidth=1.2,
-      label=f"period-{period} moving average",
-  )
+                        legend: bool, base_name: str = "base") -> None:
+  steps, lr = by_seed(records, "learning_rate_cr")
+  _band(ax, steps, lr, color=CR_COLOR, label="calculated rate",
+        positive=True, linewidth=0.5, band=False)
+  # The paper's moving average, per seed (non-positive rates left out).
+  average = np.stack([moving_average(np.where(row > 0, row, np.nan), period)
+                      for row in lr]) if len(lr) else lr
+  _band(ax, steps, average, color=AVERAGE_COLOR, positive=True,
+        linewidth=1.2, label=f"period-{period} moving average")
+  steps_b, base_lr = by_seed(records, "base_learning_rate")
+  _band(ax, steps_b, base_lr, color=BASE_LR_COLOR, positive=True,
+        linewidth=1.0, band=False, label=f"{base_name}'s own learning rate")
   ax.set_yscale("log")
   ax.set_xlabel("iteration")
   ax.set_ylabel("learning rate")
@@ -99,13 +140,15 @@ def make_run_figure(
   """Builds the paper's two-panel figure for one run.
 
     Panel (a) shows the loss of the base optimizer (blue) and of base+CR
-    (red) against the iteration; panel (b) shows the CR learning rate
-    (``learning_rate_cr``, red) and its trailing moving average (green) on a
-    log scale. Non-finite values are skipped and non-positive learning rates
-    are masked, so neither crashes plotting.
+    (red) against the iteration; panel (b) shows, on a log scale, the CR
+    learning rate (``learning_rate_cr``, red), its trailing moving average
+    (green) and the base optimizer's own learning rate (black). Each curve
+    is the median over the records' seeds, the losses and the moving average
+    with an interquartile band. Non-finite values are skipped and
+    non-positive learning rates are masked, so neither crashes plotting.
 
     Args:
-        records: Per-iteration metric records.
+        records: Per-(iteration, seed) metric records.
         title: Figure title; should name the configuration and the data used.
         base_name: Name of the base optimizer used in legend and captions.
         period: Moving-average window for panel (b).
@@ -116,15 +159,17 @@ def make_run_figure(
     """
   fig = _new_figure((13.0, 4.8))
   ax_loss, ax_lr = fig.subplots(1, 2)
+  seeds = _seeds_label(records)
   _plot_losses(ax_loss, records, base_name, legend=True)
   ax_loss.set_title(
-      f"(a) Error ({base_name} in blue, {base_name} with CR in red)",
+      f"(a) Error ({base_name} in blue, {base_name} with CR in red; {seeds})",
       fontsize="small",
   )
-  _plot_learning_rate(ax_lr, records, period, legend=True)
+  _plot_learning_rate(ax_lr, records, period, legend=True,
+                      base_name=base_name)
   ax_lr.set_title(
-      f"(b) Learning rate (calculated rate in red, period-{period} moving "
-      "average in green)",
+      f"(b) Learning rate (CR's in red, period-{period} moving average in "
+      f"green, {base_name}'s own in black)",
       fontsize="small",
   )
   fig.suptitle(title)
@@ -164,8 +209,10 @@ def make_overview_figure(
   """Builds a grid figure of several runs.
 
     One column per run, titled with the run's name; the top row holds the
-    losses (base blue, CR red), the bottom row the CR learning rate (red) and
-    its moving average (green) on a log scale.
+    losses (base blue, CR red), the bottom row the CR learning rate (red),
+    its moving average (green) and the base learning rate (black) on a log
+    scale; medians over seeds with interquartile bands, as
+    :func:`make_run_figure`.
 
     Args:
         runs: ``(name, records)`` pairs.
@@ -186,7 +233,8 @@ def make_overview_figure(
   axes = np.asarray(fig.subplots(2, n, squeeze=False))
   for j, (name, records) in enumerate(runs):
     _plot_losses(axes[0, j], records, "base", legend=(j == 0))
-    axes[0, j].set_title(name, fontsize="medium")
+    axes[0, j].set_title(f"{name}\n({_seeds_label(records)})",
+                         fontsize="medium")
     _plot_learning_rate(axes[1, j], records, period, legend=(j == 0))
     if j > 0:
       axes[0, j].set_ylabel("")

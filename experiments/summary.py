@@ -643,7 +643,7 @@ class MetricsError(ValueError):
   """A damaged metrics file; the message names the file and the way out."""
 
 
-def _parse_lines(path) -> list[tuple[int, dict[str, Any]]]:
+def parse_lines(path) -> list[tuple[int, dict[str, Any]]]:
   """(line number, record) of every line; drops a torn last line."""
   with open(path, "r", encoding="utf-8") as f:
     lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
@@ -741,7 +741,7 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             valid JSON, a line is not a JSON object, or a step is missing,
             repeated or out of order; the message names the file and line.
     """
-  lines = _parse_lines(path)
+  lines = parse_lines(path)
   complete = check_metrics(lines, path)
   seeds = len(lines) // complete if complete else 1
   return [rec for _, rec in lines[:complete * seeds]]

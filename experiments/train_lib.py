@@ -3,7 +3,10 @@
     summary = train_lib.train_and_evaluate(config, workdir)
 
 Both runs start from the same parameters and see the same batches, so their
-curves differ only by the CR step length. Per iteration t, for each run with
+curves differ only by the CR step length. Each of `config.num_seeds` seeds
+(seed i draws its initialization and its batch order from `config.seed + i`)
+is one more pair of runs; the seeds are vectorized (`jax.vmap`) inside the
+jitted `lax.scan` of each chunk, so they train as one program. Per iteration t, for each run with
 parameters x_t and batch (X_t, y_t):
 
     F_t = F(x_t; X_t, y_t),  grad_t = dF/dx        # eq. 16, by backprop
@@ -18,11 +21,15 @@ the CR learning rate in the base optimizer's units, alpha_t * lr(t)
 
 The workdir receives
   config.json         the config (a resumed run must match it),
-  metrics.jsonl       one JSON object per iteration, streamed per chunk,
+  metrics.jsonl       one JSON object per iteration and seed, streamed per
+                      chunk (checked whole on resume:
+                      `summary.check_metrics`),
   checkpoints/        both runs' params and optimizer states (orbax), after
                       every chunk, with checkpoints.sha256.json beside it,
   figure.png          the paper's two-panel figure (`plots.plot_run`),
-  summary.json        `summary.summarize_run` plus data and timings.
+  summary.json        `summary.summarize_seeds` (each seed, the median and
+                      the interquartile range over seeds, claim counts)
+                      plus data and timings.
 
 Steps run in chunks of `config.training.chunk_size` under `jax.lax.scan`
 inside one jitted function; a killed run loses at most one chunk, and a
@@ -70,11 +77,12 @@ NONFINITE_POLICIES: tuple[str, ...] = ("skip", "stop")
 
 #: The keys of every metrics record, in file order.
 METRIC_KEYS: tuple[str, ...] = (
-    "step", "loss_base", "loss_cr", "alpha", "base_learning_rate",
+    "step", "seed", "loss_base", "loss_cr", "alpha", "base_learning_rate",
     "learning_rate_cr", "slope", "curvature", "sqnorm", "predicted_decrease",
     "grad_norm_base", "grad_norm_cr", "skipped_base", "skipped_cr", "sigma",
     "alpha_cv", "accepted")
-_INT_METRICS = frozenset({"step", "skipped_base", "skipped_cr", "accepted"})
+_INT_METRICS = frozenset({"step", "seed", "skipped_base", "skipped_cr",
+                          "accepted"})
 
 # Config keys that may change between a run and its resumption: a longer
 # num_steps extends a finished run, and the rest do not change the numbers.
@@ -85,7 +93,7 @@ RESUMABLE_CHANGES: tuple[str, ...] = ("training.num_steps",
 
 
 class TrainState(NamedTuple):
-  """Parameters and optimizer states of the base run and of the CR run."""
+  """Parameters and optimizer states of the base and CR runs, [S, ...] over seeds."""
   params_base: Any
   opt_base: Any
   params_cr: Any
@@ -108,6 +116,11 @@ def check_config(config: Any) -> None:
         math.isfinite(value) and value > 0):
       raise ValueError(f"config.{key}={value!r}: must be a finite number > 0; "
                        f"pass e.g. --config.{key}=<value>.")
+  num_seeds = config.get("num_seeds", 1)
+  if isinstance(num_seeds, bool) or not isinstance(num_seeds, int) or \
+      num_seeds < 1:
+    raise ValueError(f"config.num_seeds={num_seeds!r}: must be an integer >= "
+                     "1; pass e.g. --config.num_seeds=5.")
   if config.training.nonfinite not in NONFINITE_POLICIES:
     raise ValueError(
         f"config.training.nonfinite={config.training.nonfinite!r}: expected "
@@ -160,6 +173,19 @@ def _all_finite(tree: Any) -> Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _curvature_finite(cr: steps.StepOutput) -> Array:
+  """False where the CR step's slope, curvature or solve was not finite.
+
+  The transform then takes alpha = 0 (`info.finite`): a frozen run, not a
+  finite one, so the loop counts it as a non-finite step.
+  """
+  if cr.alphas is not None:               # section 3.1's averagings
+    return jnp.isfinite(cr.alpha)
+  finite = optax.tree.get(cr.opt_state, "info").finite
+  leaves = [jnp.all(x) for x in jax.tree.leaves(finite)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def _apply_if(ok: Array, params: Any, opt_state: Any, out: steps.StepOutput):
   """(params + updates, new opt_state) where `ok`, else unchanged."""
   select = lambda a, b: jax.tree.map(lambda u, v: jnp.where(ok, u, v), a, b)
@@ -208,9 +234,11 @@ def _step_metrics(t: Array, base: steps.StepOutput, cr: steps.StepOutput,
 def make_chunk_fn(config: Any, base_step, cr_step, schedule: optax.Schedule,
                   num_examples: int,
                   batch_sharding: jax.sharding.Sharding | None = None):
-  """run_chunk(state, images, labels, data_key, start, *, length).
+  """run_chunk(state, images, labels, data_keys, start, *, length).
 
-  Runs steps start, ..., start + length - 1 of both runs under `lax.scan`.
+  Runs steps start, ..., start + length - 1 of both runs of every seed under
+  `lax.scan`; the seeds are a `jax.vmap` inside the scan body, so S seeds
+  are one program.
 
   Args:
     config: the run config; reads `training.batch_size`, `nonfinite`,
@@ -227,15 +255,20 @@ def make_chunk_fn(config: Any, base_step, cr_step, schedule: optax.Schedule,
       sums across devices.
 
   Returns:
-    The pure function; it returns (state, metrics of [length] arrays).
+    The pure function. `state` is a `TrainState` whose leaves are [S, ...]
+    and `data_keys` [S] keys; it returns (state, metrics of [length, S]
+    arrays). Under `nonfinite="stop"` the first step at which any seed is
+    not finite freezes every seed, so that the checkpoint before it holds
+    one step for all of them.
   """
   training = config.training
   batch_size, stop = training.batch_size, training.nonfinite == "stop"
   input_shape = tuple(config.model.get("input_shape", ()) or ())
   nan_step = training.get("inject_nan_at_step", -1)
 
-  def step_fn(carry, t, *, images, labels, perms, first_epoch):
-    state, halted = carry
+  def one_seed(state: TrainState, perms: Array, t: Array, first_epoch: Array,
+               images: Array, labels: Array):
+    """Both runs' step t for one seed (vmapped): outputs, ok flags, metrics."""
     epoch, offset = input_pipeline.epoch_and_offset(t, num_examples,
                                                     batch_size)
     idx = jax.lax.dynamic_slice_in_dim(perms[epoch - first_epoch], offset,
@@ -248,33 +281,44 @@ def make_chunk_fn(config: Any, base_step, cr_step, schedule: optax.Schedule,
       y = jax.lax.with_sharding_constraint(y, batch_sharding)
     if nan_step >= 0:
       x = jnp.where(t == nan_step, jnp.nan, x)
-
     base = base_step(state.params_base, state.opt_base, x, y)
     cr = cr_step(state.params_cr, state.opt_cr, x, y)
     ok_b = jnp.isfinite(base.loss) & _all_finite(base.updates)
-    ok_c = jnp.isfinite(cr.loss) & _all_finite(cr.updates)
-    apply_b, apply_c = ok_b, ok_c
-    if stop:
-      apply_b = apply_c = ok_b & ok_c & ~halted
-      halted = halted | ~(ok_b & ok_c)
-    new_state = TrainState(
-        *_apply_if(apply_b, state.params_base, state.opt_base, base),
-        *_apply_if(apply_c, state.params_cr, state.opt_cr, cr))
+    ok_c = (jnp.isfinite(cr.loss) & _all_finite(cr.updates) &
+            _curvature_finite(cr))
     metrics = _step_metrics(t, base, cr,
                             jnp.asarray(schedule(t), jnp.float32))
     metrics.update(skipped_base=(~ok_b).astype(jnp.int32),
                    skipped_cr=(~ok_c).astype(jnp.int32))
+    return base, cr, ok_b, ok_c, metrics
+
+  def apply(state: TrainState, base, cr, apply_b, apply_c) -> TrainState:
+    return TrainState(
+        *_apply_if(apply_b, state.params_base, state.opt_base, base),
+        *_apply_if(apply_c, state.params_cr, state.opt_cr, cr))
+
+  def step_fn(carry, t, *, images, labels, perms, first_epoch):
+    state, halted = carry
+    base, cr, ok_b, ok_c, metrics = jax.vmap(
+        one_seed, in_axes=(0, 0, None, None, None, None))(
+            state, perms, t, first_epoch, images, labels)          # [S] each
+    apply_b, apply_c = ok_b, ok_c
+    if stop:
+      all_ok = jnp.all(ok_b & ok_c)
+      apply_b = apply_c = jnp.broadcast_to(all_ok & ~halted, ok_b.shape)
+      halted = halted | ~all_ok
+    new_state = jax.vmap(apply)(state, base, cr, apply_b, apply_c)
     return (new_state, halted), metrics
 
   def run_chunk(state: TrainState, images: Array, labels: Array,
-                data_key: Array, start: Array, *, length: int):
-    # The permutations of every epoch this chunk touches, drawn once.
+                data_keys: Array, start: Array, *, length: int):
+    # The permutations of every epoch this chunk touches, drawn once per seed.
     num_epochs = (length - 1) // (num_examples // batch_size) + 2
     first_epoch, _ = input_pipeline.epoch_and_offset(start, num_examples,
                                                      batch_size)
-    perms = jax.vmap(lambda e: input_pipeline.permutation(
-        data_key, e, num_examples))(
-            first_epoch + jnp.arange(num_epochs, dtype=jnp.int32))  # [E, N]
+    epochs = first_epoch + jnp.arange(num_epochs, dtype=jnp.int32)
+    perms = jax.vmap(lambda key: jax.vmap(lambda e: input_pipeline.permutation(
+        key, e, num_examples))(epochs))(data_keys)                # [S, E, N]
     body = functools.partial(step_fn, images=images, labels=labels,
                              perms=perms, first_epoch=first_epoch)
     ts = jnp.asarray(start, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
@@ -331,14 +375,14 @@ def _atomic_write(path: str, payload: bytes) -> None:
 
 def save_checkpoint(ckpt: checkpoints.Checkpointer, state: TrainState,
                     step: int, data_key: Array) -> None:
-  """Both runs' state before step `step`, and the data key."""
+  """Both runs' state before step `step`, and the data key(s) [S]."""
   ckpt.save(step, {"state": state,
                    "data_key": jax.random.key_data(data_key)})
 
 
 def restore_checkpoint(ckpt: checkpoints.Checkpointer, state: TrainState,
                        data_key: Array) -> tuple[TrainState, int, Array]:
-  """(state, next step, data key) from the latest verified checkpoint.
+  """(state, next step, data key(s)) from the latest verified checkpoint.
 
   Returns the inputs and step 0 when there is none.
 
@@ -361,27 +405,41 @@ def _as_device_state(state: Any) -> Any:
   return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state)
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-  """Keeps the records of steps < `step` (and drops a torn last line)."""
-  kept = []
-  if os.path.exists(path):
-    with open(path, "r", encoding="utf-8") as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        if isinstance(record, dict) and record.get("step", step) < step:
-          kept.append(json.dumps(record) + "\n")
+def resume_metrics(path: str, step: int, seeds: list[int]) -> None:
+  """Keeps the records of steps < `step`, after checking they are all there.
+
+  The file must hold steps 0, ..., step - 1, once each, in order, one record
+  per seed in `seeds` (`summary.check_metrics`, the check of
+  `summary.read_metrics`); records of later steps (written before a kill,
+  never checkpointed) and a torn last line are dropped.
+
+  Raises:
+    summary.MetricsError: naming the file, the problem and the way out.
+  """
+  if not os.path.exists(path):
+    if step:
+      raise summary_lib.MetricsError(
+          f"{path} is missing, but the checkpoint is at step {step}. "
+          f"{summary_lib.RECOVER_METRICS}")
+    lines = []
+  else:
+    lines = [(n, r) for n, r in summary_lib.parse_lines(path)
+             if not (isinstance(r.get("step"), int) and r["step"] >= step)]
+    summary_lib.check_metrics(lines, path, seeds=seeds, num_steps=step)
+  kept = [json.dumps(jsonable(r), allow_nan=False) + "\n" for _, r in lines]
   _atomic_write(path, "".join(kept).encode("utf-8"))
 
 
-def _records(metrics: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-  """[length] arrays -> one JSON-ready dict per step (non-finite -> None)."""
+def _records(metrics: Mapping[str, np.ndarray],
+             seeds: list[int]) -> list[dict[str, Any]]:
+  """[length, S] arrays -> one JSON-ready dict per (step, seed), step-major."""
   def value(key, x):
     return int(x) if key in _INT_METRICS else jsonable(float(x))
-  return [{key: value(key, metrics[key][i]) for key in METRIC_KEYS}
-          for i in range(len(metrics["step"]))]
+  return [{"step": int(metrics["step"][i, j]), "seed": seed,
+           **{key: value(key, metrics[key][i, j])
+              for key in METRIC_KEYS[2:]}}
+          for i in range(len(metrics["step"]))
+          for j, seed in enumerate(seeds)]
 
 
 def _append_metrics(path: str, records: list[dict[str, Any]]) -> None:
@@ -411,19 +469,25 @@ def jsonable(x: Any) -> Any:
 # The entry point.
 
 
-def _open_workdir(config: Any, workdir: str) -> str:
-  """The absolute workdir, created; refuses one holding another run."""
+def _check_workdir(config: Any, workdir: str) -> str:
+  """The absolute workdir; refuses one holding another run. Creates nothing."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   config_path = os.path.join(workdir, CONFIG_FILE)
   if os.path.exists(config_path):
-    with open(config_path, "r", encoding="utf-8") as f:
-      check_resumable(json.load(f), config, workdir)
+    try:
+      with open(config_path, "r", encoding="utf-8") as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as err:
+      raise ValueError(
+          f"{config_path}: cannot read the saved config ({err}); the file is "
+          "damaged. Use a new --workdir, or write back the config of that "
+          "run to resume it.") from err
+    check_resumable(saved, config, workdir)
   elif os.path.exists(os.path.join(workdir, CHECKPOINT_DIR)):
     raise ValueError(
         f"{os.path.join(workdir, CHECKPOINT_DIR)} exists but {config_path} "
         "does not, so the run cannot be checked against the config. Use a "
         "new --workdir.")
-  os.makedirs(workdir, exist_ok=True)
   return workdir
 
 
@@ -447,25 +511,40 @@ def _load_data(config: Any) -> input_pipeline.Dataset:
   return dataset
 
 
+#: summary.json fields about the last session; a resume with nothing to
+#: train keeps those of the session that trained.
+_TIMING_FIELDS = ("wall_time_s", "compile_time_s", "steps_per_s")
+
+
 def _write_summary(config: Any, workdir: str, dataset, extra: dict[str, Any],
                    base_name: str) -> dict[str, Any]:
   """summary.json and figure.png from every record so far."""
   records = summary_lib.read_metrics(os.path.join(workdir, METRICS_FILE))
-  result = dict(summary_lib.summarize_run(
+  result = dict(summary_lib.summarize_seeds(
       records, num_classes=dataset.num_classes,
       claim_kind=config.get("claim_kind", None) or None))
   result.update(run=config.name, figure=config.get("figure", ""),
                 data=dataset.description, data_source=dataset.source, **extra)
+  seeds = config.get("num_seeds", 1)
   plots.plot_run(
       records, os.path.join(workdir, FIGURE_FILE),
       title=(f"{config.get('figure', '')} {config.name}: {base_name} vs "
              f"{base_name}+CR, lr {config.optimizer.learning_rate:g}, sigma "
-             f"{config.optimizer.sigma:g}; data: {dataset.description}"
-             ).strip(), base_name=base_name)
+             f"{config.optimizer.sigma:g}, {seeds} seed{'s' * (seeds > 1)}; "
+             f"data: {dataset.description}").strip(), base_name=base_name)
   _atomic_write(os.path.join(workdir, SUMMARY_FILE),
                 (json.dumps(jsonable(result), indent=2, allow_nan=False)
                  + "\n").encode("utf-8"))
   return result
+
+
+def _previous_timings(workdir: str) -> dict[str, Any]:
+  try:
+    with open(os.path.join(workdir, SUMMARY_FILE), encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return {key: saved[key] for key in _TIMING_FIELDS if key in saved}
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
@@ -479,7 +558,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     workdir: the directory of the run; created if needed.
 
   Returns:
-    The summary: `summary.summarize_run` of all records so far, plus `run`,
+    The summary: `summary.summarize_seeds` of all records so far (each
+    seed's numbers under `per_seed`, medians over seeds at the top level and
+    under `median`, quartiles under `iqr`), plus `run`,
     `figure`, `data`, `data_source`, `num_params`, `wall_time_s`,
     `compile_time_s`, `steps_per_s`, `resumed_from_step` and `stopped`.
 
@@ -491,7 +572,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     FloatingPointError: under `training.nonfinite="stop"`, at the first
       non-finite step, after the metrics and the last finite state are saved.
   """
-  # Set up: everything that can refuse the config runs before any file.
+  # Set up: everything that can refuse the config or the data runs before
+  # any file is written.
   wall_start = time.perf_counter()
   check_config(config)
   training = config.training
@@ -499,20 +581,27 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   base_tx = optimizers.make_base_optimizer(config.optimizer, schedule)
   cr_tx = optimizers.make_cr_optimizer(config.optimizer, schedule)
   options = steps.CROptions.from_config(config.optimizer)
-  workdir = _open_workdir(config, workdir)
+  workdir = _check_workdir(config, workdir)
   dataset = _load_data(config)
+  os.makedirs(workdir, exist_ok=True)
   model = models.make_model(config.model, dataset.num_classes)
   images = jnp.asarray(dataset.images, jnp.float32)   # [N, D], on device
   labels = jnp.asarray(dataset.labels, jnp.int32)     # [N]
-  init_key, data_key = jax.random.split(jax.random.key(config.seed))
+  # Seed i: its own initialization and batch order, from config.seed + i.
+  seeds = [config.seed + i for i in range(config.get("num_seeds", 1))]
+  keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(
+      jnp.asarray(seeds, jnp.int32))                  # [S, 2]
+  init_keys, data_keys = keys[:, 0], keys[:, 1]
   shape = tuple(config.model.get("input_shape", ()) or images.shape[1:])
-  params = model.init(init_key, images[:1].reshape((1,) + shape))["params"]
-  state = _as_device_state(TrainState(params, base_tx.init(params),
-                                      params, cr_tx.init(params)))
+  params = jax.vmap(lambda k: model.init(
+      k, images[:1].reshape((1,) + shape))["params"])(init_keys)  # [S, ...]
+  state = _as_device_state(TrainState(
+      params, jax.vmap(base_tx.init)(params), params,
+      jax.vmap(cr_tx.init)(params)))
 
   # Restore.
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
-  state, start, data_key = restore_checkpoint(ckpt, state, data_key)
+  state, start, data_keys = restore_checkpoint(ckpt, state, data_keys)
   if start > training.num_steps:
     raise ValueError(
         f"{ckpt.directory} is at step {start}, past "
@@ -526,12 +615,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec("data"))
-    state, images, labels, data_key = jax.device_put(
-        (state, images, labels, data_key), replicated)
+    state, images, labels, data_keys = jax.device_put(
+        (state, images, labels, data_keys), replicated)
+  metrics_path = os.path.join(workdir, METRICS_FILE)
+  resume_metrics(metrics_path, start, seeds)
   _atomic_write(os.path.join(workdir, CONFIG_FILE), (config.to_json_best_effort(
       indent=2, sort_keys=True) + "\n").encode("utf-8"))
-  metrics_path = os.path.join(workdir, METRICS_FILE)
-  _truncate_metrics(metrics_path, start)
 
   # Loop: one jitted lax.scan per chunk, then write metrics and checkpoint.
   run_chunk = jax.jit(make_chunk_fn(
@@ -543,7 +632,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   base_name = optimizers.DISPLAY_NAMES[optimizers.check_name(
       config.optimizer.name)]
   bar = tqdm.tqdm(total=training.num_steps, initial=start,
-                  desc=f"{config.name}: {base_name} vs {base_name}+CR",
+                  desc=f"{config.name}: {base_name} vs {base_name}+CR"
+                  + (f", {len(seeds)} seeds" if len(seeds) > 1 else ""),
                   unit="it", file=sys.stderr, dynamic_ncols=True,
                   disable=not training.progress)
   failure, step = None, start
@@ -551,51 +641,72 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     while step < training.num_steps and not failure:
       length = min(training.chunk_size - step % training.chunk_size,
                    training.num_steps - step)
-      args = (state, images, labels, data_key, jnp.int32(step))
+      args = (state, images, labels, data_keys, jnp.int32(step))
       if length not in compiled:
         tic = time.perf_counter()
         compiled[length] = run_chunk.lower(*args, length=length).compile()
         compile_time += time.perf_counter() - tic
       tic = time.perf_counter()
       state, metrics = compiled[length](*args)
-      metrics = jax.device_get(metrics)
+      metrics = jax.device_get(metrics)                  # [length, S] each
       train_time += time.perf_counter() - tic
-      records, next_step = _records(metrics), step + length
-      bad = np.flatnonzero(metrics["skipped_base"] | metrics["skipped_cr"])
-      if training.nonfinite == "stop" and bad.size:
-        i = int(bad[0])
-        records, next_step = records[:i + 1], step + i
-        runs = [name for name, key in (("base", "skipped_base"),
-                                       ("CR", "skipped_cr")) if metrics[key][i]]
+      records, next_step = _records(metrics, seeds), step + length
+      skipped = {name: np.argwhere(metrics[key]) for name, key in (
+          ("base", "skipped_base"), ("CR", "skipped_cr"))}
+      bad_steps = np.flatnonzero(
+          (metrics["skipped_base"] | metrics["skipped_cr"]).any(axis=1))
+      if training.nonfinite == "stop" and bad_steps.size:
+        i = int(bad_steps[0])
+        records, next_step = records[:(i + 1) * len(seeds)], step + i
+        where = [f"the {name} run of seed {seeds[j]}"
+                 for name, hits in skipped.items() for k, j in hits if k == i]
         failure = (
-            f"Non-finite loss or update at step {step + i} in the "
-            f"{' and '.join(runs)} run(s) of {config.name} "
+            f"Non-finite loss, update or curvature at step {step + i} in "
+            f"{', '.join(where)} of {config.name} "
             "(config.training.nonfinite='stop'). "
-            f"The metrics up to that step and the last finite state (before "
-            f"step {step + i}) are saved in {workdir}. Lower "
-            "config.optimizer.learning_rate or raise config.optimizer.sigma, "
-            "or pass --config.training.nonfinite=skip.")
+            f"The metrics up to that step and the last finite state of every "
+            f"seed (before step {step + i}) are saved in {workdir}. A workdir "
+            "keeps its config, so try other settings in a new --workdir: a "
+            "smaller --config.optimizer.learning_rate, a larger "
+            "--config.optimizer.sigma, or --config.training.nonfinite=skip.")
+      elif bad_steps.size:
+        hits = [f"{step + k} ({name}, seed {seeds[j]})"
+                for name, found in skipped.items() for k, j in found]
+        logging.warning(
+            "%s: skipped %d non-finite step(s) (loss, update or curvature), "
+            "left unchanged: %s%s", config.name, len(hits),
+            ", ".join(hits[:10]), " ..." if len(hits) > 10 else "")
       _append_metrics(metrics_path, records)
-      save_checkpoint(ckpt, state, next_step, data_key)
-      bar.update(next_step - step)
-      bar.set_postfix(loss_base=records[-1]["loss_base"],
-                      loss_cr=records[-1]["loss_cr"],
-                      alpha=records[-1]["alpha"], refresh=False)
+      save_checkpoint(ckpt, state, next_step, data_keys)
+      last = records[-len(seeds):]
+      bar.set_postfix(
+          {key: _median_of(last, key) for key in ("loss_base", "loss_cr",
+                                                  "alpha")}, refresh=False)
+      bar.update(next_step - step)         # draws the readouts of this chunk
       step = next_step
   finally:
     bar.close()
     ckpt.finish()
 
   # Summarise.
-  result = _write_summary(config, workdir, dataset, dict(
-      num_params=lrcr.num_params(params), resumed_from_step=start,
-      compile_time_s=compile_time, stopped=failure,
+  timings = dict(
+      compile_time_s=compile_time,
       steps_per_s=(step - start) / train_time if train_time > 0 else None,
-      wall_time_s=time.perf_counter() - wall_start), base_name)
-  logging.info("%s: %d steps in %.1f s (%.1f steps/s after %.1f s of "
-               "compilation); summary in %s", config.name, step - start,
-               result["wall_time_s"], result["steps_per_s"] or 0.0,
-               compile_time, workdir)
+      wall_time_s=time.perf_counter() - wall_start)
+  if step == start:
+    timings.update(_previous_timings(workdir))
+  result = _write_summary(config, workdir, dataset, dict(
+      num_params=lrcr.num_params(jax.tree.map(lambda a: a[0], params)),
+      resumed_from_step=start, stopped=failure, **timings), base_name)
+  logging.info("%s: %d steps of %d seed(s) in %.1f s (%.1f steps/s after "
+               "%.1f s of compilation); summary in %s", config.name,
+               step - start, len(seeds), timings["wall_time_s"],
+               timings["steps_per_s"] or 0.0, compile_time, workdir)
   if failure:
     raise FloatingPointError(failure)
   return result
+
+
+def _median_of(records: list[dict[str, Any]], key: str) -> float | None:
+  values = [r[key] for r in records if r.get(key) is not None]
+  return float(np.median(values)) if values else None

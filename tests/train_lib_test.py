@@ -6,6 +6,7 @@ through `tfds.data_source`, no TensorFlow needed), as in the flax examples.
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +25,13 @@ import lrcr
 tfds = pytest.importorskip("tensorflow_datasets")
 
 NUM_EXAMPLES = 64
+SEEDS = 2     # the shared runs train two seeds, vectorized
 
 
 def _config(**overrides):
   config = test_config.get_config()
   config.data.source = "tfds"
+  config.num_seeds = SEEDS
   for key, value in overrides.items():
     config.update_from_flattened_dict({key: value})
   return config
@@ -45,8 +48,9 @@ def _metrics_text(workdir):
     return f.read()
 
 
-def _records(workdir):
-  return [json.loads(line) for line in _metrics_text(workdir).splitlines()]
+def _records(workdir, seed=None):
+  records = [json.loads(line) for line in _metrics_text(workdir).splitlines()]
+  return [r for r in records if seed is None or r["seed"] == seed]
 
 
 def _restore(workdir):
@@ -78,7 +82,8 @@ def test_pipeline_writes_the_run_record(reference_run):
                train_lib.FIGURE_FILE, train_lib.SUMMARY_FILE):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   records = _records(workdir)
-  assert [r["step"] for r in records] == list(range(40))
+  assert [(r["step"], r["seed"]) for r in records] == [
+      (t, s) for t in range(40) for s in range(SEEDS)]
   for record in records:
     assert tuple(record) == train_lib.METRIC_KEYS
     assert np.isfinite(record["loss_base"]) and np.isfinite(record["loss_cr"])
@@ -87,12 +92,16 @@ def test_pipeline_writes_the_run_record(reference_run):
         record["learning_rate_cr"],
         record["alpha"] * record["base_learning_rate"], rtol=1e-6)
   # lr(t) = 0.02 * 0.95 ** (t / 100), appendix A.
-  np.testing.assert_allclose(records[39]["base_learning_rate"],
+  np.testing.assert_allclose(records[-1]["base_learning_rate"],
                              0.02 * 0.95 ** 0.39, rtol=1e-6)
   with open(os.path.join(workdir, train_lib.SUMMARY_FILE),
             encoding="utf-8") as f:
     saved = json.load(f)
-  assert saved["num_steps"] == 40
+  assert saved["num_steps"] == 40 and saved["num_seeds"] == SEEDS
+  assert [p["seed"] for p in saved["per_seed"]] == list(range(SEEDS))
+  assert saved["final_loss_cr"] == pytest.approx(np.median(
+      [p["final_loss_cr"] for p in saved["per_seed"]]))
+  assert saved["claim"]["num_seeds"] == SEEDS
   assert saved["data"] == f"tfds mnist:train ({NUM_EXAMPLES} examples)"
   assert saved["claim"]["kind"] == "plateau"
   assert summary["data"] == saved["data"]
@@ -102,15 +111,28 @@ def test_pipeline_writes_the_run_record(reference_run):
 
 def test_both_runs_start_from_the_same_point_on_the_same_batches(
     reference_run):
-  first = _records(reference_run[0])[0]
-  assert first["loss_base"] == first["loss_cr"]
-  assert first["grad_norm_base"] == first["grad_norm_cr"]
+  for first in _records(reference_run[0])[:SEEDS]:
+    assert first["loss_base"] == first["loss_cr"]
+    assert first["grad_norm_base"] == first["grad_norm_cr"]
+
+
+def test_seed_i_is_the_run_of_seed_plus_i(reference_run, tmp_path):
+  """Issue 12: the vectorized seed 1 is a one-seed run with config.seed=1."""
+  _train(_config(**{"seed": 1, "num_seeds": 1, "training.num_steps": 10}),
+         tmp_path)
+  alone, vectorized = _records(tmp_path), _records(reference_run[0], seed=1)
+  assert [r["seed"] for r in alone] == [1] * 10
+  for key in ("loss_base", "loss_cr", "alpha"):
+    np.testing.assert_allclose([r[key] for r in alone],
+                               [r[key] for r in vectorized[:10]], rtol=1e-4)
+  seed0 = _records(reference_run[0], seed=0)
+  assert seed0[0]["loss_base"] != vectorized[0]["loss_base"]
 
 
 def test_the_first_cr_step_matches_an_independent_rebuild(reference_run):
   """Step 0 rebuilt outside the loop: same init, same batch, lrcr.directional
   and the cubic root give the recorded alpha, slope and curvature."""
-  records = _records(reference_run[0])
+  records = _records(reference_run[0], seed=0)
   config = _config()
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
     ds = input_pipeline.load_dataset(config.data.name, "tfds")
@@ -156,7 +178,7 @@ def test_resume_after_a_kill_is_bit_identical(reference_run, tmp_path,
                       killed_before_third_checkpoint)
   with pytest.raises(KeyboardInterrupt):
     _train(_config(), workdir)
-  assert len(_records(workdir)) == 30   # chunk 3 is written, not checkpointed
+  assert len(_records(workdir)) == 30 * SEEDS  # chunk 3: not checkpointed
   monkeypatch.setattr(train_lib, "save_checkpoint", save)
 
   summary = _train(_config(), workdir)
@@ -187,14 +209,71 @@ def test_a_flipped_bit_in_a_weight_is_detected(reference_run, tmp_path):
   assert _metrics_text(workdir) == _metrics_text(reference_run[0])
 
 
-def test_a_longer_num_steps_extends_a_finished_run(reference_run, tmp_path):
+class _Bar:
+  """tqdm stand-in that records what it would draw."""
+  drawn = []
+
+  def __init__(self, *args, **kwargs):
+    self.postfix = None
+
+  def set_postfix(self, postfix, refresh=True):
+    self.postfix = postfix
+
+  def update(self, n):
+    _Bar.drawn.append(self.postfix)
+
+  def close(self):
+    pass
+
+
+def test_a_longer_num_steps_extends_a_finished_run(reference_run, tmp_path,
+                                                   monkeypatch):
   _train(_config(**{"training.num_steps": 25}), tmp_path)
-  assert len(_records(tmp_path)) == 25
+  assert len(_records(tmp_path)) == 25 * SEEDS
+  monkeypatch.setattr(train_lib.tqdm, "tqdm", _Bar)
   summary = _train(_config(), tmp_path)
   assert summary["resumed_from_step"] == 25
   assert _metrics_text(tmp_path) == _metrics_text(reference_run[0])
-  # A finished run is not trained again.
-  assert _train(_config(), tmp_path)["resumed_from_step"] == 40
+  # The bar draws each chunk's own readouts (the median over seeds), not
+  # the chunk before's (issue 11, item 10).
+  last = _records(tmp_path)[-SEEDS:]
+  assert _Bar.drawn[-1]["loss_cr"] == pytest.approx(
+      np.median([r["loss_cr"] for r in last]))
+  # A finished run is not trained again, and keeps its timings.
+  again = _train(_config(), tmp_path)
+  assert again["resumed_from_step"] == 40
+  for key in ("wall_time_s", "compile_time_s", "steps_per_s"):
+    assert again[key] == summary[key], key
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", r"holds 0 records"),
+    ("delete", r"expected step 3, seed 1"),
+    ("duplicate", r"expected step 3, seed 1, found step 3, seed 0"),
+    ("corrupt", r":8: invalid JSON"),
+])
+def test_a_damaged_metrics_file_is_refused_on_resume(reference_run, tmp_path,
+                                                     damage, message):
+  """Issue 11, item 1: the resume checks the metrics against the checkpoint."""
+  shutil.copytree(reference_run[0], tmp_path / "run")
+  path = tmp_path / "run" / train_lib.METRICS_FILE
+  lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+  lines = {"truncate": lambda: ["".join(lines)[:100]],
+           "delete": lambda: lines[:7] + lines[8:],
+           "duplicate": lambda: lines[:7] + lines[6:],
+           "corrupt": lambda: lines[:7] + ["{oops\n"] + lines[8:]}[damage]()
+  path.write_text("".join(lines), encoding="utf-8")
+  before = path.read_bytes()
+  with pytest.raises(ValueError, match=rf"{path}.*{message}.*new --workdir"):
+    _train(_config(**{"training.num_steps": 50}), tmp_path / "run")
+  assert path.read_bytes() == before          # left as it was found
+
+
+def test_a_damaged_config_file_is_named(tmp_path):
+  (tmp_path / train_lib.CONFIG_FILE).write_text('{"name": "te')
+  with pytest.raises(ValueError, match=rf"{tmp_path}/config.json: cannot "
+                     "read the saved config.*new --workdir"):
+    _train(_config(), tmp_path)
 
 
 def test_resuming_with_another_config_is_refused(tmp_path):
@@ -227,10 +306,12 @@ def test_checkpoint_round_trip(tmp_path):
 # Non-finite steps.
 
 
-def test_skip_leaves_a_nonfinite_step_out(tmp_path):
+def test_skip_leaves_a_nonfinite_step_out(tmp_path, caplog):
   summary = _train(_config(**{"training.inject_nan_at_step": 13,
                               "training.num_steps": 20}), tmp_path)
-  records = _records(tmp_path)
+  assert "skipped 4 non-finite step(s)" in caplog.text    # 2 runs x 2 seeds
+  assert "13 (CR, seed 1)" in caplog.text
+  records = _records(tmp_path, seed=1)
   bad = records[13]
   assert bad["loss_base"] is None and bad["loss_cr"] is None
   assert bad["skipped_base"] == bad["skipped_cr"] == 1
@@ -239,17 +320,20 @@ def test_skip_leaves_a_nonfinite_step_out(tmp_path):
     assert np.isfinite(record["loss_base"]) and np.isfinite(record["loss_cr"])
   state, _ = _restore(tmp_path)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
-  assert summary["nonfinite_steps_base"] == summary["nonfinite_steps_cr"] == 1
+  assert summary["nonfinite_steps_base"] == summary["nonfinite_steps_cr"] \
+      == SEEDS
 
 
 def test_stop_raises_after_saving_the_last_finite_state(tmp_path):
   config = _config(**{"training.inject_nan_at_step": 13,
                       "training.nonfinite": "stop"})
   with pytest.raises(FloatingPointError,
-                     match=r"step 13 in the base and CR run"):
+                     match=r"step 13 in the base run of seed 0, .*the CR run "
+                     r"of seed 1.*new --workdir"):
     _train(config, tmp_path)
   records = _records(tmp_path)
-  assert [r["step"] for r in records] == list(range(14))
+  assert [r["step"] for r in records] == [t for t in range(14)
+                                          for _ in range(SEEDS)]
   assert records[-1]["skipped_base"] == 1
   state, step = _restore(tmp_path)
   assert step == 13
@@ -280,7 +364,37 @@ def test_bad_configs_are_refused_up_front(tmp_path, key, value, match):
 
 def test_a_batch_larger_than_the_data_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"config\.training\.batch_size.*20"):
-    _train(_config(**{"training.batch_size": 32}), tmp_path, num_examples=20)
+    _train(_config(**{"training.batch_size": 32}), tmp_path / "run",
+           num_examples=20)
+  assert not (tmp_path / "run").exists()     # no empty workdir left behind
+
+
+def test_nonfinite_curvature_is_a_nonfinite_step(tmp_path, monkeypatch):
+  """Issue 11, item 5: where the transform flags the curvature as not finite
+  (`info.finite`; it then takes alpha = 0, a frozen run), the loop counts a
+  non-finite step, and `stop` fires."""
+  make_cr_step = train_lib.steps.make_cr_step
+
+  def not_finite(model, tx, options):
+    step = make_cr_step(model, tx, options)
+
+    def flagged(params, opt_state, x, y):
+      out = step(params, opt_state, x, y)
+      info = optax.tree.get(out.opt_state, "info")
+      info = info._replace(finite=jax.tree.map(jnp.zeros_like, info.finite))
+      return out._replace(opt_state=optax.tree.set(out.opt_state, info=info))
+    return flagged
+
+  monkeypatch.setattr(train_lib.steps, "make_cr_step", not_finite)
+  config = _config(**{"training.nonfinite": "stop", "training.num_steps": 10,
+                      "num_seeds": 1})
+  with pytest.raises(FloatingPointError, match=r"step 0 in the CR run of "
+                     "seed 0"):
+    _train(config, tmp_path / "stop")
+  summary = _train(_config(**{"training.num_steps": 10, "num_seeds": 1}),
+                   tmp_path / "skip")
+  assert summary["nonfinite_steps_cr"] == 10
+  assert summary["nonfinite_steps_base"] == 0
 
 
 def test_batches_are_a_function_of_the_step():
@@ -341,7 +455,7 @@ def test_cr_options_train(tmp_path, overrides):
 def test_curvature_every_reuses_alpha(tmp_path):
   _train(_config(**{"optimizer.curvature_every": 5,
                     "training.num_steps": 20}), tmp_path)
-  alphas = [r["alpha"] for r in _records(tmp_path)]
+  alphas = [r["alpha"] for r in _records(tmp_path, seed=0)]
   assert all(alphas[i] == alphas[i - i % 5] for i in range(20))
   assert len(set(alphas)) > 1
 
