@@ -15,20 +15,37 @@ sigma/3 in front of the cubic term: their sigma equals this paper's sigma / 2.
 
 Numerics (departures from eq. 37 as printed)
 --------------------------------------------
-* Scale-free form. alpha g does not change when g is scaled, so lrcr solves
-  for the step length t = alpha ||g|| along the unit direction, with
-  s~ = s / ||g|| and h~ = h / ||g||^2:
+Write S = sigma ||g||^3. The model has two exact symmetries: scaling g by c
+(s -> c s, h -> c^2 h, S -> c^3 S, alpha -> alpha / c) and scaling F by l
+(s, h, S -> l s, l h, l S; alpha unchanged). Together they reduce eq. 37 to a
+single dimensionless number, the ratio that sorts the regimes of eq. 41:
 
-      m(t) = s~ t + h~ t^2 / 2 + sigma t^3 / 6,  alpha = t / ||g||
+    c  = sqrt(|s| / S),  q = sqrt(|s| S),  h' = h / q        # h'^2 = h^2 / (|s| S)
+    alpha = c beta(h'),  F - m(alpha) = |s| c D(h')
 
-  This keeps ||g||^3 from under- or overflowing in float32.
-* Cancellation. For h > 0 the numerator of eq. 37 subtracts two nearly equal
-  numbers when h^2 >> |s| sigma ||g||^3 (the first regime of eq. 41). There
-  lrcr uses the conjugate form t = -2 s~ / (h~ + sqrt(h~^2 - 2 s~ sigma)),
-  which is exact algebra and has no cancellation. For h <= 0 eq. 37 as
-  printed is already stable.
-* sqrt(h~^2 + 2|s~| sigma) is evaluated as hypot(h~, sqrt(2|s~| sigma)), so
-  neither square overflows.
+where beta and D solve the model with s = -1 (or +1) and S = 1:
+
+    descent, s < 0:   beta = -h' + sqrt(h'^2 + 2)                   # eq. 37
+    non-descent, s > 0 and h' <= -sqrt(2):  beta = -h' + sqrt(h'^2 - 2)
+
+* Range. c, q and h' are products, quotients and square roots of s, h,
+  ||g||^2 and sigma. lrcr forms them from each input's mantissa and binary
+  exponent (`frexp`), with the exponents kept as integers, so that no
+  intermediate such as h^2, sigma ||g||^3 or 2|s| over- or underflows, and
+  rounds only the final alpha and F - m(alpha) to the input dtype. Against a
+  60-digit reference on inputs spanning the whole float32 range, alpha is
+  within 2.6e-7 (about 2 ulps; tests/cubic_test.py), and likewise in
+  float64. Subnormal inputs count as 0 (XLA flushes them).
+* Cancellation. For h' > 0 the numerator of eq. 37 subtracts two nearly
+  equal numbers when h'^2 >> 1 (the first regime of eq. 41). There lrcr uses
+  the conjugate form beta = 2 / (h' + sqrt(h'^2 + 2)), which is exact algebra
+  without cancellation. For |h'| beyond about 2^32 the limits of eq. 41 are
+  exact to far below an ulp: beta = 1/h' (h' > 0) or 2|h'| (h' < 0).
+* Predicted decrease. At the root, m'(alpha) = 0 turns F - m(alpha) into a
+  sum of positive terms, evaluated as such: with beta as above,
+  D = h' beta^2/2 + beta^3/3 for h' >= 0 and 2 beta/3 - h' beta^2/6 for
+  h' < 0 (descent), and D = beta (|h'| beta - 4) / 6 for the non-descent
+  minimum.
 
 Non-descent directions: the documented policy
 ---------------------------------------------
@@ -39,23 +56,50 @@ minimizer of the cubic model over alpha >= 0:
 
 * s < 0: the positive root of eq. 37 (m decreases there: the paper's step).
 * s >= 0 and h >= 0: alpha = 0. Along g the model only rises; no step.
-* s >= 0 and h < 0: m has a local minimum at the larger root of m' when
-  h~^2 >= 2 s~ sigma. lrcr steps there if the model value is below m(0),
-  otherwise alpha = 0. At a saddle (s = 0, h < 0) this steps off it.
-* g = 0, or any non-finite input: alpha = 0.
+* s > 0 and h < 0: m has a local minimum at the larger root of m' when
+  h^2 >= 2 s S. lrcr steps there if the model value is below m(0),
+  otherwise alpha = 0.
+* s = 0 and h < 0 (a saddle): alpha = 2 |h| / S, which steps off it.
+* g = 0, any non-finite input, or sigma <= 0 (possible only under a
+  transformation such as `jit`, see below): alpha = 0.
 
-The result is finite and >= 0 for every finite input, and the predicted
-decrease F - m(alpha) is >= 0.
+Outside the float range
+-----------------------
+alpha is always finite and >= 0. When the minimizer alpha is itself beyond
+the largest float of the dtype (3e38 in float32; `scale_by_cubic_step` solves
+along a direction with entries of size 1, so this takes a tiny sigma with a
+huge negative curvature), lrcr returns alpha = 0; when it is below the
+smallest normal float it rounds to 0 as well. The
+predicted decrease F - m(alpha) is >= 0 and is +inf when it exceeds the float
+range while alpha does not: `scale_by_cubic_step`'s adaptive sigma rejects
+such a step, and its `info.finite` flags both cases.
+
+sigma
+-----
+`cubic_step` and `cubic_step_length` refuse a concrete sigma (a Python number
+or a concrete array) that is not finite and > 0. Under `jit`, `vmap` or
+`grad` sigma can be a tracer, whose value is unknown at trace time: it is then
+not checked, and every lane with sigma <= 0 or non-finite gets alpha = 0 and a
+predicted decrease of 0.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
+
+# Where h' = m 2^e has e > _HUGE_EXP (|h'| > 2^30), the limits of eq. 41
+# replace the closed form; their relative error, about 1/h'^2 < 2^-60, is
+# below an ulp of float64. Below it (|h'| < 2^34) the float path stays in
+# range: beta^2 |h'| / 6 < 2^105.
+_HUGE_EXP = 32
+_SQRT2 = math.sqrt(2.0)
 
 
 class CubicStep(NamedTuple):
@@ -63,64 +107,243 @@ class CubicStep(NamedTuple):
 
   Attributes:
     alpha: the step length multiplying g (>= 0, finite).
-    predicted_decrease: F - m(alpha) >= 0, the decrease the model predicts.
+    predicted_decrease: F - m(alpha) >= 0, the decrease the model predicts;
+      +inf where it exceeds the float range (see the module docstring).
   """
   alpha: Array
   predicted_decrease: Array
+
+
+def check_sigma(sigma: Any, where: str) -> None:
+  """Refuses a concrete sigma that is not finite and > 0; passes tracers.
+
+  Args:
+    sigma: a Python number, a NumPy or JAX array, or a tracer.
+    where: the call to name in the message, e.g. "cubic_step".
+
+  Raises:
+    ValueError: if sigma is concrete and some entry is <= 0 or not finite.
+    TypeError: if sigma is concrete and not a real number.
+  """
+  if isinstance(sigma, jax.core.Tracer):
+    return   # Unknown at trace time: documented, alpha = 0 where sigma <= 0.
+  try:
+    value = np.asarray(sigma)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"{where}(sigma={sigma!r}): sigma must be a real number "
+                    "> 0 (the paper uses 100 and 1000).") from e
+  if value.dtype == bool or not np.issubdtype(value.dtype, np.number) or \
+     np.issubdtype(value.dtype, np.complexfloating):
+    raise TypeError(f"{where}(sigma={sigma!r}): sigma must be a real number "
+                    f"> 0, got dtype {value.dtype}.")
+  with np.errstate(invalid="ignore"):
+    bad = ~(np.isfinite(value) & (value > 0))
+  if np.any(bad):
+    shown = value if value.ndim == 0 else value[bad][:5]
+    raise ValueError(
+        f"{where}(sigma={shown!r}): sigma must be finite and > 0 (it weighs "
+        "the cubic term sigma/6 alpha^3 ||g||^3 of eq. 8; the paper uses 100 "
+        "and 1000). With sigma <= 0 the model has no minimizer.")
+
+
+# --- Numbers as (mantissa, binary exponent) ----------------------------------
+# x = m 2^e with m a moderate float (within a few powers of two of 1) and e an
+# int32: products, quotients and square roots never leave the float range.
+# Only the inputs and the two results are normalised (frexp, ldexp), and
+# those are read and written from the bits: jnp.frexp and jnp.ldexp are much
+# larger programs, and this code runs once per weight for the "variable"
+# granularity.
+
+
+def _int_type(dtype):
+  return {16: jnp.int16, 32: jnp.int32, 64: jnp.int64}[jnp.finfo(dtype).bits]
+
+
+def _where(cond: Array, a: Any, b: Any) -> Array:
+  """jnp.where as one lax.select (jnp.where and jnp.clip are nested jits:
+  several times the program to compile). a, b: cond's shape, or scalars."""
+  dtype = jnp.result_type(a, b)
+  fit = lambda v: jax.lax.broadcast_in_dim(
+      jnp.asarray(v, dtype), jnp.shape(cond), ()) if jnp.ndim(v) == 0 \
+      else jnp.asarray(v, dtype)
+  return jax.lax.select(cond, fit(a), fit(b))
+
+
+def _clip(k: Array, lo: int, hi: int) -> Array:
+  return jax.lax.clamp(jnp.asarray(lo, k.dtype), k, jnp.asarray(hi, k.dtype))
+
+
+def _pow2(k: Array, dtype) -> Array:
+  """2^k in dtype, exactly; k (int32) is clipped to the normal exponents."""
+  finfo = jnp.finfo(dtype)
+  k = _clip(k, finfo.minexp, finfo.maxexp - 1)
+  bits = jnp.left_shift((k + finfo.maxexp - 1).astype(_int_type(dtype)),
+                        finfo.nmant)
+  return jax.lax.bitcast_convert_type(bits, dtype)
+
+
+def _times_pow2(x: Array, k: Array) -> Array:
+  """x 2^k, exact unless the result leaves the normal floats.
+
+  Two factors 2^(k//2) and 2^(k - k//2), so that 2^k itself need not be
+  representable: |k| up to twice the exponent range.
+  """
+  x = jnp.asarray(x)
+  k1 = jax.lax.shift_right_arithmetic(k, jnp.ones_like(k))   # floor(k / 2)
+  return x * _pow2(k1, x.dtype) * _pow2(k - k1, x.dtype)
+
+
+def _frexp(x: Array) -> tuple[Array, Array]:
+  """(m, e) with |x| = m 2^e and 0.5 <= m < 1; (0, 0) for 0 and subnormals.
+
+  x must be finite.
+  """
+  finfo = jnp.finfo(x.dtype)
+  int_type = _int_type(x.dtype)
+  bits = jax.lax.bitcast_convert_type(jnp.abs(x), int_type)
+  biased = jnp.right_shift(bits, finfo.nmant)          # the sign bit is 0
+  frac = bits & jnp.asarray((1 << finfo.nmant) - 1, int_type)
+  half = jnp.asarray((finfo.maxexp - 2) << finfo.nmant, int_type)   # 0.5
+  m = jax.lax.bitcast_convert_type(frac | half, x.dtype)
+  zero = biased == 0
+  e = (biased - (finfo.maxexp - 2)).astype(jnp.int32)
+  return _where(zero, 0.0, m), _where(zero, 0, e)
+
+
+def _to_float(m: Array, e: Array) -> Array:
+  """m 2^e (m >= 0 finite) rounded: inf above the range, 0 below normals."""
+  m, de = _frexp(m)
+  e = e + de
+  finfo = jnp.finfo(m.dtype)
+  k = _clip(e, finfo.minexp - 1, finfo.maxexp + 1)
+  return _where(e <= finfo.minexp, 0.0, _times_pow2(m, k))
+
+
+def _even(m: Array, e: Array) -> tuple[Array, Array]:
+  """The same number with an even exponent, for a square root."""
+  odd = (e & 1) != 0
+  return _where(odd, 2.0 * m, m), _where(odd, e - 1, e)
+
+
+@jax.jit
+def _solve(slope, curvature, sqnorm, sigma):
+  """(alpha, predicted_decrease, ok) without the concrete-sigma check.
+
+  ok is False where an input was non-finite, or where alpha or the
+  predicted decrease overflowed (see the module docstring); a zero direction
+  or a traced sigma <= 0 gives alpha = 0 with ok True. `scale_by_cubic_step`
+  reports it as `info.finite`.
+  """
+  dtype = jnp.result_type(slope, curvature, sqnorm, sigma)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    dtype = jnp.float32
+  # Half precision is solved in float32 and rounded at the end.
+  work = jnp.promote_types(dtype, jnp.float32)
+  s, h, n2, sig = (jnp.asarray(a, dtype).astype(work) for a in
+                   (slope, curvature, sqnorm, sigma))
+  s, h, n2, sig = jnp.broadcast_arrays(s, h, n2, sig)
+  tiny = jnp.finfo(work).tiny
+  flush = lambda x: _where(jnp.abs(x) < tiny, jnp.zeros_like(x), x)
+  s, h, n2, sig = flush(s), flush(h), flush(n2), flush(sig)
+  finite = (jnp.isfinite(s) & jnp.isfinite(h) & jnp.isfinite(n2)
+            & jnp.isfinite(sig))
+  valid = finite & (n2 > 0) & (sig > 0)
+  one = jnp.ones_like(s)
+  # Placeholders keep the untaken lanes finite (no NaN leaks into grads).
+  s = _where(valid, s, -one)
+  h = _where(valid, h, 0.0 * one)
+  n2 = _where(valid, n2, one)
+  sig = _where(valid, sig, one)
+  saddle = s == 0
+
+  # Mantissas and exponents: |s| = ms 2^es, ... (ms, mh, mn, mg in [0.5, 1)).
+  ms, es = _frexp(_where(saddle, one, s))
+  mh, eh = _frexp(h)
+  mn, en = _even(*_frexp(n2))
+  mg, eg = _frexp(sig)
+  # S = sigma ||g||^3 = mS 2^eS.
+  m_big, e_big = mg * mn * jnp.sqrt(mn), eg + en + jnp.right_shift(en, 1)
+  # c = sqrt(|s| / S) = mc 2^ec: alpha = c beta.
+  mc, ec = _even(ms / m_big, es - e_big)
+  mc, ec = jnp.sqrt(mc), jnp.right_shift(ec, 1)
+  # q = sqrt(|s| S) = mq 2^eq;  |h'| = |h| / q = mhp 2^ehp.
+  mq, eq = _even(ms * m_big, es + e_big)
+  mq, eq = jnp.sqrt(mq), jnp.right_shift(eq, 1)
+  mhp, ehp = mh / mq, eh - eq                  # mhp in [0.2, 3.4]
+  huge = (mh > 0) & (ehp > _HUGE_EXP)
+  # h' in floating point where it is moderate (it may round to 0 when tiny:
+  # that is the limit h' -> 0, exact to an ulp).
+  hp = jnp.sign(h) * _to_float(_where(huge, 0.0, mhp),
+                               _where(huge, 0, ehp))
+
+  # Descent (s < 0), s = -1, S = 1: m'(b) = -1 + h' b + b^2/2 = 0.   # eq. 37
+  r = jnp.sqrt(hp * hp + 2.0)              # sqrt(h'^2 + 2); |h'| < 2^34
+  beta_d = _where(hp > 0, 2.0 / (hp + r), r - hp)      # conjugate form, h' > 0
+  dec_d = _where(hp >= 0, hp * beta_d ** 2 / 2 + beta_d ** 3 / 3,
+                    2 * beta_d / 3 - hp * beta_d ** 2 / 6)
+  # Non-descent (s > 0) with h' <= -sqrt(2): m'(b) = 1 + h' b + b^2/2, the
+  # larger root, a local minimum, taken when m(b) < 0.
+  x = jnp.abs(hp)
+  gap = x - _SQRT2
+  beta_u = x + jnp.sqrt(jnp.maximum(gap, 0.0) * (x + _SQRT2))
+  dec_u = beta_u * (x * beta_u - 4.0) / 6.0
+  up_ok = (hp < 0) & (gap >= 0) & (dec_u > 0)
+  m_beta = _where(s < 0, beta_d, beta_u)
+  m_dec = _where(s < 0, dec_d, dec_u)
+  e_beta = e_dec = jnp.zeros_like(ehp)
+  # |h'| > 2^32: the limits of eq. 41.
+  #   h' > 0 (descent): beta = 1/h', D = 1/(2 h')
+  #   h' < 0:           beta = 2|h'|, D = 2|h'|^3 / 3
+  pos = h > 0
+  safe = _where(huge, mhp, 1.0)
+  m_beta = _where(huge, _where(pos, 1.0 / safe, 2.0 * safe), m_beta)
+  e_beta = _where(huge, _where(pos, -ehp, ehp), e_beta)
+  m_dec = _where(huge, _where(pos, 0.5 / safe, safe ** 3 * (2.0 / 3.0)),
+                    m_dec)
+  e_dec = _where(huge, _where(pos, -ehp, 3 * ehp), e_dec)
+  # alpha = c beta,  F - m(alpha) = |s| c D.
+  m_alpha, e_alpha = mc * m_beta, ec + e_beta
+  m_dec, e_dec = ms * mc * m_dec, es + ec + e_dec
+  # A saddle (s = 0, h < 0): alpha = 2|h| / S, F - m = 2|h|^3 / (3 S^2).
+  m_alpha = _where(saddle, 2.0 * mh / m_big, m_alpha)
+  e_alpha = _where(saddle, eh - e_big, e_alpha)
+  m_dec = _where(saddle, mh ** 3 / m_big ** 2 * (2.0 / 3.0), m_dec)
+  e_dec = _where(saddle, 3 * eh - 2 * e_big, e_dec)
+
+  take = valid & _where(s < 0, True, (h < 0) & (saddle | huge | up_ok))
+  alpha = _where(take, _to_float(m_alpha, e_alpha), 0.0).astype(dtype)
+  decrease = _where(take, _to_float(m_dec, e_dec), 0.0).astype(dtype)
+  alpha_ok = jnp.isfinite(alpha)
+  alpha = _where(alpha_ok, alpha, 0.0)
+  decrease = _where(alpha > 0, decrease, 0.0)
+  ok = finite & alpha_ok & jnp.isfinite(decrease)
+  return alpha, decrease, ok
 
 
 def cubic_step(slope, curvature, sqnorm, sigma) -> CubicStep:
   """Minimizer of the cubic model over alpha >= 0, and its predicted decrease.
 
   See the module docstring for the formulas (eqs. 9, 37), the stable
-  evaluation, and the policy for non-descent directions.
+  evaluation over the whole float range, and the policy for non-descent
+  directions.
 
   Args:
     slope: s = g . grad F.
     curvature: h = g^T H g.
     sqnorm: ||g||^2.
     sigma: the cubic weight, > 0 (this paper's sigma/6 convention).
+      Checked when concrete; under `jit` a sigma <= 0 gives alpha = 0.
 
   Returns:
     `CubicStep(alpha, predicted_decrease)` in the promoted dtype of the
-    inputs.
+    inputs, broadcast together.
+
+  Raises:
+    ValueError: if sigma is concrete and not finite and > 0.
   """
-  dtype = jnp.result_type(slope, curvature, sqnorm, sigma)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    dtype = jnp.float32
-  s, h, n2, sigma = (jnp.asarray(a, dtype) for a in
-                     (slope, curvature, sqnorm, sigma))
-  finite = jnp.isfinite(s) & jnp.isfinite(h) & jnp.isfinite(n2) & (n2 > 0)
-  finite = finite & jnp.isfinite(sigma) & (sigma > 0)
-  one = jnp.ones((), dtype)
-  # Placeholders keep the untaken branches finite (no NaN leaks into grads).
-  norm = jnp.sqrt(jnp.where(finite, n2, one))
-  sig = jnp.where(finite, sigma, one)
-  st = jnp.where(finite, s / norm, -one)           # s~ = s / ||g||
-  ht = jnp.where(finite, h / (norm * norm), one)   # h~ = h / ||g||^2
-
-  # Descent (s~ < 0): the positive root of eq. 37 in scale-free form.
-  root_q = jnp.sqrt(2.0 * jnp.abs(st)) * jnp.sqrt(sig)     # sqrt(2|s~| sigma)
-  disc_descent = jnp.hypot(ht, root_q)                     # sqrt(h~^2 - 2 s~ sigma)
-  conj = 2.0 * jnp.abs(st) / jnp.where(ht > 0, ht + disc_descent, one)
-  t_descent = jnp.where(ht > 0, conj, (disc_descent - ht) / sig)
-
-  # Non-descent (s~ >= 0) with h~ < 0: the larger root of m', if real.
-  gap = jnp.abs(ht) - root_q                               # >= 0 iff real roots
-  disc_up = jnp.sqrt(jnp.maximum(gap, 0.0) * (jnp.abs(ht) + root_q))
-  t_up = (disc_up - ht) / sig
-
-  t = jnp.where(st < 0, t_descent,
-                jnp.where((ht < 0) & (gap >= 0), t_up, 0.0))
-  t = jnp.where(finite, t, 0.0)
-  model = st * t + 0.5 * ht * t * t + sig * t * t * t / 6.0    # m(t) - F
-  # A non-descent local minimum is only taken when it is below m(0).
-  t = jnp.where((st >= 0) & (model >= 0), 0.0, t)
-  model = jnp.where(t > 0, model, 0.0)
-  alpha = jnp.where(finite, t / norm, 0.0)
-  alpha = jnp.where(jnp.isfinite(alpha), alpha, 0.0)
-  decrease = jnp.where(jnp.isfinite(model), -jnp.minimum(model, 0.0), 0.0)
-  return CubicStep(alpha.astype(dtype), decrease.astype(dtype))
+  check_sigma(sigma, "cubic_step")
+  alpha, decrease, _ = _solve(slope, curvature, sqnorm, sigma)
+  return CubicStep(alpha, decrease)
 
 
 def cubic_step_length(slope, curvature, sqnorm, sigma) -> Array:
@@ -135,14 +358,20 @@ def cubic_step_length(slope, curvature, sqnorm, sigma) -> Array:
     slope: s = g . grad F.
     curvature: h = g^T H g.
     sqnorm: ||g||^2.
-    sigma: cubic weight, > 0.
+    sigma: cubic weight, > 0. Checked when concrete; under `jit` a
+      sigma <= 0 gives alpha = 0.
 
   Returns:
-    alpha >= 0, finite for every finite input. For s >= 0 (not a descent
-    direction), g = 0 or non-finite inputs it follows the policy in the module
-    docstring (the global minimizer of the cubic model over alpha >= 0, or 0).
+    alpha >= 0, finite for every input. For s >= 0 (not a descent direction),
+    g = 0, non-finite inputs or a minimizer beyond the float range it follows
+    the policy in the module docstring (the global minimizer of the cubic
+    model over alpha >= 0, or 0).
+
+  Raises:
+    ValueError: if sigma is concrete and not finite and > 0.
   """
-  return cubic_step(slope, curvature, sqnorm, sigma).alpha
+  check_sigma(sigma, "cubic_step_length")
+  return _solve(slope, curvature, sqnorm, sigma)[0]
 
 
 def cubic_model(alpha, slope, curvature, sqnorm, sigma) -> Array:

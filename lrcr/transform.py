@@ -14,6 +14,13 @@ rate (constant or scheduled) cancels out of the CR update: only sigma and the
 base optimizer's preconditioning matter. The effective learning rate in the
 base optimizer's own units is alpha times its learning rate; that is what the
 paper plots.
+
+That holds in floating point too: before calling `curvature_fn` the transform
+divides g, block by block, by the power of two 2^e nearest above its largest
+entry, and solves for the step along that unit-sized direction. Slope,
+curvature and ||g||^2 scale exactly as 2^e, 2^2e and 2^2e, so this changes
+no result, but ||g||^2 (1e60 for a base learning rate of 1e30) can no longer
+overflow inside `curvature_fn`.
 """
 
 from __future__ import annotations
@@ -23,20 +30,39 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lrcr import cubic
-from lrcr.directional import Directional
+from lrcr.types import Directional
 
 Array = jax.Array
 
 
 class CubicStepInfo(NamedTuple):
-  """Diagnostics of the last CR step, shaped like `learning_rate`."""
+  """Diagnostics of the last CR step, shaped like `learning_rate`.
+
+  Attributes:
+    slope: s = g . grad F per block, from `curvature_fn`, in the units of the
+      incoming direction g. NaN or inf stay as `curvature_fn` returned them.
+      It is computed along the rescaled direction and scaled back exactly, so
+      it is +-inf where the value itself exceeds the float range (a direction
+      with ||g||^2 > 3e38 in float32); the step is still right then.
+    curvature: h = g^T H g per block, likewise.
+    sqnorm: ||g||^2 per block, likewise.
+    predicted_decrease: F - m(alpha) >= 0 per block; +inf where it exceeds
+      the float range.
+    finite: bool per block. False where `curvature_fn` returned a non-finite
+      slope, curvature or squared norm (alpha is then 0), or where the solve
+      left the float range (alpha beyond it, then 0; or an infinite predicted
+      decrease). Count `~finite` as a non-finite step: the other fields are
+      not a reliable test, since they may overflow while the step is fine.
+  """
   slope: Any
   curvature: Any
   sqnorm: Any
   predicted_decrease: Any
+  finite: Any
 
 
 class CubicStepState(NamedTuple):
@@ -56,6 +82,16 @@ _MISSING = ("scale_by_cubic_step.update needs the keyword-only extra argument "
             "lrcr.lowrank_curvature_fn(model, x, labels) for an lrcr.MLP, or "
             "lrcr.autodiff_curvature_fn(loss_fn, *args) for any model, and "
             "call tx.update(grads, state, params, curvature_fn=...).")
+
+_CONTRACT = (
+    "curvature_fn(params, direction) must return "
+    "lrcr.Directional(slope, curvature, sqnorm), or a tuple of these three, "
+    "along `direction`: for granularity='global' three scalars (shape ()); "
+    "for 'layer' three trees shaped like lrcr.layer_prefix(params), one "
+    "scalar per layer; for 'variable' three trees shaped like params, one "
+    "value per weight. lrcr.lowrank_curvature_fn(model, x, labels, "
+    "granularity=...) and lrcr.autodiff_curvature_fn(loss_fn, *args, "
+    "granularity=...) build one.")
 
 
 def layer_prefix(tree: Any, fill: Any = 0.0) -> Any:
@@ -83,6 +119,82 @@ def _zeros_for(granularity: str, params: Any, dtype) -> Any:
   return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
 
 
+# --- Exact power-of-two rescaling of the direction ---------------------------
+
+# lrcr.cubic's exact power-of-two helpers and its solve (without the
+# concrete-sigma check, done once in scale_by_cubic_step).
+_times_pow2 = cubic._times_pow2  # pylint: disable=protected-access
+_frexp = cubic._frexp  # pylint: disable=protected-access
+_solve = cubic._solve  # pylint: disable=protected-access
+
+
+def _exponent(max_abs: Array) -> Array:
+  """e with max_abs 2^-e in [0.5, 1); 0 for 0, subnormal or non-finite."""
+  usable = jnp.isfinite(max_abs)
+  e = _frexp(jnp.where(usable, max_abs, 0.0))[1]
+  return jnp.where(usable, e, 0)
+
+
+def _max_abs(tree: Any) -> Array:
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype)
+                            for x in leaves]))
+
+
+def _block_exponents(granularity: str, updates: Any) -> Any:
+  """One exponent per block, shaped like `learning_rate`: e of max |g_block|."""
+  if granularity == "global":
+    return _exponent(_max_abs(updates))
+  if granularity == "layer":
+    return jax.tree.map(lambda _, sub: _exponent(_max_abs(sub)),
+                        layer_prefix(updates), updates)
+  return jax.tree.map(lambda u: _exponent(jnp.abs(u)), updates)
+
+
+def _per_block(fn, blocks: Any, tree: Any) -> Any:
+  """fn(block leaf, leaf of tree) on every leaf of tree under each block."""
+  return jax.tree.map(
+      lambda b, sub: jax.tree.map(lambda u: fn(b, u), sub), blocks, tree)
+
+
+def _describe(x: Any) -> str:
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    return f"{type(x).__name__} of shape {tuple(x.shape)}"
+  return f"{type(x).__name__} {x!r}"[:200]
+
+
+def _as_directional(d: Any, granularity: str, like: Any) -> Directional:
+  """d as a Directional whose fields match `like` (the learning_rate tree)."""
+  where = f"scale_by_cubic_step(granularity={granularity!r})"
+  if not isinstance(d, Directional):
+    if not (isinstance(d, (tuple, list)) and len(d) == 3):
+      raise TypeError(f"{where}: {_CONTRACT} It returned a {_describe(d)}.")
+    d = Directional(*d)
+  expected = jax.tree.structure(like)
+  shapes = [jnp.shape(x) for x in jax.tree.leaves(like)]
+  for name, value in zip(Directional._fields, d):
+    got = jax.tree.structure(value)
+    if got != expected:
+      raise TypeError(f"{where}: {_CONTRACT} Its {name} has structure {got}, "
+                      f"expected {expected}.")
+    for leaf, shape in zip(jax.tree.leaves(value), shapes):
+      try:
+        dtype = jnp.result_type(leaf)
+      except TypeError:
+        dtype = None
+      if dtype is None or not (jnp.issubdtype(dtype, jnp.floating) or
+                               jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{where}: {_CONTRACT} Its {name} has a leaf "
+                        f"{_describe(leaf)}, not a real number.")
+      if jnp.shape(leaf) != shape:
+        raise TypeError(f"{where}: {_CONTRACT} Its {name} has a leaf of "
+                        f"shape {jnp.shape(leaf)}, expected {shape}.")
+  return d
+
+
 def scale_by_cubic_step(
     sigma: float | Array,
     *,
@@ -101,6 +213,9 @@ def scale_by_cubic_step(
   preceding transforms), it evaluates s = g . grad F, h = g^T H g and ||g||^2
   through `curvature_fn(params, g)`, solves the cubic model of eq. 8 for alpha
   (eq. 37, stable, see `lrcr.cubic`) and returns alpha g (eqs. 42-43).
+  `curvature_fn` is called with g divided by a power of two per block (see
+  the module docstring); slope, curvature and ||g||^2 being linear and
+  quadratic in g, this is exact.
 
   Granularity (section 4's future work, appendix B Table 2):
 
@@ -110,44 +225,51 @@ def scale_by_cubic_step(
     m_k(a) = a s_k + a^2/2 g_k^T H_kk g_k + sigma/6 a^3 ||g_k||^3, each layer
     solved on its own; cross-layer blocks are ignored. `curvature_fn` returns
     one scalar per layer (`lowrank_curvature_fn(..., granularity="layer")`,
-    a tree like `layer_prefix(params)`).
+    a tree like `layer_prefix(params)`); each layer's values must depend on
+    that layer's part of the direction only.
   * "variable": one alpha_i per weight from the diagonal model
     m_i(a) = a g_i dF/dw_i + a^2/2 g_i^2 H_ii + sigma/6 |a g_i|^3. In the unit
     step t = a |g_i| this is Table 2's model with a unit baseline step along
     each variable. Consequence: the step alpha_i g_i depends on the base
     optimizer only through the sign of g_i, so after SGD, Adagrad, Adadelta
-    or Adam (which keep the gradient's sign) it is the same method; in float32
-    a weight with |g_i| below about 1e-19 (g_i^2 underflows) gets no step. `curvature_fn` returns trees shaped like params
+    or Adam (which keep the gradient's sign) it is the same method.
+    `curvature_fn` returns trees shaped like params
     (`lowrank_curvature_fn(..., granularity="variable")`, built from the
     exact Hessian diagonal `lrcr.hessian_diagonal`).
 
   Every block follows the same stable root and non-descent policy: alpha is
   the minimizer of its cubic model over alpha >= 0, so a block whose
   direction does not descend gets 0 unless negative curvature makes a step
-  pay. Non-finite inputs give 0; nothing returns NaN.
+  pay. Non-finite slope, curvature or ||g||^2 give alpha = 0 for that block
+  and `info.finite = False`; NaN never reaches alpha.
 
   Adaptive sigma (Kohler & Lucchi 2017, Algorithm 1), off by default: with
   `value_fn` (params -> batch loss F) passed as an extra argument, each step
   evaluates F at the trial point (one extra forward pass) and
-  rho = (F(x) - F(x + alpha g)) / predicted decrease. rho >= eta_successful
-  accepts the step, otherwise it is rejected (zero update). sigma is divided
-  by gamma when rho > eta_very_successful, kept when successful, and
-  multiplied by gamma when rejected, within [sigma_min, sigma_max]. Kohler &
-  Lucchi write sigma/3 in front of the cubic term; lrcr keeps this paper's
-  sigma/6 throughout, so their sigma_KL equals sigma / 2 here. Their update
-  rule is scale-free (multiplicative), so only the initial value needs
-  converting. `state.sigma` records the current sigma.
+  rho = (F(x) - F(x + alpha g)) / predicted decrease. A step with some
+  alpha > 0 is accepted only when the predicted decrease is finite and > 0
+  and rho >= eta_successful; otherwise it is rejected (zero update) and sigma
+  grows. An update with alpha = 0 everywhere moves nothing and keeps sigma.
+  sigma is divided by gamma when rho > eta_very_successful, kept when
+  successful, and multiplied by gamma when rejected, within [sigma_min,
+  sigma_max]. Kohler & Lucchi write sigma/3 in front of the cubic term; lrcr
+  keeps this paper's sigma/6 throughout, so their sigma_KL equals sigma / 2
+  here. Their update rule is scale-free (multiplicative), so only the
+  initial value needs converting. `state.sigma` records the current sigma.
 
   Args:
-    sigma: the cubic weight, > 0, in the paper's sigma/6 convention (eq. 8);
-      the initial value when `adaptive_sigma`.
+    sigma: the cubic weight, a finite scalar > 0, in the paper's sigma/6
+      convention (eq. 8); the initial value when `adaptive_sigma`. A Python
+      number or a concrete array is checked here; a tracer (the transform
+      built inside `jit` with a traced sigma) cannot be, and a sigma <= 0
+      then gives alpha = 0 on every update.
     granularity: "global", "layer" or "variable".
     adaptive_sigma: update sigma from the actual/predicted decrease ratio.
     eta_successful: rho threshold to accept a step (K&L: 0.1).
     eta_very_successful: rho threshold to decrease sigma (K&L: 0.9).
-    gamma: factor of the sigma updates (K&L: 2).
-    sigma_min: lower bound of adaptive sigma.
-    sigma_max: upper bound of adaptive sigma.
+    gamma: factor of the sigma updates, > 1 (K&L: 2).
+    sigma_min: lower bound of adaptive sigma, > 0.
+    sigma_max: upper bound of adaptive sigma, >= sigma_min.
     curvature_every: an option that trades exactness for speed, off by
       default (1): evaluate the curvature and refresh alpha only on every
       k-th update and reuse the last alpha in between (`curvature_fn` is not
@@ -159,20 +281,22 @@ def scale_by_cubic_step(
     keyword-only extra argument `curvature_fn` (and `value_fn`, plus
     optionally `value` = F(params), when `adaptive_sigma`), and requires
     `params`. The state is `CubicStepState(learning_rate=alpha, info, sigma,
-    accepted)`; `optax.tree.get(state, "learning_rate")` reads alpha (a
-    scalar, one per layer, or one per weight).
+    accepted, count)`; `optax.tree.get(state, "learning_rate")` reads alpha
+    (a scalar, one per layer, or one per weight), and `info` is a
+    `CubicStepInfo` whose `finite` field flags non-finite curvature.
 
   Raises:
-    ValueError: if sigma is a Python number <= 0 or not finite, or for an
-      unknown granularity.
+    ValueError: if sigma is concrete and not a finite scalar > 0, for an
+      unknown granularity, or for bad adaptive-sigma or curvature_every
+      settings.
     TypeError: at update time, if `curvature_fn`, `params` or (adaptive)
-      `value_fn` is missing, or `curvature_fn` returns the wrong structure
-      for the granularity.
+      `value_fn` is missing, or `curvature_fn` breaks its contract (the
+      message states it).
   """
-  if isinstance(sigma, (int, float)) and not (0 < sigma < float("inf")):
-    raise ValueError(
-        f"scale_by_cubic_step(sigma={sigma!r}): sigma must be a finite number "
-        f"> 0 (the paper uses 100 and 1000).")
+  cubic.check_sigma(sigma, "scale_by_cubic_step")
+  if not isinstance(sigma, jax.core.Tracer) and jnp.ndim(sigma) != 0:
+    raise ValueError(f"scale_by_cubic_step(sigma=array of shape "
+                     f"{jnp.shape(sigma)}): sigma must be a scalar.")
   if not (isinstance(curvature_every, int) and curvature_every >= 1):
     raise ValueError(f"curvature_every={curvature_every!r}: must be an "
                      "integer >= 1 (1 = every step, the paper).")
@@ -183,13 +307,25 @@ def scale_by_cubic_step(
     raise ValueError(
         f"scale_by_cubic_step(granularity={granularity!r}): expected one of "
         f"{GRANULARITIES}.")
+  if adaptive_sigma:
+    if not 0 < sigma_min <= sigma_max < float("inf"):
+      raise ValueError(f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r}: "
+                       "need 0 < sigma_min <= sigma_max < inf.")
+    if not 1 < gamma < float("inf"):
+      raise ValueError(f"gamma={gamma!r}: must be > 1 (K&L use 2).")
+    if not 0 < eta_successful <= eta_very_successful:
+      raise ValueError(
+          f"eta_successful={eta_successful!r}, eta_very_successful="
+          f"{eta_very_successful!r}: need 0 < eta_successful <= "
+          "eta_very_successful (K&L: 0.1 and 0.9).")
 
   def init_fn(params: Any) -> CubicStepState:
     dtype = _float_dtype(params)
     zeros = lambda: _zeros_for(granularity, params, dtype)
+    trues = jax.tree.map(lambda z: jnp.ones(jnp.shape(z), bool), zeros())
     return CubicStepState(
         learning_rate=zeros(),
-        info=CubicStepInfo(zeros(), zeros(), zeros(), zeros()),
+        info=CubicStepInfo(zeros(), zeros(), zeros(), zeros(), trues),
         sigma=jnp.asarray(sigma, dtype), accepted=jnp.asarray(True),
         count=jnp.zeros((), jnp.int32))
 
@@ -211,53 +347,65 @@ def scale_by_cubic_step(
           "params).")
     dtype = state.sigma.dtype
     sig = state.sigma
-    expected = jax.tree.structure(state.learning_rate)
+    treedef = jax.tree.structure(state.learning_rate)
+    # g' = g 2^-e per block, max |g'| in [0.5, 1): curvature_fn sees a
+    # unit-sized direction, and alpha' along g' is alpha 2^e.
+    exps = _block_exponents(granularity, updates)
+    unit = _per_block(lambda e, u: _times_pow2(u, -e), exps, updates)
 
     def fresh(_):
-      d = curvature_fn(params, updates)
-      if not isinstance(d, Directional):
-        d = Directional(*d)
-      if jax.tree.structure(d.slope) != expected:
-        raise TypeError(
-            f"scale_by_cubic_step(granularity={granularity!r}) got a "
-            f"curvature_fn whose slope has structure "
-            f"{jax.tree.structure(d.slope)}, expected {expected}. Build it "
-            f"with lrcr.lowrank_curvature_fn(model, x, labels, "
-            f"granularity={granularity!r}).")
-      steps = jax.tree.map(
-          lambda s, h, n2: cubic.cubic_step(s, h, n2, sig), d.slope,
-          d.curvature, d.sqnorm)
-      is_step = lambda x: isinstance(x, cubic.CubicStep)
-      alpha = jax.tree.map(lambda st: st.alpha.astype(dtype), steps,
-                           is_leaf=is_step)
-      decrease = jax.tree.map(
-          lambda st: st.predicted_decrease.astype(dtype), steps,
-          is_leaf=is_step)
-      cast = lambda t: jax.tree.map(lambda a: jnp.asarray(a).astype(dtype), t)
-      return alpha, CubicStepInfo(cast(d.slope), cast(d.curvature),
-                                  cast(d.sqnorm), decrease)
+      d = _as_directional(curvature_fn(params, unit), granularity,
+                          state.learning_rate)
+      # One solve for all blocks, on the leaves flattened and concatenated.
+      flat = lambda tree, dt: jnp.concatenate([
+          jnp.ravel(jnp.asarray(x).astype(dt))
+          for x in treedef.flatten_up_to(tree)])
+      s, h, n2 = (flat(f, dtype) for f in d)
+      e = flat(exps, jnp.int32)
+      alpha_unit, decrease, ok = _solve(s, h, n2, sig)
+      shapes = [jnp.shape(x) for x in jax.tree.leaves(state.learning_rate)]
+      ends = np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1]
+      tree = lambda x: jax.tree.unflatten(treedef, [
+          part.reshape(shape) for part, shape in zip(jnp.split(x, ends),
+                                                     shapes)])
+      # Back to the units of g: s 2^e, h 2^2e, ||g||^2 2^2e, alpha 2^-e.
+      info = CubicStepInfo(
+          slope=tree(_times_pow2(s, e)),
+          curvature=tree(_times_pow2(h, 2 * e)),
+          sqnorm=tree(_times_pow2(n2, 2 * e)),
+          predicted_decrease=tree(decrease), finite=tree(ok))
+      return tree(alpha_unit), tree(_times_pow2(alpha_unit, -e)), info
+
+    def reuse(_):
+      alpha = state.learning_rate
+      return (jax.tree.map(_times_pow2, alpha, exps), alpha, state.info)
 
     if curvature_every == 1:
-      alpha, info = fresh(None)
+      alpha_unit, alpha, info = fresh(None)
     else:
-      alpha, info = jax.lax.cond(
-          state.count % curvature_every == 0, fresh,
-          lambda _: (state.learning_rate, state.info), None)
-    decrease = info.predicted_decrease
-    new_updates = jax.tree.map(
-        lambda a, sub: jax.tree.map(lambda u: (a * u).astype(u.dtype), sub),
-        alpha, updates)
+      alpha_unit, alpha, info = jax.lax.cond(
+          state.count % curvature_every == 0, fresh, reuse, None)
+    # alpha g = alpha' g'.                                           # eq. 42
+    new_updates = _per_block(lambda a, u: (a * u).astype(u.dtype),
+                             alpha_unit, unit)
     accepted = jnp.asarray(True)
     if adaptive_sigma:
       f0 = value_fn(params) if value is None else value
       trial = optax.apply_updates(params, new_updates)
-      predicted = sum(jnp.sum(x) for x in jax.tree.leaves(decrease))
+      predicted = sum(jnp.sum(x) for x in
+                      jax.tree.leaves(info.predicted_decrease))
       actual = f0 - value_fn(trial)
-      rho = actual / jnp.where(predicted > 0, predicted, 1.0)
-      no_step = predicted <= 0           # alpha = 0: nothing to judge
-      accepted = no_step | (jnp.isfinite(rho) & (rho >= eta_successful))
-      very = ~no_step & jnp.isfinite(rho) & (rho > eta_very_successful)
-      sig = jnp.where(very, sig / gamma, jnp.where(accepted, sig, sig * gamma))
+      # Every step with alpha > 0 faces the ratio test; a predicted decrease
+      # that is 0 or overflowed cannot pass it.
+      moves = jnp.any(jnp.stack([jnp.any(a > 0)
+                                 for a in jax.tree.leaves(alpha_unit)]))
+      judged = jnp.isfinite(predicted) & (predicted > 0)
+      rho = actual / jnp.where(judged, predicted, 1.0)
+      success = judged & jnp.isfinite(rho) & (rho >= eta_successful)
+      very = judged & jnp.isfinite(rho) & (rho > eta_very_successful)
+      accepted = ~moves | success
+      sig = jnp.where(~moves, sig, jnp.where(
+          very, sig / gamma, jnp.where(success, sig, sig * gamma)))
       sig = jnp.clip(sig, sigma_min, sigma_max).astype(dtype)
       new_updates = jax.tree.map(
           lambda u: jnp.where(accepted, u, jnp.zeros_like(u)), new_updates)

@@ -21,17 +21,21 @@ def eq37(s, h, n2, sigma):
 
 def test_matches_eq37_on_random_descent_inputs():
   rng = np.random.default_rng(0)
+  n = 500
+  s = -10 ** rng.uniform(-4, 2, n)
+  h = rng.normal(size=n) * 10 ** rng.uniform(-3, 2, n)
+  n2 = 10 ** rng.uniform(-3, 3, n)
+  sigma = 10 ** rng.uniform(0, 4, n)
   with jax.enable_x64(True):
-    for _ in range(500):
-      s = -10 ** rng.uniform(-4, 2)
-      h = rng.normal() * 10 ** rng.uniform(-3, 2)
-      n2 = 10 ** rng.uniform(-3, 3)
-      sigma = 10 ** rng.uniform(0, 4)
-      a = float(lrcr.cubic_step_length(s, h, n2, sigma))
-      np.testing.assert_allclose(a, eq37(s, h, n2, sigma), rtol=1e-9)
-      # It is a stationary point of the model: m'(a) = 0 (eq. 9).
-      dm = s + h * a + 0.5 * sigma * n2 ** 1.5 * a * a
-      assert abs(dm) <= 1e-9 * (abs(s) + abs(h * a) + 0.5 * sigma * n2 ** 1.5 * a * a)
+    alphas = np.asarray(jax.jit(jax.vmap(lrcr.cubic_step_length))(
+        s, h, n2, sigma))
+  for a, *args in zip(alphas, s, h, n2, sigma):
+    np.testing.assert_allclose(a, eq37(*args), rtol=1e-9)
+  # It is a stationary point of the model: m'(a) = 0 (eq. 9).
+  big_s = sigma * n2 ** 1.5
+  dm = s + h * alphas + 0.5 * big_s * alphas ** 2
+  assert np.all(np.abs(dm) <= 1e-9 * (np.abs(s) + np.abs(h * alphas)
+                                      + 0.5 * big_s * alphas ** 2))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
@@ -141,3 +145,139 @@ def test_always_finite_and_nonnegative(dtype):
     assert np.all(np.asarray(alpha[-4:]) == 0)
     zero_dir = arr[:, 2] == 0
     assert bool(jnp.all(alpha[zero_dir] == 0))
+
+
+# --- The whole float range against a 60-digit reference (issue 11). ---------
+
+
+def reference_step(s, h, n2, sigma):
+  """(alpha, F - m(alpha), scale) of the documented policy, in 60 digits.
+
+  An independent evaluation: eq. 37 (or its conjugate where eq. 37 cancels)
+  and the model value m(alpha) summed term by term. `scale` is the sum of the
+  terms' magnitudes, the size of F - m's rounding error.
+  """
+  with decimal.localcontext() as ctx:
+    ctx.prec = 60
+    s, h, n2, sigma = (decimal.Decimal(float(v)) for v in (s, h, n2, sigma))
+    big_s = sigma * n2 * n2.sqrt()
+    if s < 0:
+      root = (h * h - 2 * s * big_s).sqrt()
+      a = -2 * s / (h + root) if h > 0 else (root - h) / big_s
+    elif s > 0 and h < 0 and h * h >= 2 * s * big_s:
+      a = ((h * h - 2 * s * big_s).sqrt() - h) / big_s
+    elif s == 0 and h < 0:
+      a = -2 * h / big_s
+    else:
+      return 0.0, 0.0, 0.0
+    m = s * a + h * a * a / 2 + big_s * a ** 3 / 6
+    scale = abs(s * a) + abs(h * a * a) / 2 + big_s * a ** 3 / 6
+    if m >= 0:
+      return 0.0, 0.0, float(scale)
+    return float(a), float(-m), float(scale)
+
+
+def _log_uniform_inputs(rng, n, lo, hi):
+  """(s, h, ||g||^2, sigma) with magnitudes 10^U(lo, hi), random signs, zeros."""
+  mag = lambda: 10.0 ** rng.uniform(lo, hi, n)
+  s = rng.choice([-1, -1, 0, 1], n) * mag()
+  h = rng.choice([-1, 0, 1], n) * mag()
+  return np.stack([s, h, mag(), mag()], 1)
+
+
+def _check_against_reference(x, dtype, rtol):
+  """Solves the rows of x in dtype; returns (cases in range, max rel errors)."""
+  finfo = np.finfo(dtype)
+  big, tiny = float(finfo.max), float(finfo.tiny)
+  x = x.astype(dtype)
+  step = jax.jit(jax.vmap(lrcr.cubic_step))(*jnp.asarray(x).T)
+  alpha = np.asarray(step.alpha, np.float64)
+  dec = np.asarray(step.predicted_decrease, np.float64)
+  ref = np.array([reference_step(*row) for row in x.astype(np.float64)])
+  ra, rd, scale = ref.T
+  assert np.all(np.isfinite(alpha)) and np.all(alpha >= 0)
+  assert np.all(dec >= 0) and not np.any(np.isnan(dec))
+  # No step where the policy takes none.
+  assert np.all(alpha[ra == 0] == 0)
+  # A representable alpha is right to a few ulps.
+  in_range = (ra > 1.01 * tiny) & (ra < big / 1.01)
+  rel = np.abs(alpha[in_range] - ra[in_range]) / ra[in_range]
+  assert rel.max() <= rtol, x[in_range][np.argmax(rel)]
+  # Beyond the float range: no step (documented).
+  assert np.all(alpha[ra >= big * 1.01] == 0)
+  # The predicted decrease: right where representable, +inf above the range.
+  d_in = in_range & (rd > 1.01 * tiny) & (rd < big / 1.01)
+  err = np.abs(dec[d_in] - rd[d_in])
+  # Relative, except where F - m itself cancels (a non-descent minimum just
+  # below m(0)): there relative to the terms of m.
+  rel_d = err / np.minimum(rd[d_in], 1e300)
+  ok = (rel_d <= rtol) | (err <= rtol * scale[d_in])
+  assert np.all(ok), x[d_in][~ok][:3]
+  assert np.all(dec[in_range & (rd >= big * 1.01)] == np.inf)
+  return int(in_range.sum()), float(rel.max()), float(rel_d.max())
+
+
+def test_float32_whole_range_matches_60_digit_reference():
+  """20000 inputs with magnitudes 1e-38..3e38 (issue 11).
+
+  Measured: 9704 have alpha in the float32 range; max relative error 2.6e-7
+  for alpha (2.1 ulps) and 6.0e-7 for a descent step's F - m. The previous
+  scale-free form was wrong (rel. error > 1e-5) on 1696 of them, 1621 of
+  which it returned as alpha = 0.
+  """
+  x = _log_uniform_inputs(np.random.default_rng(11), 20000, -37.9, 38.5)
+  n, _, _ = _check_against_reference(x, np.float32, rtol=1e-6)
+  assert n > 9000
+
+
+def test_float64_whole_range_matches_60_digit_reference():
+  """Magnitudes 1e-300..1e300; measured max relative error 4.5e-16."""
+  x = _log_uniform_inputs(np.random.default_rng(12), 4000, -300, 300)
+  with jax.enable_x64(True):
+    n, _, _ = _check_against_reference(x, np.float64, rtol=1e-14)
+  assert n > 1500
+
+
+def test_issue_11_huge_slope_and_curvature():
+  # 2|s~| overflowed float32 and gave alpha = 0; the true alpha is ~1.
+  step = lrcr.cubic_step(-3e38, 3e38, 1.0, 100.0)
+  a, d, _ = reference_step(np.float32(-3e38), np.float32(3e38), 1.0, 100.0)
+  np.testing.assert_allclose(float(step.alpha), a, rtol=1e-6)
+  np.testing.assert_allclose(float(step.predicted_decrease), d, rtol=1e-6)
+  # Extreme combinations where ||g||^3, sigma ||g||^3 or s / ||g|| leave the
+  # range, with alpha itself representable.
+  # The previous scale-free form returned 0 on the first three.
+  for s, h, n2, sigma in [(-3e38, 1e-30, 1e-10, 1.0),
+                          (-3e38, 3e38, 1e-37, 1e-37),
+                          (-1e-30, 1e-37, 1e30, 1e-30),
+                          (1e-3, -3e38, 1e30, 1e5)]:
+    a, _, _ = reference_step(*(np.float32(v) for v in (s, h, n2, sigma)))
+    assert 1e-37 < a < 1e38
+    np.testing.assert_allclose(float(lrcr.cubic_step_length(s, h, n2, sigma)),
+                               a, rtol=1e-6)
+
+
+def test_decrease_overflow_is_inf_with_finite_alpha():
+  # Issue 3: m(alpha) overflowed to NaN, and the decrease was reported as 0.
+  step = lrcr.cubic_step(-1.0, -1e13, 1.0, 1.0)
+  np.testing.assert_allclose(float(step.alpha), 2e13, rtol=1e-6)
+  assert float(step.predicted_decrease) == np.inf      # true value 6.7e38
+
+
+@pytest.mark.parametrize("fn", [lrcr.cubic_step, lrcr.cubic_step_length])
+@pytest.mark.parametrize("sigma", [0.0, -1.0, np.nan, np.inf,
+                                   jnp.float32(0.0), np.float32(-1.0),
+                                   np.array([1.0, -1.0])])
+def test_concrete_sigma_must_be_positive(fn, sigma):
+  with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+    fn(-1.0, 1.0, 1.0, sigma)
+
+
+def test_traced_sigma_is_not_checked_and_gives_no_step():
+  """Documented: under jit a sigma <= 0 cannot be refused; alpha = 0."""
+  step = jax.jit(lrcr.cubic_step)(-1.0, 1.0, 1.0, jnp.array([0.0, -1.0, 4.0]))
+  np.testing.assert_array_equal(step.alpha[:2], 0.0)
+  np.testing.assert_array_equal(step.predicted_decrease[:2], 0.0)
+  assert float(step.alpha[2]) > 0
+  with pytest.raises(TypeError, match="real number"):
+    lrcr.cubic_step(-1.0, 1.0, 1.0, "100")
