@@ -1,7 +1,7 @@
 """One short check of lrcr on an accelerator: exactness, speed, Fig. 2, memory.
 
     python -m experiments.device_check --out=runs/device_check [--tiny] \
-        [--sections=exactness,speed,memory,fig2] [--budget_s=420]
+        [--sections=exactness,speed,memory,fig2] [--budget_s=360]
 
 Written for a lent GPU with a 15-minute lease: one process, about 3-5 minutes
 of work on the 12x128 net, every section guarded (a failure is recorded as
@@ -62,9 +62,7 @@ import numpy as np
 import optax
 
 import lrcr
-from configs import paper
 from experiments import bench
-from experiments import train_lib
 
 _OUT = flags.DEFINE_string("out", None, "Directory for device_check.{md,json}.")
 _TINY = flags.DEFINE_bool(
@@ -74,7 +72,7 @@ _SECTIONS = flags.DEFINE_list("sections", None,
                               "Sections to run (default: all), of "
                               "exactness, speed, memory, fig2.")
 _BUDGET = flags.DEFINE_float(
-    "budget_s", 420.0, "Sections not started within this many seconds of "
+    "budget_s", 360.0, "Sections not started within this many seconds of "
     "the start are skipped (recorded as such).")
 _REPEATS = flags.DEFINE_integer("repeats", None, "Override: timing repeats.")
 _FIG2_STEPS = flags.DEFINE_integer("fig2_steps", None,
@@ -90,15 +88,17 @@ FOF = "cr_sgd_autodiff"          # forward-over-forward
 SPEED_STEPS = (SGD, GRAM, DENSE, FOF)
 PRECISIONS = ("default", "highest")
 
-#: Wall time of the Fig. 2 run (3,000 steps, 12x128, batch 32, mnist_5k, one
-#: CPU device) measured on the 2-core CPU dev machine on 2026-11-28 with
-#: `python -m experiments.device_check --out=/tmp/dc_cpu --sections=fig2`
-#: (jax 0.10.2, train_lib's `wall_time_s`: setup, data, compilation, 30
-#: chunks of 100 steps, metrics, checkpoints and the figure). Other sessions
-#: shared the two cores, so it is approximate.
-CPU_FIG2_WALL_S = None
-CPU_FIG2_SOURCE = ("measured on the 2-core CPU dev machine, 2026-11-28, "
-                   "same command with --sections=fig2 (jax 0.10.2)")
+#: The Fig. 2 run (3,000 steps, 12x128, batch 32, mnist_5k, one CPU device)
+#: on the 2-core CPU dev machine, 2026-11-28, jax 0.10.2:
+#: `JAX_PLATFORMS=cpu python -m experiments.device_check --out=/tmp/dc_cpu
+#: --sections=fig2`. train_lib's numbers: wall (setup, data, compilation, 30
+#: chunks of 100 steps, metrics, checkpoints, figure), compilation, and
+#: steps/s inside the scan chunks. Other sessions shared the two cores (load
+#: average about 7), so they are approximate, and slow rather than fast.
+CPU_FIG2 = dict(wall_time_s=41.5, compile_time_s=15.2, steps_per_s=179.0)
+CPU_FIG2_SOURCE = ("2-core CPU dev machine, 2026-11-28, jax 0.10.2, same "
+                   "section run with JAX_PLATFORMS=cpu --sections=fig2, "
+                   "shared cores (load ~7)")
 
 GOALS = dict(ratio_b256=1.5, ratio_b32=2.0, rel_err=1e-5)
 
@@ -148,6 +148,15 @@ def _enable_x64():
     return jax.enable_x64(True)
   from jax.experimental import enable_x64  # pylint: disable=g-import-not-at-top
   return enable_x64()
+
+
+def _over_budget(state: dict[str, Any]) -> bool:
+  """Past --budget_s: long sections skip what they have not started."""
+  return time.perf_counter() > state.get("deadline", math.inf)
+
+
+def _log(message: str) -> None:
+  print(f"[device_check] {message}", flush=True)
 
 
 def _rel(value: float, ref: float) -> float:
@@ -279,6 +288,7 @@ def section_exactness(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
     problems.append((scale, params, direction))
   compiled, compile_s = {}, {}
   args0 = (problems[0][1], x, y, problems[0][2])
+  _log("exactness: compiling the float32 directionals")
   for prec in PRECISIONS:
     compiled[prec], compile_s[prec] = _compile(
         lambda p, xx, yy, d: _directionals(loss_fn, p, xx, yy, d, lr),
@@ -293,6 +303,7 @@ def section_exactness(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
                        jax.device_get(direction), f32, g, g_gram))
 
   # float64 on the CPU: the reference, along the very same directions.
+  _log("exactness: float64 reference on the CPU")
   cases = []
   ref_device = ref_dtype = None
   with _enable_x64(), jax.default_device(cpu):
@@ -334,6 +345,10 @@ def section_exactness(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
   # The CR step's cost under each precision.
   timing = {}
   for b in opts.precision_batches:
+    if _over_budget(state):
+      timing[f"b{b}"] = dict(skipped="over --budget_s")
+      continue
+    _log(f"exactness: step timing under both precisions, batch {b}")
     m, params, xb, yb = bench.make_problem(opts.width, opts.depth, b)
     steps = bench.make_steps(m, b, (SGD, GRAM))
     entries = {}
@@ -382,8 +397,12 @@ def _scanned_pair(sgd_step, cr_step):
 
 def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
   executables = state.setdefault("executables", {})
-  shapes = {}
+  shapes, skipped = {}, []
   for b in opts.batches:
+    if _over_budget(state):
+      skipped.append(f"b{b}")
+      continue
+    _log(f"speed: batch {b}")
     model, params, x, y = bench.make_problem(opts.width, opts.depth, b)
     steps = bench.make_steps(model, b, SPEED_STEPS)
     entries, compile_s = {}, {}
@@ -399,6 +418,12 @@ def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
     state["partial"] = dict(shapes=shapes)
 
   # The training loop's lax.scan chunk, as steps (iterations) per second.
+  result = dict(network=f"{opts.depth}x{opts.width}", shapes=shapes,
+                scan_chunk=None, skipped_over_budget=skipped)
+  if _over_budget(state):
+    skipped.append("scan_chunk")
+    return result
+  _log("speed: scan chunk")
   b, t = opts.chunk_batch, opts.chunk
   model, params, xs, ys = bench.make_problem(opts.width, opts.depth, b,
                                              steps=t)
@@ -414,8 +439,8 @@ def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
               note=("one step = one SGD step and one engine Gram-form CR-SGD "
                     "step on the same batch (the training loop's body), "
                     "random data, no data indexing or metrics"))
-  return dict(network=f"{opts.depth}x{opts.width}", shapes=shapes,
-              scan_chunk=loop)
+  result["scan_chunk"] = loop
+  return result
 
 
 # ---------------------------------------------------------------------------
@@ -455,6 +480,11 @@ def section_memory(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
 
 def section_fig2(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
   del state
+  # Imported here, not at the top: the application's extra (ml_collections,
+  # mlxtend, orbax) may be missing on a bare accelerator image, and that
+  # should fail this section alone.
+  from configs import paper  # pylint: disable=g-import-not-at-top
+  from experiments import train_lib  # pylint: disable=g-import-not-at-top
   config = paper.get_config("mnist_sgd_plateau")
   config.data.source = "mnist_5k"
   config.training.num_steps = opts.fig2_steps
@@ -466,18 +496,22 @@ def section_fig2(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
     tic = time.perf_counter()
     summary = train_lib.train_and_evaluate(config, os.path.join(tmp, "fig2"))
     outer = time.perf_counter() - tic
-  full = (opts.fig2_steps == 3000 and not opts.tiny)
-  cpu = CPU_FIG2_WALL_S if full else None
+  full = (opts.fig2_steps == 3000 and not opts.tiny and
+          (opts.fig2_width, opts.fig2_depth, opts.fig2_chunk) == (128, 12, 100))
+  cpu = CPU_FIG2 if full else None
   keep = ("wall_time_s", "compile_time_s", "steps_per_s", "data_source",
           "num_params", "stopped")
   out = {k: summary.get(k) for k in keep}
+  ratio = lambda a, b: a / b if a and b else None  # noqa: E731
   out.update(
       config="configs/paper.py:mnist_sgd_plateau", num_steps=opts.fig2_steps,
       network=f"{opts.fig2_depth}x{opts.fig2_width}",
-      outer_wall_s=outer, cpu_wall_time_s=cpu,
+      outer_wall_s=outer, cpu=cpu,
       cpu_source=CPU_FIG2_SOURCE if cpu else None,
-      cpu_over_device=(cpu / summary["wall_time_s"]
-                       if cpu and summary.get("wall_time_s") else None),
+      cpu_over_device_wall=ratio(cpu and cpu["wall_time_s"],
+                                 summary.get("wall_time_s")),
+      device_over_cpu_steps_per_s=ratio(summary.get("steps_per_s"),
+                                        cpu and cpu["steps_per_s"]),
       summary={k: v for k, v in summary.items()
                if isinstance(v, (int, float, str, bool)) or v is None})
   return out
@@ -598,6 +632,9 @@ def to_markdown(report: dict[str, Any]) -> str:
               "at default precision):", "",
               "| batch | step | ms | ratio |", "|---|---|---|---|"]
     for key, table in exact["step_timing"].items():
+      if "skipped" in table:
+        lines.append(f"| {key} | skipped: {table['skipped']} | | |")
+        continue
       for name, t in table.items():
         if name == "pin_cost":
           continue
@@ -617,6 +654,9 @@ def to_markdown(report: dict[str, Any]) -> str:
       cells = [f"{_g(row['steps'][n]['ms'])} ({_g(row['steps'][n]['ratio'], '.2f')}x)"
                for n in SPEED_STEPS]
       lines.append(f"| {row['batch']} | " + " | ".join(cells) + " |")
+    if speed.get("skipped_over_budget"):
+      lines += ["", "Skipped (over --budget_s): "
+                + ", ".join(speed["skipped_over_budget"]) + "."]
     loop = speed.get("scan_chunk")
     if loop:
       lines += ["", f"Scanned chunk of the loop's body ({loop['chunk']} steps, "
@@ -646,11 +686,16 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{fig2['config']}, {fig2['num_steps']} steps, {fig2['network']}, "
         f"data {fig2['data_source']}: wall {_g(fig2['wall_time_s'], '.1f')} s "
         f"(compile {_g(fig2['compile_time_s'], '.1f')} s, "
-        f"{_g(fig2['steps_per_s'], '.1f')} steps/s in the scan chunks); CPU: "
-        f"{_g(fig2['cpu_wall_time_s'], '.1f')} s"
-        + (f" ({fig2['cpu_source']}), CPU/device "
-           f"{_g(fig2['cpu_over_device'], '.2f')}x" if fig2["cpu_source"]
-           else "") + "."]
+        f"{_g(fig2['steps_per_s'], '.1f')} steps/s in the scan chunks)."]
+    cpu = fig2.get("cpu")
+    if cpu:
+      lines += ["", f"CPU ({fig2['cpu_source']}): wall {cpu['wall_time_s']} s, "
+                f"compile {cpu['compile_time_s']} s, {cpu['steps_per_s']} "
+                f"steps/s. CPU wall / device wall "
+                f"{_g(fig2['cpu_over_device_wall'], '.2f')}x; device steps/s "
+                f"/ CPU {_g(fig2['device_over_cpu_steps_per_s'], '.2f')}x."]
+    else:
+      lines += ["", "No CPU comparison: not the full 3,000-step 12x128 run."]
   return "\n".join(lines) + "\n"
 
 
@@ -666,7 +711,7 @@ def _write(report: dict[str, Any], out: str) -> None:
 
 
 def run_check(opts: Options, out: str, *, sections: Sequence[str] = SECTIONS,
-              budget_s: float = 420.0, command: str = "") -> dict[str, Any]:
+              budget_s: float = 360.0, command: str = "") -> dict[str, Any]:
   """Runs the sections, rewriting the report after each; returns it."""
   unknown = set(sections) - set(SECTIONS)
   if unknown:
@@ -678,7 +723,7 @@ def run_check(opts: Options, out: str, *, sections: Sequence[str] = SECTIONS,
       timespec="seconds"), environment=_environment(),
                 options=dataclasses.asdict(opts), sections={}, finished=False,
                 goals=None, total_wall_s=0.0)
-  state: dict[str, Any] = {}
+  state: dict[str, Any] = dict(deadline=start + budget_s)
   for name in SECTIONS:
     if name not in sections:
       continue

@@ -25,8 +25,12 @@ def _positive(x):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp("device_check")
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)         # one CPU device, as on a one-GPU machine
+  # One CPU device, as on a one-GPU machine (no forced host device count),
+  # and XLA's cheap CPU compilation: no timing is asserted here, and the
+  # dozen compilations are most of this test's time.
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_backend_optimization_level=0 "
+                       "--xla_llvm_disable_expensive_passes=true")
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.device_check", f"--out={out}",
        "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -106,3 +110,22 @@ def test_speed_memory_and_fig2_numbers_are_sane(report):
   assert len(goals["goals"]) == 4
   assert all(g["met"] in (True, False) for g in goals["goals"]), goals
   assert "--tiny" in goals["summary"]
+
+
+def test_sections_past_the_budget_are_skipped_and_recorded(tmp_path):
+  saved = device_check.run_check(device_check.Options.tiny_sizes(),
+                                 str(tmp_path), sections=("memory", "fig2"),
+                                 budget_s=-1.0)
+  with open(tmp_path / "device_check.json", encoding="utf-8") as f:
+    assert json.load(f)["finished"]
+  assert set(saved["sections"]) == {"memory", "fig2"}
+  for section in saved["sections"].values():
+    assert section["status"] == "skipped" and "budget_s" in section["error"]
+  assert all(g["met"] is None for g in saved["goals"]["goals"])
+  assert "| fig2 | skipped" in (tmp_path / "device_check.md").read_text()
+
+
+def test_unknown_section_is_refused(tmp_path):
+  with pytest.raises(ValueError, match="unknown"):
+    device_check.run_check(device_check.Options.tiny_sizes(), str(tmp_path),
+                           sections=("speedy",))
