@@ -1,15 +1,21 @@
 """Runs every run of the paper and tabulates the results against its claims.
 
     python -m experiments.reproduce --workdir=runs/paper [--steps=N] \
-        [--data_source=auto] [--data_path=DIR] \
+        [--num_seeds=5] [--data_source=auto] [--data_path=DIR] \
         [--cifar10_path=/path/to/cifar-10-batches-py] \
         [--only=mnist_sgd_plateau,...] [--set=model.depth=2 ...]
 
 Each run of `configs/paper.py` trains into `workdir/<name>/` through
 `train_lib.train_and_evaluate` (so a rerun resumes), then the workdir
-receives summary.md (the table, with the command, the data, the date and the
-total wall time), summary.json and overview.png. A CIFAR-10 run with no
-CIFAR-10 data is listed as not run, with the reason: nothing stands in for it.
+receives summary.md (the table, with the command, the data, the machine, the
+date and the total wall time), summary.json and overview.png. Every run trains
+`--num_seeds` seeds (5) vectorized as one program; each number of the table
+is the median over seeds with its interquartile range, and each claim of the
+paper is judged on every seed (`summary.summarize_seeds`: it holds when it
+holds on at least 4 of 5 seeds). A CIFAR-10 run with no CIFAR-10 data is
+listed as not run, with the reason: nothing stands in for it. Every mistake
+in the flags (an unknown run or config key, a bad value) is refused before
+anything trains, with the flag to fix.
 """
 
 import ast
@@ -17,6 +23,7 @@ from collections.abc import Sequence
 import datetime
 import json
 import os
+import platform
 import shlex
 import sys
 import time
@@ -39,6 +46,9 @@ PAPER_RUNS = tuple(paper.RUNS)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of all runs.")
 _STEPS = flags.DEFINE_integer(
     "steps", None, "Iterations per run (default: each config's, 3000).")
+_NUM_SEEDS = flags.DEFINE_integer(
+    "num_seeds", 5, "Seeds per run (seed i uses config.seed + i), trained "
+    "side by side as one vectorized program.", lower_bound=1)
 _DATA_SOURCE = flags.DEFINE_enum(
     "data_source", "auto", list(data_lib.SOURCES),
     "Data source of the MNIST runs (experiments.input_pipeline).")
@@ -60,6 +70,7 @@ _NO_CIFAR = ("CIFAR-10 data not available: pass --cifar10_path=/path/to/"
 def _load_config(name: str) -> ml_collections.ConfigDict:
   """configs/paper.py:<name> with this command's overrides applied."""
   config = paper.get_config(name)
+  config.num_seeds = _NUM_SEEDS.value
   if _STEPS.value is not None:
     config.training.num_steps = _STEPS.value
   config.training.progress = _PROGRESS.value
@@ -74,12 +85,23 @@ def _load_config(name: str) -> ml_collections.ConfigDict:
     key, sep, text = item.partition("=")
     if not sep:
       raise app.UsageError(f"--set={item!r}: expected key=value.")
+    message = train.config_key_error(config, key.strip(), flag="--set=")
+    if message:
+      raise app.UsageError(message)
     try:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       value = text
-    config.update_from_flattened_dict({key.strip(): value})
+    try:
+      config.update_from_flattened_dict({key.strip(): value})
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+      raise app.UsageError(f"--set={item}: {err}") from err
   return config
+
+
+def _as_flags(message: str) -> str:
+  """train_lib's advice in this command's flags (--set=, not --config.)."""
+  return message.replace("--config.", "--set=")
 
 
 def _run_one(name: str, workdir: str) -> dict[str, Any]:
@@ -98,7 +120,7 @@ def _run_one(name: str, workdir: str) -> dict[str, Any]:
   except Exception as err:  # pylint: disable=broad-except
     logging.exception("%s failed.", name)
     row.update(status="failed", data=f"failed: {type(err).__name__}",
-               reason=f"{type(err).__name__}: {err}")
+               reason=_as_flags(f"{type(err).__name__}: {err}"))
     return row
   row.update(result)
   return row
@@ -111,6 +133,21 @@ def _table_row(row: dict[str, Any]) -> dict[str, Any]:
   return dict(row, exit_step_base="—", exit_step_cr="—")
 
 
+def machine() -> str:
+  """The CPU and device the numbers come from, in words."""
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f
+                  if line.startswith("model name")), cpu)
+  except OSError:
+    pass
+  devices = jax.devices()
+  return (f"{os.cpu_count()} CPU cores ({cpu}), {len(devices)} "
+          f"{devices[0].platform} device(s), JAX {jax.__version__}")
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
@@ -118,12 +155,17 @@ def main(argv: Sequence[str]) -> None:
   if unknown:
     raise app.UsageError(f"--only: unknown run(s) {', '.join(unknown)}; "
                          f"choose among {', '.join(PAPER_RUNS)}.")
+  names = [name for name in PAPER_RUNS if name in _ONLY.value]
+  for name in names:            # every config mistake, before any training
+    try:
+      train.validate_config(_load_config(name))
+    except ValueError as err:
+      raise app.UsageError(f"{name}: {_as_flags(str(err))}") from err
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
   date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-  rows = [_run_one(name, workdir) for name in PAPER_RUNS
-          if name in _ONLY.value]
+  rows = [_run_one(name, workdir) for name in names]
   wall_time = time.perf_counter() - start
 
   command = " ".join(["python -m experiments.reproduce"] +
@@ -134,6 +176,11 @@ def main(argv: Sequence[str]) -> None:
       "",
       f"- Command: `{command}`",
       f"- Data: {'; '.join(data_used) or 'none'}",
+      f"- Seeds: {_NUM_SEEDS.value} per run; each number is the median over "
+      "seeds [25th, 75th percentile]; a claim holds when it holds on at "
+      f"least {summary_lib.seeds_required(_NUM_SEEDS.value)} of "
+      f"{_NUM_SEEDS.value} seeds",
+      f"- Machine: {machine()}",
       f"- Date: {date}",
       f"- Total wall time: {wall_time:.1f} s",
       "",
@@ -149,6 +196,7 @@ def main(argv: Sequence[str]) -> None:
   with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines).rstrip() + "\n")
   report = {"command": command, "date": date, "wall_time_s": wall_time,
+            "machine": machine(), "num_seeds": _NUM_SEEDS.value,
             "data": data_used, "runs": rows}
   with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(train.jsonable(report), f, indent=2, allow_nan=False)
@@ -159,7 +207,8 @@ def main(argv: Sequence[str]) -> None:
           for row in rows if row["status"] == "ok"]
   if runs:
     plots.plot_overview(runs, os.path.join(workdir, "overview.png"),
-                        title=f"base (blue) vs base+CR (red); data: "
+                        title=f"base (blue) vs base+CR (red), median of "
+                        f"{_NUM_SEEDS.value} seeds with IQR bands; data: "
                         f"{'; '.join(data_used)}")
   logging.info("Wrote %s/summary.md in %.1f s.", workdir, wall_time)
   print(f"Wrote {os.path.join(workdir, 'summary.md')}", flush=True)

@@ -1,15 +1,22 @@
 """Trains a base optimizer and base+CR side by side for one config.
 
-    python -m experiments.train --config=configs/mnist.py:fig2 \
-        --workdir=runs/fig2 [--config.optimizer.sigma=1000 ...]
+    python -m experiments.train --config=configs/paper.py:mnist_sgd_plateau \
+        --workdir=runs/fig2 [--config.num_seeds=5] [--noprogress] \
+        [--config.optimizer.sigma=1000 ...]
 
 This file is intentionally kept short. The work happens in
 `experiments.train_lib.train_and_evaluate`; the workdir receives config.json,
 metrics.jsonl, checkpoints/, figure.png and summary.json. Rerunning the same
-command resumes from the last checkpoint.
+command resumes from the last checkpoint. A mistake in the command (an
+unknown config key, a missing config file, a bad value) ends in one short
+message naming the key or the file and the fix; `--verbosity=1` adds the
+traceback.
 """
 
 from collections.abc import Sequence
+import importlib.util
+import os
+import sys
 
 from absl import app
 from absl import flags
@@ -23,13 +30,69 @@ FLAGS = flags.FLAGS
 
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for the run's files (resumable).")
+_PROGRESS = flags.DEFINE_bool(
+    "progress", True, "Show a progress bar (--noprogress: none; the same as "
+    "--config.training.progress=false).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False,
     "Call jax.distributed.initialize() first (multi-host: TPU pod slices, "
     "several GPU hosts), so the data-parallel mesh spans every host.")
 config_flags.DEFINE_config_file(
-    "config", None, "Run configuration, e.g. configs/mnist.py:fig2.",
+    "config", None, "Run configuration, e.g. configs/paper.py:mnist_sgd_plateau.",
     lock_config=True)
+
+_EXAMPLE = "--config=configs/paper.py:mnist_sgd_plateau"
+
+
+def _flag_values(argv: Sequence[str], name: str) -> list[tuple[str, str]]:
+  """(flag name, value) of every --name / --name.sub on the command line."""
+  found = []
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}"):
+      flag, sep, value = arg[2:].partition("=")
+      if not sep and i + 1 < len(argv):
+        value = argv[i + 1]
+      if flag == name or flag.startswith(name + "."):
+        found.append((flag, value))
+  return found
+
+
+def _load_config_file(spec: str):
+  """configs/<file>.py[:arg] as config_flags loads it, for the checks."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_config_check", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with one short message for each mistake."""
+  specs = [v for f, v in _flag_values(argv, "config") if f == "config"]
+  if specs:
+    path = specs[-1].partition(":")[0]
+    if not os.path.isfile(path):
+      sys.exit(f"--config={specs[-1]}: no such config file {path!r} (from "
+               f"{os.getcwd()}); pass e.g. {_EXAMPLE}.")
+    try:
+      defaults = _load_config_file(specs[-1])
+    except Exception as err:  # pylint: disable=broad-except
+      sys.exit(f"--config={specs[-1]}: {type(err).__name__}: {err}")
+    for flag, _ in _flag_values(argv, "config"):
+      if flag != "config":
+        message = train_lib.config_key_error(defaults, flag[len("config."):])
+        if message:
+          sys.exit(message)
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config  # pylint: disable=pointless-statement  (loads it)
+  except flags.Error as err:
+    sys.exit(f"{err}\nPass --helpfull to list the flags.")
+  except Exception as err:  # pylint: disable=broad-except
+    while err.__cause__ or err.__context__:
+      err = err.__cause__ or err.__context__
+    sys.exit(f"Bad --config flag: {type(err).__name__}: {err}")
+  return rest
 
 
 def main(argv: Sequence[str]) -> None:
@@ -37,10 +100,20 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("Too many command-line arguments.")
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  logging.info("Config:\n%s", FLAGS.config)
-  train_lib.train_and_evaluate(FLAGS.config, _WORKDIR.value)
+  config = FLAGS.config
+  if not _PROGRESS.value:
+    config.training.progress = False
+  logging.info("Config:\n%s", config)
+  try:
+    train_lib.train_and_evaluate(config, _WORKDIR.value)
+  except (ValueError, FloatingPointError, OSError) as err:
+    # A mistake in the command or the data, or `nonfinite=stop`: the message
+    # names the key or the file and the fix.
+    logging.debug("Traceback:", exc_info=True)
+    sys.exit(f"{type(err).__name__}: {err}\n(--verbosity=1 shows the "
+             "traceback.)")
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -39,6 +39,7 @@ stateless sampler of `input_pipeline.batch_indices`.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import math
@@ -107,7 +108,7 @@ class TrainState(NamedTuple):
 
 def check_config(config: Any) -> None:
   """Raises ValueError, naming the key and the fix, for a bad training key."""
-  for key in ("optimizer.learning_rate", "model.init_scale",
+  for key in ("optimizer.learning_rate", "optimizer.sigma", "model.init_scale",
               "training.num_steps", "training.batch_size",
               "training.chunk_size"):
     section, name = key.split(".")
@@ -132,6 +133,36 @@ def check_config(config: Any) -> None:
     raise ValueError(
         f"config.claim_kind={claim_kind!r}: expected one of "
         f"{', '.join(summary_lib.CLAIM_KINDS)}, or '' for no claim check.")
+
+
+def validate_config(config: Any) -> None:
+  """Every refusal a config can get before data or files are touched.
+
+  Raises:
+    ValueError: naming the key and the fix (`check_config`, the optimizers,
+      the transform and `steps.CROptions`).
+  """
+  check_config(config)
+  schedule = optimizers.make_schedule(config.optimizer)
+  optimizers.make_base_optimizer(config.optimizer, schedule)
+  optimizers.make_cr_optimizer(config.optimizer, schedule)
+  steps.CROptions.from_config(config.optimizer)
+
+
+def config_key_error(config: Any, key: str, flag: str = "--config.") -> str | None:
+  """None if `key` ("optimizer.sigma") names a config entry, else the message.
+
+  The message names the key, the closest existing ones and the flag to use,
+  e.g. "--config.optimizer.sigm: no such config key; did you mean
+  optimizer.sigma?".
+  """
+  keys = sorted(_flatten(json.loads(config.to_json_best_effort())))
+  if key in keys:
+    return None
+  close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+  hint = (f"did you mean {' or '.join(close)}?" if close else
+          f"the keys are {', '.join(keys)}.")
+  return f"{flag}{key}: no such config key; {hint}"
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
