@@ -595,10 +595,26 @@ def _load_cifar_files(spec: _Spec, path: str, split: str) -> Dataset:
   return _to_dataset(spec, images, labels, description, "files")
 
 
+def _empty_bytes(*args: Any) -> bytes:
+  """`bytes()` as protocol-2 pickles from Python 3 write it for b"" (under
+  the Python 2 name `__builtin__.bytes`); nothing but the empty call."""
+  if args:
+    raise pickle.UnpicklingError(
+        f"refusing bytes{args!r}: only bytes() (an empty string) is allowed")
+  return b""
+
+
+# Python 3's pickle, at protocol 2, writes an empty bytes value (a
+# `filenames` entry, an empty array) as a call to `__builtin__.bytes()`.
+_PICKLE_BYTES = frozenset({("__builtin__", "bytes"), ("builtins", "bytes")})
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
   """Unpickles numpy arrays, dicts and lists only."""
 
   def find_class(self, module: str, name: str) -> Any:
+    if (module, name) in _PICKLE_BYTES:
+      return _empty_bytes
     if (module, name) not in _PICKLE_ALLOWED:
       raise pickle.UnpicklingError(
           f"refusing to load the global {module}.{name}"

@@ -412,6 +412,22 @@ def test_cifar_refuses_code_in_pickle(tmp_path):
   )
 
 
+def test_cifar_batch_rewritten_by_python3_at_protocol_2(tmp_path):
+  """Issue 11: protocol 2 writes b"" as __builtin__.bytes(); the data is fine."""
+  chw = random_cifar_chw(2, 6)
+  batch = {b"batch_label": b"", b"labels": [3, 4],
+           b"data": chw[0].reshape(2, 3072), b"filenames": [b"", b"y.png"]}
+  with open(tmp_path / "data_batch_1", "wb") as f:
+    pickle.dump(batch, f, protocol=2)
+  ds = data.load_dataset("cifar10", "files", str(tmp_path))
+  assert ds.labels.tolist() == [3, 4]
+  # bytes with an argument (bytes(10**12) would allocate) is still refused.
+  with open(tmp_path / "data_batch_1", "wb") as f:
+    f.write(b"\x80\x02c__builtin__\nbytes\nK\x05\x85R.")
+  assert_error(lambda: data.load_dataset("cifar10", "files", str(tmp_path)),
+               str(tmp_path / "data_batch_1"), "refusing bytes")
+
+
 def test_cifar_wrong_row_length(tmp_path):
   path = write_cifar_batch(
       tmp_path / "data_batch_1", np.zeros((2, 3000), np.uint8), [0, 1]
