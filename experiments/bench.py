@@ -12,14 +12,13 @@ times exactly what the loop runs:
 
     sgd                  value_and_grad + optax.sgd (the base of CR-SGD)
     adagrad              value_and_grad + optax.adagrad (the base of CR-Adagrad)
-    cr_sgd_fused_gram    curvature="fused", gradient_direction=True (Gram)
-    cr_sgd_fused         curvature="fused", dense direction sweep
+    cr_sgd_engine_gram    curvature="engine", gradient_direction=True (Gram)
+    cr_sgd_engine         curvature="engine", dense direction sweep
     cr_sgd_lowrank       curvature="lowrank" (lrcr.lowrank_curvature_fn)
     cr_sgd_autodiff      curvature="autodiff" (forward-over-forward)
     cr_sgd_hvp           curvature="hvp": g . (jvp of grad)(g)
-    cr_adagrad_fused     curvature="fused" after optax.adagrad
-    cr_sgd_fused_sub8    option: curvature_batch_size=8 on the fused path
-    cr_sgd_lowrank_sub8  option: curvature_batch_size=8 on the lowrank path
+    cr_adagrad_engine     curvature="engine" after optax.adagrad
+    cr_sgd_engine_sub8    option: curvature_batch_size=8 on the engine path
     sgd_scan10           10 SGD steps under lax.scan (base of cr_sgd_every10)
     cr_sgd_every10       option: 10 CR-SGD steps under lax.scan with
                          scale_by_cubic_step(curvature_every=10): alpha is
@@ -139,11 +138,11 @@ def make_steps(model: lrcr.MLP, batch: int,
               "value_and_grad + optax.sgd"),
       Variant("adagrad", base(adagrad), adagrad, "adagrad", 1, "base",
               "value_and_grad + optax.adagrad"),
-      Variant("cr_sgd_fused_gram", cr(cr_sgd, "fused", **gram), cr_sgd,
+      Variant("cr_sgd_engine_gram", cr(cr_sgd, "engine", **gram), cr_sgd,
               "sgd", 1, "exact",
-              "lrcr.fused, gradient_direction=True (Gram matrices)"),
-      Variant("cr_sgd_fused", cr(cr_sgd, "fused"), cr_sgd, "sgd", 1,
-              "exact", "lrcr.fused, dense direction sweep"),
+              "lrcr.value_grad_and_curvature, gradient_direction=True (Gram matrices)"),
+      Variant("cr_sgd_engine", cr(cr_sgd, "engine"), cr_sgd, "sgd", 1,
+              "exact", "lrcr.value_grad_and_curvature, dense direction sweep"),
       Variant("cr_sgd_lowrank", cr(cr_sgd, "lowrank"), cr_sgd, "sgd", 1,
               "exact",
               "value_and_grad + lrcr.lowrank_curvature_fn (self-contained)"),
@@ -152,21 +151,17 @@ def make_steps(model: lrcr.MLP, batch: int,
               "value_and_grad + forward-over-forward (autodiff_curvature_fn)"),
       Variant("cr_sgd_hvp", cr(cr_sgd, "hvp"), cr_sgd, "sgd", 1, "baseline",
               "value_and_grad + g.(H g), H g by jvp of grad"),
-      Variant("cr_adagrad_fused", cr(cr_adagrad, "fused"), cr_adagrad,
-              "adagrad", 1, "exact", "lrcr.fused dense sweep after adagrad"),
-      Variant("cr_sgd_fused_sub8",
-              cr(cr_sgd, "fused", curvature_batch_size=sub), cr_sgd, "sgd", 1,
-              "option", f"lrcr.fused; slope on all rows, curvature on the "
-              f"first {sub} (dense sweep on the cut cache)"),
-      Variant("cr_sgd_lowrank_sub8",
-              cr(cr_sgd, "lowrank", curvature_batch_size=sub), cr_sgd, "sgd",
-              1, "option", f"value_and_grad; curvature by lrcr.directional on "
-              f"the first {sub} rows"),
+      Variant("cr_adagrad_engine", cr(cr_adagrad, "engine"), cr_adagrad,
+              "adagrad", 1, "exact", "lrcr.value_grad_and_curvature after adagrad"),
+      Variant("cr_sgd_engine_sub8",
+              cr(cr_sgd, "engine", curvature_batch_size=sub), cr_sgd, "sgd", 1,
+              "option", f"value_and_grad; slope on all rows, curvature by "
+              f"the engine on the first {sub}"),
       Variant("sgd_scan10", _scanned(base(sgd)), sgd, "sgd_scan10", EVERY,
               "base", f"{EVERY} SGD steps under lax.scan"),
-      Variant("cr_sgd_every10", _scanned(cr(cr_every, "fused", **gram)),
+      Variant("cr_sgd_every10", _scanned(cr(cr_every, "engine", **gram)),
               cr_every, "sgd_scan10", EVERY, "option",
-              f"{EVERY} CR-SGD steps under lax.scan, alpha refreshed (fused "
+              f"{EVERY} CR-SGD steps under lax.scan, alpha refreshed (engine "
               f"Gram) on 1 of {EVERY} (curvature_every={EVERY})"),
   ]
   out = {v.name: v for v in variants}

@@ -32,11 +32,12 @@ from lrcr import averaging as averaging_lib
 Array = jax.Array
 LossFn = Callable[[Any, Array, Array], Array]
 
-#: What `config.optimizer.curvature` may be. All exact: "fused" shares the
-#: gradient pass (lrcr.MLP only), "lowrank" is lrcr's self-contained engine
-#: (lrcr.MLP only), "autodiff" is forward-over-forward (any model), "hvp" is
-#: g . jvp(grad F)(g) (any model; a baseline).
-CURVATURE_PATHS: tuple[str, ...] = ("fused", "lowrank", "autodiff", "hvp")
+#: What `config.optimizer.curvature` may be; all exact, for any model.
+#: "engine" shares the gradient pass (`lrcr.value_grad_and_curvature`; the
+#: Gram form after SGD), "lowrank" is the engine behind its own pass
+#: (`lrcr.lowrank_curvature_fn`), "autodiff" is forward-over-forward, "hvp"
+#: is g . jvp(grad F)(g) (a baseline).
+CURVATURE_PATHS: tuple[str, ...] = ("engine", "lowrank", "autodiff", "hvp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,15 +47,15 @@ class CROptions:
   Attributes:
     curvature: one of `CURVATURE_PATHS`.
     granularity: "global", "layer" or "variable" (`lrcr.scale_by_cubic_step`).
-    gradient_direction: the base optimizer is plain SGD, so the fused path may
+    gradient_direction: the base optimizer is plain SGD, so the engine may
       use its Gram-matrix form.
     curvature_batch_size: if > 0, the curvature on the first that many rows
       of the batch, the slope on all of them (Byrd et al. 2011).
     averaging: section 3.1's option for SGD: "batch" (the paper),
-      "mean_alpha" or "mean_alpha_g" (`lrcr.averaging`; lrcr.MLP only).
+      "mean_alpha" or "mean_alpha_g" (`lrcr.averaging`).
     sigma: the cubic weight, read by the non-"batch" averagings.
   """
-  curvature: str = "fused"
+  curvature: str = "engine"
   granularity: str = "global"
   gradient_direction: bool = False
   curvature_batch_size: int = 0
@@ -65,7 +66,7 @@ class CROptions:
     if self.curvature not in CURVATURE_PATHS:
       raise ValueError(
           f"config.optimizer.curvature={self.curvature!r}: expected one of "
-          f"{', '.join(CURVATURE_PATHS)} (all exact; 'fused' is the fastest).")
+          f"{', '.join(CURVATURE_PATHS)} (all exact; 'engine' is the fastest).")
     if self.averaging not in averaging_lib.AVERAGINGS:
       raise ValueError(
           f"config.optimizer.averaging={self.averaging!r}: expected one of "
@@ -85,7 +86,7 @@ class CROptions:
           f"config.optimizer.averaging={averaging!r} is section 3.1's option "
           "for plain SGD: it needs optimizer.name='sgd', granularity='global', "
           "adaptive_sigma=False, curvature_batch_size=0 and curvature_every=1.")
-    return cls(curvature=get("curvature", "fused"),
+    return cls(curvature=get("curvature", "engine"),
                granularity=get("granularity", "global"),
                gradient_direction=str(optimizer_config.name).lower() == "sgd",
                curvature_batch_size=int(get("curvature_batch_size", 0)),
@@ -148,7 +149,7 @@ def make_cr_step(model: Any, tx: optax.GradientTransformationExtraArgs,
     if options.averaging != "batch":
       # Section 3.1's alternatives: per-sample alphas, no transform.
       out = averaging_lib.averaged_sgd_update(
-          model, params, x, y, sigma=options.sigma,
+          loss_fn, params, x, y, sigma=options.sigma,
           averaging=options.averaging)
       return StepOutput(out.updates, opt_state, out.loss, out.grads,
                         out.alphas, out.alpha)
@@ -182,21 +183,23 @@ def _value_grad_and_curvature(loss_fn: LossFn, model: Any, params: Any,
       `lrcr.scale_by_cubic_step`, at `options.granularity`.
   """
   rows = options.curvature_batch_size or None
-  is_mlp = isinstance(model, lrcr.MLP)
-  if is_mlp and options.curvature == "fused" and options.granularity == "global":
-    loss, grads, cache = lrcr.value_grad_and_cache(model, params, x, y)
-    return loss, grads, lrcr.cached_curvature_fn(
-        model, cache, options.gradient_direction, rows)
+  if options.curvature == "engine" and not rows:
+    # One forward/backward pass for the loss, the gradient and the adjoints
+    # the curvature reads (lrcr.value_grad_and_curvature), for any model.
+    return lrcr.value_grad_and_curvature(
+        loss_fn, params, x, y, granularity=options.granularity,
+        gradient_direction=(options.gradient_direction and
+                            options.granularity == "global"))
   loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
   xc, yc = x[:rows], y[:rows]
   if options.curvature == "hvp":
     curvature_fn = hvp_curvature_fn(loss_fn, grads, xc, yc)
-  elif is_mlp and options.curvature != "autodiff":
-    curvature_fn = lrcr.lowrank_curvature_fn(model, xc, yc,
-                                             granularity=options.granularity)
-  else:
+  elif options.curvature == "autodiff":
     curvature_fn = lrcr.autodiff_curvature_fn(
         loss_fn, xc, yc, granularity=options.granularity)
+  else:   # "lowrank", or "engine" on a sub-batch: the engine's own pass
+    curvature_fn = lrcr.lowrank_curvature_fn(loss_fn, xc, yc,
+                                             granularity=options.granularity)
   if rows:    # the slope stays on the whole batch (exact)
     curvature_fn = _full_batch_slope(curvature_fn, grads)
   return loss, grads, curvature_fn

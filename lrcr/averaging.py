@@ -13,21 +13,14 @@ where alpha_i solves the cubic model of f_i along its own direction g_i
 ||g_i||^2). The paper found the first two too noisy; `averaged_sgd_update`
 lets a user run each and see.
 
-The per-sample numbers cost one tangent sweep per sample and no per-sample
-gradient: g_i is rank-1 in every layer (eqs. 27-28), phi_k = -v_{k-1}^T
-delta_k, so with flax's [d_in, d_out] kernels
-
-    v_{k-1} phi_k + beta_k = -(||v_{k-1}||^2 [+ 1 with bias]) delta_k
-    dv_{k-1} phi_k         = -(dv_{k-1} . v_{k-1}) delta_k
-    ||g_i||^2              = sum_k (||v_{k-1}||^2 [+ 1]) ||delta_k||^2
-
-and E[alpha_i g_i] = -grad of sum_i (alpha_i / B) f_i with alpha_i held
-fixed: one weighted backward pass.
+The per-sample numbers come from the same engine as everything else
+(`lrcr.value_grad_and_curvature`), vectorized over the samples with
+`jax.vmap`: each sample is a batch of one.
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -35,10 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from lrcr import cubic
-from lrcr import factors as factors_lib
-from lrcr import layers as layers_lib
-from lrcr.directional import Directional, directional
-from lrcr.mlp import MLP
+from lrcr import curvature
+from lrcr.types import Directional
 
 Array = jax.Array
 
@@ -63,52 +54,37 @@ class AveragedStep(NamedTuple):
   grads: Any
 
 
-def _sample_own_gradient(layers, activation, x: Array, label: Array):
-  """(s_i, h_i, ||g_i||^2) of f_i along g_i = -grad f_i, for one sample."""
-  fac = factors_lib._sample_factors(layers, activation, x, label)  # pylint: disable=protected-access
-  n = len(layers) - 1
-  dfdp = fac.loss_grad
-  deltas = [dfdp @ jac for jac in fac.jacobians] + [dfdp]           # df/dz_k
-  bias = 1.0 if layers[0].bias is not None else 0.0
-  nv = [v @ v + bias for v in fac.inputs]                           # ||[v, 1]||^2
-  nd = [d @ d for d in deltas]
-  sqnorm = sum(a * b for a, b in zip(nv, nd))
-  smooth = not layers_lib.is_piecewise_linear(activation)
-  acc, dv = 0.0, None
-  df_dv = [layers[k + 1].kernel @ deltas[k + 1] for k in range(n)]
-  for k in range(n + 1):
-    dz = -nv[k] * deltas[k]                                         # v phi + beta
-    if dv is not None:
-      dz = dz + dv @ layers[k].kernel
-      acc = acc - 2.0 * (dv @ fac.inputs[k]) * nd[k]                # eqs. 35-36
-    if k < n:
-      if smooth:                                                    # app. B.3
-        acc = acc + df_dv[k] @ (fac.act_second[k] * dz * dz)
-      dv = fac.act_grads[k] * dz
-  curvature = dz @ fac.loss_hess @ dz + acc
-  return -sqnorm, curvature, sqnorm
+def _per_sample(loss_fn, params, batch):
+  """Per sample i: (grad f_i, Directional of f_i along -grad f_i)."""
+  def one(*sample):
+    single = [s[None] for s in sample]                # a batch of one
+    _, grads, curvature_fn = curvature.value_grad_and_curvature(
+        loss_fn, params, *single)
+    return grads, curvature_fn(params, jax.tree.map(jnp.negative, grads))
+
+  return jax.vmap(one)(*batch)
 
 
-@functools.partial(jax.jit, static_argnames="model")
-@layers_lib.exact_matmuls
-def per_sample_own_directional(model: MLP, params: Any, x: Any,
-                               labels: Any) -> Directional:
+def per_sample_own_directional(model_or_loss: Any, params: Any,
+                               *batch: Any) -> Directional:
   """Slope, curvature and squared norm of each f_i along its own -grad f_i.
+
+  Args:
+    model_or_loss: `loss_fn(params, *batch) -> scalar` (a mean or sum over
+      rows; f_i is its value on row i alone), or a flax module (its softmax
+      cross-entropy on `batch = (x, labels)`).
+    params: the point.
+    *batch: arrays with the samples along the leading axis.
 
   Returns:
     `Directional` with [B] fields: s_i = -||grad f_i||^2,
-    h_i = grad f_i^T (Hessian of f_i) grad f_i, ||grad f_i||^2. Exact; no
-    per-sample gradient is formed.
+    h_i = grad f_i^T (Hessian of f_i) grad f_i, ||grad f_i||^2. Exact.
   """
-  layers = layers_lib.as_layers(model, params)
-  x, labels = factors_lib.check_batch(layers, x, labels)
-  fn = lambda xi, yi: _sample_own_gradient(layers, model.activation, xi, yi)
-  return Directional(*jax.vmap(fn)(x, labels))
+  fn = curvature._as_loss_fn(model_or_loss)  # pylint: disable=protected-access
+  return _per_sample(fn, params, batch)[1]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "averaging"))
-@layers_lib.exact_matmuls
-def averaged_sgd_update(model: MLP, params: Any, x: Any, labels: Any,
+def averaged_sgd_update(model_or_loss: Any, params: Any, *batch: Any,
                         sigma: float, averaging: str = "batch") -> AveragedStep:
   """One SGD+CR step with one of section 3.1's three averaging options.
 
@@ -116,47 +92,42 @@ def averaged_sgd_update(model: MLP, params: Any, x: Any, labels: Any,
   the direction), so none is taken.
 
   Args:
-    model: an `lrcr.MLP`.
+    model_or_loss: `loss_fn(params, *batch)` (a mean over rows) or a flax
+      module such as `lrcr.MLP` (its cross-entropy on (x, labels)).
     params: its parameters.
-    x: inputs [B, d_0].
-    labels: integer labels [B].
+    *batch: the batch, samples along the leading axis.
     sigma: the cubic weight (paper convention, sigma/6).
     averaging: "batch" (the paper), "mean_alpha" (E[alpha] E[g]) or
       "mean_alpha_g" (E[alpha g]).
 
   Returns:
-    `AveragedStep(updates, alpha, alphas)`.
+    `AveragedStep(updates, alpha, alphas, loss, grads)`.
 
   Raises:
     ValueError: for an unknown averaging.
   """
   if averaging not in AVERAGINGS:
     raise ValueError(f"averaging={averaging!r}: expected one of {AVERAGINGS}.")
-  batch = x.shape[0]
-  def weighted_loss(p, w):
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": layers_lib.unwrap(p)}, x), labels)
-    return jnp.sum(w * losses)
-
-  ones = jnp.full((batch,), 1.0 / batch, x.dtype)
-  loss, grads = jax.value_and_grad(weighted_loss)(params, ones)   # F, grad F
+  fn = curvature._as_loss_fn(model_or_loss)  # pylint: disable=protected-access
+  loss, grads, curvature_fn = curvature.value_grad_and_curvature(
+      fn, params, *batch)
+  size = jax.tree.leaves(batch)[0].shape[0]
   gsq = optax.tree.norm(grads, squared=True)
   if averaging == "batch":
     g = jax.tree.map(jnp.negative, grads)
-    d = directional(model, params, x, labels, g)
+    d = curvature_fn(params, g)
     alpha = cubic.cubic_step_length(d.slope, d.curvature, d.sqnorm, sigma)
     return AveragedStep(jax.tree.map(lambda u: alpha * u, g), alpha,
-                        jnp.full((batch,), alpha), loss, grads)
-  own = per_sample_own_directional(model, params, x, labels)
+                        jnp.full((size,), alpha), loss, grads)
+  sample_grads, own = _per_sample(fn, params, batch)
   alphas = cubic.cubic_step_length(own.slope, own.curvature, own.sqnorm,
                                    sigma)                          # [B]
   if averaging == "mean_alpha":
     alpha = alphas.mean()
     updates = jax.tree.map(lambda gr: -alpha * gr, grads)
-  else:
-    weighted = jax.grad(weighted_loss)(params, jax.lax.stop_gradient(alphas)
-                                       / batch)
-    updates = jax.tree.map(jnp.negative, weighted)                # E[alpha_i g_i]
+  else:                                                            # E[alpha_i g_i]
+    updates = jax.tree.map(
+        lambda gi: -jnp.tensordot(alphas, gi, axes=1) / size, sample_grads)
     alpha = optax.tree.vdot(updates, jax.tree.map(jnp.negative, grads)) / \
         jnp.where(gsq > 0, gsq, 1.0)
   return AveragedStep(updates, alpha, alphas, loss, grads)

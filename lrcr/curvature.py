@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lrcr import engine
@@ -61,7 +62,10 @@ def _as_loss_fn(model_or_loss: Any) -> Callable[..., Array]:
     model = model_or_loss
 
     def loss_fn(params, x, labels):
-      return cross_entropy_loss(model.apply(params, x), labels)
+      # flax variables {"params": ...}, or the inner params dict itself.
+      variables = (params if isinstance(params, dict) and "params" in params
+                   else {"params": params})
+      return cross_entropy_loss(model.apply(variables, x), labels)
 
     return loss_fn
   if not callable(model_or_loss):
@@ -88,45 +92,109 @@ def _vdot(a, b) -> Array:
   return jnp.sum(a * b)
 
 
-# ---------------------------------------------------------------------------
-# The Gram form of a weight operation (direction = c * gradient).
-# ---------------------------------------------------------------------------
+def _total(pairs) -> Array:
+  """sum_k <a_k, b_k> over many leaves, as one reduction (one XLA fusion)."""
+  pairs = list(pairs)
+  if not pairs:
+    return jnp.zeros(())
+  return jnp.sum(jnp.concatenate([(a * b).ravel() for a, b in pairs]))
 
-def _gram_ok(node, uses: dict) -> bool:
-  """A 2-D weight on the right of a matmul, read by this operation only."""
-  if node.name != "dot_general" or node.weight != 1 or uses.get(node.param) != 1:
+
+# ---------------------------------------------------------------------------
+# Weight operations, evaluated in groups (and in the Gram form for SGD).
+# ---------------------------------------------------------------------------
+#
+# For a weight operation z = V W (V [N, d_in] the operand, N = batch x
+# positions; W [d_in, d_out]; phi the direction on W; Ybar = dF/dz) the
+# sweep needs the tangent dz = dV W + V phi and the second-order term
+# Ybar . (2 dV phi) (eq. 36). V phi and, once the sweep has produced every
+# dV, the second-order terms do not depend on the sequential chain: the
+# engine evaluates them for all operations of the same shapes at once, as
+# batched matmuls over a stacked layer axis L (the paper's 11 hidden
+# 128 x 128 layers are one group). When the direction is c * grad F (plain
+# SGD) and W is read by this operation only, phi = c V^T Ybar, so
+#
+#     V phi = c (V V^T) Ybar,   Ybar . (dV phi) = c sum((dV V^T) * (Ybar Ybar^T))
+#
+# through N x N Gram matrices: O(N^2 d) instead of O(N d^2) (section 2's
+# low rank; the form is used where it needs fewer multiplications).
+
+
+def _dense_2d(node) -> bool:
+  """z = V W with V [..., d_in] and a 2-D W on the right."""
+  if node.name != "dot_general" or node.weight != 1:
     return False
   (lc, rc), (lb, rb) = node.params["dimension_numbers"]
   lhs, rhs = node.in_avals
-  if lb or rb or rhs.ndim != 2 or tuple(rc) != (0,) or tuple(lc) != (lhs.ndim - 1,):
-    return False
-  n = 1
-  for s in lhs.shape[:-1]:
-    n *= s
-  d_in, d_out = rhs.shape
-  # Gram: N^2 (d_in + d_out) per product pair; dense: N d_in d_out.
-  return n * (d_in + d_out) < d_in * d_out
+  return (not lb and not rb and rhs.ndim == 2 and tuple(rc) == (0,)
+          and tuple(lc) == (lhs.ndim - 1,))
 
 
-def _gram_rewrite(uses: dict, scale: Array):
-  """Evaluates weight operations in the Gram form, for direction = scale * grad."""
-  def rewrite(node, vals, tans, ybar):
-    if ybar is None or not _gram_ok(node, uses):
+class _WeightPlan:
+  """Grouped (and optionally Gram-form) evaluation of the weight operations."""
+
+  def __init__(self, ps: _Pass, flat_d: list, scale: Array | None):
+    self.ps, self.flat_d, self.scale = ps, flat_d, scale
+    groups: dict[tuple, list] = {}
+    for node in ps.traced.program.nodes:
+      if node.weight >= 0 and _dense_2d(node) and node.id in ps.ybar:
+        key = (tuple(node.in_avals[0].shape), tuple(node.in_avals[1].shape),
+               node.in_avals[0].dtype, node.cin[0])
+        groups.setdefault(key, []).append(node)
+    self.groups = list(groups.values())
+    self.slot = {n.id: (g, k) for g, nodes in enumerate(self.groups)
+                 for k, n in enumerate(nodes)}
+    self.sources, self.gram, self.dv = [], [], {}
+    res, ybar = ps.residuals, ps.ybar
+    for nodes in self.groups:
+      v = jnp.stack([_operand(res, n) for n in nodes])        # [L, N, d_in]
+      v = v.reshape(v.shape[0], -1, v.shape[-1])
+      y = jnp.stack([ybar[n.id][0] for n in nodes])           # [L, ..., d_out]
+      y = y.reshape(y.shape[0], -1, y.shape[-1])              # [L, N, d_out]
+      n, d_in, d_out = v.shape[1], v.shape[2], y.shape[2]
+      gram = (scale is not None and n * (d_in + d_out) < d_in * d_out and
+              all(ps.traced.uses.get(m.param) == 1 for m in nodes))
+      if gram:                                                # c (V V^T) Ybar
+        src = scale * jnp.einsum("lnm,lmj->lnj",
+                                 jnp.einsum("lni,lmi->lnm", v, v), y)
+      else:                                                   # V phi
+        phi = jnp.stack([flat_d[m.param] for m in nodes])     # [L, d_in, d_out]
+        src = jnp.einsum("lni,lij->lnj", v, phi)
+      self.sources.append(src)
+      self.gram.append((gram, v, y))
+
+  def rewrite(self, node, vals, tans, ybar):
+    del ybar
+    if node.id not in self.slot:
       return None
-    v, w = vals                                            # [..., d_in], [d_in, d_out]
-    shape = ybar[0].shape                                  # [..., d_out]
-    v2 = v.reshape(-1, v.shape[-1])                        # [N, d_in]
-    y2 = ybar[0].reshape(-1, shape[-1])                    # [N, d_out]
-    out = scale * ((v2 @ v2.T) @ y2)                       # V phi = c (V V^T) Ybar
-    contribution = None
+    g, k = self.slot[node.id]
+    out = self.sources[g][k]                                  # [N, d_out]
     if node.cin[0]:
-      dv = tans[0].reshape(v2.shape)                       # [N, d_in]
-      out = out + dv @ w                                   # dV W
-      # Ybar . (2 dV phi) = 2 c sum((dV V^T) * (Ybar Ybar^T))   (eq. 36)
-      contribution = 2 * scale * jnp.sum((dv @ v2.T) * (y2 @ y2.T))
-    return [out.reshape(shape)], contribution
+      dv = tans[0].reshape(-1, vals[0].shape[-1])             # [N, d_in]
+      self.dv[node.id] = dv
+      out = out + dv @ vals[1]                                # + dV W
+    return [out.reshape(node.out_avals[0].shape)], None
 
-  return rewrite
+  def second_order(self) -> Array:
+    """sum over weight operations of Ybar . (2 dV phi), by group."""
+    total = []
+    for nodes, (gram, v, y) in zip(self.groups, self.gram):
+      if not nodes[0].cin[0]:
+        continue                                              # dV = 0
+      dv = jnp.stack([self.dv[n.id] for n in nodes])          # [L, N, d_in]
+      if gram:
+        total.append(2 * self.scale * jnp.sum(
+            jnp.einsum("lni,lmi->lnm", dv, v) *
+            jnp.einsum("lnj,lmj->lnm", y, y)))
+      else:
+        phi = jnp.stack([self.flat_d[m.param] for m in nodes])
+        total.append(2 * jnp.sum(jnp.einsum("lni,lij->lnj", dv, phi) * y))
+    return sum(total) if total else 0.0
+
+
+def _operand(res: dict, node) -> Array:
+  x = node.ins[0]
+  return x.val if isinstance(x, engine._Lit) else res[x]  # pylint: disable=protected-access
 
 
 # ---------------------------------------------------------------------------
@@ -179,10 +247,18 @@ def _gradient_pass(loss_fn, params, batch, diagonal: bool = False) -> _Pass:
   return ps._replace(diagonal=diag)
 
 
-def _curvature(ps: _Pass, flat_d: list, rewrite=None) -> Array:
+def _curvature(ps: _Pass, flat_d: list, scale: Array | None = None,
+               ) -> tuple[Array, Array]:
+  """(slope, curvature) along the flat direction, from one tangent sweep.
+
+  `scale`: the direction is `scale` * grad F (enables the Gram form).
+  """
   prog = ps.traced.program
+  plan = _WeightPlan(ps, flat_d, scale)
   in_tans = dict(zip(prog.invars, flat_d))
-  return engine.sweep(prog, ps.residuals, ps.ybar, in_tans, rewrite)[1]
+  outs, curv = engine.sweep(prog, ps.residuals, ps.ybar, in_tans, plan.rewrite)
+  slope = outs[0] if outs[0] is not None else jnp.zeros_like(ps.loss)
+  return slope, curv + plan.second_order()
 
 
 def value_grad_and_curvature(
@@ -233,16 +309,16 @@ def value_grad_and_curvature(
   def curvature_fn(params_unused: Any, direction: Any) -> Directional:
     del params_unused
     flat_d = _flat_direction(direction, treedef, ps.flat_params)
-    slopes = [_vdot(d, g) for d, g in zip(flat_d, ps.flat_grads)]
-    sqnorms = [_vdot(d, d) for d in flat_d]
     if granularity == "global":
-      slope = sum(slopes)
-      rewrite = None
-      if gradient_direction:
-        gg = sum(_vdot(g, g) for g in ps.flat_grads)
-        rewrite = _gram_rewrite(ps.traced.uses,
-                                slope / jnp.where(gg > 0, gg, 1.0))
-      return Directional(slope, _curvature(ps, flat_d, rewrite), sum(sqnorms))
+      scale = None
+      if gradient_direction:     # direction = scale * grad F
+        gg = _total(zip(ps.flat_grads, ps.flat_grads))
+        dg = _total(zip(flat_d, ps.flat_grads))
+        scale = dg / jnp.where(gg > 0, gg, 1.0)
+      slope, curv = _curvature(ps, flat_d, scale)
+      return Directional(slope, curv, _total(zip(flat_d, flat_d)))
+    sqnorms = [_vdot(d, d) for d in flat_d]
+    slopes = [_vdot(d, g) for d, g in zip(flat_d, ps.flat_grads)]
     if granularity == "layer":
       index, gtree = group_index(params)
       k = gtree.num_leaves
@@ -251,7 +327,7 @@ def value_grad_and_curvature(
         return [jnp.where(i == j, d, jnp.zeros_like(d))
                 for i, d in zip(index, flat_d)]
 
-      curv = jax.vmap(lambda j: _curvature(ps, masked(j)))(jnp.arange(k))
+      curv = jax.vmap(lambda j: _curvature(ps, masked(j))[1])(jnp.arange(k))
       per = lambda vals: jax.tree.unflatten(gtree, [
           sum((v for i, v in zip(index, vals) if i == j),
               jnp.zeros((), vals[0].dtype)) for j in range(k)])
@@ -387,22 +463,30 @@ class WeightFactors(NamedTuple):
   Attributes:
     inputs: [B, P, d_in], the operand that multiplies the weight.
     adjoints: [B, P, d_out], dF/dz at the operation's output.
-    kernel_shape: the weight's shape; `gradient(...)` reshapes to it.
+    kernel_shape: the weight's shape; `sample_gradients()` reshapes to it.
+    conv: whether the weight is a convolution kernel (its d_in is the
+      patch, ordered (C_in, *window)); else d_in and d_out are the weight's
+      contracted and free axes, flattened.
   """
   inputs: Array
   adjoints: Array
   kernel_shape: tuple
+  conv: bool = False
 
   def sample_gradients(self) -> Array:
     """[B, *kernel_shape]: each sample's term of dF/dW, sum_p in^T adj."""
     g = jnp.einsum("bpi,bpj->bij", self.inputs, self.adjoints)
-    return _to_kernel(g, self.kernel_shape)
+    return _to_kernel(g, self.kernel_shape, self.conv)
 
 
-def _to_kernel(g: Array, kernel_shape: tuple) -> Array:
-  """[B, d_in, d_out] (patch features in channel-major order) -> kernel shape."""
-  if len(kernel_shape) == 2:
-    return g
+def _to_kernel(g: Array, kernel_shape: tuple, conv: bool) -> Array:
+  """[B, d_in, d_out] -> [B, *kernel_shape].
+
+  A dense weight's axes are (contracted..., free...), flattened in order; a
+  convolution's patch features are ordered (C_in, *window).
+  """
+  if not conv:
+    return g.reshape((g.shape[0],) + tuple(kernel_shape))
   # Convolution HWIO: the patches' features are ordered (C_in, H, W).
   *spatial, c_in, c_out = kernel_shape
   g = g.reshape((g.shape[0], c_in, *spatial, c_out))
@@ -436,14 +520,18 @@ def _rows(node, operand: Array, adjoint: Array, depth: int):
   """Per-sample [B, P, d_in] inputs and [B, P, d_out] adjoints of one operation."""
   b = operand.shape[0]
   if node.name == "dot_general":
+    # z = V W contracting V's trailing axes with W's leading ones (flax
+    # Dense and DenseGeneral): V [..., K], W [K, M], z [..., M] once flattened.
     (lc, rc), (lb, rb) = node.params["dimension_numbers"]
     w_aval = node.in_avals[node.weight]
     lhs_aval = node.in_avals[1 - node.weight]
-    if (node.weight != 1 or lb or rb or w_aval.ndim != 2 or tuple(rc) != (0,)
-        or tuple(lc) != (lhs_aval.ndim - 1,)):
+    nc = len(rc)
+    if (node.weight != 1 or lb or rb or tuple(rc) != tuple(range(nc)) or
+        tuple(lc) != tuple(range(lhs_aval.ndim - nc, lhs_aval.ndim))):
       return None
-    return (operand.reshape(b, -1, operand.shape[-1]),
-            adjoint.reshape(b, -1, adjoint.shape[-1]))
+    k = int(np.prod(w_aval.shape[:nc]))
+    m = int(np.prod(w_aval.shape[nc:]))
+    return operand.reshape(b, -1, k), adjoint.reshape(b, -1, m)
   p = node.params
   if node.weight != 1 or tuple(p["dimension_numbers"].lhs_spec) != (
       0, len(node.in_avals[0].shape) - 1) + tuple(
@@ -496,7 +584,8 @@ def per_sample_factors(model_or_loss: Any, params: Any,
       continue
     out.setdefault(names[node.param], []).append(
         WeightFactors(rows[0], rows[1],
-                      tuple(node.in_avals[node.weight].shape)))
+                      tuple(node.in_avals[node.weight].shape),
+                      node.name != "dot_general"))
   return out
 
 
@@ -558,15 +647,16 @@ def _leaf_diagonal(ps: _Pass, role: tuple, ybar_r: dict, lam: Array) -> Array:
     return jnp.einsum("bi,bj->ij", operand * operand,
                       jnp.einsum("br,rbj->bj", lam, adj_r * adj_r))
   rows = _rows(node, operand, adj_r[0], 0)
+  conv = node.name != "dot_general"
   if rows is None:
     raise engine.UnsupportedProgramError(
         f"the exact Hessian diagonal does not cover this `{node.name}` "
         "layout; use granularity 'layer' or 'global'.")
   inputs = rows[0]                                             # [B, P, d_in]
-  adj = adj_r.reshape(adj_r.shape[:2] + (-1, adj_r.shape[-1]))  # [C, B, P, d_out]
+  adj = adj_r.reshape(adj_r.shape[:2] + (-1, rows[1].shape[-1]))  # [C, B, P, d_out]
   grads = jnp.einsum("bpi,rbpj->rbij", inputs, adj)
   diag = jnp.einsum("br,rbij->ij", lam, grads * grads)[None]
-  return _to_kernel(diag, tuple(node.in_avals[node.weight].shape))[0]
+  return _to_kernel(diag, tuple(node.in_avals[node.weight].shape), conv)[0]
 
 
 def hessian_diagonal(model_or_loss: Any, params: Any, *batch: Any) -> Any:

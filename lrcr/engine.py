@@ -245,6 +245,8 @@ def _jvp2(node: _Node, vals, tans) -> tuple[list, list]:
 def _constant_zero(jaxpr: jcore.Jaxpr, consts, index: int) -> bool:
   """Whether output `index` of a traced jaxpr is identically zero."""
   out = jaxpr.outvars[index]
+  if getattr(out.aval, "dtype", None) == jax.dtypes.float0:
+    return True                         # the tangent of a non-float value
   if isinstance(out, jcore.Literal):
     return bool(np.all(np.asarray(out.val) == 0))
   used = [k == index for k in range(len(jaxpr.outvars))]
@@ -252,11 +254,28 @@ def _constant_zero(jaxpr: jcore.Jaxpr, consts, index: int) -> bool:
   if any(used_inputs):
     return False                        # depends on its inputs
   try:
-    const_vals = [c for c in consts]
-    (val,) = jax.core.eval_jaxpr(dced, const_vals)
+    with jax.ensure_compile_time_eval():     # concrete even under an outer jit
+      (val,) = jax.core.eval_jaxpr(dced, list(consts))
     return bool(np.all(np.asarray(val) == 0))
   except Exception:  # pylint: disable=broad-except
     return False                        # not concrete: keep the term
+
+
+_CLASSES: dict = {}          # signature -> (cout, second); see `_classify`
+
+
+def _signature(node: _Node):
+  """A hashable key of what decides a node's class, or None."""
+  try:
+    lits = tuple((k, np.asarray(x.val).tobytes(), str(np.asarray(x.val).dtype))
+                 for k, x in enumerate(node.ins) if isinstance(x, _Lit))
+    key = (node.prim, tuple(sorted(node.params.items())),
+           tuple((tuple(a.shape), str(a.dtype)) for a in node.in_avals),
+           node.cin, lits)
+    hash(key)
+    return key
+  except Exception:  # pylint: disable=broad-except
+    return None      # unhashable params (e.g. a closure over a tracer)
 
 
 def _classify(node: _Node) -> None:
@@ -264,6 +283,12 @@ def _classify(node: _Node) -> None:
   if node.name in _NO_TANGENT:
     node.kind, node.cout = "const", (False,) * len(node.outs)
     node.second = node.offsets = (False,) * len(node.outs)
+    return
+  key = _signature(node)
+  if key is not None and key in _CLASSES:
+    node.cout, node.second = _CLASSES[key]
+    node.offsets = node.second
+    node.kind = "second" if any(node.second) else "linear"
     return
   abstract = [_sds(a) if not isinstance(x, _Lit) else x.val
               for a, x in zip(node.in_avals, node.ins)]
@@ -280,7 +305,9 @@ def _classify(node: _Node) -> None:
           for a, l in zip(abstract, lit)]
   try:
     closed = jax.make_jaxpr(both)(args, tan_avals)
-  except NotImplementedError as e:
+  except Exception as e:  # pylint: disable=broad-except  # JAX's rule refused
+    if isinstance(e, UnsupportedProgramError):
+      raise
     raise UnsupportedProgramError(
         f"lrcr's engine cannot differentiate the primitive `{node.name}` "
         f"twice along a direction ({type(e).__name__}: {e}). "
@@ -295,6 +322,10 @@ def _classify(node: _Node) -> None:
   node.second = tuple(f and not z for f, z in zip(floats, second_zero))
   node.offsets = node.second
   node.kind = "second" if any(node.second) else "linear"
+  if key is not None:
+    if len(_CLASSES) > 4096:
+      _CLASSES.clear()
+    _CLASSES[key] = (node.cout, node.second)
 
 
 def _analyze(prog: _Program, carried_in: Sequence[bool]) -> list[bool]:

@@ -12,9 +12,9 @@ import lrcr
 from experiments import bench
 from experiments import benchmark
 
-VARIANTS = ("sgd", "adagrad", "cr_sgd_fused_gram", "cr_sgd_fused",
+VARIANTS = ("sgd", "adagrad", "cr_sgd_engine_gram", "cr_sgd_engine",
             "cr_sgd_lowrank", "cr_sgd_autodiff", "cr_sgd_hvp",
-            "cr_adagrad_fused", "cr_sgd_fused_sub8", "cr_sgd_lowrank_sub8",
+            "cr_adagrad_engine", "cr_sgd_engine_sub8",
             "sgd_scan10", "cr_sgd_every10")
 
 
@@ -45,14 +45,14 @@ def test_quick_benchmark_reports_every_variant(tmp_path):
 
 def test_every10_reuses_alpha_between_refreshes():
   model, params, xs, ys = bench.make_problem(16, 2, 8, steps=bench.EVERY)
-  steps = bench.make_steps(model, 8, ("cr_sgd_every10", "cr_sgd_fused_gram"))
+  steps = bench.make_steps(model, 8, ("cr_sgd_every10", "cr_sgd_engine_gram"))
 
   @jax.jit
   def both(params):
     v = steps["cr_sgd_every10"]
     p, state, loss = v.step(params, v.tx.init(params), xs, ys)
     # Against: one exact CR step, then 9 SGD steps scaled by its alpha.
-    g = steps["cr_sgd_fused_gram"]
+    g = steps["cr_sgd_engine_gram"]
     q, s, _ = g.step(params, g.tx.init(params), xs[0], ys[0])
     alpha = s[1].learning_rate
     for i in range(1, bench.EVERY):
@@ -94,8 +94,8 @@ def _fake_shape(width, depth, batch, ratios, memory=1.2):
 def test_goals_on_the_full_shapes():
   shapes = {}
   for width, depth, batch in benchmark.FULL_SHAPES:
-    ratios = {"cr_sgd_fused_gram": 1.5 if depth < 48 else 1.9,
-              "cr_sgd_fused": 1.7, "cr_sgd_lowrank": 2.0,
+    ratios = {"cr_sgd_engine_gram": 1.5 if depth < 48 else 1.9,
+              "cr_sgd_engine": 1.7, "cr_sgd_lowrank": 2.0,
               "cr_sgd_autodiff": 2.6}
     shapes[benchmark.shape_key(width, depth, batch)] = _fake_shape(
         width, depth, batch, ratios)

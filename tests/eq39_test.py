@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lrcr
-from lrcr import eq39
+from experiments import eq39
 from tests import reference
 
 

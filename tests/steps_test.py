@@ -27,7 +27,7 @@ def test_every_curvature_path_gives_the_same_alpha(rows):
   model, params, x, y = bench.make_problem(16, 3, 12, seed=1)
   results = {}
   for curvature in steps.CURVATURE_PATHS:
-    for gram in ((False, True) if curvature == "fused" else (False,)):
+    for gram in ((False, True) if curvature == "engine" else (False,)):
       out, cubic = _take(model, params, x, y, curvature=curvature,
                          gradient_direction=gram, curvature_batch_size=rows)
       results[curvature, gram] = (cubic.learning_rate, cubic.info.slope, out)
@@ -44,7 +44,7 @@ def test_every_curvature_path_gives_the_same_alpha(rows):
 def test_subbatch_curvature_keeps_the_full_batch_slope():
   """curvature_batch_size=r: slope of all B rows, curvature of the first r."""
   model, params, x, y = bench.make_problem(16, 3, 12, seed=2)
-  for curvature in ("fused", "lowrank", "autodiff"):
+  for curvature in ("engine", "lowrank", "autodiff"):
     out, cubic = _take(model, params, x, y, curvature=curvature,
                        curvature_batch_size=4)
     g = jax.tree.map(lambda a: -0.05 * a, out.grads)
@@ -54,7 +54,7 @@ def test_subbatch_curvature_keeps_the_full_batch_slope():
     np.testing.assert_allclose(cubic.info.curvature, sub.curvature, rtol=1e-3)
 
 
-def test_non_mlp_models_take_the_autodiff_path():
+def test_non_mlp_models_take_the_engine_path():
   import ml_collections  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(dict(
       kind="rnn", width=6, init_scale=0.3, use_bias=True, activation="tanh"))
@@ -62,9 +62,9 @@ def test_non_mlp_models_take_the_autodiff_path():
   x = jax.random.normal(jax.random.key(0), (8, 5, 3))
   y = np.arange(8) % 10
   params = model.init(jax.random.key(1), x)["params"]
-  fused, _ = _take(model, params, x, y, curvature="fused")
+  engine, _ = _take(model, params, x, y, curvature="engine")
   hvp, _ = _take(model, params, x, y, curvature="hvp")
-  for a, b in zip(jax.tree.leaves(fused.updates), jax.tree.leaves(hvp.updates)):
+  for a, b in zip(jax.tree.leaves(engine.updates), jax.tree.leaves(hvp.updates)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-7)
 
 

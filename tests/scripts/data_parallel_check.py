@@ -67,7 +67,7 @@ def main(out_dir):
     return [float(d.slope), float(d.curvature), float(d.sqnorm)]
 
   exact = steps.CROptions(curvature="autodiff")
-  gram = steps.CROptions(curvature="fused", gradient_direction=True)
+  gram = steps.CROptions(curvature="engine", gradient_direction=True)
   result["directional"] = [slope_and_curvature(exact, params, x, y, g),
                            slope_and_curvature(exact, ps, xs, ys, gs)]
   result["gram"] = [slope_and_curvature(gram, params, x, y),

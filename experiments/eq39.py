@@ -28,11 +28,41 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lrcr import factors as factors_lib
-from lrcr import layers as layers_lib
 from lrcr.mlp import MLP
 
 Array = jax.Array
+
+
+class _Factors(NamedTuple):
+  """One sample's pieces of eq. 39 (appendix B.1), written out for the MLP.
+
+  inputs: v_0..v_n; act_grads: gamma_k = A'(z_k) (eq. 19); jacobians:
+  J_k = dp/dz_k = u eta^(n,k) [C, d_k] (eq. 23); loss_grad df/dp and
+  loss_hess d2f/dp2 of softmax cross-entropy (eq. 3).
+  """
+  inputs: list
+  act_grads: list
+  jacobians: list
+  loss_grad: Array
+  loss_hess: Array
+
+
+def _sample_factors(kernels: list[Array], x: Array, label: Array) -> _Factors:
+  inputs, act_grads = [x], []
+  for w in kernels[:-1]:
+    z = inputs[-1] @ w
+    act_grads.append((z > 0).astype(z.dtype))
+    inputs.append(jnp.maximum(z, 0))
+  p = inputs[-1] @ kernels[-1]
+  q = jax.nn.softmax(p)
+  jac = kernels[-1].T * act_grads[-1][None, :]                 # J_n [C, d_n]
+  jacobians = [jac]
+  for k in range(len(kernels) - 2, 0, -1):                     # J_k = J_{k+1} W^T gamma_k
+    jac = (jac @ kernels[k].T) * act_grads[k - 1][None, :]
+    jacobians.insert(0, jac)
+  return _Factors(inputs, act_grads, jacobians,
+                  q - jax.nn.one_hot(label, q.shape[0], dtype=q.dtype),
+                  jnp.diag(q) - jnp.outer(q, q))
 
 
 class Eq39(NamedTuple):
@@ -54,26 +84,29 @@ def eq39(model: MLP, params: Any, x: Array, labels: Array,
   Raises:
     ValueError: for a model with biases or a non-ReLU activation.
   """
-  if model.use_bias or not layers_lib.is_piecewise_linear(model.activation):
+  if model.use_bias or model.activation is not jax.nn.relu:
     raise ValueError("eq. 39 is printed for ReLU networks without biases.")
-  layers = layers_lib.as_layers(model, params)
-  steps = layers_lib.as_layers(model, direction, what="direction")
-  fac = factors_lib.per_sample_factors(model, params, x, labels)
-  printed, missing = jax.vmap(lambda f: _sample_eq39(layers, steps, f))(fac)
+  names = [f"hidden_{k}" for k in range(len(model.hidden_sizes))] + ["output"]
+  inner = lambda tree: tree["params"] if "params" in tree else tree
+  layers = [inner(params)[n]["kernel"] for n in names]
+  steps = [inner(direction)[n]["kernel"] for n in names]
+  printed, missing = jax.vmap(
+      lambda xi, yi: _sample_eq39(layers, steps,
+                                  _sample_factors(layers, xi, yi)))(x, labels)
   return Eq39(printed.mean(), missing.mean())
 
 
-def _sample_eq39(layers, steps, fac: factors_lib.Factors):
+def _sample_eq39(layers, steps, fac: _Factors):
   n = len(layers) - 1
   hp, dfdp = fac.loss_hess, fac.loss_grad
-  omega = steps[-1].kernel
-  a = [fac.inputs[k] @ steps[k].kernel for k in range(n)]        # a_k
+  omega = steps[-1]
+  a = [fac.inputs[k] @ steps[k] for k in range(n)]               # a_k
 
   def eta_apply(k_top: int, r: int, vec: Array) -> Array:
     """eta^(k_top, r) vec: push a layer-r pre-activation tangent up to v_{k_top}."""
     t = fac.act_grads[r] * vec                                   # gamma, eq. 19
     for j in range(r + 1, k_top + 1):
-      t = fac.act_grads[j] * (t @ layers[j].kernel)              # beta, eq. 20
+      t = fac.act_grads[j] * (t @ layers[j])              # beta, eq. 20
     return t
 
   vo = fac.inputs[n] @ omega                                     # v_n omega
@@ -86,6 +119,6 @@ def _sample_eq39(layers, steps, fac: factors_lib.Factors):
   for k in range(1, n):
     delta_k = dfdp @ fac.jacobians[k]
     for r in range(k):
-      line4 = line4 + 2.0 * delta_k @ (eta_apply(k - 1, r, a[r]) @ steps[k].kernel)
+      line4 = line4 + 2.0 * delta_k @ (eta_apply(k - 1, r, a[r]) @ steps[k])
   missing = sum(2.0 * ja[k] @ hp @ ja[r] for k in range(n) for r in range(k))
   return line1 + line2 + line3 + line4, jnp.asarray(missing)

@@ -1,0 +1,204 @@
+"""The engine against a dense jax.hessian in float64, on a zoo of flax models."""
+
+import jax
+import jax.flatten_util  # noqa: F401  (ravel_pytree)
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import lrcr
+from tests import zoo
+
+RTOL = 1e-10
+
+
+def _directions(params, grads, seed):
+  return {"random": zoo.random_like(params, seed),
+          "+grad": grads,                               # not a descent direction
+          "-grad": jax.tree.map(lambda g: -0.7 * g, grads)}
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_slope_curvature_and_blocks_match_dense(name, seed):
+  with jax.enable_x64(True):
+    loss_fn, params, batch = zoo.make(name, seed)
+    grad_ref, hess = zoo.dense(loss_fn, params, batch)
+    fn = jax.jit(lambda p, d, *b: lrcr.value_grad_and_curvature(
+        loss_fn, p, *b)[2](p, d))
+    layer_fn = jax.jit(lambda p, d, *b: lrcr.value_grad_and_curvature(
+        loss_fn, p, *b, granularity="layer")[2](p, d))
+    loss, grads, _ = lrcr.value_grad_and_curvature(loss_fn, params, *batch)
+    np.testing.assert_allclose(loss, loss_fn(params, *batch), rtol=RTOL)
+    np.testing.assert_allclose(ravel_pytree(grads)[0], grad_ref, rtol=RTOL,
+                               atol=1e-14)
+    for kind, d in _directions(params, grads, seed + 7).items():
+      g = ravel_pytree(d)[0]
+      out = fn(params, d, *batch)
+      exact = g @ hess @ g
+      assert abs(float(exact)) > 1e-8, (name, kind)
+      np.testing.assert_allclose(out.slope, g @ grad_ref, rtol=RTOL,
+                                 err_msg=f"{name} {kind}")
+      np.testing.assert_allclose(out.curvature, exact, rtol=RTOL,
+                                 err_msg=f"{name} {kind}")
+      np.testing.assert_allclose(out.sqnorm, g @ g, rtol=RTOL)
+      # Per param group (one flax module): g_k^T H_kk g_k.
+      blocks = layer_fn(params, d, *batch)
+      index, gtree = lrcr.types.group_index(params)
+      leaves = jax.tree.leaves(d)
+      for j, block in enumerate(jax.tree.leaves(blocks.curvature)):
+        masked = jax.tree.unflatten(
+            jax.tree.structure(d),
+            [x if i == j else jnp.zeros_like(x) for i, x in zip(index, leaves)])
+        gk = ravel_pytree(masked)[0]
+        np.testing.assert_allclose(block, gk @ hess @ gk, rtol=1e-9,
+                                   atol=1e-13, err_msg=f"{name} block {j}")
+      np.testing.assert_allclose(sum(jax.tree.leaves(blocks.slope)),
+                                 out.slope, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["paper_mlp", "cnn", "cnn_mse"])
+def test_hessian_diagonal_matches_dense(name):
+  with jax.enable_x64(True):
+    loss_fn, params, batch = zoo.make(name, 3)
+    _, hess = zoo.dense(loss_fn, params, batch)
+    diag = jax.jit(lambda p, *b: lrcr.hessian_diagonal(loss_fn, p, *b))(
+        params, *batch)
+    np.testing.assert_allclose(ravel_pytree(diag)[0], jnp.diag(hess),
+                               rtol=RTOL, atol=1e-14)
+    # The "variable" granularity is built on it.
+    d = zoo.random_like(params, 4)
+    _, grads, cf = lrcr.value_grad_and_curvature(loss_fn, params, *batch,
+                                                 granularity="variable")
+    out = cf(params, d)
+    g = ravel_pytree(d)[0]
+    np.testing.assert_allclose(ravel_pytree(out.curvature)[0],
+                               g * g * jnp.diag(hess), rtol=RTOL, atol=1e-14)
+    np.testing.assert_allclose(ravel_pytree(out.slope)[0],
+                               g * ravel_pytree(grads)[0], rtol=RTOL)
+
+
+@pytest.mark.parametrize("name", ["smooth_mlp", "attention", "gru",
+                                  "smooth_mlp_smoothed_l2"])
+def test_diagonal_refuses_what_it_cannot_compute_exactly(name):
+  with jax.enable_x64(True):
+    loss_fn, params, batch = zoo.make(name, 0)
+    with pytest.raises(lrcr.UnsupportedProgramError,
+                       match="granularity 'layer' or 'global'"):
+      lrcr.hessian_diagonal(loss_fn, params, *batch)
+
+
+@pytest.mark.parametrize("name", ["paper_mlp", "residual_layernorm",
+                                  "attention", "gru"])
+def test_gram_form_for_gradient_directions(name):
+  with jax.enable_x64(True):
+    loss_fn, params, batch = zoo.make(name, 2)
+    _, hess = zoo.dense(loss_fn, params, batch)
+    _, grads, cf = lrcr.value_grad_and_curvature(loss_fn, params, *batch,
+                                                 gradient_direction=True)
+    d = jax.tree.map(lambda g: -0.3 * g, grads)
+    g = ravel_pytree(d)[0]
+    np.testing.assert_allclose(cf(params, d).curvature, g @ hess @ g,
+                               rtol=RTOL)
+
+
+def test_weight_sharing_and_a_parameter_used_twice():
+  """A tied weight (used by two matmuls) and an elementwise parameter."""
+  with jax.enable_x64(True):
+    k = jax.random.split(jax.random.key(0), 4)
+    params = {"w": jax.random.normal(k[0], (4, 4), jnp.float64),
+              "s": jax.random.normal(k[1], (4,), jnp.float64)}
+    x = jax.random.normal(k[2], (6, 4), jnp.float64)
+
+    def loss_fn(p, x):
+      h = jnp.tanh(x @ p["w"]) * p["s"]
+      return jnp.mean(jnp.sin(h @ p["w"].T) ** 2)
+
+    d = zoo.random_like(params, 5)
+    for gd in (False, True):
+      _, grads, cf = lrcr.value_grad_and_curvature(loss_fn, params, x,
+                                                   gradient_direction=gd)
+      dd = jax.tree.map(lambda g: -g, grads) if gd else d
+      _, hess = zoo.dense(loss_fn, params, (x,))
+      g = ravel_pytree(dd)[0]
+      np.testing.assert_allclose(cf(params, dd).curvature, g @ hess @ g,
+                                 rtol=RTOL)
+
+
+def test_control_flow_cond_and_stop_gradient():
+  with jax.enable_x64(True):
+    params = {"a": jnp.array([0.3, -1.2, 0.7]), "b": jnp.array(0.4)}
+    x = jnp.linspace(-1, 1, 3)
+
+    def loss_fn(p, x):
+      u = jnp.exp(p["a"] * x)
+      v = jax.lax.cond(p["b"] > 0, lambda: jnp.sum(u ** 3) * p["b"],
+                       lambda: jnp.sum(u))
+      return v + jax.lax.stop_gradient(p["b"]) * jnp.sum(p["a"] ** 2)
+
+    d = zoo.random_like(params, 1)
+    _, hess = zoo.dense(loss_fn, params, (x,))
+    g = ravel_pytree(d)[0]
+    np.testing.assert_allclose(lrcr.directional(loss_fn, params, x, d).curvature,
+                               g @ hess @ g, rtol=RTOL)
+
+
+def test_model_forms_for_the_paper_mlp():
+  """lowrank_curvature_fn(model, x, y) and directional(model, ...) keep working."""
+  with jax.enable_x64(True):
+    loss_fn, params, (x, y) = zoo.make("paper_mlp", 4)
+    model = lrcr.MLP((6, 5, 4), 3)
+    d = zoo.random_like(params, 2)
+    _, hess = zoo.dense(loss_fn, params, (x, y))
+    g = ravel_pytree(d)[0]
+    a = lrcr.lowrank_curvature_fn(model, x, y)(params, d)
+    b = lrcr.directional(model, params, x, y, d)
+    c = lrcr.autodiff_curvature_fn(loss_fn, x, y)(params, d)
+    for out in (a, b, c):
+      np.testing.assert_allclose(out.curvature, g @ hess @ g, rtol=RTOL)
+    f, e = lrcr.value_and_directional(model, params, x, y, d)
+    np.testing.assert_allclose(f, loss_fn(params, x, y), rtol=RTOL)
+    np.testing.assert_allclose(e.slope, a.slope, rtol=RTOL)
+
+
+def test_paper_net_in_float32_agrees_with_autodiff():
+  model = lrcr.MLP([128] * 12, 10, kernel_init=lrcr.uniform_init(0.2))
+  x = jax.random.normal(jax.random.key(0), (32, 784))
+  y = jax.random.randint(jax.random.key(1), (32,), 0, 10)
+  params = model.init(jax.random.key(2), x)
+  loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
+  grads = jax.jit(jax.grad(loss_fn))(params, x, y)
+  for gd in (False, True):
+    d = jax.tree.map(lambda g: -0.02 * g, grads)
+    a = jax.jit(lambda p, d: lrcr.value_grad_and_curvature(
+        loss_fn, p, x, y, gradient_direction=gd)[2](p, d))(params, d)
+    b = jax.jit(lambda p, d: lrcr.autodiff_directional(
+        lambda q: loss_fn(q, x, y), p, d))(params, d)
+    np.testing.assert_allclose(a.curvature, b.curvature, rtol=1e-4)
+    np.testing.assert_allclose(a.slope, b.slope, rtol=1e-5)
+
+
+def test_unsupported_primitive_is_named():
+  def loss_fn(p, x):
+    y = jax.pure_callback(lambda a: a, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          x * p)
+    return jnp.sum(y ** 2)
+
+  with pytest.raises(lrcr.UnsupportedProgramError,
+                     match="pure_callback.*autodiff_curvature_fn"):
+    lrcr.value_grad_and_curvature(loss_fn, jnp.ones(3), jnp.ones(3))
+
+
+def test_bad_inputs_get_clear_errors():
+  loss_fn, params, batch = zoo.make("paper_mlp", 0)
+  with pytest.raises(ValueError, match="real scalar"):
+    lrcr.value_grad_and_curvature(lambda p, x, y: loss_fn(p, x, y)[None],
+                                  params, *batch)
+  _, _, cf = lrcr.value_grad_and_curvature(loss_fn, params, *batch)
+  with pytest.raises(ValueError, match="tree structure"):
+    cf(params, {"params": {}})
+  with pytest.raises(ValueError, match="granularity"):
+    lrcr.lowrank_curvature_fn(loss_fn, *batch, granularity="block")
+  with pytest.raises(TypeError, match="flax module"):
+    lrcr.lowrank_curvature_fn(3, *batch)
