@@ -56,6 +56,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -492,10 +493,16 @@ def section_fig2(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
   config.training.progress = False
   config.training.num_devices = 1
   config.model.width, config.model.depth = opts.fig2_width, opts.fig2_depth
-  with tempfile.TemporaryDirectory() as tmp:
-    tic = time.perf_counter()
-    summary = train_lib.train_and_evaluate(config, os.path.join(tmp, "fig2"))
-    outer = time.perf_counter() - tic
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
+  try:
+    with tempfile.TemporaryDirectory() as tmp:
+      tic = time.perf_counter()
+      summary = train_lib.train_and_evaluate(config,
+                                             os.path.join(tmp, "fig2"))
+      outer = time.perf_counter() - tic
+  finally:
+    logging.set_verbosity(verbosity)
   full = (opts.fig2_steps == 3000 and not opts.tiny and
           (opts.fig2_width, opts.fig2_depth, opts.fig2_chunk) == (128, 12, 100))
   cpu = CPU_FIG2 if full else None
