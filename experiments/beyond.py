@@ -1,7 +1,7 @@
 """Runs the beyond-the-paper grid and the sigma sweep, and tabulates them.
 
     python -m experiments.beyond --workdir=runs/beyond [--steps=N] \
-        [--grid=1] [--sweep=1] [--averaging=1]
+        [--num_seeds=5] [--grid=1] [--sweep=1] [--averaging=1]
 
 The grid: Figs. 2, 4, 5 and the Adam run, each with the paper's global alpha,
 layer-specific alphas, variable-specific alphas and adaptive sigma
@@ -10,7 +10,10 @@ to test section 4's claim that performance is insensitive to sigma within
 orders of magnitude and that sigma moves the variability of the learning
 rate more than its size. The averaging runs: Fig. 2 with section 3.1's three
 ways to average over the batch (the paper's, E[alpha] E[g], E[alpha g]).
-Writes beyond.md and beyond.json to the workdir; runs already done resume.
+Every run trains `--num_seeds` seeds as one vectorized program; each cell of
+the tables is the median over seeds [25th, 75th percentile], so a difference
+smaller than the spread over seeds shows as such. Writes beyond.md and
+beyond.json to the workdir; runs already done resume.
 """
 
 from collections.abc import Sequence
@@ -38,6 +41,8 @@ _VARIANTS = flags.DEFINE_list(
     "are kept from an earlier beyond.json.")
 _AVERAGING = flags.DEFINE_bool(
     "averaging", True, "Run section 3.1's per-sample averagings on Fig. 2.")
+_NUM_SEEDS = flags.DEFINE_integer("num_seeds", 5, "Seeds per run.",
+                                  lower_bound=1)
 _SIGMAS = (10, 100, 1000, 10000)
 
 
@@ -59,24 +64,34 @@ def _lr_stats(records):
 def _run(arg, workdir):
   config = beyond.get_config(arg)
   config.training.progress = False
+  config.num_seeds = _NUM_SEEDS.value
   if _STEPS.value:
     config.training.num_steps = _STEPS.value
   result = train.train_and_evaluate(config, os.path.join(workdir, config.name))
   records = summary_lib.read_metrics(
       os.path.join(workdir, config.name, train.METRICS_FILE))
-  median_lr, spread = _lr_stats(records)
-  cv = np.array([r.get("alpha_cv", 0.0) for r in records
-                 if not r.get("skipped_cr")], float)
-  return {"run": arg, "final_loss_base": result["final_loss_base"],
-          "final_loss_cr": result["final_loss_cr"],
-          "exit_step_base": result["exit_step_base"],
-          "exit_step_cr": result["exit_step_cr"],
-          "median_learning_rate_cr": median_lr, "log10_lr_std": spread,
-          "steps_per_s": result["steps_per_s"], "data": result["data"],
-          "median_alpha_cv": float(np.nanmedian(cv)) if cv.size else 0.0,
-          "nonfinite_steps_cr": result["nonfinite_steps_cr"],
-          "rejected_steps": int(sum(1 - int(r.get("accepted", 1))
-                                    for r in records))}
+  per_seed = {"median_learning_rate_cr": [], "log10_lr_std": [],
+              "median_alpha_cv": []}
+  for seed_records in summary_lib.split_by_seed(records).values():
+    median_lr, spread = _lr_stats(seed_records)
+    cv = np.array([r.get("alpha_cv", 0.0) for r in seed_records
+                   if not r.get("skipped_cr")], float)
+    per_seed["median_learning_rate_cr"].append(median_lr)
+    per_seed["log10_lr_std"].append(spread)
+    per_seed["median_alpha_cv"].append(
+        float(np.nanmedian(cv)) if cv.size else 0.0)
+  row = {"run": arg, "num_seeds": result["num_seeds"],
+         "steps_per_s": result["steps_per_s"], "data": result["data"],
+         "nonfinite_steps_cr": result["nonfinite_steps_cr"],
+         "rejected_steps": int(sum(1 - int(r.get("accepted", 1))
+                                   for r in records)),
+         "iqr": {}}
+  for key in ("final_loss_base", "final_loss_cr", "exit_step_base",
+              "exit_step_cr"):
+    row[key], row["iqr"][key] = result[key], result["iqr"][key]
+  for key, values in per_seed.items():
+    row[key], row["iqr"][key] = summary_lib.median_and_iqr(values)
+  return row
 
 
 def _fmt(x):
@@ -85,17 +100,27 @@ def _fmt(x):
   return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
+def _cell(row, key):
+  """median [25th, 75th percentile] over seeds (the median alone for one)."""
+  fmt = _fmt if key.startswith("exit_step") else (
+      lambda x: "—" if x is None else _fmt(x))
+  iqr = row.get("iqr", {}).get(key)
+  if row.get("num_seeds", 1) < 2 or not iqr:
+    return fmt(row[key])
+  return f"{fmt(row[key])} [{fmt(iqr[0])}, {fmt(iqr[1])}]"
+
+
 def _table(rows, cv=False):
   head = ("| run, variant | final loss base / CR | exit base / CR | median CR lr "
           "| std log10 CR lr | it/s |" + (" median CV of per-sample alpha |"
                                           if cv else "") + "\n|---|---|---|---|---|---|"
           + ("---|" if cv else ""))
-  body = [f"| {r['run']} | {_fmt(r['final_loss_base'])} / "
-          f"{_fmt(r['final_loss_cr'])} | {_fmt(r['exit_step_base'])} / "
-          f"{_fmt(r['exit_step_cr'])} | {_fmt(r['median_learning_rate_cr'])} "
-          f"| {_fmt(r['log10_lr_std'])} | "
+  body = [f"| {r['run']} | {_cell(r, 'final_loss_base')} / "
+          f"{_cell(r, 'final_loss_cr')} | {_cell(r, 'exit_step_base')} / "
+          f"{_cell(r, 'exit_step_cr')} | {_cell(r, 'median_learning_rate_cr')} "
+          f"| {_cell(r, 'log10_lr_std')} | "
           f"{'—' if r['steps_per_s'] is None else _fmt(r['steps_per_s'])} |"
-          + (f" {_fmt(r['median_alpha_cv'])} |" if cv else "")
+          + (f" {_cell(r, 'median_alpha_cv')} |" if cv else "")
           for r in rows]
   return "\n".join([head] + body)
 
@@ -138,6 +163,8 @@ def main(argv: Sequence[str]) -> None:
   data = sorted({r["data"] for r in grid + sweep + averaging})
   lines = ["# lrcr beyond the paper", "",
            f"- Command: `{command}`", f"- Data: {'; '.join(data)}",
+           f"- Seeds: {_NUM_SEEDS.value} per run; cells are the median over "
+           "seeds [25th, 75th percentile]",
            f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
            f"- Total wall time: {wall:.1f} s", ""]
   if grid:
