@@ -38,7 +38,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "Call jax.distributed.initialize() first (multi-host: TPU pod slices, "
     "several GPU hosts), so the data-parallel mesh spans every host.")
 config_flags.DEFINE_config_file(
-    "config", None, "Run configuration, e.g. configs/paper.py:mnist_sgd_plateau.",
+    "config", None,
+    "Run configuration, e.g. configs/paper.py:mnist_sgd_plateau.",
     lock_config=True)
 
 _EXAMPLE = "--config=configs/paper.py:mnist_sgd_plateau"

@@ -6,8 +6,9 @@ Both runs start from the same parameters and see the same batches, so their
 curves differ only by the CR step length. Each of `config.num_seeds` seeds
 (seed i draws its initialization and its batch order from `config.seed + i`)
 is one more pair of runs; the seeds are vectorized (`jax.vmap`) inside the
-jitted `lax.scan` of each chunk, so they train as one program. Per iteration t, for each run with
-parameters x_t and batch (X_t, y_t):
+jitted `lax.scan` of each chunk, so they train as one program.
+
+Per iteration t, for each run with parameters x_t and batch (X_t, y_t):
 
     F_t = F(x_t; X_t, y_t),  grad_t = dF/dx        # eq. 16, by backprop
     g_t = base update of grad_t                    # e.g. -lr(t) grad_t (SGD)
@@ -94,7 +95,7 @@ RESUMABLE_CHANGES: tuple[str, ...] = ("training.num_steps",
 
 
 class TrainState(NamedTuple):
-  """Parameters and optimizer states of the base and CR runs, [S, ...] over seeds."""
+  """Parameters and optimizer states of both runs, [S, ...] over seeds."""
   params_base: Any
   opt_base: Any
   params_cr: Any
@@ -149,7 +150,8 @@ def validate_config(config: Any) -> None:
   steps.CROptions.from_config(config.optimizer)
 
 
-def config_key_error(config: Any, key: str, flag: str = "--config.") -> str | None:
+def config_key_error(config: Any, key: str,
+                     flag: str = "--config.") -> str | None:
   """None if `key` ("optimizer.sigma") names a config entry, else the message.
 
   The message names the key, the closest existing ones and the flag to use,
