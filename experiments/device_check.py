@@ -65,19 +65,26 @@ import optax
 import lrcr
 from experiments import bench
 
-_OUT = flags.DEFINE_string("out", None, "Directory for device_check.{md,json}.")
-_TINY = flags.DEFINE_bool(
-    "tiny", False, "Tiny sizes (2x16 net, batches 8 and 16, 2 repeats, 20 "
-    "Fig. 2 steps): the CPU test of this script, not a measurement.")
-_SECTIONS = flags.DEFINE_list("sections", None,
-                              "Sections to run (default: all), of "
-                              "exactness, speed, memory, fig2.")
-_BUDGET = flags.DEFINE_float(
-    "budget_s", 360.0, "Sections not started within this many seconds of "
-    "the start are skipped (recorded as such).")
-_REPEATS = flags.DEFINE_integer("repeats", None, "Override: timing repeats.")
-_FIG2_STEPS = flags.DEFINE_integer("fig2_steps", None,
-                                   "Override: steps of the Fig. 2 run.")
+def _define_flags() -> None:
+  """The command's flags, defined only when it runs as a program.
+
+  Other entry points (`experiments.benchmark`) define `--out` and
+  `--repeats` too; a test that imports both modules must not collide.
+  """
+  flags.DEFINE_string("out", None, "Directory for device_check.{md,json}.")
+  flags.DEFINE_bool(
+      "tiny", False, "Tiny sizes (2x16 net, batches 8 and 16, 2 repeats, 20 "
+      "Fig. 2 steps): the CPU test of this script, not a measurement.")
+  flags.DEFINE_list("sections", None,
+                    "Sections to run (default: all), of "
+                    "exactness, speed, memory, fig2.")
+  flags.DEFINE_float(
+      "budget_s", 360.0, "Sections not started within this many seconds of "
+      "the start are skipped (recorded as such).")
+  flags.DEFINE_integer("repeats", None, "Override: timing repeats.")
+  flags.DEFINE_integer("fig2_steps", None,
+                       "Override: steps of the Fig. 2 run.")
+
 
 SECTIONS = ("exactness", "speed", "memory", "fig2")
 
@@ -773,17 +780,19 @@ def run_check(opts: Options, out: str, *, sections: Sequence[str] = SECTIONS,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  opts = Options.tiny_sizes() if _TINY.value else Options()
-  if _REPEATS.value is not None:
-    opts = dataclasses.replace(opts, repeats=_REPEATS.value)
-  if _FIG2_STEPS.value is not None:
-    opts = dataclasses.replace(opts, fig2_steps=_FIG2_STEPS.value)
-  run_check(opts, _OUT.value, sections=tuple(_SECTIONS.value or SECTIONS),
-            budget_s=_BUDGET.value,
+  f = flags.FLAGS
+  opts = Options.tiny_sizes() if f.tiny else Options()
+  if f.repeats is not None:
+    opts = dataclasses.replace(opts, repeats=f.repeats)
+  if f.fig2_steps is not None:
+    opts = dataclasses.replace(opts, fig2_steps=f.fig2_steps)
+  run_check(opts, f.out, sections=tuple(f.sections or SECTIONS),
+            budget_s=f.budget_s,
             command="python -m experiments.device_check " + " ".join(
                 sys.argv[1:]))
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["out"])
   app.run(main)

@@ -56,6 +56,22 @@ def _check_granularity(granularity: str) -> None:
                      f"{GRANULARITIES}.")
 
 
+def _check_labels(model_or_loss: Any, batch: Sequence[Any]) -> None:
+  """Concrete labels of a classifier module must lie in [0, num_classes).
+
+  `cross_entropy_loss` checks them itself when it sees their values; the
+  engine traces the loss with the batch as arguments, so the check is made
+  here, where the values are still known.
+  """
+  num = getattr(model_or_loss, "num_classes", None)
+  if not isinstance(model_or_loss, nn.Module) or num is None or len(batch) < 2:
+    return
+  labels = batch[1]
+  if isinstance(labels, jax.core.Tracer):
+    return                 # under jit: a bad label makes F (and all else) NaN
+  cross_entropy_loss(jnp.zeros(jnp.shape(labels) + (num,)), labels)
+
+
 def _as_loss_fn(model_or_loss: Any) -> Callable[..., Array]:
   """A flax module becomes its softmax cross-entropy loss (the paper's F)."""
   if isinstance(model_or_loss, nn.Module):
@@ -130,6 +146,11 @@ def _dense_2d(node) -> bool:
           and tuple(lc) == (lhs.ndim - 1,))
 
 
+#: Stack equally shaped weight operations into batched matmuls (a knob for
+#: the benchmarks; the numbers are the same either way).
+_GROUP_LAYERS = False
+
+
 class _WeightPlan:
   """Grouped (and optionally Gram-form) evaluation of the weight operations."""
 
@@ -140,6 +161,8 @@ class _WeightPlan:
       if node.weight >= 0 and _dense_2d(node) and node.id in ps.ybar:
         key = (tuple(node.in_avals[0].shape), tuple(node.in_avals[1].shape),
                node.in_avals[0].dtype, node.cin[0])
+        if not _GROUP_LAYERS:
+          key += (node.id,)
         groups.setdefault(key, []).append(node)
     self.groups = list(groups.values())
     self.slot = {n.id: (g, k) for g, nodes in enumerate(self.groups)
@@ -173,23 +196,22 @@ class _WeightPlan:
       dv = tans[0].reshape(-1, vals[0].shape[-1])             # [N, d_in]
       self.dv[node.id] = dv
       out = out + dv @ vals[1]                                # + dV W
-    return [out.reshape(node.out_avals[0].shape)], None
+    return [out.reshape(node.out_avals[0].shape)], []
 
-  def second_order(self) -> Array:
-    """sum over weight operations of Ybar . (2 dV phi), by group."""
-    total = []
+  def second_order(self) -> list[tuple]:
+    """Ybar . (2 dV phi) for every weight operation, as (c, a, b) terms."""
+    terms = []
     for nodes, (gram, v, y) in zip(self.groups, self.gram):
       if not nodes[0].cin[0]:
         continue                                              # dV = 0
       dv = jnp.stack([self.dv[n.id] for n in nodes])          # [L, N, d_in]
       if gram:
-        total.append(2 * self.scale * jnp.sum(
-            jnp.einsum("lni,lmi->lnm", dv, v) *
-            jnp.einsum("lnj,lmj->lnm", y, y)))
+        terms.append((2 * self.scale, jnp.einsum("lni,lmi->lnm", dv, v),
+                      jnp.einsum("lnj,lmj->lnm", y, y)))
       else:
         phi = jnp.stack([self.flat_d[m.param] for m in nodes])
-        total.append(2 * jnp.sum(jnp.einsum("lni,lij->lnj", dv, phi) * y))
-    return sum(total) if total else 0.0
+        terms.append((2.0, jnp.einsum("lni,lij->lnj", dv, phi), y))
+    return terms
 
 
 def _operand(res: dict, node) -> Array:
@@ -258,7 +280,7 @@ def _curvature(ps: _Pass, flat_d: list, scale: Array | None = None,
   in_tans = dict(zip(prog.invars, flat_d))
   outs, curv = engine.sweep(prog, ps.residuals, ps.ybar, in_tans, plan.rewrite)
   slope = outs[0] if outs[0] is not None else jnp.zeros_like(ps.loss)
-  return slope, curv + plan.second_order()
+  return slope, curv + engine.total(plan.second_order()).astype(curv.dtype)
 
 
 def value_grad_and_curvature(
@@ -360,6 +382,7 @@ def lowrank_curvature_fn(loss_fn: Any, *batch: Any,
   """
   _check_granularity(granularity)
   fn = _as_loss_fn(loss_fn)
+  _check_labels(loss_fn, batch)
 
   def curvature_fn(params: Any, direction: Any) -> Directional:
     return value_grad_and_curvature(fn, params, *batch,
@@ -378,6 +401,7 @@ def directional(model_or_loss: Any, params: Any, *args: Any) -> Directional:
   """
   *batch, direction = args
   fn = _as_loss_fn(model_or_loss)
+  _check_labels(model_or_loss, batch)
   return value_grad_and_curvature(fn, params, *batch)[2](params, direction)
 
 

@@ -441,16 +441,32 @@ def _vdot(a: Array, b: Array) -> Array:
   return jnp.sum(a * b)
 
 
+def total(terms: Sequence[tuple]) -> Array:
+  """sum_k c_k <a_k, b_k> over (c, a, b) terms, as one reduction.
+
+  One concatenation of the elementwise products, summed once: XLA fuses it
+  into a single kernel, where a reduction per term would be one kernel each
+  (the step at batch 32 is bound by the number of kernels, not by flops).
+  """
+  terms = list(terms)
+  if not terms:
+    return jnp.zeros((), jnp.float32)
+  dtype = jnp.result_type(*[a.dtype for _, a, _ in terms])
+  return jnp.sum(jnp.concatenate(
+      [(c * a * b).astype(dtype).ravel() for c, a, b in terms]))
+
+
 def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,
           rewrite: Callable[..., Any] | None = None) -> tuple[list, Array]:
   """The tangent sweep: (output tangents, sum of ybar . op''[xdot, xdot]).
 
   `rewrite(node, vals, tans, ybar_node)`, if given, may return (output
-  tangents, contribution) for a node, replacing the generic evaluation by an
-  equivalent cheaper one (the Gram form), or None to keep it.
+  tangents, terms) for a node, replacing the generic evaluation by an
+  equivalent cheaper one (the Gram form), or None to keep it; `terms` are
+  (c, a, b) with contribution sum_k c <a, b>.
   """
   tan = dict(in_tans)
-  acc = []
+  acc, terms = [], []
   for node in prog.nodes:
     if node.kind == "const":
       continue
@@ -464,16 +480,15 @@ def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,
     if rewrite is not None and node.kind != "scan":
       done = rewrite(node, vals, tans, ybar.get(node.id))
     if done is not None:
-      outs, a = done
-      if a is not None:
-        acc.append(a)
+      outs, more = done
+      terms.extend(more)
     elif node.kind == "linear":
       outs = _jvp1(node, vals, tans)
     elif node.kind == "second":
       outs, second = _jvp2(node, vals, tans)
       for o, s, yb in zip(node.second, second, ybar[node.id]):
         if o:
-          acc.append(_vdot(yb, s))
+          terms.append((1.0, yb, s))
     else:
       outs, a = _scan_sweep(node, vals, tans, res[-1 - node.id],
                             ybar[node.id], rewrite)
@@ -481,8 +496,10 @@ def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,
     for o, c, t in zip(node.outs, node.cout, outs):
       if c:
         tan[o] = t
-  total = sum(acc) if acc else jnp.zeros((), jnp.float32)
-  return [tan.get(x) if isinstance(x, int) else None for x in prog.outvars], total
+  out = total(terms)
+  for a in acc:
+    out = out + a.astype(out.dtype)
+  return [tan.get(x) if isinstance(x, int) else None for x in prog.outvars], out
 
 
 def _scan_sweep(node: _Node, vals: list, tans: list, res: dict, ybar: dict,

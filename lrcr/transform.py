@@ -25,7 +25,6 @@ overflow inside `curvature_fn`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -34,7 +33,7 @@ import numpy as np
 import optax
 
 from lrcr import cubic
-from lrcr.types import Directional
+from lrcr.types import GRANULARITIES, Directional, param_groups
 
 Array = jax.Array
 
@@ -74,7 +73,6 @@ class CubicStepState(NamedTuple):
   count: Array
 
 
-GRANULARITIES = ("global", "layer", "variable")
 
 _MISSING = ("scale_by_cubic_step.update needs the keyword-only extra argument "
             "`curvature_fn`, a callable (params, direction) -> "
@@ -94,21 +92,9 @@ _CONTRACT = (
     "granularity=...) build one.")
 
 
-def layer_prefix(tree: Any, fill: Any = 0.0) -> Any:
-  """The tree with every innermost dict (one layer's arrays) replaced by `fill`.
-
-  For flax params {'params': {'hidden_0': {'kernel', 'bias'}, ...}} this is
-  {'params': {'hidden_0': fill, ...}}: a tree prefix of params with one leaf
-  per layer. A tree that is a single array is one layer.
-  """
-  if isinstance(tree, Mapping):
-    if tree and all(not isinstance(v, (Mapping, list, tuple))
-                    for v in tree.values()):
-      return fill
-    return {k: layer_prefix(v, fill) for k, v in tree.items()}
-  if isinstance(tree, (list, tuple)):
-    return type(tree)(layer_prefix(v, fill) for v in tree)
-  return fill
+#: The per-layer blocks of granularity "layer": one per innermost dict of
+#: params (a flax module), `lrcr.param_groups`; kept under its former name.
+layer_prefix = param_groups
 
 
 def _zeros_for(granularity: str, params: Any, dtype) -> Any:

@@ -11,6 +11,18 @@ from lrcr import averaging
 from tests import reference
 
 
+def _dense_per_sample(model, params, x, y):
+  """Per sample i: (grad f_i, Hessian of f_i) of the flattened loss, jitted."""
+  flat, unravel = ravel_pytree(params)
+
+  def one(xi, yi):
+    f = lambda w: lrcr.cross_entropy_loss(model.apply(unravel(w), xi[None]),
+                                          yi[None])
+    return jax.grad(f)(flat), jax.hessian(f)(flat)
+
+  return jax.jit(jax.vmap(one))(x, y)
+
+
 @pytest.mark.parametrize("act,bias", [(jax.nn.relu, False), (jnp.tanh, True),
                                       (jax.nn.softplus, False)])
 def test_per_sample_own_directional_matches_dense(act, bias):
@@ -18,11 +30,11 @@ def test_per_sample_own_directional_matches_dense(act, bias):
     model, params, x, y = reference.make_problem(2, (5, 4, 6), 4, 5, 3,
                                                  activation=act, use_bias=bias,
                                                  scale=0.8)
-    own = averaging.per_sample_own_directional(model, params, x, y)
+    own = jax.jit(lambda p: averaging.per_sample_own_directional(
+        model, p, x, y))(params)
+    grads, hessians = _dense_per_sample(model, params, x, y)
     for i in range(x.shape[0]):
-      loss, flat, _ = reference.flat_loss(model, params, x[i:i + 1], y[i:i + 1])
-      g = -jax.grad(loss)(flat)
-      h = jax.hessian(loss)(flat)
+      g, h = -grads[i], hessians[i]
       np.testing.assert_allclose(own.slope[i], -(g @ g), rtol=1e-10)
       np.testing.assert_allclose(own.sqnorm[i], g @ g, rtol=1e-10)
       np.testing.assert_allclose(own.curvature[i], g @ h @ g, rtol=1e-10,
@@ -33,30 +45,29 @@ def test_the_three_averagings_match_their_definitions():
   with jax.enable_x64(True):
     model, params, x, y = reference.make_problem(3, (6, 5), 4, 6, 3, scale=0.8)
     sigma = 50.0
-    per_grads = []
-    for i in range(x.shape[0]):
-      loss, flat, unravel = reference.flat_loss(model, params, x[i:i + 1],
-                                                y[i:i + 1])
-      per_grads.append(jax.grad(loss)(flat))
-    per_grads = jnp.stack(per_grads)                              # [B, P]
+    per_grads, _ = _dense_per_sample(model, params, x, y)         # [B, P]
     mean_grad = per_grads.mean(0)
-    own = averaging.per_sample_own_directional(model, params, x, y)
+    own = jax.jit(lambda p: averaging.per_sample_own_directional(
+        model, p, x, y))(params)
     alphas = lrcr.cubic_step_length(own.slope, own.curvature, own.sqnorm,
                                     sigma)
     assert float(alphas.std()) > 0
 
-    step = averaging.averaged_sgd_update(model, params, x, y, sigma=sigma, averaging="mean_alpha_g")
+    update = jax.jit(lambda p, averaging_name: averaging.averaged_sgd_update(
+        model, p, x, y, sigma=sigma, averaging=averaging_name),
+                     static_argnums=1)
+    step = update(params, "mean_alpha_g")
     np.testing.assert_allclose(ravel_pytree(step.updates)[0],
                                -(alphas[:, None] * per_grads).mean(0),
                                rtol=1e-10, atol=1e-15)
     np.testing.assert_allclose(step.alphas, alphas, rtol=1e-12)
 
-    step = averaging.averaged_sgd_update(model, params, x, y, sigma=sigma, averaging="mean_alpha")
+    step = update(params, "mean_alpha")
     np.testing.assert_allclose(ravel_pytree(step.updates)[0],
                                -alphas.mean() * mean_grad, rtol=1e-10,
                                atol=1e-15)
 
-    step = averaging.averaged_sgd_update(model, params, x, y, sigma=sigma, averaging="batch")
+    step = update(params, "batch")
     g = jax.tree.map(jnp.negative, jax.grad(
         lambda p: lrcr.cross_entropy_loss(model.apply(p, x), y))(params))
     d = lrcr.directional(model, params, x, y, g)
@@ -65,7 +76,8 @@ def test_the_three_averagings_match_their_definitions():
     np.testing.assert_allclose(ravel_pytree(step.updates)[0],
                                -alpha * mean_grad, rtol=1e-10, atol=1e-15)
     with pytest.raises(ValueError, match="averaging"):
-      averaging.averaged_sgd_update(model, params, x, y, sigma=sigma, averaging="median")
+      averaging.averaged_sgd_update(model, params, x, y, sigma=sigma,
+                                    averaging="median")
 
 
 def test_any_loss_fn_works_and_a_sample_is_a_batch_of_one():
@@ -76,7 +88,8 @@ def test_any_loss_fn_works_and_a_sample_is_a_batch_of_one():
     x = jax.random.normal(k[1], (4, 3), jnp.float64)
     t = jax.random.normal(k[2], (4, 2), jnp.float64)
     loss_fn = lambda p, x, t: jnp.mean((jnp.tanh(x @ p["w"]) - t) ** 2)
-    own = averaging.per_sample_own_directional(loss_fn, params, x, t)
+    own = jax.jit(lambda p: averaging.per_sample_own_directional(
+        loss_fn, p, x, t))(params)
     for i in range(4):
       flat, unravel = ravel_pytree(params)
       f = lambda w: loss_fn(unravel(w), x[i:i + 1], t[i:i + 1])

@@ -19,8 +19,8 @@ def _directions(params, grads, seed):
           "-grad": jax.tree.map(lambda g: -0.7 * g, grads)}
 
 
-@pytest.mark.parametrize("name", zoo.NAMES)
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name,seed", [(n, 0) for n in zoo.NAMES] +
+                         [("paper_mlp", 1), ("cnn", 1), ("gru", 1)])
 def test_slope_curvature_and_blocks_match_dense(name, seed):
   with jax.enable_x64(True):
     loss_fn, params, batch = zoo.make(name, seed)
@@ -202,3 +202,18 @@ def test_bad_inputs_get_clear_errors():
     lrcr.lowrank_curvature_fn(loss_fn, *batch, granularity="block")
   with pytest.raises(TypeError, match="flax module"):
     lrcr.lowrank_curvature_fn(3, *batch)
+
+
+def test_out_of_range_labels_are_refused_or_give_nan():
+  model = lrcr.MLP((4,), 3)
+  x = jnp.ones((2, 5))
+  params = model.init(jax.random.key(0), x)
+  for bad in (jnp.array([0, 3]), jnp.array([-1, 0])):
+    with pytest.raises(ValueError, match=r"labels must be integers in \[0, 3\)"):
+      lrcr.lowrank_curvature_fn(model, x, bad)
+    with pytest.raises(ValueError, match="labels"):
+      lrcr.directional(model, params, x, bad, params)
+  # Under jit the labels are not known: loss, slope and curvature are NaN.
+  out = jax.jit(lambda p, y: lrcr.lowrank_curvature_fn(model, x, y)(p, p))(
+      params, jnp.array([0, 3]))
+  assert np.isnan(out.slope) and np.isnan(out.curvature)
