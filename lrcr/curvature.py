@@ -109,11 +109,8 @@ def _vdot(a, b) -> Array:
 
 
 def _total(pairs) -> Array:
-  """sum_k <a_k, b_k> over many leaves, as one reduction (one XLA fusion)."""
-  pairs = list(pairs)
-  if not pairs:
-    return jnp.zeros(())
-  return jnp.sum(jnp.concatenate([(a * b).ravel() for a, b in pairs]))
+  """sum_k <a_k, b_k> over many leaves, as one dot (`engine.total`)."""
+  return engine.total([(1.0, a, b) for a, b in pairs])
 
 
 # ---------------------------------------------------------------------------
@@ -170,17 +167,26 @@ class _WeightPlan:
     self.sources, self.gram, self.dv = [], [], {}
     res, ybar = ps.residuals, ps.ybar
     for nodes in self.groups:
-      v = jnp.stack([_operand(res, n) for n in nodes])        # [L, N, d_in]
-      v = v.reshape(v.shape[0], -1, v.shape[-1])
-      y = jnp.stack([ybar[n.id][0] for n in nodes])           # [L, ..., d_out]
-      y = y.reshape(y.shape[0], -1, y.shape[-1])              # [L, N, d_out]
+      # [L, N, d_in] operands and [L, N, d_out] adjoints; L = 1 needs no stack.
+      stack = (lambda xs: xs[0][None]) if len(nodes) == 1 else jnp.stack
+      v = stack([_operand(res, n).reshape(-1, n.in_avals[0].shape[-1])
+                 for n in nodes])
+      y = stack([ybar[n.id][0].reshape(-1, n.out_avals[0].shape[-1])
+                 for n in nodes])
       n, d_in, d_out = v.shape[1], v.shape[2], y.shape[2]
       gram = (scale is not None and n * (d_in + d_out) < d_in * d_out and
               all(ps.traced.uses.get(m.param) == 1 for m in nodes))
-      if gram:                                                # c (V V^T) Ybar
+      if len(nodes) == 1:                                     # plain 2-D products
+        v1, y1 = v[0], y[0]
+        if gram:                                              # c (V V^T) Ybar
+          src = scale * ((v1 @ v1.T) @ y1)
+        else:                                                 # V phi
+          src = v1 @ flat_d[nodes[0].param]
+        src = src[None]
+      elif gram:
         src = scale * jnp.einsum("lnm,lmj->lnj",
                                  jnp.einsum("lni,lmi->lnm", v, v), y)
-      else:                                                   # V phi
+      else:
         phi = jnp.stack([flat_d[m.param] for m in nodes])     # [L, d_in, d_out]
         src = jnp.einsum("lni,lij->lnj", v, phi)
       self.sources.append(src)
@@ -204,6 +210,13 @@ class _WeightPlan:
     for nodes, (gram, v, y) in zip(self.groups, self.gram):
       if not nodes[0].cin[0]:
         continue                                              # dV = 0
+      if len(nodes) == 1:
+        dv, v1, y1 = self.dv[nodes[0].id], v[0], y[0]
+        if gram:
+          terms.append((2 * self.scale, dv @ v1.T, y1 @ y1.T))
+        else:
+          terms.append((2.0, dv @ self.flat_d[nodes[0].param], y1))
+        continue
       dv = jnp.stack([self.dv[n.id] for n in nodes])          # [L, N, d_in]
       if gram:
         terms.append((2 * self.scale, jnp.einsum("lni,lmi->lnm", dv, v),
@@ -332,12 +345,13 @@ def value_grad_and_curvature(
     del params_unused
     flat_d = _flat_direction(direction, treedef, ps.flat_params)
     if granularity == "global":
-      scale = None
       if gradient_direction:     # direction = scale * grad F
         gg = _total(zip(ps.flat_grads, ps.flat_grads))
         dg = _total(zip(flat_d, ps.flat_grads))
         scale = dg / jnp.where(gg > 0, gg, 1.0)
-      slope, curv = _curvature(ps, flat_d, scale)
+        slope, curv = _curvature(ps, flat_d, scale)
+        return Directional(slope, curv, scale * scale * gg)  # ||c grad F||^2
+      slope, curv = _curvature(ps, flat_d)
       return Directional(slope, curv, _total(zip(flat_d, flat_d)))
     sqnorms = [_vdot(d, d) for d in flat_d]
     slopes = [_vdot(d, g) for d, g in zip(flat_d, ps.flat_grads)]

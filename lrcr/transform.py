@@ -122,12 +122,18 @@ def _exponent(max_abs: Array) -> Array:
 
 
 def _max_abs(tree: Any) -> Array:
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
+  """max |x| over every leaf.
+
+  Each leaf is first reduced to a row of partial maxima (one kernel), and
+  the rows are reduced together once: XLA on CPUs otherwise splits each
+  leaf's full reduction into two kernels, and the step at small batch is
+  bound by its number of kernels.
+  """
+  rows = [jnp.max(jnp.abs(x), axis=tuple(range(1, jnp.ndim(x))))
+          .astype(jnp.float32).ravel() for x in jax.tree.leaves(tree)]
+  if not rows:
     return jnp.zeros((), jnp.float32)
-  dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-  return jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype)
-                            for x in leaves]))
+  return jnp.max(jnp.concatenate(rows), initial=0)
 
 
 def _block_exponents(granularity: str, updates: Any) -> Any:
