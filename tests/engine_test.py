@@ -4,6 +4,7 @@ import jax
 import jax.flatten_util  # noqa: F401  (ravel_pytree)
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
@@ -217,3 +218,34 @@ def test_out_of_range_labels_are_refused_or_give_nan():
   out = jax.jit(lambda p, y: lrcr.lowrank_curvature_fn(model, x, y)(p, p))(
       params, jnp.array([0, 3]))
   assert np.isnan(out.slope) and np.isnan(out.curvature)
+
+
+def test_a_functional_nnx_model():
+  """flax.nnx: the loss of nnx.merge(graphdef, state), differentiated in state."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(4, 6, rngs=rngs, param_dtype=jnp.float64)
+      self.norm = nnx.LayerNorm(6, rngs=rngs, param_dtype=jnp.float64)
+      self.out = nnx.Linear(6, 3, rngs=rngs, param_dtype=jnp.float64)
+
+    def __call__(self, x):
+      return self.out(jax.nn.gelu(self.norm(self.dense(x))))
+
+  with jax.enable_x64(True):
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (5, 4), jnp.float64)
+    y = jnp.array([0, 1, 2, 1, 0])
+
+    def loss_fn(state, x, y):
+      logits = nnx.merge(graphdef, state)(x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    d = zoo.random_like(state, 3)
+    _, hess = zoo.dense(loss_fn, state, (x, y))
+    g = ravel_pytree(d)[0]
+    out = jax.jit(lambda s, d: lrcr.value_grad_and_curvature(
+        loss_fn, s, x, y)[2](s, d))(state, d)
+    np.testing.assert_allclose(out.curvature, g @ hess @ g, rtol=RTOL)
