@@ -20,7 +20,6 @@ The per-sample numbers come from the same engine as everything else
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -80,7 +79,7 @@ def per_sample_own_directional(model_or_loss: Any, params: Any,
     `Directional` with [B] fields: s_i = -||grad f_i||^2,
     h_i = grad f_i^T (Hessian of f_i) grad f_i, ||grad f_i||^2. Exact.
   """
-  fn = curvature._as_loss_fn(model_or_loss)  # pylint: disable=protected-access
+  fn = curvature.as_loss_fn(model_or_loss)
   return _per_sample(fn, params, batch)[1]
 
 
@@ -108,7 +107,7 @@ def averaged_sgd_update(model_or_loss: Any, params: Any, *batch: Any,
   """
   if averaging not in AVERAGINGS:
     raise ValueError(f"averaging={averaging!r}: expected one of {AVERAGINGS}.")
-  fn = curvature._as_loss_fn(model_or_loss)  # pylint: disable=protected-access
+  fn = curvature.as_loss_fn(model_or_loss)
   loss, grads, curvature_fn = curvature.value_grad_and_curvature(
       fn, params, *batch)
   size = jax.tree.leaves(batch)[0].shape[0]

@@ -44,8 +44,7 @@ import optax
 
 from lrcr import engine
 from lrcr.mlp import cross_entropy_loss
-from lrcr.types import (GRANULARITIES, CurvatureFn, Directional, group_index,
-                        param_groups)
+from lrcr.types import GRANULARITIES, CurvatureFn, Directional, group_index
 
 Array = jax.Array
 
@@ -72,7 +71,7 @@ def _check_labels(model_or_loss: Any, batch: Sequence[Any]) -> None:
   cross_entropy_loss(jnp.zeros(jnp.shape(labels) + (num,)), labels)
 
 
-def _as_loss_fn(model_or_loss: Any) -> Callable[..., Array]:
+def as_loss_fn(model_or_loss: Any) -> Callable[..., Array]:
   """A flax module becomes its softmax cross-entropy loss (the paper's F)."""
   if isinstance(model_or_loss, nn.Module):
     model = model_or_loss
@@ -229,7 +228,7 @@ class _WeightPlan:
 
 def _operand(res: dict, node) -> Array:
   x = node.ins[0]
-  return x.val if isinstance(x, engine._Lit) else res[x]  # pylint: disable=protected-access
+  return engine.value_of(res, x)
 
 
 # ---------------------------------------------------------------------------
@@ -395,7 +394,7 @@ def lowrank_curvature_fn(loss_fn: Any, *batch: Any,
     granularity: "global", "layer" or "variable".
   """
   _check_granularity(granularity)
-  fn = _as_loss_fn(loss_fn)
+  fn = as_loss_fn(loss_fn)
   _check_labels(loss_fn, batch)
 
   def curvature_fn(params: Any, direction: Any) -> Directional:
@@ -414,7 +413,7 @@ def directional(model_or_loss: Any, params: Any, *args: Any) -> Directional:
   direction)`: the direction is the last argument.
   """
   *batch, direction = args
-  fn = _as_loss_fn(model_or_loss)
+  fn = as_loss_fn(model_or_loss)
   _check_labels(model_or_loss, batch)
   return value_grad_and_curvature(fn, params, *batch)[2](params, direction)
 
@@ -423,7 +422,7 @@ def value_and_directional(model_or_loss: Any, params: Any,
                           *args: Any) -> tuple[Array, Directional]:
   """(F, `directional(...)`) from one pass."""
   *batch, direction = args
-  fn = _as_loss_fn(model_or_loss)
+  fn = as_loss_fn(model_or_loss)
   loss, _, curvature_fn = value_grad_and_curvature(fn, params, *batch)
   return loss, curvature_fn(params, direction)
 
@@ -546,7 +545,7 @@ def _node_values(ps: _Pass, node, outer: tuple):
   for scan in outer:
     res, ybar = res[-1 - scan.id], ybar[scan.id]
   x = node.ins[1 - node.weight]
-  operand = x.val if isinstance(x, engine._Lit) else res[x]  # pylint: disable=protected-access
+  operand = engine.value_of(res, x)
   adjoint = ybar[node.id][0]
   for _ in outer:
     operand = jnp.moveaxis(operand, 0, 1)
@@ -612,7 +611,7 @@ def per_sample_factors(model_or_loss: Any, params: Any,
   Returns:
     {param path ("params/Dense_0/kernel"): [WeightFactors, ...]}.
   """
-  ps = _gradient_pass(_as_loss_fn(model_or_loss), params, batch)
+  ps = _gradient_pass(as_loss_fn(model_or_loss), params, batch)
   names = _path_names(params)
   out: dict[str, list[WeightFactors]] = {}
   for node, outer in ps.traced.weight_nodes():
@@ -719,6 +718,6 @@ def hessian_diagonal(model_or_loss: Any, params: Any, *batch: Any) -> Any:
       second-order operation before the logits, or a parameter that is not a
       dense/convolution weight or its bias; the message names it.
   """
-  ps = _gradient_pass(_as_loss_fn(model_or_loss), params, batch,
+  ps = _gradient_pass(as_loss_fn(model_or_loss), params, batch,
                       diagonal=True)
   return jax.tree.unflatten(ps.traced.params_treedef, ps.diagonal)

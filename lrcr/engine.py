@@ -390,6 +390,11 @@ def _read(env: dict, x: Atom) -> Any:
   return x.val if isinstance(x, _Lit) else env[x]
 
 
+def value_of(values: dict, atom: Atom) -> Any:
+  """The value of an operation's input: a constant, or one of `values`."""
+  return _read(values, atom)
+
+
 def forward(prog: _Program, args: Sequence[Any], eps: dict,
             skip: frozenset = frozenset(), extra: Sequence[int] = (),
             ) -> tuple[list, dict]:
@@ -502,7 +507,6 @@ def _scan_sweep(node: _Node, vals: list, tans: list, res: dict, ybar: dict,
   p = node.params
   nc, nk = p["num_consts"], p["num_carry"]
   body = node.body
-  tan_in = {}
   it = iter(tans)
   full_tans = [next(it) if c else None for c in node.cin]
   const_env = dict(zip(body.invars[:nc], vals[:nc]))

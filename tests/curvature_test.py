@@ -1,7 +1,6 @@
 """Per-sample factors found in the program, against per-sample autodiff."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
