@@ -193,6 +193,10 @@ def _times_pow2(x: Array, k: Array) -> Array:
   return x * _pow2(k1, x.dtype) * _pow2(k - k1, x.dtype)
 
 
+#: x 2^k, exact unless the result leaves the normal floats (public name).
+times_pow2 = _times_pow2  # noqa: E305
+
+
 def _frexp(x: Array) -> tuple[Array, Array]:
   """(m, e) with |x| = m 2^e and 0.5 <= m < 1; (0, 0) for 0 and subnormals.
 

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lrcr import cubic
 from lrcr import engine
 from lrcr.mlp import cross_entropy_loss
 from lrcr.types import GRANULARITIES, CurvatureFn, Directional, group_index
@@ -150,8 +151,15 @@ _GROUP_LAYERS = False
 class _WeightPlan:
   """Grouped (and optionally Gram-form) evaluation of the weight operations."""
 
-  def __init__(self, ps: _Pass, flat_d: list, scale: Array | None):
-    self.ps, self.flat_d, self.scale = ps, flat_d, scale
+  def __init__(self, ps: _Pass, flat_d: list, scale: Array | None,
+               log2: Array | None = None):
+    # `log2`: flat_d is the raw direction and the sweep runs along
+    # flat_d 2^-log2 (exact): the dense products V phi and dV phi are taken
+    # with the raw phi and scaled afterwards, so phi itself is never copied.
+    self.ps, self.flat_d, self.scale, self.log2 = ps, flat_d, scale, log2
+    unit = ((lambda x: x) if log2 is None
+            else (lambda x: cubic.times_pow2(x, -log2)))
+    self.unit = unit
     groups: dict[tuple, list] = {}
     for node in ps.traced.program.nodes:
       if node.weight >= 0 and _dense_2d(node) and node.id in ps.ybar:
@@ -180,14 +188,14 @@ class _WeightPlan:
         if gram:                                              # c (V V^T) Ybar
           src = scale * ((v1 @ v1.T) @ y1)
         else:                                                 # V phi
-          src = v1 @ flat_d[nodes[0].param]
+          src = unit(v1 @ flat_d[nodes[0].param])
         src = src[None]
       elif gram:
         src = scale * jnp.einsum("lnm,lmj->lnj",
                                  jnp.einsum("lni,lmi->lnm", v, v), y)
       else:
         phi = jnp.stack([flat_d[m.param] for m in nodes])     # [L, d_in, d_out]
-        src = jnp.einsum("lni,lij->lnj", v, phi)
+        src = unit(jnp.einsum("lni,lij->lnj", v, phi))
       self.sources.append(src)
       self.gram.append((gram, v, y))
 
@@ -203,9 +211,9 @@ class _WeightPlan:
       out = out + dv @ vals[1]                                # + dV W
     return [out.reshape(node.out_avals[0].shape)], []
 
-  def second_order(self) -> list[tuple]:
-    """Ybar . (2 dV phi) for every weight operation, as (c, a, b) terms."""
-    terms = []
+  def second_order(self) -> Array:
+    """sum over weight operations of Ybar . (2 dV phi)."""
+    terms, dense = [], []
     for nodes, (gram, v, y) in zip(self.groups, self.gram):
       if not nodes[0].cin[0]:
         continue                                              # dV = 0
@@ -214,7 +222,7 @@ class _WeightPlan:
         if gram:
           terms.append((2 * self.scale, dv @ v1.T, y1 @ y1.T))
         else:
-          terms.append((2.0, dv @ self.flat_d[nodes[0].param], y1))
+          dense.append((2.0, dv @ self.flat_d[nodes[0].param], y1))
         continue
       dv = jnp.stack([self.dv[n.id] for n in nodes])          # [L, N, d_in]
       if gram:
@@ -222,8 +230,20 @@ class _WeightPlan:
                       jnp.einsum("lnj,lmj->lnm", y, y)))
       else:
         phi = jnp.stack([self.flat_d[m.param] for m in nodes])
-        terms.append((2.0, jnp.einsum("lni,lij->lnj", dv, phi), y))
-    return terms
+        dense.append((2.0, jnp.einsum("lni,lij->lnj", dv, phi), y))
+    # The dense terms hold the raw phi once: one scaling of their sum.
+    return engine.total(terms) + self.unit(engine.total(dense))
+
+  def direct_params(self) -> set:
+    """Flat param indices that some operation other than the plan's reads."""
+    prog = self.ps.traced.program
+    ids = {i: k for k, i in enumerate(prog.invars[:self.ps.traced.num_params])}
+    out = set()
+    for node in prog.nodes:
+      if node.id in self.slot:
+        continue
+      out.update(ids[x] for x in node.ins if isinstance(x, int) and x in ids)
+    return out
 
 
 def _operand(res: dict, node) -> Array:
@@ -282,17 +302,25 @@ def _gradient_pass(loss_fn, params, batch, diagonal: bool = False) -> _Pass:
 
 
 def _curvature(ps: _Pass, flat_d: list, scale: Array | None = None,
-               ) -> tuple[Array, Array]:
+               log2: Array | None = None) -> tuple[Array, Array]:
   """(slope, curvature) along the flat direction, from one tangent sweep.
 
-  `scale`: the direction is `scale` * grad F (enables the Gram form).
+  `scale`: the direction is `scale` * grad F (enables the Gram form; with
+  `log2`, scale is already that of the scaled direction).
+  `log2`: the sweep runs along flat_d 2^-log2 (see `_WeightPlan`).
   """
   prog = ps.traced.program
-  plan = _WeightPlan(ps, flat_d, scale)
-  in_tans = dict(zip(prog.invars, flat_d))
+  plan = _WeightPlan(ps, flat_d, scale, log2)
+  if log2 is None:
+    in_tans = dict(zip(prog.invars, flat_d))
+  else:           # only the leaves other operations read are scaled here
+    direct = plan.direct_params()
+    in_tans = {i: plan.unit(d) for k, (i, d) in enumerate(zip(prog.invars,
+                                                              flat_d))
+               if k in direct}
   outs, curv = engine.sweep(prog, ps.residuals, ps.ybar, in_tans, plan.rewrite)
   slope = outs[0] if outs[0] is not None else jnp.zeros_like(ps.loss)
-  return slope, curv + engine.total(plan.second_order()).astype(curv.dtype)
+  return slope, curv + plan.second_order().astype(curv.dtype)
 
 
 def value_grad_and_curvature(
@@ -340,18 +368,25 @@ def value_grad_and_curvature(
   grads = jax.tree.unflatten(ps.traced.params_treedef, ps.flat_grads)
   treedef = ps.traced.params_treedef
 
-  def curvature_fn(params_unused: Any, direction: Any) -> Directional:
+  def curvature_fn(params_unused: Any, direction: Any, *,
+                   log2_scale: Any = None) -> Directional:
     del params_unused
     flat_d = _flat_direction(direction, treedef, ps.flat_params)
+    if log2_scale is not None and granularity != "global":
+      raise ValueError("log2_scale is for granularity 'global' only.")
     if granularity == "global":
+      log2 = None if log2_scale is None else jnp.asarray(log2_scale, jnp.int32)
+      unit = ((lambda x: x) if log2 is None
+              else (lambda x: cubic.times_pow2(x, -log2)))
       if gradient_direction:     # direction = scale * grad F
         gg = _total(zip(ps.flat_grads, ps.flat_grads))
         dg = _total(zip(flat_d, ps.flat_grads))
-        scale = dg / jnp.where(gg > 0, gg, 1.0)
-        slope, curv = _curvature(ps, flat_d, scale)
+        scale = unit(dg / jnp.where(gg > 0, gg, 1.0))
+        slope, curv = _curvature(ps, flat_d, scale, log2)
         return Directional(slope, curv, scale * scale * gg)  # ||c grad F||^2
-      slope, curv = _curvature(ps, flat_d)
-      return Directional(slope, curv, _total(zip(flat_d, flat_d)))
+      slope, curv = _curvature(ps, flat_d, None, log2)
+      sqnorm = sum(jnp.sum(jnp.square(unit(d))) for d in flat_d)
+      return Directional(slope, curv, sqnorm)
     sqnorms = [_vdot(d, d) for d in flat_d]
     slopes = [_vdot(d, g) for d, g in zip(flat_d, ps.flat_grads)]
     if granularity == "layer":
@@ -375,6 +410,9 @@ def value_grad_and_curvature(
                        unf([d * d * h for d, h in zip(flat_d, diag)]),
                        unf([d * d for d in flat_d]))
 
+  # The transform may pass the exponent of an exact power-of-two rescaling
+  # instead of rescaling the direction itself (`scale_by_cubic_step`).
+  curvature_fn.accepts_log2_scale = granularity == "global"
   return ps.loss, grads, curvature_fn
 
 

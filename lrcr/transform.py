@@ -20,7 +20,11 @@ divides g, block by block, by the power of two 2^e nearest above its largest
 entry, and solves for the step along that unit-sized direction. Slope,
 curvature and ||g||^2 scale exactly as 2^e, 2^2e and 2^2e, so this changes
 no result, but ||g||^2 (1e60 for a base learning rate of 1e30) can no longer
-overflow inside `curvature_fn`.
+overflow inside `curvature_fn`. A `curvature_fn` with the attribute
+`accepts_log2_scale = True` (the ones `lrcr.value_grad_and_curvature`
+builds, granularity "global") is called as `curvature_fn(params, g,
+log2_scale=e)` instead and applies 2^-e inside its own products, which
+saves writing a scaled copy of g every step.
 """
 
 from __future__ import annotations
@@ -343,11 +347,18 @@ def scale_by_cubic_step(
     # g' = g 2^-e per block, max |g'| in [0.5, 1): curvature_fn sees a
     # unit-sized direction, and alpha' along g' is alpha 2^e.
     exps = _block_exponents(granularity, updates)
-    unit = _per_block(lambda e, u: _times_pow2(u, -e), exps, updates)
+    # An engine-built curvature_fn (`lrcr.value_grad_and_curvature`) takes
+    # the exponent and applies the scaling inside its products, which saves
+    # writing a scaled copy of the whole direction every step.
+    in_fn = (granularity == "global" and
+             getattr(curvature_fn, "accepts_log2_scale", False))
+    unit = None if in_fn else _per_block(lambda e, u: _times_pow2(u, -e),
+                                         exps, updates)
 
     def fresh(_):
-      d = _as_directional(curvature_fn(params, unit), granularity,
-                          state.learning_rate)
+      raw = (curvature_fn(params, updates, log2_scale=exps) if in_fn
+             else curvature_fn(params, unit))
+      d = _as_directional(raw, granularity, state.learning_rate)
       # One solve for all blocks, on the leaves flattened and concatenated.
       flat = lambda tree, dt: jnp.concatenate([
           jnp.ravel(jnp.asarray(x).astype(dt))
@@ -378,8 +389,12 @@ def scale_by_cubic_step(
       alpha_unit, alpha, info = jax.lax.cond(
           state.count % curvature_every == 0, fresh, reuse, None)
     # alpha g = alpha' g'.                                           # eq. 42
-    new_updates = _per_block(lambda a, u: (a * u).astype(u.dtype),
-                             alpha_unit, unit)
+    if in_fn:         # alpha = alpha' 2^-e; one beyond the float range: no step
+      a = jnp.where(jnp.isfinite(alpha), alpha, 0.0)
+      new_updates = jax.tree.map(lambda u: (a * u).astype(u.dtype), updates)
+    else:
+      new_updates = _per_block(lambda a, u: (a * u).astype(u.dtype),
+                               alpha_unit, unit)
     accepted = jnp.asarray(True)
     if adaptive_sigma:
       f0 = value_fn(params) if value is None else value

@@ -249,3 +249,32 @@ def test_a_functional_nnx_model():
     out = jax.jit(lambda s, d: lrcr.value_grad_and_curvature(
         loss_fn, s, x, y)[2](s, d))(state, d)
     np.testing.assert_allclose(out.curvature, g @ hess @ g, rtol=RTOL)
+
+
+@pytest.mark.parametrize("lr", [1e-30, 1.0, 1e30])
+@pytest.mark.parametrize("gd", [False, True])
+def test_the_transform_passes_its_rescaling_to_the_engine(lr, gd):
+  """The engine's in-function power-of-two scaling = the scaled-copy path."""
+  model = lrcr.MLP((16, 16), 4, kernel_init=lrcr.uniform_init(0.5))
+  x = jax.random.normal(jax.random.key(0), (8, 6))
+  y = jnp.arange(8) % 4
+  params = model.init(jax.random.key(1), x)
+  loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
+  tx = optax.chain(optax.sgd(lr), lrcr.scale_by_cubic_step(10.0))
+
+  @jax.jit
+  def both(params):
+    _, grads, cf = lrcr.value_grad_and_curvature(loss_fn, params, x, y,
+                                                 gradient_direction=gd)
+    assert cf.accepts_log2_scale
+    plain = lambda p, d: cf(p, d)        # no attribute: the scaled copy
+    a, sa = tx.update(grads, tx.init(params), params, curvature_fn=cf)
+    b, sb = tx.update(grads, tx.init(params), params, curvature_fn=plain)
+    return a, b, sa[1].info, sb[1].info
+
+  a, b, ia, ib = both(params)
+  assert bool(ia.finite) and bool(ib.finite)
+  assert float(optax.tree.norm(a)) > 0
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(u, v, rtol=2e-5)
+  np.testing.assert_allclose(ia.curvature, ib.curvature, rtol=1e-4)
