@@ -54,7 +54,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # adapted by Kohler & Lucchi's accept/reject rule.
   config.optimizer.granularity = "global"
   config.optimizer.adaptive_sigma = False
-  # Exactness traded for speed, both off by default (issue 4): the curvature
+  # Exactness traded for speed, both off by default: the curvature
   # on the first `curvature_batch_size` rows of the batch (0 = all), and alpha
   # refreshed every `curvature_every` steps (1 = every step).
   config.optimizer.curvature_batch_size = 0

@@ -559,8 +559,8 @@ def _load_data(config: Any) -> input_pipeline.Dataset:
   return dataset
 
 
-#: summary.json fields about the last session; a resume with nothing to
-#: train keeps those of the session that trained.
+#: summary.json fields about the last training; a resume with nothing to
+#: train keeps those of the run that trained.
 _TIMING_FIELDS = ("wall_time_s", "compile_time_s", "steps_per_s")
 
 
