@@ -7,13 +7,14 @@ direction (section 2, appendix B), the Cubic-Regularization (CR) step length
 and the paper's network. The engine (`lrcr.engine`) reads the loss's own JAX
 program, so it serves any model, not only the paper's.
 
-Modules, in dependency order: `types` (shared types), `engine` (the
-second-order adjoint of a program), `mlp` (the paper's network and loss),
-`curvature` (the public engine API), `cubic` (the step length), `transform`
+Modules, in dependency order: `types` (shared types), `cubic` (the step
+length), `engine` (the second-order adjoint of a program), `mlp` (the
+paper's network and loss), `curvature` (the public engine API), `transform`
 (the optax transformation), `averaging` (section 3.1's options).
 """
 
 from lrcr.types import CurvatureFn, Directional, param_groups
+from lrcr.cubic import CubicStep, cubic_model, cubic_step, cubic_step_length
 from lrcr.engine import UnsupportedProgramError
 from lrcr.mlp import MLP, cross_entropy_loss, num_params, uniform_init
 from lrcr.curvature import (WeightFactors, autodiff_curvature_fn,
@@ -21,7 +22,6 @@ from lrcr.curvature import (WeightFactors, autodiff_curvature_fn,
                             hessian_diagonal, lowrank_curvature_fn,
                             per_sample_factors, value_and_directional,
                             value_grad_and_curvature)
-from lrcr.cubic import CubicStep, cubic_model, cubic_step, cubic_step_length
 from lrcr.transform import (CubicStepInfo, CubicStepState, cubic_adadelta,
                             cubic_adagrad, cubic_adam, cubic_rmsprop,
                             cubic_sgd, layer_prefix, scale_by_cubic_step)
