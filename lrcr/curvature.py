@@ -109,7 +109,7 @@ def _vdot(a, b) -> Array:
 
 
 def _total(pairs) -> Array:
-  """sum_k <a_k, b_k> over many leaves, as one dot (`engine.total`)."""
+  """sum_k <a_k, b_k> over many leaves (`engine.total`)."""
   return engine.total([(1.0, a, b) for a, b in pairs])
 
 
@@ -120,12 +120,10 @@ def _total(pairs) -> Array:
 # For a weight operation z = V W (V [N, d_in] the operand, N = batch x
 # positions; W [d_in, d_out]; phi the direction on W; Ybar = dF/dz) the
 # sweep needs the tangent dz = dV W + V phi and the second-order term
-# Ybar . (2 dV phi) (eq. 36). V phi and, once the sweep has produced every
-# dV, the second-order terms do not depend on the sequential chain: the
-# engine evaluates them for all operations of the same shapes at once, as
-# batched matmuls over a stacked layer axis L (the paper's 11 hidden
-# 128 x 128 layers are one group). When the direction is c * grad F (plain
-# SGD) and W is read by this operation only, phi = c V^T Ybar, so
+# Ybar . (2 dV phi) (eq. 36). V phi does not depend on the sequential chain
+# and is taken before the sweep; the second-order terms are summed after it.
+# When the direction is c * grad F (plain SGD) and W is read by this
+# operation only, phi = c V^T Ybar, so
 #
 #     V phi = c (V V^T) Ybar,   Ybar . (dV phi) = c sum((dV V^T) * (Ybar Ybar^T))
 #
@@ -143,68 +141,39 @@ def _dense_2d(node) -> bool:
           and tuple(lc) == (lhs.ndim - 1,))
 
 
-#: Stack equally shaped weight operations into batched matmuls (a knob for
-#: the benchmarks; the numbers are the same either way).
-_GROUP_LAYERS = False
-
-
 class _WeightPlan:
-  """Grouped (and optionally Gram-form) evaluation of the weight operations."""
+  """The weight operations of one sweep, each in the dense or the Gram form."""
 
   def __init__(self, ps: _Pass, flat_d: list, scale: Array | None,
                log2: Array | None = None):
     # `log2`: flat_d is the raw direction and the sweep runs along
     # flat_d 2^-log2 (exact): the dense products V phi and dV phi are taken
     # with the raw phi and scaled afterwards, so phi itself is never copied.
-    self.ps, self.flat_d, self.scale, self.log2 = ps, flat_d, scale, log2
-    unit = ((lambda x: x) if log2 is None
-            else (lambda x: cubic.times_pow2(x, -log2)))
-    self.unit = unit
-    groups: dict[tuple, list] = {}
-    for node in ps.traced.program.nodes:
-      if node.weight >= 0 and _dense_2d(node) and node.id in ps.ybar:
-        key = (tuple(node.in_avals[0].shape), tuple(node.in_avals[1].shape),
-               node.in_avals[0].dtype, node.cin[0])
-        if not _GROUP_LAYERS:
-          key += (node.id,)
-        groups.setdefault(key, []).append(node)
-    self.groups = list(groups.values())
-    self.slot = {n.id: (g, k) for g, nodes in enumerate(self.groups)
-                 for k, n in enumerate(nodes)}
-    self.sources, self.gram, self.dv = [], [], {}
-    res, ybar = ps.residuals, ps.ybar
-    for nodes in self.groups:
-      # [L, N, d_in] operands and [L, N, d_out] adjoints; L = 1 needs no stack.
-      stack = (lambda xs: xs[0][None]) if len(nodes) == 1 else jnp.stack
-      v = stack([_operand(res, n).reshape(-1, n.in_avals[0].shape[-1])
-                 for n in nodes])
-      y = stack([ybar[n.id][0].reshape(-1, n.out_avals[0].shape[-1])
-                 for n in nodes])
-      n, d_in, d_out = v.shape[1], v.shape[2], y.shape[2]
+    self.ps, self.flat_d, self.scale = ps, flat_d, scale
+    self.unit = ((lambda x: x) if log2 is None
+                 else (lambda x: cubic.times_pow2(x, -log2)))
+    self.nodes = {n.id: n for n in ps.traced.program.nodes
+                  if n.weight >= 0 and _dense_2d(n) and n.id in ps.ybar}
+    self.sources, self.parts, self.dv = {}, {}, {}
+    for node in self.nodes.values():
+      v = _operand(ps.residuals, node)
+      v = v.reshape(-1, v.shape[-1])                          # [N, d_in]
+      y = ps.ybar[node.id][0]
+      y = y.reshape(-1, y.shape[-1])                          # [N, d_out]
+      n, d_in, d_out = v.shape[0], v.shape[1], y.shape[1]
       gram = (scale is not None and n * (d_in + d_out) < d_in * d_out and
-              all(ps.traced.uses.get(m.param) == 1 for m in nodes))
-      if len(nodes) == 1:                                     # plain 2-D products
-        v1, y1 = v[0], y[0]
-        if gram:                                              # c (V V^T) Ybar
-          src = scale * ((v1 @ v1.T) @ y1)
-        else:                                                 # V phi
-          src = unit(v1 @ flat_d[nodes[0].param])
-        src = src[None]
-      elif gram:
-        src = scale * jnp.einsum("lnm,lmj->lnj",
-                                 jnp.einsum("lni,lmi->lnm", v, v), y)
-      else:
-        phi = jnp.stack([flat_d[m.param] for m in nodes])     # [L, d_in, d_out]
-        src = unit(jnp.einsum("lni,lij->lnj", v, phi))
-      self.sources.append(src)
-      self.gram.append((gram, v, y))
+              ps.traced.uses.get(node.param) == 1)
+      if gram:                                                # c (V V^T) Ybar
+        self.sources[node.id] = scale * ((v @ v.T) @ y)
+      else:                                                   # V phi
+        self.sources[node.id] = self.unit(v @ flat_d[node.param])
+      self.parts[node.id] = (gram, v, y)
 
   def rewrite(self, node, vals, tans, ybar):
     del ybar
-    if node.id not in self.slot:
+    if node.id not in self.nodes:
       return None
-    g, k = self.slot[node.id]
-    out = self.sources[g][k]                                  # [N, d_out]
+    out = self.sources[node.id]                               # [N, d_out]
     if node.cin[0]:
       dv = tans[0].reshape(-1, vals[0].shape[-1])             # [N, d_in]
       self.dv[node.id] = dv
@@ -214,24 +183,15 @@ class _WeightPlan:
   def second_order(self) -> Array:
     """sum over weight operations of Ybar . (2 dV phi)."""
     terms, dense = [], []
-    for nodes, (gram, v, y) in zip(self.groups, self.gram):
-      if not nodes[0].cin[0]:
+    for node_id, (gram, v, y) in self.parts.items():
+      if node_id not in self.dv:
         continue                                              # dV = 0
-      if len(nodes) == 1:
-        dv, v1, y1 = self.dv[nodes[0].id], v[0], y[0]
-        if gram:
-          terms.append((2 * self.scale, dv @ v1.T, y1 @ y1.T))
-        else:
-          dense.append((2.0, dv @ self.flat_d[nodes[0].param], y1))
-        continue
-      dv = jnp.stack([self.dv[n.id] for n in nodes])          # [L, N, d_in]
+      dv = self.dv[node_id]
       if gram:
-        terms.append((2 * self.scale, jnp.einsum("lni,lmi->lnm", dv, v),
-                      jnp.einsum("lnj,lmj->lnm", y, y)))
+        terms.append((2 * self.scale, dv @ v.T, y @ y.T))
       else:
-        phi = jnp.stack([self.flat_d[m.param] for m in nodes])
-        dense.append((2.0, jnp.einsum("lni,lij->lnj", dv, phi), y))
-    # The dense terms hold the raw phi once: one scaling of their sum.
+        dense.append((2.0, dv @ self.flat_d[self.nodes[node_id].param], y))
+    # The dense terms hold the raw phi: one scaling of their sum.
     return engine.total(terms) + self.unit(engine.total(dense))
 
   def direct_params(self) -> set:
@@ -240,7 +200,7 @@ class _WeightPlan:
     ids = {i: k for k, i in enumerate(prog.invars[:self.ps.traced.num_params])}
     out = set()
     for node in prog.nodes:
-      if node.id in self.slot:
+      if node.id in self.nodes:
         continue
       out.update(ids[x] for x in node.ins if isinstance(x, int) and x in ids)
     return out

@@ -290,8 +290,6 @@ def _classify(node: _Node) -> None:
     node.offsets = node.second
     node.kind = "second" if any(node.second) else "linear"
     return
-  abstract = [_sds(a) if not isinstance(x, _Lit) else x.val
-              for a, x in zip(node.in_avals, node.ins)]
   lit = [isinstance(x, _Lit) for x in node.ins]
   tan_avals = [jax.ShapeDtypeStruct(a.shape, jax.dtypes.float0
                                     if not _is_float(a) else a.dtype)
@@ -301,8 +299,9 @@ def _classify(node: _Node) -> None:
     full = [x.val if l else v for x, l, v in zip(node.ins, lit, vals)]
     return _jvp2(node, full, tans)
 
-  args = [a if not l else jax.ShapeDtypeStruct((), jnp.float32)
-          for a, l in zip(abstract, lit)]
+  # Constants are closed over in `both`; their argument slots are dummies.
+  args = [jax.ShapeDtypeStruct((), jnp.float32) if l else _sds(a)
+          for a, l in zip(node.in_avals, lit)]
   try:
     closed = jax.make_jaxpr(both)(args, tan_avals)
   except Exception as e:  # pylint: disable=broad-except  # JAX's rule refused
@@ -440,10 +439,6 @@ def _scan_forward(node: _Node, vals: list, eps: dict):
                               length=p["length"], reverse=p["reverse"],
                               unroll=p["unroll"])
   return list(carry) + list(ys), res
-
-
-def _vdot(a: Array, b: Array) -> Array:
-  return jnp.sum(a * b)
 
 
 def total(terms: Sequence[tuple]) -> Array:
