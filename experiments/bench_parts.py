@@ -1,0 +1,95 @@
+"""Where the CR step's time goes: its parts, timed and counted in XLA kernels.
+
+    python -m experiments.bench_parts [--batch=32] [--repeats=11]
+
+On the paper's 12x128 net, float32, jitted, interleaved medians of repeated
+samples (ratio to `grad`), and the number of kernels in each compiled
+program's entry computation:
+
+- `grad`: `jax.value_and_grad` of the loss
+- `engine_pass`: `lrcr.value_grad_and_curvature` without calling its
+  `curvature_fn` (the gradient pass with the adjoints exposed)
+- `engine`: the same plus slope and curvature along -0.1 grad
+- `fwd_over_fwd`: `value_and_grad` plus forward-over-forward along -0.1 grad
+- `transform`: `scale_by_cubic_step`'s update with a stub `curvature_fn`
+  (one tree norm), against `apply_only`, the SGD update applied alone
+"""
+
+from collections.abc import Sequence
+import re
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+import optax
+
+import lrcr
+from experiments import bench
+
+_BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
+_REPEATS = flags.DEFINE_integer("repeats", 11, "Timing repeats.")
+
+
+def _kernels(fn, args) -> int:
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  entry = text[text.index("ENTRY"):]
+  return len(re.findall(r"= \S+ [\w-]+\(", entry)) - len(
+      re.findall(r"= \S+ parameter\(", entry))
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  model = bench.paper_mlp(128, 12)
+  _, params, x, y = bench.make_problem(128, 12, _BATCH.value)
+  loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(
+      model.apply({"params": p}, x), y)          # params: the inner dict
+  step = lambda g: jax.tree.map(lambda a: -0.1 * a, g)
+
+  def grad(p):
+    return jax.value_and_grad(loss_fn)(p, x, y)
+
+  def engine_pass(p):
+    return lrcr.value_grad_and_curvature(loss_fn, p, x, y)[:2]
+
+  def engine(p):
+    loss, g, curvature_fn = lrcr.value_grad_and_curvature(loss_fn, p, x, y)
+    return loss, g, curvature_fn(p, step(g))
+
+  def fwd_over_fwd(p):
+    loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+    return loss, g, lrcr.autodiff_directional(lambda q: loss_fn(q, x, y), p,
+                                              step(g))
+
+  tx = optax.chain(optax.sgd(0.02), lrcr.scale_by_cubic_step(100.0))
+  state = tx.init(params)
+
+  def stub(p, d):
+    n = optax.tree.norm(d, squared=True)
+    return lrcr.Directional(-n, 2.0 * n, n)
+
+  def transform(p):
+    updates, _ = tx.update(p, state, p, curvature_fn=stub)
+    return optax.apply_updates(p, updates)
+
+  def apply_only(p):
+    return optax.apply_updates(p, step(p))
+
+  fns = {"grad": grad, "engine_pass": engine_pass, "engine": engine,
+         "fwd_over_fwd": fwd_over_fwd, "transform": transform,
+         "apply_only": apply_only}
+  samplers = {k: bench.call_sampler(jax.jit(f), (params,))
+              for k, f in fns.items()}
+  times = bench.interleaved_samples(samplers, _REPEATS.value)
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, "
+        f"batch {_BATCH.value}")
+  print("| part | ms | ratio to grad | XLA kernels |")
+  print("|---|---|---|---|")
+  for k, f in fns.items():
+    print(f"| {k} | {1e3 * med[k]:.3f} | {med[k] / med['grad']:.2f}x | "
+          f"{_kernels(f, (params,))} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
