@@ -34,6 +34,7 @@ every weight operation where that is cheaper.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -141,6 +142,27 @@ def _dense_2d(node) -> bool:
           and tuple(lc) == (lhs.ndim - 1,))
 
 
+def _weight_nodes(ps: _Pass) -> dict:
+  """The plan's weight operations: id -> node (2-D dense weights with an adjoint)."""
+  return {n.id: n for n in ps.traced.program.nodes
+          if n.weight >= 0 and _dense_2d(n) and n.id in ps.ybar}
+
+
+def _gram_ids(ps: _Pass) -> frozenset:
+  """Weight operations where the Gram form needs fewer multiplications.
+
+  N (d_in + d_out) < d_in d_out, and the weight is read by this operation
+  only (so its gradient is V^T Ybar alone).
+  """
+  out = set()
+  for node in _weight_nodes(ps).values():
+    n = math.prod(node.in_avals[0].shape[:-1])
+    d_in, d_out = node.in_avals[1].shape
+    if n * (d_in + d_out) < d_in * d_out and ps.traced.uses.get(node.param) == 1:
+      out.add(node.id)
+  return frozenset(out)
+
+
 class _WeightPlan:
   """The weight operations of one sweep, each in the dense or the Gram form."""
 
@@ -152,17 +174,15 @@ class _WeightPlan:
     self.ps, self.flat_d, self.scale = ps, flat_d, scale
     self.unit = ((lambda x: x) if log2 is None
                  else (lambda x: cubic.times_pow2(x, -log2)))
-    self.nodes = {n.id: n for n in ps.traced.program.nodes
-                  if n.weight >= 0 and _dense_2d(n) and n.id in ps.ybar}
+    self.nodes = _weight_nodes(ps)
+    gram_ids = _gram_ids(ps) if scale is not None else frozenset()
     self.sources, self.parts, self.dv = {}, {}, {}
     for node in self.nodes.values():
       v = _operand(ps.residuals, node)
       v = v.reshape(-1, v.shape[-1])                          # [N, d_in]
       y = ps.ybar[node.id][0]
       y = y.reshape(-1, y.shape[-1])                          # [N, d_out]
-      n, d_in, d_out = v.shape[0], v.shape[1], y.shape[1]
-      gram = (scale is not None and n * (d_in + d_out) < d_in * d_out and
-              ps.traced.uses.get(node.param) == 1)
+      gram = node.id in gram_ids
       if gram:                                                # c (V V^T) Ybar
         self.sources[node.id] = scale * ((v @ v.T) @ y)
       else:                                                   # V phi
@@ -327,6 +347,7 @@ def value_grad_and_curvature(
                       diagonal=granularity == "variable")
   grads = jax.tree.unflatten(ps.traced.params_treedef, ps.flat_grads)
   treedef = ps.traced.params_treedef
+  gram_ids = _gram_ids(ps) if gradient_direction else frozenset()
 
   def curvature_fn(params_unused: Any, direction: Any, *,
                    log2_scale: Any = None) -> Directional:
@@ -338,7 +359,10 @@ def value_grad_and_curvature(
       log2 = None if log2_scale is None else jnp.asarray(log2_scale, jnp.int32)
       unit = ((lambda x: x) if log2 is None
               else (lambda x: cubic.times_pow2(x, -log2)))
-      if gradient_direction:     # direction = scale * grad F
+      # direction = scale * grad F: the Gram form, where some weight
+      # operation gains by it (otherwise the dense sweep, which needs no
+      # ||grad F||^2 and g . grad F reductions, is the cheaper of the two).
+      if gradient_direction and gram_ids:
         gg = _total(zip(ps.flat_grads, ps.flat_grads))
         dg = _total(zip(flat_d, ps.flat_grads))
         scale = unit(dg / jnp.where(gg > 0, gg, 1.0))

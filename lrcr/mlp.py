@@ -54,8 +54,8 @@ class MLP(nn.Module):
 
   Parameters live under `params/hidden_{k}` (k = 0..n-1, the paper's W^(k+1))
   and `params/output` (the paper's U), each with a `kernel` [d_in, d_out] and,
-  when `use_bias`, a `bias` [d_out]. The low-rank engine in `lrcr.directional`
-  reads exactly this layout.
+  when `use_bias`, a `bias` [d_out]. lrcr's engine reads any model's program;
+  this layout only names the paper's layers in per-layer results.
 
   Attributes:
     hidden_sizes: widths d_1..d_n of the hidden layers.

@@ -104,6 +104,41 @@ def test_gram_form_for_gradient_directions(name):
                                rtol=RTOL)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_gram_products_against_the_dense_hessian(seed, act):
+  """Batch smaller than the widths: the weights go through the Gram form."""
+  from lrcr import curvature  # pylint: disable=g-import-not-at-top
+  with jax.enable_x64(True):
+    model = lrcr.MLP((16, 12), 5, activation=getattr(jax.nn, act),
+                     kernel_init=lrcr.uniform_init(0.6), use_bias=True)
+    k = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(k[0], (3, 7), jnp.float64)
+    y = jax.random.randint(k[1], (3,), 0, 5)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                          model.init(k[2], x))["params"]
+    loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(
+        model.apply({"params": p}, x), y)
+    ps = curvature._gradient_pass(loss_fn, params, (x, y))  # pylint: disable=protected-access
+    assert len(curvature._gram_ids(ps)) == 3                # pylint: disable=protected-access
+    grads, hess = zoo.dense(loss_fn, params, (x, y))
+    _, g_tree, cf = lrcr.value_grad_and_curvature(loss_fn, params, x, y,
+                                                  gradient_direction=True)
+    for c in (-0.7, 2.0**-40, 3.0):
+      d = jax.tree.map(lambda g: c * g, g_tree)
+      g = ravel_pytree(d)[0]
+      out = cf(params, d)
+      np.testing.assert_allclose(out.slope, g @ grads, rtol=RTOL)
+      np.testing.assert_allclose(out.curvature, g @ hess @ g, rtol=RTOL)
+      np.testing.assert_allclose(out.sqnorm, g @ g, rtol=RTOL)
+      for e in (-3, 7):   # the transform's power-of-two hand-off
+        scaled = cf(params, d, log2_scale=e)
+        np.testing.assert_allclose(scaled.curvature,
+                                   g @ hess @ g * 2.0 ** (-2 * e), rtol=RTOL)
+        np.testing.assert_allclose(scaled.slope, g @ grads * 2.0 ** -e,
+                                   rtol=RTOL)
+
+
 def test_weight_sharing_and_a_parameter_used_twice():
   """A tied weight (used by two matmuls) and an elementwise parameter."""
   with jax.enable_x64(True):
