@@ -49,6 +49,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # matrices after SGD), "lowrank" calls lrcr.lowrank_curvature_fn,
   # "autodiff" forward-over-forward autodiff, "hvp" a Hessian-vector product.
   config.optimizer.curvature = "engine"
+  # The engine's batched evaluation of equally shaped layers (same numbers;
+  # slower on a 2-core CPU, meant for accelerators: experiments/device_check).
+  config.optimizer.stack_layers = False
   # Beyond the paper (section 4's future work): one alpha per step ("global",
   # the paper), per layer ("layer") or per weight ("variable"), and sigma
   # adapted by Kohler & Lucchi's accept/reject rule.

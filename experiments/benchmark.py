@@ -64,7 +64,8 @@ FULL_SHAPES = ((128, 12, 32), (128, 12, 256), (128, 12, 1024),
 QUICK_SHAPES = ((16, 2, 8),)
 
 # The exact CR-SGD paths of lrcr (the "best lrcr variant" is the fastest).
-LRCR_SGD = ("cr_sgd_engine_gram", "cr_sgd_engine", "cr_sgd_lowrank")
+LRCR_SGD = ("cr_sgd_engine_gram", "cr_sgd_engine", "cr_sgd_engine_gram_stacked",
+            "cr_sgd_engine_stacked", "cr_sgd_lowrank")
 PRIMARY = "cr_sgd_engine_gram"  # what the training loop uses for SGD
 
 

@@ -22,11 +22,15 @@ Sections, in the order they run:
              float32 params, batch and direction cast up exactly). Then the
              SGD and CR-SGD steps timed under both precisions.
   speed      the benchmark's core table: SGD, CR-SGD through the public fast
-             path (Gram form and dense sweep) and CR-SGD by forward-over-
-             forward, medians of interleaved repeats (`experiments.bench`)
-             and paired ratios to SGD, at each batch; and the steps/s of a
-             `lax.scan` chunk of the training loop's body (one SGD step and
-             one CR-SGD step on the same batch).
+             path (Gram form and dense sweep, each also with
+             `stack_layers=True`) and CR-SGD by forward-over-forward,
+             medians of interleaved repeats (`experiments.bench`) and paired
+             ratios to SGD, at each batch, with each compiled step's number
+             of kernels (`count_kernels`); the HLO text of the SGD and CR
+             steps at the first batch (DIR/hlo_<step>_b<batch>.txt, the
+             device's fusion decisions, to study without a device); and the
+             steps/s of a `lax.scan` chunk of the training loop's body (one
+             SGD step and one CR-SGD step on the same batch).
   memory     peak bytes of the compiled CR-SGD steps against SGD
              (`compiled.memory_analysis()` via `bench.memory_stats`).
   fig2       the paper's Fig. 2 run (`configs/paper.py:mnist_sgd_plateau`,
@@ -47,6 +51,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -93,7 +98,13 @@ SGD = "sgd"
 GRAM = "cr_sgd_engine_gram"      # the public fast path, gradient_direction=True
 DENSE = "cr_sgd_engine"          # the public fast path, any direction
 FOF = "cr_sgd_autodiff"          # forward-over-forward
-SPEED_STEPS = (SGD, GRAM, DENSE, FOF)
+GRAM_STACKED = "cr_sgd_engine_gram_stacked"   # stack_layers=True
+DENSE_STACKED = "cr_sgd_engine_stacked"
+SPEED_STEPS = (SGD, GRAM, DENSE, GRAM_STACKED, DENSE_STACKED, FOF)
+#: Compiled programs written out as HLO text (batch of the first speed
+#: shape), to study the device's fusion decisions without a device.
+HLO_STEPS = (SGD, GRAM, DENSE)
+MEMORY_STEPS = (SGD, GRAM, DENSE, GRAM_STACKED)
 PRECISIONS = ("default", "highest")
 
 #: The Fig. 2 run (3,000 steps, 12x128, batch 32, mnist_5k, one CPU device)
@@ -380,6 +391,41 @@ def section_exactness(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
               max_rel_err=summary, cases=cases, step_timing=timing)
 
 
+#: HLO operations that launch no work of their own.
+_NO_KERNEL = frozenset((
+    "parameter", "constant", "tuple", "get-tuple-element", "bitcast", "call",
+    "while", "conditional", "after-all", "opt-barrier", "partition-id",
+    "replica-id", "add-dependency", "domain"))
+
+
+def count_kernels(hlo_text: str) -> int:
+  """Operations that launch a kernel in a compiled module's HLO text.
+
+  Counts the instructions of every computation that is not the body of a
+  fusion or the scalar function of a reduction (`calls=` of a fusion,
+  `to_apply=`), other than those in `_NO_KERNEL`: on a GPU each is a kernel
+  or a library call (cuBLAS), also inside command buffers and loops; on the
+  CPU each is a thunk. A loop's body counts once.
+  """
+  bodies = set(re.findall(r"\bfusion\(.*?calls=%?([\w.\-]+)", hlo_text))
+  # A `call` (a command buffer on GPUs) holds kernels; other to_apply
+  # functions are reductions' scalar code.
+  bodies |= {m.group(2) for m in re.finditer(
+      r"\s([a-z][\w\-]*)\(.*?to_apply=%?([\w.\-]+)", hlo_text)
+             if m.group(1) != "call"}
+  count, current = 0, None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      current = head.group(1)
+      continue
+    op = re.match(r"^\s+(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.+?\s([a-z][\w\-]*)\(",
+                  line)
+    if op and current not in bodies and op.group(1) not in _NO_KERNEL:
+      count += 1
+  return count
+
+
 def _keys_like(tree: Any, key: jax.Array) -> Any:
   leaves, treedef = jax.tree.flatten(tree)
   return jax.tree.unflatten(treedef, list(jax.random.split(key, len(leaves))))
@@ -421,6 +467,11 @@ def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
     table = _time_table(entries, opts, base=SGD, seed=b)
     for name in table:
       table[name]["compile_s"] = compile_s[name]
+      table[name]["kernels"] = count_kernels(entries[name][0].as_text())
+      if b == opts.batches[0] and name in HLO_STEPS and state.get("out"):
+        path = os.path.join(state["out"], f"hlo_{name}_b{b}.txt")
+        with open(path, "w", encoding="utf-8") as f:
+          f.write(entries[name][0].as_text())
     shapes[f"b{b}"] = dict(batch=b, steps=table)
     state["partial"] = dict(shapes=shapes)
 
@@ -460,7 +511,7 @@ def section_memory(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
   for b in opts.batches:
     stats = {}
     model = params = x = y = None
-    for name in (SGD, GRAM, DENSE):
+    for name in MEMORY_STEPS:
       fn = executables.get(((name, b), "default"))
       if fn is None:     # speed did not run (or failed): compile here
         if model is None:
@@ -470,7 +521,7 @@ def section_memory(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
       stats[name] = bench.memory_stats(fn)
     base = stats[SGD]
     row = dict(batch=b, stats=stats)
-    for name in (GRAM, DENSE):
+    for name in MEMORY_STEPS[1:]:
       for key in ("peak_bytes", "xla_peak_bytes", "temp_size_in_bytes"):
         a, c = stats[name].get(key), base.get(key)
         row[f"{name}/{key}_ratio"] = (a / c if a is not None and c else None)
@@ -667,6 +718,14 @@ def to_markdown(report: dict[str, Any]) -> str:
       cells = [f"{_g(row['steps'][n]['ms'])} ({_g(row['steps'][n]['ratio'], '.2f')}x)"
                for n in SPEED_STEPS]
       lines.append(f"| {row['batch']} | " + " | ".join(cells) + " |")
+    lines += ["", "Kernels per compiled step (`count_kernels`: fusions, "
+              "library calls and copies in the compiled HLO):", "",
+              "| batch | " + " | ".join(SPEED_STEPS) + " |",
+              "|---|" + "---|" * len(SPEED_STEPS)]
+    for row in speed["shapes"].values():
+      lines.append(f"| {row['batch']} | " + " | ".join(
+          str(row["steps"][n].get("kernels", "n/a")) for n in SPEED_STEPS)
+                   + " |")
     if speed.get("skipped_over_budget"):
       lines += ["", "Skipped (over --budget_s): "
                 + ", ".join(speed["skipped_over_budget"]) + "."]
@@ -680,7 +739,8 @@ def to_markdown(report: dict[str, Any]) -> str:
   if memory:
     lines += ["", "## 3. Memory (compiled step, MiB)", "",
               "| batch | sgd peak | gram peak (ratio) | dense peak (ratio) | "
-              "XLA peak ratio gram |", "|---|---|---|---|---|"]
+              "gram stacked peak (ratio) | XLA peak ratio gram |",
+              "|---|---|---|---|---|---|"]
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:.2f}"  # noqa: E731
     for row in memory["shapes"].values():
       st = row["stats"]
@@ -690,6 +750,8 @@ def to_markdown(report: dict[str, Any]) -> str:
           f"({_g(row[f'{GRAM}/peak_bytes_ratio'], '.2f')}) | "
           f"{mib(st[DENSE]['peak_bytes'])} "
           f"({_g(row[f'{DENSE}/peak_bytes_ratio'], '.2f')}) | "
+          f"{mib(st[GRAM_STACKED]['peak_bytes'])} "
+          f"({_g(row[f'{GRAM_STACKED}/peak_bytes_ratio'], '.2f')}) | "
           f"{_g(row[f'{GRAM}/xla_peak_bytes_ratio'], '.2f')} |")
 
   fig2 = (report["sections"].get("fig2") or {}).get("result")
@@ -736,7 +798,7 @@ def run_check(opts: Options, out: str, *, sections: Sequence[str] = SECTIONS,
       timespec="seconds"), environment=_environment(),
                 options=dataclasses.asdict(opts), sections={}, finished=False,
                 goals=None, total_wall_s=0.0)
-  state: dict[str, Any] = dict(deadline=start + budget_s)
+  state: dict[str, Any] = dict(deadline=start + budget_s, out=out)
   for name in SECTIONS:
     if name not in sections:
       continue

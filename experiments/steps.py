@@ -51,6 +51,8 @@ class CROptions:
       use its Gram-matrix form.
     curvature_batch_size: if > 0, the curvature on the first that many rows
       of the batch, the slope on all of them (Byrd et al. 2011).
+    stack_layers: the engine batches equally shaped layers' products
+      (`lrcr.value_grad_and_curvature(stack_layers=...)`); same numbers.
     averaging: section 3.1's option for SGD: "batch" (the paper),
       "mean_alpha" or "mean_alpha_g" (`lrcr.averaging`).
     sigma: the cubic weight, read by the non-"batch" averagings.
@@ -59,6 +61,7 @@ class CROptions:
   granularity: str = "global"
   gradient_direction: bool = False
   curvature_batch_size: int = 0
+  stack_layers: bool = False
   averaging: str = "batch"
   sigma: float = 100.0
 
@@ -90,6 +93,7 @@ class CROptions:
                granularity=get("granularity", "global"),
                gradient_direction=str(optimizer_config.name).lower() == "sgd",
                curvature_batch_size=int(get("curvature_batch_size", 0)),
+               stack_layers=bool(get("stack_layers", False)),
                averaging=averaging,
                sigma=float(optimizer_config.sigma))
 
@@ -189,7 +193,8 @@ def _value_grad_and_curvature(loss_fn: LossFn, model: Any, params: Any,
     return lrcr.value_grad_and_curvature(
         loss_fn, params, x, y, granularity=options.granularity,
         gradient_direction=(options.gradient_direction and
-                            options.granularity == "global"))
+                            options.granularity == "global"),
+        stack_layers=options.stack_layers)
   loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
   xc, yc = x[:rows], y[:rows]
   if options.curvature == "hvp":

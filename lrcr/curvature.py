@@ -163,11 +163,25 @@ def _gram_ids(ps: _Pass) -> frozenset:
   return frozenset(out)
 
 
+def _bmm(a: Array, b: Array, spec: str) -> Array:
+  """einsum over a leading layer axis; a plain 2-D product when L = 1."""
+  if a.shape[0] == 1:
+    return jnp.einsum(spec.replace("l", ""), a[0], b[0])[None]
+  return jnp.einsum(spec, a, b)
+
+
 class _WeightPlan:
-  """The weight operations of one sweep, each in the dense or the Gram form."""
+  """The weight operations of one sweep, each in the dense or the Gram form.
+
+  With `stack`, operations of equal shapes (the paper's eleven 128 x 128
+  hidden layers) are evaluated together: V phi before the sweep and dV phi
+  after it are one batched matmul over a stacked layer axis L each, at the
+  price of copying the stacked operands. Only the chain dV W stays per
+  layer. The numbers are the same either way.
+  """
 
   def __init__(self, ps: _Pass, flat_d: list, scale: Array | None,
-               log2: Array | None = None):
+               log2: Array | None = None, stack: bool = False):
     # `log2`: flat_d is the raw direction and the sweep runs along
     # flat_d 2^-log2 (exact): the dense products V phi and dV phi are taken
     # with the raw phi and scaled afterwards, so phi itself is never copied.
@@ -176,24 +190,42 @@ class _WeightPlan:
                  else (lambda x: cubic.times_pow2(x, -log2)))
     self.nodes = _weight_nodes(ps)
     gram_ids = _gram_ids(ps) if scale is not None else frozenset()
-    self.sources, self.parts, self.dv = {}, {}, {}
+    groups: dict[tuple, list] = {}
     for node in self.nodes.values():
-      v = _operand(ps.residuals, node)
-      v = v.reshape(-1, v.shape[-1])                          # [N, d_in]
-      y = ps.ybar[node.id][0]
-      y = y.reshape(-1, y.shape[-1])                          # [N, d_out]
-      gram = node.id in gram_ids
+      key = (node.in_avals[0].shape, node.in_avals[1].shape,
+             node.in_avals[0].dtype, node.cin[0], node.id in gram_ids)
+      groups.setdefault(key if stack else key + (node.id,), []).append(node)
+    self.groups = list(groups.values())
+    self.slot = {n.id: (g, k) for g, nodes in enumerate(self.groups)
+                 for k, n in enumerate(nodes)}
+    self.sources, self.parts, self.dv = [], [], {}
+    for nodes in self.groups:
+      # [L, N, d_in] operands and [L, N, d_out] adjoints (L = 1: no copy).
+      stacked = (lambda xs: xs[0][None]) if len(nodes) == 1 else jnp.stack
+      v = stacked([_operand(ps.residuals, n).reshape(
+          -1, n.in_avals[0].shape[-1]) for n in nodes])
+      y = stacked([ps.ybar[n.id][0].reshape(-1, n.out_avals[0].shape[-1])
+                   for n in nodes])
+      gram = nodes[0].id in gram_ids
       if gram:                                                # c (V V^T) Ybar
-        self.sources[node.id] = scale * ((v @ v.T) @ y)
+        src = scale * _bmm(_bmm(v, v, "lni,lmi->lnm"), y, "lnm,lmj->lnj")
       else:                                                   # V phi
-        self.sources[node.id] = self.unit(v @ flat_d[node.param])
-      self.parts[node.id] = (gram, v, y)
+        src = self.unit(_bmm(v, self._phi(nodes), "lni,lij->lnj"))
+      self.sources.append(src)
+      self.parts.append((gram, v, y))
+
+  def _phi(self, nodes) -> Array:
+    """The direction on the group's weights, [L, d_in, d_out]."""
+    if len(nodes) == 1:
+      return self.flat_d[nodes[0].param][None]
+    return jnp.stack([self.flat_d[n.param] for n in nodes])
 
   def rewrite(self, node, vals, tans, ybar):
     del ybar
-    if node.id not in self.nodes:
+    if node.id not in self.slot:
       return None
-    out = self.sources[node.id]                               # [N, d_out]
+    g, k = self.slot[node.id]
+    out = self.sources[g][k]                                  # [N, d_out]
     if node.cin[0]:
       dv = tans[0].reshape(-1, vals[0].shape[-1])             # [N, d_in]
       self.dv[node.id] = dv
@@ -203,14 +235,16 @@ class _WeightPlan:
   def second_order(self) -> Array:
     """sum over weight operations of Ybar . (2 dV phi)."""
     terms, dense = [], []
-    for node_id, (gram, v, y) in self.parts.items():
-      if node_id not in self.dv:
+    for nodes, (gram, v, y) in zip(self.groups, self.parts):
+      if nodes[0].id not in self.dv:
         continue                                              # dV = 0
-      dv = self.dv[node_id]
+      dv = (self.dv[nodes[0].id][None] if len(nodes) == 1 else
+            jnp.stack([self.dv[n.id] for n in nodes]))        # [L, N, d_in]
       if gram:
-        terms.append((2 * self.scale, dv @ v.T, y @ y.T))
+        terms.append((2 * self.scale, _bmm(dv, v, "lni,lmi->lnm"),
+                      _bmm(y, y, "lnj,lmj->lnm")))
       else:
-        dense.append((2.0, dv @ self.flat_d[self.nodes[node_id].param], y))
+        dense.append((2.0, _bmm(dv, self._phi(nodes), "lni,lij->lnj"), y))
     # The dense terms hold the raw phi: one scaling of their sum.
     return engine.total(terms) + self.unit(engine.total(dense))
 
@@ -220,7 +254,7 @@ class _WeightPlan:
     ids = {i: k for k, i in enumerate(prog.invars[:self.ps.traced.num_params])}
     out = set()
     for node in prog.nodes:
-      if node.id in self.nodes:
+      if node.id in self.slot:
         continue
       out.update(ids[x] for x in node.ins if isinstance(x, int) and x in ids)
     return out
@@ -282,15 +316,17 @@ def _gradient_pass(loss_fn, params, batch, diagonal: bool = False) -> _Pass:
 
 
 def _curvature(ps: _Pass, flat_d: list, scale: Array | None = None,
-               log2: Array | None = None) -> tuple[Array, Array]:
+               log2: Array | None = None, stack: bool = False
+               ) -> tuple[Array, Array]:
   """(slope, curvature) along the flat direction, from one tangent sweep.
 
   `scale`: the direction is `scale` * grad F (enables the Gram form; with
   `log2`, scale is already that of the scaled direction).
   `log2`: the sweep runs along flat_d 2^-log2 (see `_WeightPlan`).
+  `stack`: batch equally shaped weight operations (see `_WeightPlan`).
   """
   prog = ps.traced.program
-  plan = _WeightPlan(ps, flat_d, scale, log2)
+  plan = _WeightPlan(ps, flat_d, scale, log2, stack)
   if log2 is None:
     in_tans = dict(zip(prog.invars, flat_d))
   else:           # only the leaves other operations read are scaled here
@@ -306,6 +342,7 @@ def _curvature(ps: _Pass, flat_d: list, scale: Array | None = None,
 def value_grad_and_curvature(
     loss_fn: Callable[..., Array], params: Any, *batch: Any,
     granularity: str = "global", gradient_direction: bool = False,
+    stack_layers: bool = False,
 ) -> tuple[Array, Any, CurvatureFn]:
   """The loss, its gradient, and the exact curvature along any direction.
 
@@ -329,6 +366,14 @@ def value_grad_and_curvature(
       `curvature_fn` is a scalar multiple of the gradient (plain SGD, also
       with a learning-rate schedule). The weights' products then go through
       N x N Gram matrices where that is cheaper; the numbers are the same.
+    stack_layers: evaluate the sweep's products that do not depend on its
+      sequential chain (V phi before it, dV phi after it) as one batched
+      matmul per group of equally shaped weight operations, instead of one
+      small matmul per layer. Fewer, larger kernels at the price of copying
+      the stacked operands: on the 2-core CPU it measured slower, so it is
+      off by default; it is meant for accelerators, where a step of small
+      matmuls is bound by kernel launches (`experiments.device_check`
+      measures both). The numbers are the same either way.
 
   Returns:
     (loss, grads, curvature_fn). `curvature_fn(params, direction)` returns
@@ -366,9 +411,9 @@ def value_grad_and_curvature(
         gg = _total(zip(ps.flat_grads, ps.flat_grads))
         dg = _total(zip(flat_d, ps.flat_grads))
         scale = unit(dg / jnp.where(gg > 0, gg, 1.0))
-        slope, curv = _curvature(ps, flat_d, scale, log2)
+        slope, curv = _curvature(ps, flat_d, scale, log2, stack_layers)
         return Directional(slope, curv, scale * scale * gg)  # ||c grad F||^2
-      slope, curv = _curvature(ps, flat_d, None, log2)
+      slope, curv = _curvature(ps, flat_d, None, log2, stack_layers)
       sqnorm = sum(jnp.sum(jnp.square(unit(d))) for d in flat_d)
       return Directional(slope, curv, sqnorm)
     sqnorms = [_vdot(d, d) for d in flat_d]
@@ -381,7 +426,9 @@ def value_grad_and_curvature(
         return [jnp.where(i == j, d, jnp.zeros_like(d))
                 for i, d in zip(index, flat_d)]
 
-      curv = jax.vmap(lambda j: _curvature(ps, masked(j))[1])(jnp.arange(k))
+      curv = jax.vmap(lambda j: _curvature(ps, masked(j),
+                                           stack=stack_layers)[1])(
+                                               jnp.arange(k))
       per = lambda vals: jax.tree.unflatten(gtree, [
           sum((v for i, v in zip(index, vals) if i == j),
               jnp.zeros((), vals[0].dtype)) for j in range(k)])

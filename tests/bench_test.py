@@ -13,6 +13,7 @@ from experiments import bench
 from experiments import benchmark
 
 VARIANTS = ("sgd", "adagrad", "cr_sgd_engine_gram", "cr_sgd_engine",
+            "cr_sgd_engine_gram_stacked", "cr_sgd_engine_stacked",
             "cr_sgd_lowrank", "cr_sgd_autodiff", "cr_sgd_hvp",
             "cr_adagrad_engine", "cr_sgd_engine_sub8",
             "sgd_scan10", "cr_sgd_every10")

@@ -40,6 +40,9 @@ def report(tmp_path_factory):
   assert md.exists() and js.exists()
   with open(js, encoding="utf-8") as f:
     saved = json.load(f)
+  for name in device_check.HLO_STEPS:        # the compiled programs, as text
+    hlo = (out / f"hlo_{name}_b8.txt").read_text(encoding="utf-8")
+    assert "ENTRY" in hlo, name
   return saved, md.read_text(encoding="utf-8")
 
 
@@ -92,6 +95,9 @@ def test_speed_memory_and_fig2_numbers_are_sane(report):
     assert set(row["steps"]) == set(device_check.SPEED_STEPS)
     for name, t in row["steps"].items():
       assert _positive(t["ms"]) and _positive(t["ratio"]), name
+      assert isinstance(t["kernels"], int) and t["kernels"] > 0, name
+    kernels = {n: t["kernels"] for n, t in row["steps"].items()}
+    assert kernels[device_check.GRAM] > kernels[device_check.SGD], kernels
   assert _positive(speed["scan_chunk"]["steps_per_s"])
 
   memory = saved["sections"]["memory"]["result"]
@@ -129,3 +135,38 @@ def test_unknown_section_is_refused(tmp_path):
   with pytest.raises(ValueError, match="unknown"):
     device_check.run_check(device_check.Options.tiny_sizes(), str(tmp_path),
                            sections=("speedy",))
+
+
+_HLO = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(f32[] %a, f32[] %b)
+}
+
+%fused (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %e = f32[4]{0} exponential(f32[4]{0} %p)
+}
+
+%command_buffer (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  %f1 = f32[4]{0} fusion(f32[4]{0} %p), kind=kLoop, calls=%fused
+  ROOT %f2 = f32[4]{0} fusion(f32[4]{0} %f1), kind=kLoop, calls=%fused
+}
+
+ENTRY %main (x: f32[4]) -> f32[] {
+  %x = f32[4]{0} parameter(0)
+  %c = f32[4]{0} call(f32[4]{0} %x), to_apply=%command_buffer
+  %g = f32[4,4]{1,0} custom-call(f32[4]{0} %c), custom_call_target="__cublas$gemm"
+  %z = f32[] constant(0)
+  ROOT %r = f32[] reduce(f32[4]{0} %c, f32[] %z), dimensions={0}, to_apply=%add
+}
+"""
+
+
+def test_kernel_count_reads_command_buffers_and_skips_fusion_bodies():
+  # f1 and f2 inside the command buffer, the gemm, the reduce; not the
+  # exponential inside the fusion body nor the add of the reduction.
+  assert device_check.count_kernels(_HLO) == 4

@@ -139,6 +139,42 @@ def test_gram_products_against_the_dense_hessian(seed, act):
                                    rtol=RTOL)
 
 
+@pytest.mark.parametrize("batch", [3, 40])      # Gram form / dense form
+@pytest.mark.parametrize("granularity", ["global", "layer"])
+def test_stacked_layers_against_the_dense_hessian(batch, granularity):
+  """stack_layers batches equal layers; the numbers stay exact."""
+  with jax.enable_x64(True):
+    model = lrcr.MLP((16,) * 4, 5, kernel_init=lrcr.uniform_init(0.6),
+                     use_bias=True)
+    k = jax.random.split(jax.random.key(batch), 3)
+    x = jax.random.normal(k[0], (batch, 16), jnp.float64)
+    y = jax.random.randint(k[1], (batch,), 0, 5)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                          model.init(k[2], x))["params"]
+    loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(
+        model.apply({"params": p}, x), y)
+    grads, hess = zoo.dense(loss_fn, params, (x, y))
+    for gd in (False, True):
+      _, g_tree, cf = lrcr.value_grad_and_curvature(
+          loss_fn, params, x, y, granularity=granularity,
+          gradient_direction=gd and granularity == "global",
+          stack_layers=True)
+      d = (jax.tree.map(lambda g: -0.4 * g, g_tree) if gd
+           else zoo.random_like(params, batch))
+      g = ravel_pytree(d)[0]
+      out = cf(params, d)
+      if granularity == "global":
+        np.testing.assert_allclose(out.curvature, g @ hess @ g, rtol=RTOL)
+        np.testing.assert_allclose(out.slope, g @ grads, rtol=RTOL)
+        continue
+      for name in params:             # each layer's block g_k^T H_kk g_k
+        gk = ravel_pytree({m: jax.tree.map(
+            lambda v, keep=(m == name): v if keep else jnp.zeros_like(v),
+            d[m]) for m in d})[0]
+        np.testing.assert_allclose(out.curvature[name], gk @ hess @ gk,
+                                   rtol=RTOL)
+
+
 def test_weight_sharing_and_a_parameter_used_twice():
   """A tied weight (used by two matmuls) and an elementwise parameter."""
   with jax.enable_x64(True):
