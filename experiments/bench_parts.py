@@ -4,12 +4,14 @@
 
 On the paper's 12x128 net, float32, jitted, interleaved medians of repeated
 samples (ratio to `grad`), and the number of kernels in each compiled
-program's entry computation:
+program's entry computation, and its flops from XLA's cost analysis (the
+matmuls' count, what the step would cost if kernels were free):
 
 - `grad`: `jax.value_and_grad` of the loss
 - `engine_pass`: `lrcr.value_grad_and_curvature` without calling its
   `curvature_fn` (the gradient pass with the adjoints exposed)
-- `engine`: the same plus slope and curvature along -0.1 grad
+- `engine`: the same plus slope and curvature along -0.1 grad (dense sweep)
+- `engine_gram`: the same with `gradient_direction=True` (Gram form)
 - `fwd_over_fwd`: `value_and_grad` plus forward-over-forward along -0.1 grad
 - `transform`: `scale_by_cubic_step`'s update with a stub `curvature_fn`
   (one tree norm), against `apply_only`, the SGD update applied alone
@@ -31,11 +33,15 @@ _BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
 _REPEATS = flags.DEFINE_integer("repeats", 11, "Timing repeats.")
 
 
-def _kernels(fn, args) -> int:
-  text = jax.jit(fn).lower(*args).compile().as_text()
+def _kernels_and_flops(fn, args) -> tuple[int, float]:
+  compiled = jax.jit(fn).lower(*args).compile()
+  text = compiled.as_text()
   entry = text[text.index("ENTRY"):]
-  return len(re.findall(r"= \S+ [\w-]+\(", entry)) - len(
+  kernels = len(re.findall(r"= \S+ [\w-]+\(", entry)) - len(
       re.findall(r"= \S+ parameter\(", entry))
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return kernels, float((cost or {}).get("flops", float("nan")))
 
 
 def main(argv: Sequence[str]) -> None:
@@ -54,6 +60,11 @@ def main(argv: Sequence[str]) -> None:
 
   def engine(p):
     loss, g, curvature_fn = lrcr.value_grad_and_curvature(loss_fn, p, x, y)
+    return loss, g, curvature_fn(p, step(g))
+
+  def engine_gram(p):
+    loss, g, curvature_fn = lrcr.value_grad_and_curvature(
+        loss_fn, p, x, y, gradient_direction=True)
     return loss, g, curvature_fn(p, step(g))
 
   def fwd_over_fwd(p):
@@ -76,7 +87,7 @@ def main(argv: Sequence[str]) -> None:
     return optax.apply_updates(p, step(p))
 
   fns = {"grad": grad, "engine_pass": engine_pass, "engine": engine,
-         "fwd_over_fwd": fwd_over_fwd, "transform": transform,
+         "engine_gram": engine_gram, "fwd_over_fwd": fwd_over_fwd, "transform": transform,
          "apply_only": apply_only}
   samplers = {k: bench.call_sampler(jax.jit(f), (params,))
               for k, f in fns.items()}
@@ -84,11 +95,13 @@ def main(argv: Sequence[str]) -> None:
   med = {k: float(np.median(v)) for k, v in times.items()}
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, "
         f"batch {_BATCH.value}")
-  print("| part | ms | ratio to grad | XLA kernels |")
-  print("|---|---|---|---|")
-  for k, f in fns.items():
+  print("| part | ms | ratio to grad | XLA kernels | flops ratio to grad |")
+  print("|---|---|---|---|---|")
+  counted = {k: _kernels_and_flops(f, (params,)) for k, f in fns.items()}
+  for k in fns:
+    kernels, flops = counted[k]
     print(f"| {k} | {1e3 * med[k]:.3f} | {med[k] / med['grad']:.2f}x | "
-          f"{_kernels(f, (params,))} |")
+          f"{kernels} | {flops / counted['grad'][1]:.2f}x |")
 
 
 if __name__ == "__main__":
