@@ -87,8 +87,8 @@ def main(argv: Sequence[str]) -> None:
     return optax.apply_updates(p, step(p))
 
   fns = {"grad": grad, "engine_pass": engine_pass, "engine": engine,
-         "engine_gram": engine_gram, "fwd_over_fwd": fwd_over_fwd, "transform": transform,
-         "apply_only": apply_only}
+         "engine_gram": engine_gram, "fwd_over_fwd": fwd_over_fwd,
+         "transform": transform, "apply_only": apply_only}
   samplers = {k: bench.call_sampler(jax.jit(f), (params,))
               for k, f in fns.items()}
   times = bench.interleaved_samples(samplers, _REPEATS.value)

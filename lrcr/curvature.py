@@ -22,13 +22,15 @@ Granularity (section 4's future work; appendix B's Table 2):
   model: the tangent sweep runs once per group, vectorized with `jax.vmap`.
 * "variable": the exact Hessian diagonal (`hessian_diagonal`), per weight.
 
-The Gram form (section 2; the notes' cost floor). When the direction is a
+The Gram form (section 2). When the direction is a
 multiple of the gradient (plain SGD), each weight's direction is itself a sum
 of per-sample outer products, phi = c V^T Ybar with V the operand of the weight
 and Ybar the adjoint of its output. Then V phi = c (V V^T) Ybar and
 Ybar . (dV phi) = c sum((dV V^T) * (Ybar Ybar^T)) cost O(N^2 d) through N x N
 Gram matrices instead of O(N d^2): `gradient_direction=True` uses them for
-every weight operation where that is cheaper.
+every weight operation where that is cheaper, and where no operation gains
+it runs the plain sweep (the Gram form needs ||grad F||^2 and g . grad F
+first, two more reductions over every leaf).
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def _dense_2d(node) -> bool:
 
 
 def _weight_nodes(ps: _Pass) -> dict:
-  """The plan's weight operations: id -> node (2-D dense weights with an adjoint)."""
+  """id -> node of the 2-D dense weight operations that have an adjoint."""
   return {n.id: n for n in ps.traced.program.nodes
           if n.weight >= 0 and _dense_2d(n) and n.id in ps.ybar}
 
@@ -158,7 +160,8 @@ def _gram_ids(ps: _Pass) -> frozenset:
   for node in _weight_nodes(ps).values():
     n = math.prod(node.in_avals[0].shape[:-1])
     d_in, d_out = node.in_avals[1].shape
-    if n * (d_in + d_out) < d_in * d_out and ps.traced.uses.get(node.param) == 1:
+    sole = ps.traced.uses.get(node.param) == 1
+    if sole and n * (d_in + d_out) < d_in * d_out:
       out.add(node.id)
   return frozenset(out)
 

@@ -108,7 +108,8 @@ def test_gram_form_for_gradient_directions(name):
 @pytest.mark.parametrize("act", ["relu", "tanh"])
 def test_gram_products_against_the_dense_hessian(seed, act):
   """Batch smaller than the widths: the weights go through the Gram form."""
-  from lrcr import curvature  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top,protected-access
+  from lrcr import curvature
   with jax.enable_x64(True):
     model = lrcr.MLP((16, 12), 5, activation=getattr(jax.nn, act),
                      kernel_init=lrcr.uniform_init(0.6), use_bias=True)
@@ -119,8 +120,9 @@ def test_gram_products_against_the_dense_hessian(seed, act):
                           model.init(k[2], x))["params"]
     loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(
         model.apply({"params": p}, x), y)
-    ps = curvature._gradient_pass(loss_fn, params, (x, y))  # pylint: disable=protected-access
-    assert len(curvature._gram_ids(ps)) == 3                # pylint: disable=protected-access
+    # Every weight operation takes the Gram form here.
+    ps = curvature._gradient_pass(loss_fn, params, (x, y))
+    assert len(curvature._gram_ids(ps)) == 3
     grads, hess = zoo.dense(loss_fn, params, (x, y))
     _, g_tree, cf = lrcr.value_grad_and_curvature(loss_fn, params, x, y,
                                                   gradient_direction=True)
