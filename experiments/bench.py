@@ -32,6 +32,7 @@ exact step. The 10-step variants take xs [10, B, D], ys [10, B].
 from __future__ import annotations
 
 import gc
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -179,6 +180,48 @@ def make_steps(model: lrcr.MLP, batch: int,
 
 # ---------------------------------------------------------------------------
 # Timing and memory.
+
+
+#: HLO operations that launch no work of their own (an async pair's `-done`
+#: half is not counted either: its `-start` is).
+_NO_KERNEL = frozenset((
+    "parameter", "constant", "tuple", "get-tuple-element", "bitcast", "call",
+    "while", "conditional", "after-all", "opt-barrier", "partition-id",
+    "replica-id", "add-dependency", "domain"))
+
+
+def count_kernels(hlo_text: str) -> int:
+  """Operations that launch a kernel in a compiled module's HLO text.
+
+  Counts the instructions of every computation that is not the body of a
+  fusion or an async operation (`calls=`), nor the scalar function of a
+  reduction, scatter or sort (`to_apply=`, `select=`, `scatter=`), nor a
+  library call's (`called_computations=`), other than those in `_NO_KERNEL`
+  and the `-done` half of an async pair: on a GPU each is a kernel or a
+  library call (cuBLAS), also inside command buffers (`call`) and loops;
+  on the CPU each is a thunk. A loop's body counts once, and every branch of
+  a conditional counts.
+  """
+  bodies = set(re.findall(r"\bcalls=%?([\w.\-]+)", hlo_text))
+  bodies |= set(re.findall(r"\b(?:select|scatter)=%?([\w.\-]+)", hlo_text))
+  bodies |= set(re.findall(r"called_computations=\{%?([\w.\-]+)", hlo_text))
+  # A `call` (a command buffer on GPUs) holds kernels; other to_apply
+  # functions are scalar code.
+  bodies |= {m.group(2) for m in re.finditer(
+      r"\s([a-z][\w\-]*)\(.*?to_apply=%?([\w.\-]+)", hlo_text)
+             if m.group(1) != "call"}
+  count, current = 0, None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      current = head.group(1)
+      continue
+    op = re.match(r"^\s+(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.+?\s([a-z][\w\-]*)\(",
+                  line)
+    if (op and current not in bodies and op.group(1) not in _NO_KERNEL
+        and not op.group(1).endswith("-done")):
+      count += 1
+  return count
 
 
 def memory_stats(compiled: Any) -> dict[str, int | None]:

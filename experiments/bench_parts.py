@@ -3,8 +3,8 @@
     python -m experiments.bench_parts [--batch=32] [--repeats=11]
 
 On the paper's 12x128 net, float32, jitted, interleaved medians of repeated
-samples (ratio to `grad`), and the number of kernels in each compiled
-program's entry computation, and its flops from XLA's cost analysis (the
+samples (ratio to `grad`), the number of kernels in each compiled program
+(`bench.count_kernels`), and its flops from XLA's cost analysis (the
 matmuls' count, what the step would cost if kernels were free):
 
 - `grad`: `jax.value_and_grad` of the loss
@@ -12,13 +12,13 @@ matmuls' count, what the step would cost if kernels were free):
   `curvature_fn` (the gradient pass with the adjoints exposed)
 - `engine`: the same plus slope and curvature along -0.1 grad (dense sweep)
 - `engine_gram`: the same with `gradient_direction=True` (Gram form)
+- `engine_stacked`, `engine_gram_stacked`: the two with `stack_layers=True`
 - `fwd_over_fwd`: `value_and_grad` plus forward-over-forward along -0.1 grad
 - `transform`: `scale_by_cubic_step`'s update with a stub `curvature_fn`
   (one tree norm), against `apply_only`, the SGD update applied alone
 """
 
 from collections.abc import Sequence
-import re
 
 from absl import app
 from absl import flags
@@ -35,10 +35,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 11, "Timing repeats.")
 
 def _kernels_and_flops(fn, args) -> tuple[int, float]:
   compiled = jax.jit(fn).lower(*args).compile()
-  text = compiled.as_text()
-  entry = text[text.index("ENTRY"):]
-  kernels = len(re.findall(r"= \S+ [\w-]+\(", entry)) - len(
-      re.findall(r"= \S+ parameter\(", entry))
+  kernels = bench.count_kernels(compiled.as_text())
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return kernels, float((cost or {}).get("flops", float("nan")))
@@ -67,6 +64,13 @@ def main(argv: Sequence[str]) -> None:
         loss_fn, p, x, y, gradient_direction=True)
     return loss, g, curvature_fn(p, step(g))
 
+  def stacked(gram):
+    def part(p):
+      loss, g, curvature_fn = lrcr.value_grad_and_curvature(
+          loss_fn, p, x, y, gradient_direction=gram, stack_layers=True)
+      return loss, g, curvature_fn(p, step(g))
+    return part
+
   def fwd_over_fwd(p):
     loss, g = jax.value_and_grad(loss_fn)(p, x, y)
     return loss, g, lrcr.autodiff_directional(lambda q: loss_fn(q, x, y), p,
@@ -87,7 +91,8 @@ def main(argv: Sequence[str]) -> None:
     return optax.apply_updates(p, step(p))
 
   fns = {"grad": grad, "engine_pass": engine_pass, "engine": engine,
-         "engine_gram": engine_gram, "fwd_over_fwd": fwd_over_fwd,
+         "engine_gram": engine_gram, "engine_stacked": stacked(False),
+         "engine_gram_stacked": stacked(True), "fwd_over_fwd": fwd_over_fwd,
          "transform": transform, "apply_only": apply_only}
   samplers = {k: bench.call_sampler(jax.jit(f), (params,))
               for k, f in fns.items()}

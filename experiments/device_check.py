@@ -26,7 +26,7 @@ Sections, in the order they run:
              `stack_layers=True`) and CR-SGD by forward-over-forward,
              medians of interleaved repeats (`experiments.bench`) and paired
              ratios to SGD, at each batch, with each compiled step's number
-             of kernels (`count_kernels`); the HLO text of the SGD and CR
+             of kernels (`bench.count_kernels`); the HLO text of the SGD and CR
              steps at the first batch (DIR/hlo_<step>_b<batch>.txt, the
              device's fusion decisions, to study without a device); and the
              steps/s of a `lax.scan` chunk of the training loop's body (one
@@ -51,7 +51,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -391,41 +390,6 @@ def section_exactness(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
               max_rel_err=summary, cases=cases, step_timing=timing)
 
 
-#: HLO operations that launch no work of their own.
-_NO_KERNEL = frozenset((
-    "parameter", "constant", "tuple", "get-tuple-element", "bitcast", "call",
-    "while", "conditional", "after-all", "opt-barrier", "partition-id",
-    "replica-id", "add-dependency", "domain"))
-
-
-def count_kernels(hlo_text: str) -> int:
-  """Operations that launch a kernel in a compiled module's HLO text.
-
-  Counts the instructions of every computation that is not the body of a
-  fusion or the scalar function of a reduction (`calls=` of a fusion,
-  `to_apply=`), other than those in `_NO_KERNEL`: on a GPU each is a kernel
-  or a library call (cuBLAS), also inside command buffers and loops; on the
-  CPU each is a thunk. A loop's body counts once.
-  """
-  bodies = set(re.findall(r"\bfusion\(.*?calls=%?([\w.\-]+)", hlo_text))
-  # A `call` (a command buffer on GPUs) holds kernels; other to_apply
-  # functions are reductions' scalar code.
-  bodies |= {m.group(2) for m in re.finditer(
-      r"\s([a-z][\w\-]*)\(.*?to_apply=%?([\w.\-]+)", hlo_text)
-             if m.group(1) != "call"}
-  count, current = 0, None
-  for line in hlo_text.splitlines():
-    head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-    if head and not line.startswith(" "):
-      current = head.group(1)
-      continue
-    op = re.match(r"^\s+(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.+?\s([a-z][\w\-]*)\(",
-                  line)
-    if op and current not in bodies and op.group(1) not in _NO_KERNEL:
-      count += 1
-  return count
-
-
 def _keys_like(tree: Any, key: jax.Array) -> Any:
   leaves, treedef = jax.tree.flatten(tree)
   return jax.tree.unflatten(treedef, list(jax.random.split(key, len(leaves))))
@@ -467,7 +431,7 @@ def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
     table = _time_table(entries, opts, base=SGD, seed=b)
     for name in table:
       table[name]["compile_s"] = compile_s[name]
-      table[name]["kernels"] = count_kernels(entries[name][0].as_text())
+      table[name]["kernels"] = bench.count_kernels(entries[name][0].as_text())
       if b == opts.batches[0] and name in HLO_STEPS and state.get("out"):
         path = os.path.join(state["out"], f"hlo_{name}_b{b}.txt")
         with open(path, "w", encoding="utf-8") as f:
@@ -718,7 +682,7 @@ def to_markdown(report: dict[str, Any]) -> str:
       cells = [f"{_g(row['steps'][n]['ms'])} ({_g(row['steps'][n]['ratio'], '.2f')}x)"
                for n in SPEED_STEPS]
       lines.append(f"| {row['batch']} | " + " | ".join(cells) + " |")
-    lines += ["", "Kernels per compiled step (`count_kernels`: fusions, "
+    lines += ["", "Kernels per compiled step (`bench.count_kernels`: fusions, "
               "library calls and copies in the compiled HLO):", "",
               "| batch | " + " | ".join(SPEED_STEPS) + " |",
               "|---|" + "---|" * len(SPEED_STEPS)]

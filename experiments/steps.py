@@ -52,7 +52,9 @@ class CROptions:
     curvature_batch_size: if > 0, the curvature on the first that many rows
       of the batch, the slope on all of them (Byrd et al. 2011).
     stack_layers: the engine batches equally shaped layers' products
-      (`lrcr.value_grad_and_curvature(stack_layers=...)`); same numbers.
+      (`lrcr.value_grad_and_curvature(stack_layers=...)`); same numbers up
+      to float rounding. Read by curvature="engine" without a
+      curvature_batch_size only (the other paths have no such option).
     averaging: section 3.1's option for SGD: "batch" (the paper),
       "mean_alpha" or "mean_alpha_g" (`lrcr.averaging`).
     sigma: the cubic weight, read by the non-"batch" averagings.

@@ -180,7 +180,8 @@ class _WeightPlan:
   hidden layers) are evaluated together: V phi before the sweep and dV phi
   after it are one batched matmul over a stacked layer axis L each, at the
   price of copying the stacked operands. Only the chain dV W stays per
-  layer. The numbers are the same either way.
+  layer. The numbers are the same up to float rounding (the order of some
+  sums changes).
   """
 
   def __init__(self, ps: _Pass, flat_d: list, scale: Array | None,
@@ -196,7 +197,9 @@ class _WeightPlan:
     groups: dict[tuple, list] = {}
     for node in self.nodes.values():
       key = (node.in_avals[0].shape, node.in_avals[1].shape,
-             node.in_avals[0].dtype, node.cin[0], node.id in gram_ids)
+             node.in_avals[0].dtype, node.in_avals[1].dtype,
+             node.out_avals[0].dtype, jnp.result_type(flat_d[node.param]),
+             node.cin[0], node.id in gram_ids)
       groups.setdefault(key if stack else key + (node.id,), []).append(node)
     self.groups = list(groups.values())
     self.slot = {n.id: (g, k) for g, nodes in enumerate(self.groups)
@@ -376,7 +379,9 @@ def value_grad_and_curvature(
       the stacked operands: on the 2-core CPU it measured slower, so it is
       off by default; it is meant for accelerators, where a step of small
       matmuls is bound by kernel launches (`experiments.device_check`
-      measures both). The numbers are the same either way.
+      measures both). The numbers are the same up to float rounding. It
+      applies to granularity "global" and "layer" (not to "variable", which
+      reads the Hessian diagonal, not a sweep).
 
   Returns:
     (loss, grads, curvature_fn). `curvature_fn(params, direction)` returns

@@ -4,6 +4,7 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -113,3 +114,78 @@ def test_goals_on_the_full_shapes():
   assert [v.split(" (")[0] for v in verdicts] == [
       "met", "met", "met", "met", "met", "NOT met", "met", "met"]
   assert "+27%" in verdicts[5]
+
+
+_HLO = """HloModule m, entry_computation_layout={(f32[4]{0})->f32[]}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(f32[] %a, f32[] %b)
+}
+
+%fused (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %e = f32[4]{0} exponential(f32[4]{0} %p)
+}
+
+%fused_pair (p: f32[4]) -> (f32[4], f32[4]) {
+  %p = f32[4]{0} parameter(0)
+  %e = f32[4]{0} exponential(f32[4]{0} %p)
+  ROOT %t = (f32[4]{0}, f32[4]{0}) tuple(f32[4]{0} %e, f32[4]{0} %e)
+}
+
+%command_buffer (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  %f1 = f32[4]{0} fusion(f32[4]{0} %p), kind=kLoop, calls=%fused
+  ROOT %f2 = f32[4]{0} fusion(f32[4]{0} %f1), kind=kLoop, calls=%fused
+}
+
+%body (c: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %c = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element((s32[], f32[4]{0}) %c), index=0
+  %x = f32[4]{0} get-tuple-element((s32[], f32[4]{0}) %c), index=1
+  %y = f32[4]{0} fusion(f32[4]{0} %x), kind=kLoop, calls=%fused
+  ROOT %t = (s32[], f32[4]{0}) tuple(s32[] %i, f32[4]{0} %y)
+}
+
+%cond (c: (s32[], f32[4])) -> pred[] {
+  %c = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element((s32[], f32[4]{0}) %c), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+ENTRY %main.1 (x: f32[4]) -> f32[] {
+  %x = f32[4]{0} parameter(0)
+  %c = f32[4]{0} call(f32[4]{0} %x), to_apply=%command_buffer
+  %pair = (f32[4]{0}, f32[4]{0}) fusion(f32[4]{0} %c), kind=kLoop, calls=%fused_pair
+  %g = f32[4,4]{1,0} custom-call(f32[4]{0} %c), custom_call_target="__cublas$gemm"
+  %s = ((f32[4]{0}), f32[4]{0}, s32[]) fusion-start(f32[4]{0} %c), calls=%fused
+  %d = f32[4]{0} fusion-done(((f32[4]{0}), f32[4]{0}, s32[]) %s)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[4]{0}) tuple(s32[] %zero, f32[4]{0} %d)
+  %w = (s32[], f32[4]{0}) while((s32[], f32[4]{0}) %init), condition=%cond, body=%body
+  %z = f32[] constant(0)
+  ROOT %r = f32[] reduce(f32[4]{0} %c, f32[] %z), dimensions={0}, to_apply=%add
+}
+"""
+
+
+def test_kernel_count_reads_command_buffers_loops_and_async_pairs():
+  # f1 and f2 in the command buffer; the tuple-shaped fusion; the gemm; the
+  # async fusion once; the loop body's fusion and the condition's compare;
+  # the reduce. Not the fusion bodies' operations nor the reducer's add.
+  assert bench.count_kernels(_HLO) == 8
+
+
+def test_kernel_count_of_a_compiled_program():
+  def f(x):
+    def body(c, _):
+      return jnp.sin(c) * 2.0, None
+    return jnp.sum(jax.lax.scan(body, x, None, length=3)[0])
+  text = jax.jit(f).lower(jnp.ones(8)).compile().as_text()
+  n = bench.count_kernels(text)
+  # At least the loop body's work and the final sum; far fewer than the
+  # lines of the module (fusion bodies and reducers are not kernels).
+  assert 2 <= n < len([l for l in text.splitlines() if " = " in l])

@@ -136,37 +136,3 @@ def test_unknown_section_is_refused(tmp_path):
     device_check.run_check(device_check.Options.tiny_sizes(), str(tmp_path),
                            sections=("speedy",))
 
-
-_HLO = """HloModule m
-
-%add (a: f32[], b: f32[]) -> f32[] {
-  %a = f32[] parameter(0)
-  %b = f32[] parameter(1)
-  ROOT %s = f32[] add(f32[] %a, f32[] %b)
-}
-
-%fused (p: f32[4]) -> f32[4] {
-  %p = f32[4]{0} parameter(0)
-  ROOT %e = f32[4]{0} exponential(f32[4]{0} %p)
-}
-
-%command_buffer (p: f32[4]) -> f32[4] {
-  %p = f32[4]{0} parameter(0)
-  %f1 = f32[4]{0} fusion(f32[4]{0} %p), kind=kLoop, calls=%fused
-  ROOT %f2 = f32[4]{0} fusion(f32[4]{0} %f1), kind=kLoop, calls=%fused
-}
-
-ENTRY %main (x: f32[4]) -> f32[] {
-  %x = f32[4]{0} parameter(0)
-  %c = f32[4]{0} call(f32[4]{0} %x), to_apply=%command_buffer
-  %g = f32[4,4]{1,0} custom-call(f32[4]{0} %c), custom_call_target="__cublas$gemm"
-  %z = f32[] constant(0)
-  ROOT %r = f32[] reduce(f32[4]{0} %c, f32[] %z), dimensions={0}, to_apply=%add
-}
-"""
-
-
-def test_kernel_count_reads_command_buffers_and_skips_fusion_bodies():
-  # f1 and f2 inside the command buffer, the gemm, the reduce; not the
-  # exponential inside the fusion body nor the add of the reduction.
-  assert device_check.count_kernels(_HLO) == 4

@@ -156,6 +156,14 @@ def test_stacked_layers_against_the_dense_hessian(batch, granularity):
     loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(
         model.apply({"params": p}, x), y)
     grads, hess = zoo.dense(loss_fn, params, (x, y))
+    # hidden_1..3 (16 x 16, each reading a tangent) form one stacked group.
+    # pylint: disable=g-import-not-at-top,protected-access
+    from lrcr import curvature
+    ps = curvature._gradient_pass(loss_fn, params, (x, y))
+    flat = jax.tree.leaves(params)
+    sizes = sorted(len(g) for g in curvature._WeightPlan(
+        ps, flat, None, stack=True).groups)
+    assert sizes == [1, 1, 3], sizes
     for gd in (False, True):
       _, g_tree, cf = lrcr.value_grad_and_curvature(
           loss_fn, params, x, y, granularity=granularity,
