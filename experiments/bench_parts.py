@@ -55,19 +55,10 @@ def main(argv: Sequence[str]) -> None:
   def engine_pass(p):
     return lrcr.value_grad_and_curvature(loss_fn, p, x, y)[:2]
 
-  def engine(p):
-    loss, g, curvature_fn = lrcr.value_grad_and_curvature(loss_fn, p, x, y)
-    return loss, g, curvature_fn(p, step(g))
-
-  def engine_gram(p):
-    loss, g, curvature_fn = lrcr.value_grad_and_curvature(
-        loss_fn, p, x, y, gradient_direction=True)
-    return loss, g, curvature_fn(p, step(g))
-
-  def stacked(gram):
+  def engine(gram=False, stack=False):
     def part(p):
       loss, g, curvature_fn = lrcr.value_grad_and_curvature(
-          loss_fn, p, x, y, gradient_direction=gram, stack_layers=True)
+          loss_fn, p, x, y, gradient_direction=gram, stack_layers=stack)
       return loss, g, curvature_fn(p, step(g))
     return part
 
@@ -90,9 +81,11 @@ def main(argv: Sequence[str]) -> None:
   def apply_only(p):
     return optax.apply_updates(p, step(p))
 
-  fns = {"grad": grad, "engine_pass": engine_pass, "engine": engine,
-         "engine_gram": engine_gram, "engine_stacked": stacked(False),
-         "engine_gram_stacked": stacked(True), "fwd_over_fwd": fwd_over_fwd,
+  fns = {"grad": grad, "engine_pass": engine_pass, "engine": engine(),
+         "engine_gram": engine(gram=True),
+         "engine_stacked": engine(stack=True),
+         "engine_gram_stacked": engine(gram=True, stack=True),
+         "fwd_over_fwd": fwd_over_fwd,
          "transform": transform, "apply_only": apply_only}
   samplers = {k: bench.call_sampler(jax.jit(f), (params,))
               for k, f in fns.items()}

@@ -431,11 +431,12 @@ def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
     table = _time_table(entries, opts, base=SGD, seed=b)
     for name in table:
       table[name]["compile_s"] = compile_s[name]
-      table[name]["kernels"] = bench.count_kernels(entries[name][0].as_text())
+      hlo = entries[name][0].as_text()
+      table[name]["kernels"] = bench.count_kernels(hlo)
       if b == opts.batches[0] and name in HLO_STEPS and state.get("out"):
         path = os.path.join(state["out"], f"hlo_{name}_b{b}.txt")
         with open(path, "w", encoding="utf-8") as f:
-          f.write(entries[name][0].as_text())
+          f.write(hlo)
     shapes[f"b{b}"] = dict(batch=b, steps=table)
     state["partial"] = dict(shapes=shapes)
 

@@ -192,10 +192,9 @@ class _WeightPlan:
     self.ps, self.flat_d, self.scale = ps, flat_d, scale
     self.unit = ((lambda x: x) if log2 is None
                  else (lambda x: cubic.times_pow2(x, -log2)))
-    self.nodes = _weight_nodes(ps)
     gram_ids = _gram_ids(ps) if scale is not None else frozenset()
     groups: dict[tuple, list] = {}
-    for node in self.nodes.values():
+    for node in _weight_nodes(ps).values():
       key = (node.in_avals[0].shape, node.in_avals[1].shape,
              node.in_avals[0].dtype, node.in_avals[1].dtype,
              node.out_avals[0].dtype, jnp.result_type(flat_d[node.param]),
