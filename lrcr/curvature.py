@@ -35,7 +35,7 @@ first, two more reductions over every leaf).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import math
 from typing import Any, NamedTuple
 
@@ -82,7 +82,7 @@ def as_loss_fn(model_or_loss: Any) -> Callable[..., Array]:
 
     def loss_fn(params, x, labels):
       # flax variables {"params": ...}, or the inner params dict itself.
-      variables = (params if isinstance(params, dict) and "params" in params
+      variables = (params if isinstance(params, Mapping) and "params" in params
                    else {"params": params})
       return cross_entropy_loss(model.apply(variables, x), labels)
 
@@ -251,7 +251,9 @@ class _WeightPlan:
       else:
         dense.append((2.0, _bmm(dv, self._phi(nodes), "lni,lij->lnj"), y))
     # The dense terms hold the raw phi: one scaling of their sum.
-    return engine.total(terms) + self.unit(engine.total(dense))
+    dtype = jnp.result_type(*self.flat_d)
+    return (engine.total(terms, dtype)
+            + self.unit(engine.total(dense, dtype)))
 
   def direct_params(self) -> set:
     """Flat param indices that some operation other than the plan's reads."""
@@ -316,7 +318,8 @@ def _gradient_pass(loss_fn, params, batch, diagonal: bool = False) -> _Pass:
   # (vectorized over r) gives each weight's adjoints for all of them.
   cot = jnp.moveaxis(vecs, -1, 0).reshape((num,) + logits.shape)
   _, ybar_r = jax.vmap(lambda u: vjp_fn((jnp.zeros_like(loss), u)))(cot)
-  diag = [_leaf_diagonal(ps, role, ybar_r, lam) for role in roles]
+  diag = [_leaf_diagonal(ps, role, ybar_r, lam, jnp.shape(p))
+          for role, p in zip(roles, flat_p)]
   return ps._replace(diagonal=diag)
 
 
@@ -339,9 +342,10 @@ def _curvature(ps: _Pass, flat_d: list, scale: Array | None = None,
     in_tans = {i: plan.unit(d) for k, (i, d) in enumerate(zip(prog.invars,
                                                               flat_d))
                if k in direct}
-  outs, curv = engine.sweep(prog, ps.residuals, ps.ybar, in_tans, plan.rewrite)
+  outs, curv = engine.sweep(prog, ps.residuals, ps.ybar, in_tans, plan.rewrite,
+                           dtype=jnp.result_type(*flat_d))
   slope = outs[0] if outs[0] is not None else jnp.zeros_like(ps.loss)
-  return slope, curv + plan.second_order().astype(curv.dtype)
+  return slope, curv + plan.second_order()
 
 
 def value_grad_and_curvature(
@@ -747,16 +751,24 @@ def _diagonal_roles(traced: engine.Traced, params: Any) -> list[tuple]:
   return roles
 
 
-def _leaf_diagonal(ps: _Pass, role: tuple, ybar_r: dict, lam: Array) -> Array:
-  """d2F/dw^2 = sum_{b,r} lam_br (d s_br / dw)^2 for every entry w of a leaf."""
+def _leaf_diagonal(ps: _Pass, role: tuple, ybar_r: dict, lam: Array,
+                   shape: tuple) -> Array:
+  """d2F/dw^2 = sum_{b,r} lam_br (d s_br / dw)^2 for every entry w of a leaf.
+
+  `shape`: the leaf's. A bias is broadcast over the leading axes of its
+  operation's output (positions), so it matches the trailing ones.
+  """
   kind, node = role
   adj_r = ybar_r[node.id][0]                                   # [C, B, ...]
   if kind == "bias":
-    per = adj_r.reshape(adj_r.shape[:2] + (-1, adj_r.shape[-1])).sum(2)
-    return jnp.einsum("br,rbj->j", lam, per * per)             # [d_out]
+    size = math.prod(shape)
+    per = adj_r.reshape(adj_r.shape[:2] + (-1, size)).sum(2)   # [C, B, size]
+    return jnp.einsum("br,rbj->j", lam, per * per).reshape(shape)
   operand, _ = _node_values(ps, node, ())
-  if node.name == "dot_general" and operand.ndim == 2 and node.weight == 1:
-    # One position per sample: (v_b (x) a_br)^2 = v_b^2 (x) a_br^2.
+  if (node.name == "dot_general" and operand.ndim == 2 and node.weight == 1
+      and len(node.in_avals[1].shape) == 2):
+    # A 2-D weight, one position per sample:
+    # (v_b (x) a_br)^2 = v_b^2 (x) a_br^2.
     return jnp.einsum("bi,bj->ij", operand * operand,
                       jnp.einsum("br,rbj->bj", lam, adj_r * adj_r))
   rows = _rows(node, operand, adj_r[0], 0)

@@ -441,19 +441,23 @@ def _scan_forward(node: _Node, vals: list, eps: dict):
   return list(carry) + list(ys), res
 
 
-def total(terms: Sequence[tuple]) -> Array:
-  """sum_k c_k <a_k, b_k> over (c, a, b) terms."""
+def total(terms: Sequence[tuple], dtype: Any = jnp.float32) -> Array:
+  """sum_k c_k <a_k, b_k> over (c, a, b) terms; a `dtype` zero if none."""
   terms = list(terms)
   if not terms:
-    return jnp.zeros((), jnp.float32)
+    return jnp.zeros((), dtype)
   dtype = jnp.result_type(*[a.dtype for _, a, _ in terms])
   return sum(c * jnp.vdot(a.astype(dtype), b.astype(dtype))
              for c, a, b in terms)
 
 
 def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,
-          rewrite: Callable[..., Any] | None = None) -> tuple[list, Array]:
+          rewrite: Callable[..., Any] | None = None,
+          dtype: Any = None) -> tuple[list, Array]:
   """The tangent sweep: (output tangents, sum of ybar . op''[xdot, xdot]).
+
+  `dtype`: that of the sum where no operation contributes to it (default:
+  the input tangents'), so that a float64 program's curvature stays float64.
 
   `rewrite(node, vals, tans, ybar_node)`, if given, may return (output
   tangents, terms) for a node, replacing the generic evaluation by an
@@ -491,9 +495,11 @@ def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,
     for o, c, t in zip(node.outs, node.cout, outs):
       if c:
         tan[o] = t
-  out = total(terms)
+  if dtype is None:
+    dtype = (jnp.result_type(*in_tans.values()) if in_tans else jnp.float32)
+  out = total(terms, dtype)
   for a in acc:
-    out = out + a.astype(out.dtype)
+    out = out + a
   return [tan.get(x) if isinstance(x, int) else None for x in prog.outvars], out
 
 
@@ -557,8 +563,12 @@ def _mark_weights(prog: _Program, param_ids: dict, uses: dict) -> None:
   `uses` counts, per flat parameter index, the operations that read it.
   """
   for node in prog.nodes:
-    for x in node.ins:
-      if isinstance(x, int) and x in param_ids and node.name != "scan":
+    # A scan's consts are counted where its body reads them; its carries
+    # and scanned inputs are read by the scan itself.
+    reads = (node.ins[node.params["num_consts"]:] if node.name == "scan"
+             else node.ins)
+    for x in reads:
+      if isinstance(x, int) and x in param_ids:
         uses[param_ids[x]] = uses.get(param_ids[x], 0) + 1
     if node.name == "scan":
       nc = node.params["num_consts"]

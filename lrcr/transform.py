@@ -133,10 +133,14 @@ def _max_abs(tree: Any) -> Array:
   leaf's full reduction into two kernels, and the step at small batch is
   bound by its number of kernels.
   """
-  rows = [jnp.max(jnp.abs(x), axis=tuple(range(1, jnp.ndim(x))))
-          .astype(jnp.float32).ravel() for x in jax.tree.leaves(tree)]
-  if not rows:
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
     return jnp.zeros((), jnp.float32)
+  # At least float32 (a bfloat16 direction), float64 kept: its exponents
+  # reach beyond float32's range.
+  dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+  rows = [jnp.max(jnp.abs(x), axis=tuple(range(1, jnp.ndim(x))))
+          .astype(dtype).ravel() for x in leaves]
   return jnp.max(jnp.concatenate(rows), initial=0)
 
 
@@ -366,6 +370,12 @@ def scale_by_cubic_step(
       s, h, n2 = (flat(f, dtype) for f in d)
       e = flat(exps, jnp.int32)
       alpha_unit, decrease, ok = _solve(s, h, n2, sig)
+      # alpha = alpha' 2^-e; one beyond the float range: no step, not finite.
+      alpha = _times_pow2(alpha_unit, -e)
+      fits = jnp.isfinite(alpha)
+      alpha_unit, alpha, decrease = (jnp.where(fits, x, jnp.zeros_like(x))
+                                     for x in (alpha_unit, alpha, decrease))
+      ok = ok & fits
       shapes = [jnp.shape(x) for x in jax.tree.leaves(state.learning_rate)]
       ends = np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1]
       tree = lambda x: jax.tree.unflatten(treedef, [
@@ -377,7 +387,7 @@ def scale_by_cubic_step(
           curvature=tree(_times_pow2(h, 2 * e)),
           sqnorm=tree(_times_pow2(n2, 2 * e)),
           predicted_decrease=tree(decrease), finite=tree(ok))
-      return tree(alpha_unit), tree(_times_pow2(alpha_unit, -e)), info
+      return tree(alpha_unit), tree(alpha), info
 
     def reuse(_):
       alpha = state.learning_rate
@@ -389,9 +399,9 @@ def scale_by_cubic_step(
       alpha_unit, alpha, info = jax.lax.cond(
           state.count % curvature_every == 0, fresh, reuse, None)
     # alpha g = alpha' g'.                                           # eq. 42
-    if in_fn:         # alpha = alpha' 2^-e; one beyond the float range: no step
-      a = jnp.where(jnp.isfinite(alpha), alpha, 0.0)
-      new_updates = jax.tree.map(lambda u: (a * u).astype(u.dtype), updates)
+    if in_fn:
+      new_updates = jax.tree.map(lambda u: (alpha * u).astype(u.dtype),
+                                 updates)
     else:
       new_updates = _per_block(lambda a, u: (a * u).astype(u.dtype),
                                alpha_unit, unit)

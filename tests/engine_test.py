@@ -1,5 +1,6 @@
 """The engine against a dense jax.hessian in float64, on a zoo of flax models."""
 
+import flax
 import jax
 import jax.flatten_util  # noqa: F401  (ravel_pytree)
 import jax.numpy as jnp
@@ -21,7 +22,8 @@ def _directions(params, grads, seed):
 
 
 @pytest.mark.parametrize("name,seed", [(n, 0) for n in zoo.NAMES] +
-                         [("paper_mlp", 1), ("cnn", 1), ("gru", 1)])
+                         [("paper_mlp", 1), ("cnn", 1), ("gru", 1),
+                          ("dense_general", 0)])
 def test_slope_curvature_and_blocks_match_dense(name, seed):
   with jax.enable_x64(True):
     loss_fn, params, batch = zoo.make(name, seed)
@@ -59,7 +61,8 @@ def test_slope_curvature_and_blocks_match_dense(name, seed):
                                  out.slope, rtol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["paper_mlp", "cnn", "cnn_mse"])
+@pytest.mark.parametrize("name", ["paper_mlp", "cnn", "cnn_mse",
+                                  "dense_general"])
 def test_hessian_diagonal_matches_dense(name):
   with jax.enable_x64(True):
     loss_fn, params, batch = zoo.make(name, 3)
@@ -90,11 +93,18 @@ def test_diagonal_refuses_what_it_cannot_compute_exactly(name):
       lrcr.hessian_diagonal(loss_fn, params, *batch)
 
 
+@pytest.mark.parametrize("batch_size", [1, 5])
 @pytest.mark.parametrize("name", ["paper_mlp", "residual_layernorm",
                                   "attention", "gru"])
-def test_gram_form_for_gradient_directions(name):
+def test_gram_form_for_gradient_directions(name, batch_size):
+  # pylint: disable=g-import-not-at-top,protected-access
+  from lrcr import curvature
   with jax.enable_x64(True):
     loss_fn, params, batch = zoo.make(name, 2)
+    batch = tuple(b[:batch_size] for b in batch)
+    if batch_size == 1:     # some weight operation takes the Gram form
+      ps = curvature._gradient_pass(loss_fn, params, batch)
+      assert curvature._gram_ids(ps), name
     _, hess = zoo.dense(loss_fn, params, batch)
     _, grads, cf = lrcr.value_grad_and_curvature(loss_fn, params, *batch,
                                                  gradient_direction=True)
@@ -185,13 +195,14 @@ def test_stacked_layers_against_the_dense_hessian(batch, granularity):
                                    rtol=RTOL)
 
 
-def test_weight_sharing_and_a_parameter_used_twice():
+@pytest.mark.parametrize("batch", [1, 6])   # 1: the Gram form would pay
+def test_weight_sharing_and_a_parameter_used_twice(batch):
   """A tied weight (used by two matmuls) and an elementwise parameter."""
   with jax.enable_x64(True):
     k = jax.random.split(jax.random.key(0), 4)
     params = {"w": jax.random.normal(k[0], (4, 4), jnp.float64),
               "s": jax.random.normal(k[1], (4,), jnp.float64)}
-    x = jax.random.normal(k[2], (6, 4), jnp.float64)
+    x = jax.random.normal(k[2], (batch, 4), jnp.float64)
 
     def loss_fn(p, x):
       h = jnp.tanh(x @ p["w"]) * p["s"]
@@ -206,6 +217,59 @@ def test_weight_sharing_and_a_parameter_used_twice():
       g = ravel_pytree(dd)[0]
       np.testing.assert_allclose(cf(params, dd).curvature, g @ hess @ g,
                                  rtol=RTOL)
+
+
+@pytest.mark.parametrize("batch", [2, 8])
+def test_a_parameter_read_by_a_scan_and_a_matmul(batch):
+  """A weight that a scan also carries is not the matmul's alone: no Gram form."""
+  with jax.enable_x64(True):
+    k = jax.random.split(jax.random.key(batch), 2)
+    params = {"w": jax.random.normal(k[0], (6, 6), jnp.float64) * 0.5}
+    x = jax.random.normal(k[1], (batch, 6), jnp.float64)
+
+    def loss_fn(p, x):
+      z = jnp.tanh(x @ p["w"])
+      h, _ = jax.lax.scan(lambda h, _: (jnp.tanh(h) * 1.1, None), p["w"],
+                          None, length=3)
+      return jnp.sum(z ** 2) + jnp.sum(h ** 3)
+
+    grad_ref, hess = zoo.dense(loss_fn, params, (x,))
+    for gd in (False, True):
+      _, grads, cf = lrcr.value_grad_and_curvature(loss_fn, params, x,
+                                                   gradient_direction=gd)
+      d = jax.tree.map(lambda g: -0.5 * g, grads)
+      g = ravel_pytree(d)[0]
+      out = cf(params, d)
+      np.testing.assert_allclose(out.slope, g @ grad_ref, rtol=RTOL)
+      np.testing.assert_allclose(out.curvature, g @ hess @ g, rtol=RTOL)
+
+
+def test_float64_curvature_where_only_weight_products_are_second_order():
+  """No second-order operation outside the weights' (or outside a scan)."""
+  with jax.enable_x64(True):
+    k = jax.random.split(jax.random.key(0), 4)
+    c = jax.random.normal(k[3], (6, 3), jnp.float64)
+    linear = ({"a": jax.random.normal(k[0], (4, 5), jnp.float64),
+               "b": jax.random.normal(k[1], (5, 3), jnp.float64)},
+              lambda p, x: jnp.sum((x @ p["a"] @ p["b"]) * c) / 3.0,
+              jax.random.normal(k[2], (6, 4), jnp.float64))
+
+    def scanned(p, xs):
+      def step(h, x):
+        h = jnp.tanh(h * p["u"] + x @ p["w"])
+        return h, h
+      return jnp.sum(jax.lax.scan(step, jnp.zeros(3), xs)[1]) / 3.0
+
+    recurrent = ({"w": jax.random.normal(k[0], (3, 3), jnp.float64) * 0.5,
+                  "u": jax.random.normal(k[1], (3,), jnp.float64)},
+                 scanned, jax.random.normal(k[2], (5, 3), jnp.float64))
+    for params, loss_fn, x in (linear, recurrent):
+      d = zoo.random_like(params, 3)
+      _, hess = zoo.dense(loss_fn, params, (x,))
+      g = ravel_pytree(d)[0]
+      out = lrcr.directional(loss_fn, params, x, d)
+      assert out.curvature.dtype == jnp.float64
+      np.testing.assert_allclose(out.curvature, g @ hess @ g, rtol=RTOL)
 
 
 def test_control_flow_cond_and_stop_gradient():
@@ -237,7 +301,9 @@ def test_model_forms_for_the_paper_mlp():
     a = lrcr.lowrank_curvature_fn(model, x, y)(params, d)
     b = lrcr.directional(model, params, x, y, d)
     c = lrcr.autodiff_curvature_fn(loss_fn, x, y)(params, d)
-    for out in (a, b, c):
+    frozen = lrcr.directional(model, flax.core.freeze(params), x, y,
+                              flax.core.freeze(d))
+    for out in (a, b, c, frozen):
       np.testing.assert_allclose(out.curvature, g @ hess @ g, rtol=RTOL)
     f, e = lrcr.value_and_directional(model, params, x, y, d)
     np.testing.assert_allclose(f, loss_fn(params, x, y), rtol=RTOL)

@@ -203,6 +203,49 @@ def test_nonfinite_curvature_is_flagged_and_kept_in_info():
   assert bool(state.info.finite) and float(state.learning_rate) == 0.0
 
 
+@pytest.mark.parametrize("curvature_every", [1, 3])
+def test_a_step_length_beyond_the_float_range_is_no_step(curvature_every):
+  """g = 1e-37 and a solve of alpha' ~ 1e3 along g 2^-e: alpha ~ 5e39.
+
+  The step is flagged and not taken, also on the steps that reuse alpha.
+  """
+  params = jnp.zeros(3)
+  g = jnp.full(3, -1e-37, jnp.float32)
+  tx = lrcr.scale_by_cubic_step(1e-6, curvature_every=curvature_every)
+  fn = _const_curvature_fn(-1.0, 0.0, 1.0)
+  unit = lrcr.cubic_step(-1.0, 0.0, 1.0, 1e-6)
+  assert unit.alpha * 2.0 ** 123 > np.finfo(np.float32).max    # e = -122
+  state = tx.init(params)
+  for _ in range(3):
+    u, state = _update(tx, fn)(g, state, params)
+    assert not bool(state.info.finite)
+    assert float(state.learning_rate) == 0.0
+    assert float(state.info.predicted_decrease) == 0.0
+    np.testing.assert_array_equal(u, 0.0)
+
+
+@pytest.mark.parametrize("size", [1e-200, 1.0, 1e200])
+def test_float64_directions_are_rescaled_in_float64(size):
+  """max |g| beyond float32's range still gives g 2^-e of unit size."""
+  with jax.enable_x64(True):
+    params = jnp.zeros(3, jnp.float64)
+    g = jnp.array([-1.0, -0.5, 0.25], jnp.float64) * size
+
+    def fn(params, d):     # F = -sum(w) + sum(w^2) / 2 along d, exactly
+      del params
+      return lrcr.Directional(-jnp.sum(d), jnp.sum(d * d), jnp.sum(d * d))
+
+    tx = lrcr.scale_by_cubic_step(1.0)
+    u, state = tx.update(g, tx.init(params), params, curvature_fn=fn)
+    unit = g / size
+    ref = lrcr.cubic_step(-jnp.sum(unit), jnp.sum(unit * unit),
+                          jnp.sum(unit * unit), 1.0)
+    assert bool(state.info.finite)
+    np.testing.assert_allclose(u, ref.alpha * unit, rtol=1e-12)
+    np.testing.assert_allclose(state.learning_rate * size, ref.alpha,
+                               rtol=1e-12)
+
+
 def test_adaptive_sigma_rejects_a_step_whose_predicted_decrease_overflows():
   """Issue 3: the overflowed prediction counted as "no step" and was accepted.
 
@@ -440,6 +483,11 @@ def test_adaptive_sigma_accepts_rejects_and_updates_sigma():
   assert float(optax.tree.get(s, "learning_rate")) > 0
   # The real loss: rho from the true trial value, and sigma is recorded.
   u, s = update(0.0, True)
+  # The prediction is the cubic model's decrease along -grads (eq. 37).
+  ref = lrcr.cubic_step(*lrcr.directional(
+      model, params, x, y, jax.tree.map(jnp.negative, grads)), 10.0)
+  np.testing.assert_allclose(s[1].info.predicted_decrease,
+                             ref.predicted_decrease, rtol=1e-5)
   rho = (f0 - loss(optax.apply_updates(params, u))) / \
       s[1].info.predicted_decrease
   assert float(s[1].sigma) == (5.0 if rho > 0.9 else 10.0 if rho >= 0.1 else 20.0)

@@ -66,6 +66,15 @@ class Attention(nn.Module):
     return nn.Dense(3, **F64)(h.mean(axis=1))
 
 
+class DenseGeneral(nn.Module):
+  """A 3-D kernel (and a 2-D bias) on a 2-D input."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jax.nn.relu(nn.DenseGeneral((2, 3), **F64)(x))
+    return nn.Dense(3, **F64)(h.reshape(x.shape[0], -1))
+
+
 class Dropout(nn.Module):
   @nn.compact
   def __call__(self, x, key):
@@ -112,6 +121,11 @@ def make(name: str, seed: int = 0):
       loss = lambda p, x, y: (_smoothed_ce(model.apply(p, x), y) + 1e-2 *
                               optax.tree.norm(p, squared=True))
     return loss, _init(model, k[2], x), (x, y)
+  if name == "dense_general":
+    model = DenseGeneral()
+    x = jax.random.normal(k[0], (5, 4), jnp.float64)
+    loss = lambda p, x, y: _ce(model.apply(p, x), y)
+    return loss, _init(model, k[2], x), (x, y)
   if name == "residual_layernorm":
     model = ResidualLayerNorm()
     x = jax.random.normal(k[0], (5, 4), jnp.float64)
@@ -148,7 +162,7 @@ NAMES = ("paper_mlp", "smooth_mlp", "smooth_mlp_mse", "smooth_mlp_smoothed_l2",
 
 @functools.partial(jax.jit, static_argnums=0)
 def dense(loss_fn, params, batch):
-  """(grad, Hessian, unravel) of the flattened loss: the independent reference."""
+  """(grad, Hessian) of the flattened loss: the independent reference."""
   flat, unravel = jax.flatten_util.ravel_pytree(params)
   f = lambda w: loss_fn(unravel(w), *batch)
   return jax.grad(f)(flat), jax.hessian(f)(flat)
