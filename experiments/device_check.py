@@ -3,7 +3,7 @@
     python -m experiments.device_check --out=runs/device_check [--tiny] \
         [--sections=exactness,speed,memory,fig2] [--budget_s=360]
 
-Written for a lent GPU with a 15-minute lease: one process, about 3-5 minutes
+Written for a short session on one GPU: one process, about 3-5 minutes
 of work on the 12x128 net, every section guarded (a failure is recorded as
 its error string and the next section runs), and DIR/device_check.json and
 DIR/device_check.md rewritten after every section, so a run killed at its
