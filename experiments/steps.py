@@ -160,7 +160,7 @@ def make_cr_step(model: Any, tx: optax.GradientTransformationExtraArgs,
       return StepOutput(out.updates, opt_state, out.loss, out.grads,
                         out.alphas, out.alpha)
     loss, grads, curvature_fn = _value_grad_and_curvature(
-        loss_fn, model, params, x, y, options)
+        loss_fn, params, x, y, options)
     updates, opt_state = tx.update(
         grads, opt_state, params, curvature_fn=curvature_fn,
         value_fn=lambda p: loss_fn(p, x, y), value=loss)
@@ -176,8 +176,8 @@ def applied(step):
   return train_step
 
 
-def _value_grad_and_curvature(loss_fn: LossFn, model: Any, params: Any,
-                              x: Array, y: Array, options: CROptions):
+def _value_grad_and_curvature(loss_fn: LossFn, params: Any, x: Array,
+                              y: Array, options: CROptions):
   """(F, grad F, curvature_fn) on the batch (x, y): the engine seam.
 
   The one place that picks how the CR run's slope and curvature are computed.
@@ -194,8 +194,7 @@ def _value_grad_and_curvature(loss_fn: LossFn, model: Any, params: Any,
     # the curvature reads (lrcr.value_grad_and_curvature), for any model.
     return lrcr.value_grad_and_curvature(
         loss_fn, params, x, y, granularity=options.granularity,
-        gradient_direction=(options.gradient_direction and
-                            options.granularity == "global"),
+        gradient_direction=options.gradient_direction,
         stack_layers=options.stack_layers)
   loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
   xc, yc = x[:rows], y[:rows]

@@ -79,7 +79,7 @@ def per_sample_own_directional(model_or_loss: Any, params: Any,
     `Directional` with [B] fields: s_i = -||grad f_i||^2,
     h_i = grad f_i^T (Hessian of f_i) grad f_i, ||grad f_i||^2. Exact.
   """
-  fn = curvature.as_loss_fn(model_or_loss)
+  fn = curvature.as_loss_fn(model_or_loss, *batch)
   return _per_sample(fn, params, batch)[1]
 
 
@@ -107,7 +107,7 @@ def averaged_sgd_update(model_or_loss: Any, params: Any, *batch: Any,
   """
   if averaging not in AVERAGINGS:
     raise ValueError(f"averaging={averaging!r}: expected one of {AVERAGINGS}.")
-  fn = curvature.as_loss_fn(model_or_loss)
+  fn = curvature.as_loss_fn(model_or_loss, *batch)
   loss, grads, curvature_fn = curvature.value_grad_and_curvature(
       fn, params, *batch)
   size = jax.tree.leaves(batch)[0].shape[0]

@@ -39,7 +39,7 @@ where beta and D solve the model with s = -1 (or +1) and S = 1:
 * Cancellation. For h' > 0 the numerator of eq. 37 subtracts two nearly
   equal numbers when h'^2 >> 1 (the first regime of eq. 41). There lrcr uses
   the conjugate form beta = 2 / (h' + sqrt(h'^2 + 2)), which is exact algebra
-  without cancellation. For |h'| beyond about 2^32 the limits of eq. 41 are
+  without cancellation. For |h'| beyond about 2^31 the limits of eq. 41 are
   exact to far below an ulp: beta = 1/h' (h' > 0) or 2|h'| (h' < 0).
 * Predicted decrease. At the root, m'(alpha) = 0 turns F - m(alpha) into a
   sum of positive terms, evaluated as such: with beta as above,
@@ -149,7 +149,7 @@ def check_sigma(sigma: Any, where: str) -> None:
 # --- Numbers as (mantissa, binary exponent) ----------------------------------
 # x = m 2^e with m a moderate float (within a few powers of two of 1) and e an
 # int32: products, quotients and square roots never leave the float range.
-# Only the inputs and the two results are normalised (frexp, ldexp), and
+# Only the inputs, h' and the two results are normalised (frexp, ldexp), and
 # those are read and written from the bits: jnp.frexp and jnp.ldexp are much
 # larger programs, and this code runs once per weight for the "variable"
 # granularity.
@@ -295,7 +295,7 @@ def _solve(slope, curvature, sqnorm, sigma):
   m_beta = _where(s < 0, beta_d, beta_u)
   m_dec = _where(s < 0, dec_d, dec_u)
   e_beta = e_dec = jnp.zeros_like(ehp)
-  # |h'| > 2^32: the limits of eq. 41.
+  # huge (|h'| > 2^30, see _HUGE_EXP): the limits of eq. 41.
   #   h' > 0 (descent): beta = 1/h', D = 1/(2 h')
   #   h' < 0:           beta = 2|h'|, D = 2|h'|^3 / 3
   pos = h > 0
@@ -344,6 +344,7 @@ def cubic_step(slope, curvature, sqnorm, sigma) -> CubicStep:
 
   Raises:
     ValueError: if sigma is concrete and not finite and > 0.
+    TypeError: if sigma is concrete and not a real number.
   """
   check_sigma(sigma, "cubic_step")
   alpha, decrease, _ = _solve(slope, curvature, sqnorm, sigma)
@@ -373,6 +374,7 @@ def cubic_step_length(slope, curvature, sqnorm, sigma) -> Array:
 
   Raises:
     ValueError: if sigma is concrete and not finite and > 0.
+    TypeError: if sigma is concrete and not a real number.
   """
   check_sigma(sigma, "cubic_step_length")
   return _solve(slope, curvature, sqnorm, sigma)[0]

@@ -75,8 +75,13 @@ def _check_labels(model_or_loss: Any, batch: Sequence[Any]) -> None:
   cross_entropy_loss(jnp.zeros(jnp.shape(labels) + (num,)), labels)
 
 
-def as_loss_fn(model_or_loss: Any) -> Callable[..., Array]:
-  """A flax module becomes its softmax cross-entropy loss (the paper's F)."""
+def as_loss_fn(model_or_loss: Any, *batch: Any) -> Callable[..., Array]:
+  """A flax module becomes its softmax cross-entropy loss (the paper's F).
+
+  With the batch given, a classifier module's concrete labels are checked
+  here (the engine traces the loss with the batch as arguments).
+  """
+  _check_labels(model_or_loss, batch)
   if isinstance(model_or_loss, nn.Module):
     model = model_or_loss
 
@@ -166,6 +171,13 @@ def _gram_ids(ps: _Pass) -> frozenset:
   return frozenset(out)
 
 
+def _unit(log2: Array | None) -> Callable[[Array], Array]:
+  """x -> x 2^-log2 (exact), or the identity without an exponent."""
+  if log2 is None:
+    return lambda x: x
+  return lambda x: cubic.times_pow2(x, -log2)
+
+
 def _bmm(a: Array, b: Array, spec: str) -> Array:
   """einsum over a leading layer axis; a plain 2-D product when L = 1."""
   if a.shape[0] == 1:
@@ -185,14 +197,13 @@ class _WeightPlan:
   """
 
   def __init__(self, ps: _Pass, flat_d: list, scale: Array | None,
-               log2: Array | None = None, stack: bool = False):
+               log2: Array | None = None, stack: bool = False,
+               gram_ids: frozenset = frozenset()):
     # `log2`: flat_d is the raw direction and the sweep runs along
     # flat_d 2^-log2 (exact): the dense products V phi and dV phi are taken
     # with the raw phi and scaled afterwards, so phi itself is never copied.
     self.ps, self.flat_d, self.scale = ps, flat_d, scale
-    self.unit = ((lambda x: x) if log2 is None
-                 else (lambda x: cubic.times_pow2(x, -log2)))
-    gram_ids = _gram_ids(ps) if scale is not None else frozenset()
+    self.unit = _unit(log2)
     groups: dict[tuple, list] = {}
     for node in _weight_nodes(ps).values():
       key = (node.in_avals[0].shape, node.in_avals[1].shape,
@@ -207,10 +218,11 @@ class _WeightPlan:
     for nodes in self.groups:
       # [L, N, d_in] operands and [L, N, d_out] adjoints (L = 1: no copy).
       stacked = (lambda xs: xs[0][None]) if len(nodes) == 1 else jnp.stack
-      v = stacked([_operand(ps.residuals, n).reshape(
-          -1, n.in_avals[0].shape[-1]) for n in nodes])
-      y = stacked([ps.ybar[n.id][0].reshape(-1, n.out_avals[0].shape[-1])
-                   for n in nodes])
+      pairs = [_node_values(ps, n, ()) for n in nodes]
+      v = stacked([x.reshape(-1, n.in_avals[0].shape[-1])
+                   for (x, _), n in zip(pairs, nodes)])
+      y = stacked([a.reshape(-1, n.out_avals[0].shape[-1])
+                   for (_, a), n in zip(pairs, nodes)])
       gram = nodes[0].id in gram_ids
       if gram:                                                # c (V V^T) Ybar
         src = scale * _bmm(_bmm(v, v, "lni,lmi->lnm"), y, "lnm,lmj->lnj")
@@ -225,8 +237,7 @@ class _WeightPlan:
       return self.flat_d[nodes[0].param][None]
     return jnp.stack([self.flat_d[n.param] for n in nodes])
 
-  def rewrite(self, node, vals, tans, ybar):
-    del ybar
+  def rewrite(self, node, vals, tans):
     if node.id not in self.slot:
       return None
     g, k = self.slot[node.id]
@@ -235,7 +246,7 @@ class _WeightPlan:
       dv = tans[0].reshape(-1, vals[0].shape[-1])             # [N, d_in]
       self.dv[node.id] = dv
       out = out + dv @ vals[1]                                # + dV W
-    return [out.reshape(node.out_avals[0].shape)], []
+    return [out.reshape(node.out_avals[0].shape)]
 
   def second_order(self) -> Array:
     """sum over weight operations of Ybar . (2 dV phi)."""
@@ -265,11 +276,6 @@ class _WeightPlan:
         continue
       out.update(ids[x] for x in node.ins if isinstance(x, int) and x in ids)
     return out
-
-
-def _operand(res: dict, node) -> Array:
-  x = node.ins[0]
-  return engine.value_of(res, x)
 
 
 # ---------------------------------------------------------------------------
@@ -324,17 +330,18 @@ def _gradient_pass(loss_fn, params, batch, diagonal: bool = False) -> _Pass:
 
 
 def _curvature(ps: _Pass, flat_d: list, scale: Array | None = None,
-               log2: Array | None = None, stack: bool = False
-               ) -> tuple[Array, Array]:
+               log2: Array | None = None, stack: bool = False,
+               gram_ids: frozenset = frozenset()) -> tuple[Array, Array]:
   """(slope, curvature) along the flat direction, from one tangent sweep.
 
-  `scale`: the direction is `scale` * grad F (enables the Gram form; with
-  `log2`, scale is already that of the scaled direction).
+  `scale`: the direction is `scale` * grad F (with `log2`, scale is already
+  that of the scaled direction); `gram_ids` (`_gram_ids`): the weight
+  operations that then take the Gram form.
   `log2`: the sweep runs along flat_d 2^-log2 (see `_WeightPlan`).
   `stack`: batch equally shaped weight operations (see `_WeightPlan`).
   """
   prog = ps.traced.program
-  plan = _WeightPlan(ps, flat_d, scale, log2, stack)
+  plan = _WeightPlan(ps, flat_d, scale, log2, stack, gram_ids)
   if log2 is None:
     in_tans = dict(zip(prog.invars, flat_d))
   else:           # only the leaves other operations read are scaled here
@@ -375,6 +382,7 @@ def value_grad_and_curvature(
       `curvature_fn` is a scalar multiple of the gradient (plain SGD, also
       with a learning-rate schedule). The weights' products then go through
       N x N Gram matrices where that is cheaper; the numbers are the same.
+      Used by granularity "global" (the others ignore it).
     stack_layers: evaluate the sweep's products that do not depend on its
       sequential chain (V phi before it, dV phi after it) as one batched
       matmul per group of equally shaped weight operations, instead of one
@@ -403,7 +411,8 @@ def value_grad_and_curvature(
                       diagonal=granularity == "variable")
   grads = jax.tree.unflatten(ps.traced.params_treedef, ps.flat_grads)
   treedef = ps.traced.params_treedef
-  gram_ids = _gram_ids(ps) if gradient_direction else frozenset()
+  gram_ids = (_gram_ids(ps) if gradient_direction and granularity == "global"
+              else frozenset())
 
   def curvature_fn(params_unused: Any, direction: Any, *,
                    log2_scale: Any = None) -> Directional:
@@ -413,8 +422,7 @@ def value_grad_and_curvature(
       raise ValueError("log2_scale is for granularity 'global' only.")
     if granularity == "global":
       log2 = None if log2_scale is None else jnp.asarray(log2_scale, jnp.int32)
-      unit = ((lambda x: x) if log2 is None
-              else (lambda x: cubic.times_pow2(x, -log2)))
+      unit = _unit(log2)
       # direction = scale * grad F: the Gram form, where some weight
       # operation gains by it (otherwise the dense sweep, which needs no
       # ||grad F||^2 and g . grad F reductions, is the cheaper of the two).
@@ -422,14 +430,15 @@ def value_grad_and_curvature(
         gg = _total(zip(ps.flat_grads, ps.flat_grads))
         dg = _total(zip(flat_d, ps.flat_grads))
         scale = unit(dg / jnp.where(gg > 0, gg, 1.0))
-        slope, curv = _curvature(ps, flat_d, scale, log2, stack_layers)
+        slope, curv = _curvature(ps, flat_d, scale, log2, stack_layers,
+                                 gram_ids)
         return Directional(slope, curv, scale * scale * gg)  # ||c grad F||^2
       slope, curv = _curvature(ps, flat_d, None, log2, stack_layers)
       sqnorm = sum(jnp.sum(jnp.square(unit(d))) for d in flat_d)
       return Directional(slope, curv, sqnorm)
-    sqnorms = [_vdot(d, d) for d in flat_d]
-    slopes = [_vdot(d, g) for d, g in zip(flat_d, ps.flat_grads)]
     if granularity == "layer":
+      sqnorms = [_vdot(d, d) for d in flat_d]
+      slopes = [_vdot(d, g) for d, g in zip(flat_d, ps.flat_grads)]
       index, gtree = group_index(params)
       k = gtree.num_leaves
 
@@ -474,8 +483,7 @@ def lowrank_curvature_fn(loss_fn: Any, *batch: Any,
     granularity: "global", "layer" or "variable".
   """
   _check_granularity(granularity)
-  fn = as_loss_fn(loss_fn)
-  _check_labels(loss_fn, batch)
+  fn = as_loss_fn(loss_fn, *batch)
 
   def curvature_fn(params: Any, direction: Any) -> Directional:
     return value_grad_and_curvature(fn, params, *batch,
@@ -493,8 +501,7 @@ def directional(model_or_loss: Any, params: Any, *args: Any) -> Directional:
   direction)`: the direction is the last argument.
   """
   *batch, direction = args
-  fn = as_loss_fn(model_or_loss)
-  _check_labels(model_or_loss, batch)
+  fn = as_loss_fn(model_or_loss, *batch)
   return value_grad_and_curvature(fn, params, *batch)[2](params, direction)
 
 
@@ -502,7 +509,7 @@ def value_and_directional(model_or_loss: Any, params: Any,
                           *args: Any) -> tuple[Array, Directional]:
   """(F, `directional(...)`) from one pass."""
   *batch, direction = args
-  fn = as_loss_fn(model_or_loss)
+  fn = as_loss_fn(model_or_loss, *batch)
   loss, _, curvature_fn = value_grad_and_curvature(fn, params, *batch)
   return loss, curvature_fn(params, direction)
 
@@ -691,7 +698,7 @@ def per_sample_factors(model_or_loss: Any, params: Any,
   Returns:
     {param path ("params/Dense_0/kernel"): [WeightFactors, ...]}.
   """
-  ps = _gradient_pass(as_loss_fn(model_or_loss), params, batch)
+  ps = _gradient_pass(as_loss_fn(model_or_loss, *batch), params, batch)
   names = _path_names(params)
   out: dict[str, list[WeightFactors]] = {}
   for node, outer in ps.traced.weight_nodes():
@@ -789,9 +796,8 @@ def hessian_diagonal(model_or_loss: Any, params: Any, *batch: Any) -> Any:
 
   For a model that is piecewise linear (ReLU, max-pooling, ...) from its
   weights up to its logits P, each weight enters P linearly, so the diagonal
-  is the Gauss-Newton diagonal through P (`lrcr.blocks` derived this for the
-  MLP; here it is read off the program). Per sample b, with the Hessian of F
-  in P_b decomposed as sum_r lam_br u_br u_br^T,
+  is the Gauss-Newton diagonal through P, read off the program. Per sample
+  b, with the Hessian of F in P_b decomposed as sum_r lam_br u_br u_br^T,
 
       d2F/dw^2 = sum_b sum_r lam_br (d(u_br . P_b)/dw)^2,
 
@@ -806,6 +812,6 @@ def hessian_diagonal(model_or_loss: Any, params: Any, *batch: Any) -> Any:
       second-order operation before the logits, or a parameter that is not a
       dense/convolution weight or its bias; the message names it.
   """
-  ps = _gradient_pass(as_loss_fn(model_or_loss), params, batch,
+  ps = _gradient_pass(as_loss_fn(model_or_loss, *batch), params, batch,
                       diagonal=True)
   return jax.tree.unflatten(ps.traced.params_treedef, ps.diagonal)

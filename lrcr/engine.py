@@ -459,10 +459,10 @@ def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,
   `dtype`: that of the sum where no operation contributes to it (default:
   the input tangents'), so that a float64 program's curvature stays float64.
 
-  `rewrite(node, vals, tans, ybar_node)`, if given, may return (output
-  tangents, terms) for a node, replacing the generic evaluation by an
-  equivalent cheaper one (the Gram form), or None to keep it; `terms` are
-  (c, a, b) with contribution sum_k c <a, b>.
+  `rewrite(node, vals, tans)`, if given, may return the output tangents of
+  a node of `prog` (not of a scan's body), replacing the generic evaluation
+  by an equivalent cheaper one (the Gram form), or None to keep it; the
+  second-order terms of a rewritten node are then the caller's to add.
   """
   tan = dict(in_tans)
   acc, terms = [], []
@@ -475,12 +475,11 @@ def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,
       tans = [t if t is not None else jnp.zeros_like(_read(res, x))
               for t, x in zip(tans, [x for x, c in zip(node.ins, node.cin)
                                      if c])]
-    done = None
+    outs = None
     if rewrite is not None and node.kind != "scan":
-      done = rewrite(node, vals, tans, ybar.get(node.id))
-    if done is not None:
-      outs, more = done
-      terms.extend(more)
+      outs = rewrite(node, vals, tans)
+    if outs is not None:
+      pass                                    # evaluated by `rewrite`
     elif node.kind == "linear":
       outs = _jvp1(node, vals, tans)
     elif node.kind == "second":
@@ -490,7 +489,7 @@ def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,
           terms.append((1.0, yb, s))
     else:
       outs, a = _scan_sweep(node, vals, tans, res[-1 - node.id],
-                            ybar[node.id], rewrite)
+                            ybar[node.id])
       acc.append(a)
     for o, c, t in zip(node.outs, node.cout, outs):
       if c:
@@ -503,8 +502,7 @@ def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,
   return [tan.get(x) if isinstance(x, int) else None for x in prog.outvars], out
 
 
-def _scan_sweep(node: _Node, vals: list, tans: list, res: dict, ybar: dict,
-                rewrite=None):
+def _scan_sweep(node: _Node, vals: list, tans: list, res: dict, ybar: dict):
   p = node.params
   nc, nk = p["num_consts"], p["num_carry"]
   body = node.body
@@ -532,7 +530,7 @@ def _scan_sweep(node: _Node, vals: list, tans: list, res: dict, ybar: dict,
     in_tans = dict(const_tans)
     in_tans.update(zip(carry_ids, ctan))
     in_tans.update(zip(xs_ids, xt))
-    out_tans, a = sweep(body, env, ybar_t, in_tans, rewrite)
+    out_tans, a = sweep(body, env, ybar_t, in_tans)
     new = []
     for k, (c, t) in enumerate(zip(node.cin[nc:nc + nk], out_tans[:nk])):
       if c:

@@ -77,7 +77,6 @@ class CubicStepState(NamedTuple):
   count: Array
 
 
-
 _MISSING = ("scale_by_cubic_step.update needs the keyword-only extra argument "
             "`curvature_fn`, a callable (params, direction) -> "
             "lrcr.Directional. Build it for the current batch with "
@@ -113,7 +112,7 @@ def _zeros_for(granularity: str, params: Any, dtype) -> Any:
 
 # lrcr.cubic's exact power-of-two helpers and its solve (without the
 # concrete-sigma check, done once in scale_by_cubic_step).
-_times_pow2 = cubic._times_pow2  # pylint: disable=protected-access
+_times_pow2 = cubic.times_pow2
 _frexp = cubic._frexp  # pylint: disable=protected-access
 _solve = cubic._solve  # pylint: disable=protected-access
 

@@ -353,14 +353,25 @@ def test_bad_inputs_get_clear_errors():
 
 
 def test_out_of_range_labels_are_refused_or_give_nan():
+  averaging = lrcr.averaging
   model = lrcr.MLP((4,), 3)
   x = jnp.ones((2, 5))
   params = model.init(jax.random.key(0), x)
   for bad in (jnp.array([0, 3]), jnp.array([-1, 0])):
     with pytest.raises(ValueError, match=r"labels must be integers in \[0, 3\)"):
       lrcr.lowrank_curvature_fn(model, x, bad)
-    with pytest.raises(ValueError, match="labels"):
-      lrcr.directional(model, params, x, bad, params)
+    # Every entry point that takes a module and its batch checks them.
+    for call in (lambda: lrcr.directional(model, params, x, bad, params),
+                 lambda: lrcr.value_and_directional(model, params, x, bad,
+                                                    params),
+                 lambda: lrcr.hessian_diagonal(model, params, x, bad),
+                 lambda: lrcr.per_sample_factors(model, params, x, bad),
+                 lambda: averaging.per_sample_own_directional(model, params,
+                                                              x, bad),
+                 lambda: averaging.averaged_sgd_update(model, params, x, bad,
+                                                       sigma=1.0)):
+      with pytest.raises(ValueError, match=r"labels must be integers in"):
+        call()
   # Under jit the labels are not known: loss, slope and curvature are NaN.
   out = jax.jit(lambda p, y: lrcr.lowrank_curvature_fn(model, x, y)(p, p))(
       params, jnp.array([0, 3]))

@@ -60,7 +60,7 @@ def main(out_dir):
 
   def slope_and_curvature(options, p, xb, yb, direction=None):
     _, grads, curvature_fn = steps._value_grad_and_curvature(  # pylint: disable=protected-access
-        loss_fn, model, p, xb, yb, options)
+        loss_fn, p, xb, yb, options)
     if direction is None:    # the SGD direction, for the Gram form
       direction = jax.tree.map(lambda a: -0.1 * a, grads)
     d = curvature_fn(p, direction)
