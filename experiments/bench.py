@@ -14,6 +14,9 @@ times exactly what the loop runs:
     adagrad              value_and_grad + optax.adagrad (the base of CR-Adagrad)
     cr_sgd_engine_gram    curvature="engine", gradient_direction=True (Gram)
     cr_sgd_engine         curvature="engine", dense direction sweep
+    cr_sgd_engine_gram_stacked, cr_sgd_engine_stacked
+                         the two with stack_layers=True (equally shaped
+                         layers batched)
     cr_sgd_lowrank       curvature="lowrank" (lrcr.lowrank_curvature_fn)
     cr_sgd_autodiff      curvature="autodiff" (forward-over-forward)
     cr_sgd_hvp           curvature="hvp": g . (jvp of grad)(g)
@@ -247,6 +250,13 @@ def memory_stats(compiled: Any) -> dict[str, int | None]:
   peak = out.pop("peak_memory_in_bytes")
   out["xla_peak_bytes"] = peak if peak else None
   return out
+
+
+def flops(compiled: Any) -> float:
+  """XLA's flop count of a compiled executable (`cost_analysis()`), or nan."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", float("nan")))
 
 
 def make_sampler(fn: Callable[..., Any], args: Sequence[Any],

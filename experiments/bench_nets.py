@@ -60,12 +60,6 @@ def _nets():
   yield "attention", AttentionClassifier(), (28, 28), 100.0
 
 
-def _flops(fn, args) -> float:
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan")))
-
-
 def main(argv: Sequence[str]) -> None:
   del argv
   print(f"jax {jax.__version__}, {jax.default_backend()}, "
@@ -87,13 +81,13 @@ def main(argv: Sequence[str]) -> None:
                                        gradient_direction=True)), cr)
       args = {key: (params, tx.init(params), x, y)
               for key, (_, tx) in fns.items()}
-      flops = {key: _flops(steps.applied(step), args[key])
-               for key, (step, _) in fns.items()}
-      samplers = {key: bench.make_sampler(jax.jit(steps.applied(step)),
-                                          args[key], 3 if batch > 64 else 5)
+      compiled = {key: jax.jit(steps.applied(step)).lower(*args[key]).compile()
                   for key, (step, _) in fns.items()}
+      flops = {key: bench.flops(c) for key, c in compiled.items()}
+      samplers = {key: bench.make_sampler(c, args[key], 3 if batch > 64 else 5)
+                  for key, c in compiled.items()}
       for sample in samplers.values():
-        sample()                                      # compile
+        sample()                                      # warm-up
       times = bench.interleaved_samples(samplers, _REPEATS.value)
       med = {key: float(np.median(v)) for key, v in times.items()}
       r = {key: med[key] / med["sgd"] for key in med}

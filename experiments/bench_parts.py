@@ -35,10 +35,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 11, "Timing repeats.")
 
 def _kernels_and_flops(fn, args) -> tuple[int, float]:
   compiled = jax.jit(fn).lower(*args).compile()
-  kernels = bench.count_kernels(compiled.as_text())
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return kernels, float((cost or {}).get("flops", float("nan")))
+  return bench.count_kernels(compiled.as_text()), bench.flops(compiled)
 
 
 def main(argv: Sequence[str]) -> None:

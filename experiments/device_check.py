@@ -64,7 +64,6 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import lrcr
 from experiments import bench
@@ -104,11 +103,14 @@ SPEED_STEPS = (SGD, GRAM, DENSE, GRAM_STACKED, DENSE_STACKED, FOF)
 #: shape), to study the device's fusion decisions without a device.
 HLO_STEPS = (SGD, GRAM, DENSE)
 MEMORY_STEPS = (SGD, GRAM, DENSE, GRAM_STACKED)
+#: The memory table's column names.
+MEMORY_LABELS = {SGD: "sgd", GRAM: "gram", DENSE: "dense",
+                 GRAM_STACKED: "gram stacked"}
 PRECISIONS = ("default", "highest")
 
 #: The Fig. 2 run (3,000 steps, 12x128, batch 32, mnist_5k, one CPU device)
 #: on the 2-core CPU dev machine, 2026-11-28, jax 0.10.2:
-#: `JAX_PLATFORMS=cpu python -m experiments.device_check --out=/tmp/dc_cpu
+#: `JAX_PLATFORMS=cpu python -m experiments.device_check --out=DIR
 #: --sections=fig2`. train_lib's numbers: wall (setup, data, compilation, 30
 #: chunks of 100 steps, metrics, checkpoints, figure), compilation, and
 #: steps/s inside the scan chunks, measured on a quiet machine.
@@ -174,6 +176,11 @@ def _over_budget(state: dict[str, Any]) -> bool:
 
 def _log(message: str) -> None:
   print(f"[device_check] {message}", flush=True)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+  """a / b, or None where a is missing or b is missing or zero."""
+  return a / b if a is not None and b else None
 
 
 def _rel(value: float, ref: float) -> float:
@@ -488,8 +495,8 @@ def section_memory(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
     row = dict(batch=b, stats=stats)
     for name in MEMORY_STEPS[1:]:
       for key in ("peak_bytes", "xla_peak_bytes", "temp_size_in_bytes"):
-        a, c = stats[name].get(key), base.get(key)
-        row[f"{name}/{key}_ratio"] = (a / c if a is not None and c else None)
+        row[f"{name}/{key}_ratio"] = _ratio(stats[name].get(key),
+                                            base.get(key))
     out[f"b{b}"] = row
   return dict(network=f"{opts.depth}x{opts.width}", shapes=out,
               note=("peak_bytes = temp + argument + output bytes of "
@@ -531,16 +538,15 @@ def section_fig2(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
   keep = ("wall_time_s", "compile_time_s", "steps_per_s", "data_source",
           "num_params", "stopped")
   out = {k: summary.get(k) for k in keep}
-  ratio = lambda a, b: a / b if a and b else None  # noqa: E731
   out.update(
       config="configs/paper.py:mnist_sgd_plateau", num_steps=opts.fig2_steps,
       network=f"{opts.fig2_depth}x{opts.fig2_width}",
       outer_wall_s=outer, cpu=cpu,
       cpu_source=CPU_FIG2_SOURCE if cpu else None,
-      cpu_over_device_wall=ratio(cpu and cpu["wall_time_s"],
-                                 summary.get("wall_time_s")),
-      device_over_cpu_steps_per_s=ratio(summary.get("steps_per_s"),
-                                        cpu and cpu["steps_per_s"]),
+      cpu_over_device_wall=_ratio(cpu and cpu["wall_time_s"],
+                                  summary.get("wall_time_s")),
+      device_over_cpu_steps_per_s=_ratio(summary.get("steps_per_s"),
+                                         cpu and cpu["steps_per_s"]),
       summary={k: v for k, v in summary.items()
                if isinstance(v, (int, float, str, bool)) or v is None})
   return out
@@ -703,21 +709,20 @@ def to_markdown(report: dict[str, Any]) -> str:
   memory = (report["sections"].get("memory") or {}).get("result")
   if memory:
     lines += ["", "## 3. Memory (compiled step, MiB)", "",
-              "| batch | sgd peak | gram peak (ratio) | dense peak (ratio) | "
-              "gram stacked peak (ratio) | XLA peak ratio gram |",
-              "|---|---|---|---|---|---|"]
+              f"| batch | {MEMORY_LABELS[SGD]} peak | "
+              + "".join(f"{MEMORY_LABELS[n]} peak (ratio) | "
+                        for n in MEMORY_STEPS[1:])
+              + f"XLA peak ratio {MEMORY_LABELS[GRAM]} |",
+              "|---|" + "---|" * (len(MEMORY_STEPS) + 1)]
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:.2f}"  # noqa: E731
     for row in memory["shapes"].values():
       st = row["stats"]
       lines.append(
-          f"| {row['batch']} | {mib(st[SGD]['peak_bytes'])} | "
-          f"{mib(st[GRAM]['peak_bytes'])} "
-          f"({_g(row[f'{GRAM}/peak_bytes_ratio'], '.2f')}) | "
-          f"{mib(st[DENSE]['peak_bytes'])} "
-          f"({_g(row[f'{DENSE}/peak_bytes_ratio'], '.2f')}) | "
-          f"{mib(st[GRAM_STACKED]['peak_bytes'])} "
-          f"({_g(row[f'{GRAM_STACKED}/peak_bytes_ratio'], '.2f')}) | "
-          f"{_g(row[f'{GRAM}/xla_peak_bytes_ratio'], '.2f')} |")
+          f"| {row['batch']} | {mib(st[SGD]['peak_bytes'])} | " + "".join(
+              f"{mib(st[n]['peak_bytes'])} "
+              f"({_g(row[f'{n}/peak_bytes_ratio'], '.2f')}) | "
+              for n in MEMORY_STEPS[1:])
+          + f"{_g(row[f'{GRAM}/xla_peak_bytes_ratio'], '.2f')} |")
 
   fig2 = (report["sections"].get("fig2") or {}).get("result")
   if fig2:
@@ -767,10 +772,10 @@ def run_check(opts: Options, out: str, *, sections: Sequence[str] = SECTIONS,
   for name in SECTIONS:
     if name not in sections:
       continue
-    elapsed = time.perf_counter() - start
     entry: dict[str, Any] = dict(status="running", error=None, wall_s=None,
                                  result=None)
-    if elapsed > budget_s:
+    if _over_budget(state):
+      elapsed = time.perf_counter() - start
       entry.update(status="skipped",
                    error=f"skipped: {elapsed:.0f} s elapsed > --budget_s="
                          f"{budget_s:.0f}")
@@ -779,7 +784,7 @@ def run_check(opts: Options, out: str, *, sections: Sequence[str] = SECTIONS,
     report["sections"][name] = entry
     _write(report, out)
     tic = time.perf_counter()
-    print(f"[device_check] {name} ...", flush=True)
+    _log(f"{name} ...")
     try:
       entry["result"] = RUNNERS[name](opts, state)
       entry["status"] = "ok"
@@ -791,15 +796,15 @@ def run_check(opts: Options, out: str, *, sections: Sequence[str] = SECTIONS,
     entry["wall_s"] = time.perf_counter() - tic
     report["total_wall_s"] = time.perf_counter() - start
     report["goals"] = evaluate_goals(report)
-    print(f"[device_check] {name}: {entry['status']} in {entry['wall_s']:.1f} s"
-          + (f" ({entry['error']})" if entry["error"] else ""), flush=True)
+    _log(f"{name}: {entry['status']} in {entry['wall_s']:.1f} s"
+         + (f" ({entry['error']})" if entry["error"] else ""))
     _write(report, out)
   report["finished"] = True
   report["total_wall_s"] = time.perf_counter() - start
   report["goals"] = evaluate_goals(report)
   _write(report, out)
-  print(f"[device_check] total {report['total_wall_s']:.1f} s; "
-        f"{report['goals']['summary']}", flush=True)
+  _log(f"total {report['total_wall_s']:.1f} s; "
+       f"{report['goals']['summary']}")
   return report
 
 

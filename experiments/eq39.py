@@ -18,7 +18,8 @@ Eq. 39, term by term:
 
 The exact g^T H g (`lrcr.directional`) has (sum_k J_k a_k)^T d2f/dp2 (sum_r J_r
 a_r) in place of line 3: eq. 39 drops the cross-layer Gauss-Newton blocks
-k != r that eq. 36 contains. `eq39_missing_terms` returns exactly those.
+k != r that eq. 36 contains. `eq39(...).missing_cross_layer_gauss_newton`
+is exactly those.
 """
 
 from __future__ import annotations

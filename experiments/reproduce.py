@@ -85,9 +85,9 @@ def _load_config(name: str) -> ml_collections.ConfigDict:
     key, sep, text = item.partition("=")
     if not sep:
       raise app.UsageError(f"--set={item!r}: expected key=value.")
-    message = train.config_key_error(config, key.strip(), flag="--set=")
+    message = train.config_key_error(config, key.strip())
     if message:
-      raise app.UsageError(message)
+      raise app.UsageError(_as_flags(message))
     try:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -104,9 +104,9 @@ def _as_flags(message: str) -> str:
   return message.replace("--config.", "--set=")
 
 
-def _run_one(name: str, workdir: str) -> dict[str, Any]:
+def _run_one(name: str, config: ml_collections.ConfigDict,
+             workdir: str) -> dict[str, Any]:
   """Trains one run; returns its table row with `status` and `reason`."""
-  config = _load_config(name)
   row = {"run": name, "figure": config.figure, "status": "ok", "reason": ""}
   try:
     result = train.train_and_evaluate(config, os.path.join(workdir, name))
@@ -156,21 +156,24 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"--only: unknown run(s) {', '.join(unknown)}; "
                          f"choose among {', '.join(PAPER_RUNS)}.")
   names = [name for name in PAPER_RUNS if name in _ONLY.value]
+  configs = {}
   for name in names:            # every config mistake, before any training
+    configs[name] = _load_config(name)
     try:
-      train.validate_config(_load_config(name))
+      train.validate_config(configs[name])
     except ValueError as err:
       raise app.UsageError(f"{name}: {_as_flags(str(err))}") from err
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
   date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-  rows = [_run_one(name, workdir) for name in names]
+  rows = [_run_one(name, configs[name], workdir) for name in names]
   wall_time = time.perf_counter() - start
 
   command = " ".join(["python -m experiments.reproduce"] +
                      [shlex.quote(a) for a in sys.argv[1:]])
   data_used = sorted({row["data"] for row in rows if row["status"] == "ok"})
+  host = machine()
   lines = [
       "# lrcr: the paper's runs, base vs base+CR",
       "",
@@ -180,7 +183,7 @@ def main(argv: Sequence[str]) -> None:
       "seeds [25th, 75th percentile]; a claim holds when it holds on at "
       f"least {summary_lib.seeds_required(_NUM_SEEDS.value)} of "
       f"{_NUM_SEEDS.value} seeds",
-      f"- Machine: {machine()}",
+      f"- Machine: {host}",
       f"- Date: {date}",
       f"- Total wall time: {wall_time:.1f} s",
       "",
@@ -196,7 +199,7 @@ def main(argv: Sequence[str]) -> None:
   with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines).rstrip() + "\n")
   report = {"command": command, "date": date, "wall_time_s": wall_time,
-            "machine": machine(), "num_seeds": _NUM_SEEDS.value,
+            "machine": host, "num_seeds": _NUM_SEEDS.value,
             "data": data_used, "runs": rows}
   with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(train.jsonable(report), f, indent=2, allow_nan=False)

@@ -136,8 +136,14 @@ def check_config(config: Any) -> None:
         f"{', '.join(summary_lib.CLAIM_KINDS)}, or '' for no claim check.")
 
 
-def validate_config(config: Any) -> None:
+def validate_config(config: Any) -> tuple[
+    optax.Schedule, optax.GradientTransformation,
+    optax.GradientTransformationExtraArgs, steps.CROptions]:
   """Every refusal a config can get before data or files are touched.
+
+  Returns:
+    What the checks build: the base learning-rate schedule, the base and the
+    CR optimizer, and the CR step's `steps.CROptions`.
 
   Raises:
     ValueError: naming the key and the fix (`check_config`, the optimizers,
@@ -145,13 +151,12 @@ def validate_config(config: Any) -> None:
   """
   check_config(config)
   schedule = optimizers.make_schedule(config.optimizer)
-  optimizers.make_base_optimizer(config.optimizer, schedule)
-  optimizers.make_cr_optimizer(config.optimizer, schedule)
-  steps.CROptions.from_config(config.optimizer)
+  return (schedule, optimizers.make_base_optimizer(config.optimizer, schedule),
+          optimizers.make_cr_optimizer(config.optimizer, schedule),
+          steps.CROptions.from_config(config.optimizer))
 
 
-def config_key_error(config: Any, key: str,
-                     flag: str = "--config.") -> str | None:
+def config_key_error(config: Any, key: str) -> str | None:
   """None if `key` ("optimizer.sigma") names a config entry, else the message.
 
   The message names the key, the closest existing ones and the flag to use,
@@ -164,7 +169,7 @@ def config_key_error(config: Any, key: str,
   close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
   hint = (f"did you mean {' or '.join(close)}?" if close else
           f"the keys are {', '.join(keys)}.")
-  return f"{flag}{key}: no such config key; {hint}"
+  return f"--config.{key}: no such config key; {hint}"
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -201,9 +206,14 @@ def check_resumable(saved: Mapping[str, Any], config: Any,
 # The jitted chunk of steps.
 
 
-def _all_finite(tree: Any) -> Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+def _all_true(tree: Any) -> Array:
+  """Whether every element of every leaf is true (True for no leaves)."""
+  leaves = [jnp.all(x) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _all_finite(tree: Any) -> Array:
+  return _all_true(jax.tree.map(jnp.isfinite, tree))
 
 
 def _curvature_finite(cr: steps.StepOutput) -> Array:
@@ -214,9 +224,7 @@ def _curvature_finite(cr: steps.StepOutput) -> Array:
   """
   if cr.alphas is not None:               # section 3.1's averagings
     return jnp.isfinite(cr.alpha)
-  finite = optax.tree.get(cr.opt_state, "info").finite
-  leaves = [jnp.all(x) for x in jax.tree.leaves(finite)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+  return _all_true(optax.tree.get(cr.opt_state, "info").finite)
 
 
 def _apply_if(ok: Array, params: Any, opt_state: Any, out: steps.StepOutput):
@@ -623,12 +631,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   # Set up: everything that can refuse the config or the data runs before
   # any file is written.
   wall_start = time.perf_counter()
-  check_config(config)
+  schedule, base_tx, cr_tx, options = validate_config(config)
   training = config.training
-  schedule = optimizers.make_schedule(config.optimizer)
-  base_tx = optimizers.make_base_optimizer(config.optimizer, schedule)
-  cr_tx = optimizers.make_cr_optimizer(config.optimizer, schedule)
-  options = steps.CROptions.from_config(config.optimizer)
   workdir = _check_workdir(config, workdir)
   dataset = _load_data(config)
   os.makedirs(workdir, exist_ok=True)
@@ -756,5 +760,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
 
 def _median_of(records: list[dict[str, Any]], key: str) -> float | None:
+  # NaN stays visible in the progress readout (summary's medians drop it).
   values = [r[key] for r in records if r.get(key) is not None]
   return float(np.median(values)) if values else None
