@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 import lrcr
 from experiments import bench
@@ -180,12 +179,19 @@ def test_kernel_count_reads_command_buffers_loops_and_async_pairs():
 
 
 def test_kernel_count_of_a_compiled_program():
-  def f(x):
-    def body(c, _):
-      return jnp.sin(c) * 2.0, None
-    return jnp.sum(jax.lax.scan(body, x, None, length=3)[0])
-  text = jax.jit(f).lower(jnp.ones(8)).compile().as_text()
+  def compiled_text(length):
+    def f(x):
+      def body(c, _):
+        return jnp.sin(c) * 2.0, None
+      return jnp.sum(jax.lax.scan(body, x, None, length=length)[0])
+    return jax.jit(f).lower(jnp.ones(8)).compile().as_text()
+  text = compiled_text(3)
   n = bench.count_kernels(text)
-  # At least the loop body's work and the final sum; far fewer than the
-  # lines of the module (fusion bodies and reducers are not kernels).
-  assert 2 <= n < len([l for l in text.splitlines() if " = " in l])
+  # A loop's body counts once, whatever its trip count.
+  assert bench.count_kernels(compiled_text(30)) == n
+  # At least the loop body's work and the final sum; fewer than the
+  # module's instructions other than parameters (fusion bodies, reducers,
+  # tuples and constants are not kernels).
+  instructions = [l for l in text.splitlines()
+                  if " = " in l and " parameter(" not in l]
+  assert 2 <= n < len(instructions)

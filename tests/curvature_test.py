@@ -1,6 +1,8 @@
 """Per-sample factors found in the program, against per-sample autodiff."""
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -47,6 +49,16 @@ def test_factors_rebuild_per_sample_gradients(name):
     assert set(kernels) <= set(factors), (name, set(kernels) - set(factors))
 
 
+class _WideConv(nn.Module):
+  """16 channels out of 8 on 3x3 images: 4 output pixels."""
+
+  @nn.compact
+  def __call__(self, x):
+    f64 = dict(param_dtype=jnp.float64, dtype=jnp.float64)
+    h = jax.nn.relu(nn.Conv(16, (2, 2), padding="VALID", **f64)(x))
+    return nn.Dense(3, **f64)(h.reshape(x.shape[0], -1))
+
+
 def test_dense_factors_are_rank_one_and_conv_factors_rank_bounded():
   with jax.enable_x64(True):
     loss_fn, params, batch = zoo.make("cnn", 0)
@@ -59,6 +71,26 @@ def test_dense_factors_are_rank_one_and_conv_factors_rank_bounded():
       assert max(ranks) <= positions, path
       if "Dense" in path:
         assert positions == 1 and max(ranks) == 1
+    # Above, each convolution's P exceeds min(d_in, d_out) and cannot bind.
+    # A wide convolution on a 3x3 image has P = 4 output pixels < min(d_in,
+    # d_out) = 16: each sample's kernel gradient (by per-sample autodiff,
+    # which the factors rebuild) has rank 4, the factors' number of rank-1
+    # terms.
+    model = _WideConv()
+    x = jax.random.normal(jax.random.key(0), (3, 3, 3, 8), jnp.float64)
+    y = jnp.arange(3)
+    params = model.init(jax.random.key(1), x)
+    loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
+    (f,) = lrcr.per_sample_factors(loss_fn, params, x, y)[
+        "params/Conv_0/kernel"]
+    ref = _per_sample_grads(loss_fn, params, (x, y), 3)
+    ref = ref["params"]["Conv_0"]["kernel"]             # [B, 2, 2, 8, 16]
+    np.testing.assert_allclose(3 * f.sample_gradients(), ref, rtol=1e-10,
+                               atol=1e-13)
+    assert f.inputs.shape[1] == 4
+    ranks = [np.linalg.matrix_rank(np.asarray(m).reshape(-1, 16), tol=1e-10)
+             for m in ref]
+    assert ranks == [4, 4, 4]
 
 
 def test_recurrent_factors_run_over_time():

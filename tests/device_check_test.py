@@ -5,6 +5,7 @@ very command (`python -m experiments.device_check --tiny`) in a subprocess on
 the CPU, so that it is known to work before device time is spent on it.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -129,6 +130,35 @@ def test_sections_past_the_budget_are_skipped_and_recorded(tmp_path):
     assert section["status"] == "skipped" and "budget_s" in section["error"]
   assert all(g["met"] is None for g in saved["goals"]["goals"])
   assert "| fig2 | skipped" in (tmp_path / "device_check.md").read_text()
+
+
+def test_steps_past_the_budget_are_skipped_and_recorded():
+  """Inside a section: what starts after the deadline is skipped, and shown."""
+  opts = device_check.Options.tiny_sizes()
+  past = dict(deadline=-math.inf)
+  speed = device_check.section_speed(opts, dict(past))
+  assert speed["shapes"] == {} and speed["scan_chunk"] is None
+  assert speed["skipped_over_budget"] == (
+      [f"b{b}" for b in opts.batches] + ["scan_chunk"])
+  exact = device_check.section_exactness(opts, dict(past))
+  assert exact["step_timing"] == {
+      f"b{b}": dict(skipped="over --budget_s") for b in opts.precision_batches}
+  assert exact["cases"]                     # the directionals still ran
+  report = dict(
+      command="", date="", environment=device_check._environment(),
+      options=dataclasses.asdict(opts), finished=True, total_wall_s=0.0,
+      sections={name: dict(status="ok", error=None, wall_s=0.0, result=r)
+                for name, r in (("exactness", exact), ("speed", speed))})
+  report["goals"] = device_check.evaluate_goals(report)
+  speed_goals = [g for g in report["goals"]["goals"] if "SGD at batch" in
+                 g["goal"]]
+  assert len(speed_goals) == 2 and all(g["met"] is None for g in speed_goals)
+  markdown = device_check.to_markdown(report)
+  for b in opts.precision_batches:
+    assert f"| b{b} | skipped: over --budget_s | | |" in markdown
+  skipped = ", ".join(f"b{b}" for b in opts.batches) + ", scan_chunk"
+  assert f"Skipped (over --budget_s): {skipped}." in markdown
+  assert "Scanned chunk" not in markdown
 
 
 def test_unknown_section_is_refused(tmp_path):

@@ -100,7 +100,8 @@ def _fails(*args):
     ("--set=optimizer.sigm=10", "--set=optimizer.sigm: no such config key; "
      "did you mean optimizer.sigma"),
     # Item 9: reproduce's advice names its own flags, not --config.*.
-    ("--set=optimizer.sigma=0", "--set=optimizer.sigma="),
+    ("--set=optimizer.sigma=0", "config.optimizer.sigma=0.0: must be a finite "
+     "number > 0; pass e.g. --set=optimizer.sigma=<value>."),
 ])
 def test_reproduce_rejects_bad_flags(tmp_path, flag, message):
   stderr = _fails("experiments.reproduce", f"--workdir={tmp_path}", flag,

@@ -37,6 +37,10 @@ def test_run_figure_shows_both_runs_and_the_cr_learning_rate(records):
   np.testing.assert_allclose(rate.get_ydata(),
                              [r["learning_rate_cr"] for r in one])
   assert len(average.get_ydata()) == len(one)
+  rates = np.array([r["learning_rate_cr"] for r in one])
+  expected = summary.moving_average(np.where(rates > 0, rates, np.nan), 100)
+  np.testing.assert_allclose(average.get_ydata(),
+                             expected[np.isfinite(expected)])
   np.testing.assert_allclose(own.get_ydata(),
                              [r["base_learning_rate"] for r in one])
   assert ax_lr.get_yscale() == "log"
@@ -57,6 +61,15 @@ def test_several_seeds_give_the_median_and_an_iqr_band(records):
   band = ax_loss.collections[1].get_paths()[0].vertices[:, 1]
   np.testing.assert_allclose(band.max(), np.percentile(losses, 75, axis=0)
                              .max(), rtol=1e-6)
+  # Both edges, step by step: the band spans the 25th to 75th percentile.
+  vertices = ax_loss.collections[1].get_paths()[0].vertices
+  steps = [r["step"] for r in records if r["seed"] == 0]
+  edges = np.array([[vertices[vertices[:, 0] == t, 1].min(),
+                     vertices[vertices[:, 0] == t, 1].max()] for t in steps])
+  np.testing.assert_allclose(edges[:, 0], np.percentile(losses, 25, axis=0),
+                             rtol=1e-6)
+  np.testing.assert_allclose(edges[:, 1], np.percentile(losses, 75, axis=0),
+                             rtol=1e-6)
   assert len(ax_lr.collections) == 1       # the moving average's band
   assert "median of 3 seeds" in ax_loss.get_title()
 

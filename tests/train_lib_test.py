@@ -346,7 +346,8 @@ def test_stop_raises_after_saving_the_last_finite_state(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("optimizer.sigma", 0.0, r"sigma"),
+    ("optimizer.sigma", 0.0,
+     r"config\.optimizer\.sigma=0\.0: must be a finite number > 0"),
     ("optimizer.name", "lbfgs", r"Unknown optimizer 'lbfgs'.*sgd, adagrad"),
     ("optimizer.learning_rate", 0.0, r"config\.optimizer\.learning_rate"),
     ("optimizer.curvature", "exact", r"config\.optimizer\.curvature"),
@@ -355,6 +356,7 @@ def test_stop_raises_after_saving_the_last_finite_state(tmp_path):
     ("training.chunk_size", 0, r"config\.training\.chunk_size"),
     ("training.nonfinite", "ignore", r"config\.training\.nonfinite"),
     ("claim_kind", "huge", r"config\.claim_kind"),
+    ("num_seeds", 0, r"config\.num_seeds=0: must be an integer >= 1"),
 ])
 def test_bad_configs_are_refused_up_front(tmp_path, key, value, match):
   with pytest.raises(ValueError, match=match):
