@@ -262,13 +262,19 @@ def _constant_zero(jaxpr: jcore.Jaxpr, consts, index: int) -> bool:
 
 
 _CLASSES: dict = {}          # signature -> (cout, second); see `_classify`
+#: Constants larger than this (a batch closed over by the loss) make a node
+#: uncached: its key would hold a copy of their bytes.
+_MAX_KEY_CONSTANT = 64
 
 
 def _signature(node: _Node):
   """A hashable key of what decides a node's class, or None."""
   try:
-    lits = tuple((k, np.asarray(x.val).tobytes(), str(np.asarray(x.val).dtype))
-                 for k, x in enumerate(node.ins) if isinstance(x, _Lit))
+    consts = [(k, np.asarray(x.val)) for k, x in enumerate(node.ins)
+              if isinstance(x, _Lit)]
+    if any(v.size > _MAX_KEY_CONSTANT for _, v in consts):
+      return None
+    lits = tuple((k, v.tobytes(), str(v.dtype)) for k, v in consts)
     key = (node.prim, tuple(sorted(node.params.items())),
            tuple((tuple(a.shape), str(a.dtype)) for a in node.in_avals),
            node.cin, lits)

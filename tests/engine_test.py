@@ -186,6 +186,19 @@ def test_stacked_layers_against_the_dense_hessian(batch, granularity):
       if granularity == "global":
         np.testing.assert_allclose(out.curvature, g @ hess @ g, rtol=RTOL)
         np.testing.assert_allclose(out.slope, g @ grads, rtol=RTOL)
+        # The transform's power-of-two hand-off, stacked and not.
+        plain = lrcr.value_grad_and_curvature(loss_fn, params, x, y,
+                                              gradient_direction=gd)[2]
+        for fn in (cf, plain):
+          for e in (-3, 7):
+            scaled = fn(params, d, log2_scale=e)
+            np.testing.assert_allclose(scaled.curvature,
+                                       g @ hess @ g * 2.0 ** (-2 * e),
+                                       rtol=RTOL)
+            np.testing.assert_allclose(scaled.slope, g @ grads * 2.0 ** -e,
+                                       rtol=RTOL)
+            np.testing.assert_allclose(scaled.sqnorm, g @ g * 2.0 ** (-2 * e),
+                                       rtol=RTOL)
         continue
       for name in params:             # each layer's block g_k^T H_kk g_k
         gk = ravel_pytree({m: jax.tree.map(
@@ -270,6 +283,21 @@ def test_float64_curvature_where_only_weight_products_are_second_order():
       out = lrcr.directional(loss_fn, params, x, d)
       assert out.curvature.dtype == jnp.float64
       np.testing.assert_allclose(out.curvature, g @ hess @ g, rtol=RTOL)
+
+
+def test_a_batch_closed_over_is_not_kept_by_the_class_cache():
+  """The classification cache keys no large constant (it would copy it)."""
+  # pylint: disable=g-import-not-at-top,protected-access
+  from lrcr import engine
+  params = {"w": jnp.ones((50, 3))}
+  for seed in range(3):
+    x = jax.random.normal(jax.random.key(seed), (20, 50))
+    loss_fn = lambda p: jnp.mean(jnp.tanh(x @ p["w"]) ** 2)  # x: a constant
+    out = lrcr.directional(loss_fn, params, params)
+    ref = lrcr.autodiff_directional(loss_fn, params, params)
+    np.testing.assert_allclose(out.curvature, ref.curvature, rtol=1e-4)
+  sizes = [len(b) for key in engine._CLASSES for _, b, _ in key[-1]]
+  assert max(sizes, default=0) <= 8 * engine._MAX_KEY_CONSTANT
 
 
 def test_control_flow_cond_and_stop_gradient():
