@@ -48,7 +48,8 @@ import optax
 from lrcr import cubic
 from lrcr import engine
 from lrcr.mlp import cross_entropy_loss
-from lrcr.types import GRANULARITIES, CurvatureFn, Directional, group_index
+from lrcr.types import (GRANULARITIES, CurvatureFn, Directional,
+                        ScalableCurvatureFn, group_index)
 
 Array = jax.Array
 
@@ -414,7 +415,7 @@ def value_grad_and_curvature(
   gram_ids = (_gram_ids(ps) if gradient_direction and granularity == "global"
               else frozenset())
 
-  def curvature_fn(params_unused: Any, direction: Any, *,
+  def curvature_fn(params_unused: Any, direction: Any,
                    log2_scale: Any = None) -> Directional:
     del params_unused
     flat_d = _flat_direction(direction, treedef, ps.flat_params)
@@ -463,7 +464,8 @@ def value_grad_and_curvature(
 
   # The transform may pass the exponent of an exact power-of-two rescaling
   # instead of rescaling the direction itself (`scale_by_cubic_step`).
-  curvature_fn.accepts_log2_scale = granularity == "global"
+  if granularity == "global":
+    return ps.loss, grads, ScalableCurvatureFn(curvature_fn)
   return ps.loss, grads, curvature_fn
 
 

@@ -20,11 +20,10 @@ divides g, block by block, by the power of two 2^e nearest above its largest
 entry, and solves for the step along that unit-sized direction. Slope,
 curvature and ||g||^2 scale exactly as 2^e, 2^2e and 2^2e, so this changes
 no result, but ||g||^2 (1e60 for a base learning rate of 1e30) can no longer
-overflow inside `curvature_fn`. A `curvature_fn` with the attribute
-`accepts_log2_scale = True` (the ones `lrcr.value_grad_and_curvature`
-builds, granularity "global") is called as `curvature_fn(params, g,
-log2_scale=e)` instead and applies 2^-e inside its own products, which
-saves writing a scaled copy of g every step.
+overflow inside `curvature_fn`. A `lrcr.types.ScalableCurvatureFn` (what
+`lrcr.value_grad_and_curvature` returns for granularity "global") is called
+as `curvature_fn.fn(params, g, e)` instead and applies 2^-e inside its own
+products, which saves writing a scaled copy of g every step.
 """
 
 from __future__ import annotations
@@ -37,7 +36,8 @@ import numpy as np
 import optax
 
 from lrcr import cubic
-from lrcr.types import GRANULARITIES, Directional, param_groups
+from lrcr.types import (GRANULARITIES, Directional, ScalableCurvatureFn,
+                        param_groups)
 
 Array = jax.Array
 
@@ -354,12 +354,12 @@ def scale_by_cubic_step(
     # the exponent and applies the scaling inside its products, which saves
     # writing a scaled copy of the whole direction every step.
     in_fn = (granularity == "global" and
-             getattr(curvature_fn, "accepts_log2_scale", False))
+             isinstance(curvature_fn, ScalableCurvatureFn))
     unit = None if in_fn else _per_block(lambda e, u: _times_pow2(u, -e),
                                          exps, updates)
 
     def fresh(_):
-      raw = (curvature_fn(params, updates, log2_scale=exps) if in_fn
+      raw = (curvature_fn.fn(params, updates, exps) if in_fn
              else curvature_fn(params, unit))
       d = _as_directional(raw, granularity, state.learning_rate)
       # One solve for all blocks, on the leaves flattened and concatenated.

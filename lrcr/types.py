@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -38,6 +39,26 @@ class Directional(NamedTuple):
 #: `curvature_fn(params, direction) -> Directional`, the contract of
 #: `lrcr.scale_by_cubic_step`'s extra argument.
 CurvatureFn = Callable[[Any, Any], Directional]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalableCurvatureFn:
+  """A `CurvatureFn` that can rescale the direction by 2^-e inside itself.
+
+  `lrcr.value_grad_and_curvature` returns one for granularity "global".
+  `lrcr.scale_by_cubic_step` recognises it by its type and passes the
+  exponent e of its exact power-of-two rescaling instead of writing a scaled
+  copy of the direction: `fn(params, direction, e)` is the `Directional` of
+  direction * 2^-e. Called as a plain `CurvatureFn`, e is 0.
+
+  Attributes:
+    fn: `fn(params, direction, log2_scale) -> Directional`, where log2_scale
+      is an int32 scalar or None (no rescaling).
+  """
+  fn: Callable[[Any, Any, Any], Directional]
+
+  def __call__(self, params: Any, direction: Any) -> Directional:
+    return self.fn(params, direction, None)
 
 
 def param_groups(tree: Any, fill: Any = 0.0) -> Any:

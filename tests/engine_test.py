@@ -144,7 +144,7 @@ def test_gram_products_against_the_dense_hessian(seed, act):
       np.testing.assert_allclose(out.curvature, g @ hess @ g, rtol=RTOL)
       np.testing.assert_allclose(out.sqnorm, g @ g, rtol=RTOL)
       for e in (-3, 7):   # the transform's power-of-two hand-off
-        scaled = cf(params, d, log2_scale=e)
+        scaled = cf.fn(params, d, e)
         np.testing.assert_allclose(scaled.curvature,
                                    g @ hess @ g * 2.0 ** (-2 * e), rtol=RTOL)
         np.testing.assert_allclose(scaled.slope, g @ grads * 2.0 ** -e,
@@ -191,7 +191,7 @@ def test_stacked_layers_against_the_dense_hessian(batch, granularity):
                                               gradient_direction=gd)[2]
         for fn in (cf, plain):
           for e in (-3, 7):
-            scaled = fn(params, d, log2_scale=e)
+            scaled = fn.fn(params, d, e)
             np.testing.assert_allclose(scaled.curvature,
                                        g @ hess @ g * 2.0 ** (-2 * e),
                                        rtol=RTOL)
@@ -452,8 +452,8 @@ def test_the_transform_passes_its_rescaling_to_the_engine(lr, gd):
   def both(params):
     _, grads, cf = lrcr.value_grad_and_curvature(loss_fn, params, x, y,
                                                  gradient_direction=gd)
-    assert cf.accepts_log2_scale
-    plain = lambda p, d: cf(p, d)        # no attribute: the scaled copy
+    assert isinstance(cf, lrcr.types.ScalableCurvatureFn)
+    plain = lambda p, d: cf(p, d)        # a plain function: the scaled copy
     a, sa = tx.update(grads, tx.init(params), params, curvature_fn=cf)
     b, sb = tx.update(grads, tx.init(params), params, curvature_fn=plain)
     return a, b, sa[1].info, sb[1].info
