@@ -584,7 +584,7 @@ def test_tfds_mock(name, dim):
 
 def no_network(monkeypatch):
   monkeypatch.setattr(
-      data, "_network_problem", lambda host: "no network (test)"
+      data.tfds_source, "network_problem", lambda host: "no network (test)"
   )
 
 
@@ -652,9 +652,9 @@ def test_network_probe_gives_up_in_time(monkeypatch):
     raise OSError("too late")
 
   monkeypatch.setattr(socket, "create_connection", hang)
-  monkeypatch.setattr(data, "NETWORK_PROBE_TIMEOUT_S", 0.2)
+  monkeypatch.setattr(data.tfds_source, "NETWORK_PROBE_TIMEOUT_S", 0.2)
   start = time.monotonic()
-  problem = data._network_problem("example.invalid")
+  problem = data.tfds_source.network_problem("example.invalid")
   assert time.monotonic() - start < 1.0
   assert "no answer within 0.2 s" in problem
 

