@@ -29,6 +29,7 @@ from absl import flags
 import numpy as np
 
 from configs import beyond
+from experiments import metrics
 from experiments import summary as summary_lib
 from experiments import train_lib as train
 
@@ -177,7 +178,7 @@ def main(argv: Sequence[str]) -> None:
   with open(os.path.join(workdir, "beyond.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
   with open(os.path.join(workdir, "beyond.json"), "w", encoding="utf-8") as f:
-    json.dump(train.jsonable({"command": command, "wall_time_s": wall,
+    json.dump(metrics.jsonable({"command": command, "wall_time_s": wall,
                               "grid": grid, "sweep": sweep,
                               "averaging": averaging}), f, indent=2)
   print("\n".join(lines), flush=True)

@@ -15,7 +15,8 @@ would be restored silently; once a save is complete (at the next save, or at
 `finish`) this module records the sha256 of every file of the step in
 `<directory>.sha256.json`, and `restore` recomputes them first. A step saved
 but not yet recorded (a kill before that) is not used: a killed run resumes
-from the last recorded step.
+from the last recorded step. The same file records the config the steps were
+trained with (`metadata`), so that a checkpoint carries its config.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Any
 
 from absl import logging
 import orbax.checkpoint as ocp
+
+from experiments import workdir as workdir_lib
 
 
 class CheckpointError(ValueError):
@@ -46,12 +49,44 @@ def _files(root: str) -> list[str]:
                 for d, _, names in os.walk(root) for name in names)
 
 
-class Checkpointer:
-  """Saves and restores pytrees by step, verifying each file's sha256."""
+def read_manifest(directory: str) -> dict[str, Any]:
+  """`<directory>.sha256.json`: {"metadata": ..., "steps": {step: files}}.
 
-  def __init__(self, directory: str, max_to_keep: int = 2):
+  Empty when there is none.
+
+  Raises:
+    CheckpointError: for a manifest that cannot be read, naming it.
+  """
+  path = os.path.abspath(directory) + ".sha256.json"
+  if not os.path.exists(path):
+    return {"metadata": None, "steps": {}}
+  try:
+    with open(path, encoding="utf-8") as f:
+      manifest = json.load(f)
+    if not isinstance(manifest.get("steps"), dict):
+      raise ValueError("no 'steps' entry")
+  except (OSError, ValueError, AttributeError) as err:
+    raise CheckpointError(
+        f"{path}: cannot read the checkpoints' checksums ({err}). Restore "
+        "the file from a copy, or use a new --workdir.") from err
+  return manifest
+
+
+class Checkpointer:
+  """Saves and restores pytrees by step, verifying each file's sha256.
+
+  Attributes:
+    directory: where orbax writes the steps.
+    manifest_path: `<directory>.sha256.json`.
+    metadata: a JSON-able value recorded beside the checksums (the run's
+      config), or None.
+  """
+
+  def __init__(self, directory: str, max_to_keep: int = 2,
+               metadata: Any = None):
     self.directory = os.path.abspath(directory)
     self.manifest_path = self.directory + ".sha256.json"
+    self.metadata = metadata
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
@@ -59,10 +94,7 @@ class Checkpointer:
     self._pending: int | None = None
 
   def _manifest(self) -> dict[str, dict[str, str]]:
-    if not os.path.exists(self.manifest_path):
-      return {}
-    with open(self.manifest_path, encoding="utf-8") as f:
-      return json.load(f)
+    return read_manifest(self.directory)["steps"]
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -70,26 +102,33 @@ class Checkpointer:
   def save(self, step: int, tree: Any) -> None:
     """Starts writing `tree` as step `step` (after finishing the last save)."""
     self.finish()
-    self._manager.save(step, args=ocp.args.StandardSave(tree))
+    with workdir_lib.io_errors(self._step_dir(step), "saving the checkpoint"):
+      self._manager.save(step, args=ocp.args.StandardSave(tree))
     self._pending = step
 
   def finish(self) -> None:
     """Waits for the save in flight, then records its files' sha256."""
-    self._manager.wait_until_finished()
+    with workdir_lib.io_errors(self.directory, "saving the checkpoint"):
+      self._manager.wait_until_finished()
     if self._pending is None:
       return
     step, self._pending = self._pending, None
     root = self._step_dir(step)
-    manifest = {str(s): v for s, v in self._manifest().items()
-                if int(s) in self._manager.all_steps()}
-    manifest[str(step)] = {name: _sha256(os.path.join(root, name))
-                           for name in _files(root)}
-    tmp = self.manifest_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(manifest, f, indent=1, sort_keys=True)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, self.manifest_path)
+    steps = {str(s): v for s, v in self._manifest().items()
+             if int(s) in self._manager.all_steps()}
+    with workdir_lib.io_errors(root, "reading the checkpoint"):
+      steps[str(step)] = {name: _sha256(os.path.join(root, name))
+                          for name in _files(root)}
+    workdir_lib.atomic_write(self.manifest_path, json.dumps(
+        {"metadata": self.metadata, "steps": steps}, indent=1,
+        sort_keys=True).encode("utf-8"))
+
+  def close(self) -> None:
+    """Finishes the save in flight and stops orbax's background threads."""
+    try:
+      self.finish()
+    finally:
+      self._manager.close()
 
   def latest_step(self) -> int | None:
     """The last step whose checksums were recorded, or None."""
@@ -103,7 +142,7 @@ class Checkpointer:
     return max(steps) if steps else None
 
   def discard_after(self, step: int) -> None:
-    """Deletes the steps after `step`, so that they can be written again."""
+    """Deletes the steps after `step` (-1: all), to be written again."""
     for s in self._manager.all_steps():
       if s > step:
         self._manager.delete(s)

@@ -14,6 +14,7 @@ figures are released after saving.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from experiments import workdir
 from experiments.summary import extract_series, extract_steps, moving_average
 from experiments.summary import split_by_seed
 
@@ -122,12 +124,15 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
+  """Writes the PNG atomically (`workdir.atomic_write`): whole or not at all."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  png = io.BytesIO()
   try:
-    fig.savefig(path, format="png", dpi=DPI)
+    fig.savefig(png, format="png", dpi=DPI)
   finally:
     fig.clear()
+  workdir.atomic_write(str(path), png.getvalue())
 
 
 def make_run_figure(

@@ -37,6 +37,7 @@ import ml_collections
 from configs import paper
 from experiments import input_pipeline as data_lib
 from experiments import plots
+from experiments import metrics
 from experiments import summary as summary_lib
 from experiments import train_lib as train
 
@@ -202,7 +203,7 @@ def main(argv: Sequence[str]) -> None:
             "machine": host, "num_seeds": _NUM_SEEDS.value,
             "data": data_used, "runs": rows}
   with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(train.jsonable(report), f, indent=2, allow_nan=False)
+    json.dump(metrics.jsonable(report), f, indent=2, allow_nan=False)
     f.write("\n")
 
   runs = [(f"{row['figure']} {row['run']}".strip(), summary_lib.read_metrics(

@@ -12,35 +12,20 @@ everywhere and ignored by the statistics.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from experiments.metrics import MetricsError  # pylint: disable=unused-import
+from experiments.metrics import read_metrics  # pylint: disable=unused-import
+from experiments.metrics import to_float as _to_float
 
 #: Loss of a uniform prediction over 10 classes: the height of the plateau.
 LN10: float = math.log(10.0)
 
 #: Default plateau-exit threshold: 95 % of ``ln(10)``.
 DEFAULT_THRESHOLD: float = 0.95 * LN10
-
-#: Record fields holding floating-point values.
-FLOAT_FIELDS: tuple[str, ...] = (
-    "loss_base",
-    "loss_cr",
-    "learning_rate_cr",
-    "alpha",
-    "slope",
-    "curvature",
-    "base_learning_rate",
-    "sqnorm",
-    "predicted_decrease",
-    "grad_norm_base",
-    "grad_norm_cr",
-    "sigma",
-    "alpha_cv",
-)
 
 #: Claim kinds understood by :func:`qualitative_claim`.
 CLAIM_KINDS: tuple[str,
@@ -61,16 +46,6 @@ _ADAM_LOSS_GAIN = 0.05
 # --------------------------------------------------------------------------
 # Conversion helpers
 # --------------------------------------------------------------------------
-
-
-def _to_float(value: Any) -> float:
-  """Converts a record value to float; ``None``/unparsable -> NaN."""
-  if value is None:
-    return math.nan
-  try:
-    return float(value)
-  except (TypeError, ValueError):
-    return math.nan
 
 
 def extract_series(records: Sequence[Mapping[str, Any]],
@@ -632,116 +607,3 @@ def summary_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     cells = [_row_cell(row, key) for _, key in _TABLE_COLUMNS]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------
-# I/O
-# --------------------------------------------------------------------------
-
-
-class MetricsError(ValueError):
-  """A damaged metrics file; the message names the file and the way out."""
-
-
-def parse_lines(path) -> list[tuple[int, dict[str, Any]]]:
-  """(line number, record) of every line; drops a torn last line."""
-  with open(path, "r", encoding="utf-8") as f:
-    lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
-  out = []
-  for k, (lineno, line) in enumerate(lines):
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError as e:
-      if k == len(lines) - 1 and not line.endswith("\n"):
-        break  # a run killed in the middle of writing its last line
-      raise MetricsError(f"{path}:{lineno}: invalid JSON ({e}). "
-                         f"{RECOVER_METRICS}") from e
-    if not isinstance(rec, dict):
-      raise MetricsError(f"{path}:{lineno}: expected a JSON object. "
-                         f"{RECOVER_METRICS}")
-    for key in FLOAT_FIELDS:
-      if key in rec:
-        rec[key] = _to_float(rec[key])
-    out.append((lineno, rec))
-  return out
-
-
-#: What to do with a damaged metrics file.
-RECOVER_METRICS = (
-    "The metrics cannot be rebuilt from a checkpoint: restore the file from a "
-    "copy, or train again in a new --workdir.")
-
-
-def check_metrics(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any,
-                  *, seeds: Sequence[int] | None = None,
-                  num_steps: int | None = None) -> int:
-  """Checks that records are steps 0, 1, ... in order, each once per seed.
-
-    Every step holds one record per seed, seeds in the same order at every
-    step (a file without ``seed`` keys is one seed).
-
-    Args:
-        lines: (line number, record) pairs in file order.
-        path: the file, for the message.
-        seeds: the expected seeds; by default those of step 0.
-        num_steps: if given, the file must hold exactly this many steps.
-
-    Returns:
-        The number of complete steps. An incomplete last step (a run killed
-        while writing a chunk) does not count; `num_steps` refuses it.
-
-    Raises:
-        MetricsError: naming the file, the line and how to recover.
-    """
-  if seeds is None:
-    seeds = []
-    for _, rec in lines:
-      if rec.get("step") != 0 or rec.get("seed", 0) in seeds:
-        break
-      seeds.append(rec.get("seed", 0))
-    seeds = seeds or [0]
-  seeds = list(seeds)
-  for k, (lineno, rec) in enumerate(lines):
-    step, seed = divmod(k, len(seeds))
-    found = (rec.get("step"), rec.get("seed", 0))
-    if found != (step, seeds[seed]):
-      raise MetricsError(
-          f"{path}:{lineno}: expected step {step}, seed {seeds[seed]}, found "
-          f"step {found[0]}, seed {found[1]}: the file is damaged (a line "
-          f"lost, repeated, moved or edited). {RECOVER_METRICS}")
-  complete = len(lines) // len(seeds)
-  if num_steps is not None and (complete != num_steps or
-                                len(lines) % len(seeds)):
-    raise MetricsError(
-        f"{path}: holds {len(lines)} records, {complete} complete steps of "
-        f"{len(seeds)} seed(s), where the checkpoint is at step {num_steps}: "
-        f"the file is damaged or from another run. {RECOVER_METRICS}")
-  return complete
-
-
-def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """Reads a ``metrics.jsonl`` file and checks that it is whole.
-
-    Blank lines are skipped and an unparsable *last* line (a run killed in the
-    middle of writing it) is dropped, as is an incomplete last step (some
-    seeds written). ``null`` (or otherwise non-numeric) values of the float
-    fields (:data:`FLOAT_FIELDS`) become NaN; ``NaN`` and ``Infinity``
-    literals are parsed as floats. The rest must be what the training loop
-    writes (:func:`check_metrics`): steps 0, 1, ... in order, one record per
-    seed each; the resume of `experiments.train_lib` applies the same check.
-
-    Args:
-        path: Path of the JSONL file.
-
-    Returns:
-        The records, one dict per (step, seed), in file order.
-
-    Raises:
-        MetricsError (a ValueError): If a line other than the last one is not
-            valid JSON, a line is not a JSON object, or a step is missing,
-            repeated or out of order; the message names the file and line.
-    """
-  lines = parse_lines(path)
-  complete = check_metrics(lines, path)
-  seeds = len(lines) // complete if complete else 1
-  return [rec for _, rec in lines[:complete * seeds]]

@@ -6,11 +6,12 @@
 
 This file is intentionally kept short. The work happens in
 `experiments.train_lib.train_and_evaluate`; the workdir receives config.json,
-metrics.jsonl, checkpoints/, figure.png and summary.json. Rerunning the same
-command resumes from the last checkpoint. A mistake in the command (an
-unknown config key, a missing config file, a bad value) ends in one short
-message naming the key or the file and the fix; `--verbosity=1` adds the
-traceback.
+data.json, metrics.jsonl, checkpoints/, figure.png and summary.json.
+Rerunning the same command resumes from the last checkpoint; Ctrl-C stops a
+run at once and leaves it resumable. A mistake in the command (an unknown
+config key, a missing config file, a bad value, a workdir in use by another
+run or holding another run) ends in one short message naming the key or the
+file and the fix; `--verbosity=1` adds the traceback, `--verbosity=0` the INFO logs.
 """
 
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ import jax
 from ml_collections import config_flags
 
 from experiments import train_lib
+from experiments import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
@@ -37,6 +39,10 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False,
     "Call jax.distributed.initialize() first (multi-host: TPU pod slices, "
     "several GPU hosts), so the data-parallel mesh spans every host.")
+_ALLOW_NEW_DATA = flags.DEFINE_bool(
+    "allow_new_data", False,
+    "Resume a run on data whose fingerprint differs from the one it trained "
+    "on (refused by default); summary.json records the change.")
 config_flags.DEFINE_config_file(
     "config", None,
     "Run configuration, e.g. configs/paper.py:mnist_sgd_plateau.",
@@ -67,8 +73,16 @@ def _load_config_file(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
+_HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing, with one short message for each mistake."""
+  if any(arg in _HELP for arg in argv[1:]):
+    try:
+      FLAGS(argv)
+    finally:
+      sys.exit(0)           # absl's help exits 1; asking for help succeeded
   specs = [v for f, v in _flag_values(argv, "config") if f == "config"]
   if specs:
     path = specs[-1].partition(":")[0]
@@ -99,17 +113,27 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  if not FLAGS["verbosity"].present:
+    # The output is the data line, the progress bar and the final line; INFO
+    # logs (orbax writes about 40 per checkpoint) need --verbosity=0.
+    logging.set_verbosity(logging.WARNING)
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   config = FLAGS.config
   if not _PROGRESS.value:
     config.training.progress = False
-  logging.info("Config:\n%s", config)
+  logging.debug("Config:\n%s", config)
   try:
-    train_lib.train_and_evaluate(config, _WORKDIR.value)
-  except (ValueError, FloatingPointError, OSError) as err:
-    # A mistake in the command or the data, or `nonfinite=stop`: the message
-    # names the key or the file and the fix.
+    train_lib.train_and_evaluate(config, _WORKDIR.value,
+                                 allow_new_data=_ALLOW_NEW_DATA.value)
+  except KeyboardInterrupt:
+    print(f"Interrupted. {_WORKDIR.value} keeps every completed chunk: rerun "
+          "the same command to resume.", file=sys.stderr)
+    sys.exit(130)
+  except (ValueError, FloatingPointError, OSError,
+          workdir_lib.WorkdirInUseError) as err:
+    # A mistake in the command or the data, `nonfinite=stop`, a workdir in
+    # use, a full disk: the message names the key or the file and the fix.
     logging.debug("Traceback:", exc_info=True)
     sys.exit(f"{type(err).__name__}: {err}\n(--verbosity=1 shows the "
              "traceback.)")

@@ -20,17 +20,25 @@ model of eq. 8 along g_t (`experiments.steps.make_cr_step`). The paper plots
 the CR learning rate in the base optimizer's units, alpha_t * lr(t)
 (`learning_rate_cr`).
 
-The workdir receives
-  config.json         the config (a resumed run must match it),
+The workdir is the run's record. One process owns it at a time (an OS lock,
+`experiments.workdir`), and it receives
+  config.json         the config,
+  data.json           the fingerprint of the data trained on (source, path,
+                      N, sha256 of the arrays): a resume on other data is
+                      refused,
   metrics.jsonl       one JSON object per iteration and seed, streamed per
-                      chunk (checked whole on resume:
-                      `summary.check_metrics`),
+                      chunk (`experiments.metrics`; checked whole on resume),
   checkpoints/        both runs' params and optimizer states (orbax), after
-                      every chunk, with checkpoints.sha256.json beside it,
+                      every chunk, with checkpoints.sha256.json beside it (the
+                      checksums, and the config the steps were trained with:
+                      a resume, or a config.json, that disagrees is refused),
   figure.png          the paper's two-panel figure (`plots.plot_run`),
   summary.json        `summary.summarize_seeds` (each seed, the median and
                       the interquartile range over seeds, claim counts)
                       plus data and timings.
+Every check (config, devices, data, the saved run) passes before a file is
+written, every file is written atomically, and a workdir with no completed
+step is treated as empty, so a corrected rerun just works.
 
 Steps run in chunks of `config.training.chunk_size` under `jax.lax.scan`
 inside one jitted function; a killed run loses at most one chunk, and a
@@ -40,14 +48,19 @@ stateless sampler of `input_pipeline.batch_indices`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import difflib
 import functools
+import gc
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 from absl import logging
@@ -60,15 +73,18 @@ import tqdm
 import lrcr
 from experiments import checkpoints
 from experiments import input_pipeline
+from experiments import metrics as metrics_lib
 from experiments import models
 from experiments import optimizers
 from experiments import plots
 from experiments import steps
 from experiments import summary as summary_lib
+from experiments import workdir as workdir_lib
 
 Array = jax.Array
 
 CONFIG_FILE = "config.json"
+DATA_FILE = "data.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 FIGURE_FILE = "figure.png"
@@ -76,15 +92,6 @@ SUMMARY_FILE = "summary.json"
 
 #: What `config.training.nonfinite` may be.
 NONFINITE_POLICIES: tuple[str, ...] = ("skip", "stop")
-
-#: The keys of every metrics record, in file order.
-METRIC_KEYS: tuple[str, ...] = (
-    "step", "seed", "loss_base", "loss_cr", "alpha", "base_learning_rate",
-    "learning_rate_cr", "slope", "curvature", "sqnorm", "predicted_decrease",
-    "grad_norm_base", "grad_norm_cr", "skipped_base", "skipped_cr", "sigma",
-    "alpha_cv", "accepted")
-_INT_METRICS = frozenset({"step", "seed", "skipped_base", "skipped_cr",
-                          "accepted"})
 
 # Config keys that may change between a run and its resumption: a longer
 # num_steps extends a finished run, and the rest do not change the numbers.
@@ -106,23 +113,111 @@ class TrainState(NamedTuple):
 # Config checks that nothing downstream makes (the optimizers, the transform
 # and `steps.CROptions` check their own keys).
 
+_F32 = np.finfo(np.float32)
+
+#: Numeric config keys: (integer?, low, high, why the range). The run
+#: computes in float32, so a real must also be a float32 normal number (one
+#: that rounds to 0, a subnormal or inf is refused). The ranges of the reals
+#: are sanity ranges: the paper's values sit well inside them, and beyond them
+#: a float32 step either vanishes beside the weights (float32 keeps about 7
+#: digits) or overflows.
+NUMERIC_RANGES: dict[str, tuple[bool, float, float | None, str]] = {
+    "optimizer.learning_rate": (False, 1e-10, 1e4, (
+        "below it lr * g vanishes beside float32 weights, above it the first "
+        "steps overflow; the paper uses 0.001 to 1")),
+    "optimizer.sigma": (False, 1e-8, 1e12, (
+        "the cubic weight of eq. 8: beyond this range its term either "
+        "vanishes or leaves alpha below float32 resolution; the paper uses "
+        "100 and 1000")),
+    "optimizer.decay_rate": (False, float(_F32.tiny), 1e3, (
+        "the factor lr(t) is multiplied by every decay_steps steps")),
+    "model.init_scale": (False, 1e-10, 1e3, (
+        "weights start ~ U(-init_scale, init_scale)")),
+    "optimizer.decay_steps": (True, 1, None, "lr(t) = lr * decay_rate ** "
+                              "(t / decay_steps)"),
+    "optimizer.curvature_every": (True, 1, None, "1 = every step"),
+    "optimizer.curvature_batch_size": (True, 0, None, "0 = the whole batch"),
+    "training.num_steps": (True, 1, None, "the steps to train"),
+    "training.batch_size": (True, 1, None, "examples per step"),
+    "training.chunk_size": (True, 1, None, "steps per checkpoint"),
+    "training.num_devices": (True, 0, None, "0 = every local device"),
+    "training.inject_nan_at_step": (True, -1, None, "-1 = none"),
+    "num_seeds": (True, 1, None, "seeds trained side by side"),
+    "seed": (True, 0, 2**31 - 1, "an int32 seed"),
+    "model.depth": (True, 0, None, "hidden layers"),
+    "model.width": (True, 1, None, "units per hidden layer"),
+}
+
+
+def _range_error(key: str, value: Any, problem: str) -> ValueError:
+  is_int, low, high, why = NUMERIC_RANGES[key]
+  kind = "an integer" if is_int else "a number"
+  bounds = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+  return ValueError(
+      f"config.{key}={value!r}: {problem}. It must be {kind} {bounds} "
+      f"({why}); pass --config.{key}=<a value in that range>.")
+
+
+def check_number(key: str, value: Any) -> None:
+  """Raises ValueError unless `value` suits the numeric config key `key`.
+
+  Args:
+    key: a key of `NUMERIC_RANGES`, e.g. "optimizer.sigma".
+    value: its value.
+
+  Raises:
+    ValueError: saying why, with the valid range.
+  """
+  is_int, low, high, _ = NUMERIC_RANGES[key]
+  if isinstance(value, bool) or not isinstance(
+      value, (int, np.integer) if is_int else (int, float, np.number)):
+    raise _range_error(key, value, "not " + ("an integer" if is_int else
+                                             "a number"))
+  if not is_int:
+    if not math.isfinite(value) or value <= 0:
+      raise _range_error(key, value, "must be a finite number > 0")
+    if not _F32.tiny <= value <= _F32.max:
+      raise _range_error(key, value, (
+          f"rounds to {float(np.float32(value)):g} in float32, in which the run "
+          f"computes (its normal numbers lie in [{_F32.tiny:.3g}, "
+          f"{_F32.max:.3g}])"))
+  if value < low or (high is not None and value > high):
+    raise _range_error(key, value, "out of range")
+
+
+def _check_schedule(optimizer_config: Any, num_steps: int) -> None:
+  """Refuses a decay that takes lr(num_steps) out of the learning-rate range.
+
+  lr(t) = lr * decay_rate ** (t / decay_steps), appendix A; computed in logs
+  so that the check itself neither underflows nor overflows.
+  """
+  lr = optimizer_config.learning_rate
+  rate = optimizer_config.get("decay_rate", 0.95)
+  decay_steps = optimizer_config.get("decay_steps", 100)
+  log_end = math.log10(lr) + num_steps / decay_steps * math.log10(rate)
+  _, low, high, _ = NUMERIC_RANGES["optimizer.learning_rate"]
+  if not math.log10(low) <= log_end <= math.log10(high):
+    raise ValueError(
+        f"config.optimizer.decay_rate={rate!r} with decay_steps="
+        f"{decay_steps} takes the learning rate from {lr:g} to 1e{log_end:.0f}"
+        f" by step {num_steps}, outside [{low:g}, {high:g}] (where float32 "
+        "steps vanish or overflow); pass a decay_rate closer to 1 or a "
+        "larger --config.optimizer.decay_steps.")
+
 
 def check_config(config: Any) -> None:
-  """Raises ValueError, naming the key and the fix, for a bad training key."""
-  for key in ("optimizer.learning_rate", "optimizer.sigma", "model.init_scale",
-              "training.num_steps", "training.batch_size",
-              "training.chunk_size"):
-    section, name = key.split(".")
-    value = config[section][name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and value > 0):
-      raise ValueError(f"config.{key}={value!r}: must be a finite number > 0; "
-                       f"pass e.g. --config.{key}=<value>.")
-  num_seeds = config.get("num_seeds", 1)
-  if isinstance(num_seeds, bool) or not isinstance(num_seeds, int) or \
-      num_seeds < 1:
-    raise ValueError(f"config.num_seeds={num_seeds!r}: must be an integer >= "
-                     "1; pass e.g. --config.num_seeds=5.")
+  """Raises ValueError, naming the key, why, and the fix, for a bad key."""
+  for key in NUMERIC_RANGES:
+    section, _, name = key.rpartition(".")
+    holder = config[section] if section else config
+    if name in holder:
+      check_number(key, holder[name])
+  unroll = config.training.get("scan_unroll", 1)
+  if not isinstance(unroll, bool) and not (
+      isinstance(unroll, int) and unroll >= 1):
+    raise ValueError(f"config.training.scan_unroll={unroll!r}: must be an "
+                     "integer >= 1, or true for the whole chunk.")
+  _check_schedule(config.optimizer, config.training.num_steps)
   if config.training.nonfinite not in NONFINITE_POLICIES:
     raise ValueError(
         f"config.training.nonfinite={config.training.nonfinite!r}: expected "
@@ -182,24 +277,20 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def check_resumable(saved: Mapping[str, Any], config: Any,
-                    workdir: str) -> None:
-  """Raises ValueError if `config` differs from the saved one of `workdir`.
+def trained_config(config: Any) -> dict[str, Any]:
+  """The flat config as a checkpoint records it: all but RESUMABLE_CHANGES."""
+  flat = _flatten(json.loads(config.to_json_best_effort(sort_keys=True))
+                  if not isinstance(config, Mapping) else config)
+  return {k: v for k, v in sorted(flat.items()) if k not in RESUMABLE_CHANGES}
 
-  Keys in `RESUMABLE_CHANGES` may differ.
-  """
-  old = _flatten(saved)
-  new = _flatten(json.loads(config.to_json_best_effort(sort_keys=True)))
-  diffs = [
-      f"{key}: {old.get(key, '<absent>')!r} (saved) vs "
-      f"{new.get(key, '<absent>')!r} (now)"
-      for key in sorted(set(old) | set(new))
-      if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]
-  if diffs:
-    raise ValueError(
-        f"{os.path.join(workdir, CONFIG_FILE)}: the workdir holds a run with "
-        f"a different config ({'; '.join(diffs)}). Use a new --workdir, or "
-        "the saved values to resume that run.")
+
+def _config_diffs(old: Mapping[str, Any], new: Mapping[str, Any],
+                  names: tuple[str, str]) -> str:
+  """"key: old (names[0]) vs new (names[1]); ..." for every differing key."""
+  return "; ".join(
+      f"{key}: {old.get(key, '<absent>')!r} ({names[0]}) vs "
+      f"{new.get(key, '<absent>')!r} ({names[1]})"
+      for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key))
 
 
 # ---------------------------------------------------------------------------
@@ -272,44 +363,37 @@ def _step_metrics(t: Array, base: steps.StepOutput, cr: steps.StepOutput,
       "grad_norm_cr": optax.tree.norm(cr.grads)}
 
 
-def make_chunk_fn(config: Any, base_step, cr_step, schedule: optax.Schedule,
-                  num_examples: int,
-                  batch_sharding: jax.sharding.Sharding | None = None):
-  """run_chunk(state, images, labels, data_keys, start, *, length).
+def _over_seeds(fn, *args, mapped):
+  """jax.vmap of fn over the seed axis; a single seed runs unbatched.
 
-  Runs steps start, ..., start + length - 1 of both runs of every seed under
-  `lax.scan`; the seeds are a `jax.vmap` inside the scan body, so S seeds
-  are one program.
-
-  Args:
-    config: the run config; reads `training.batch_size`, `nonfinite`,
-      `inject_nan_at_step` (tests only: that step's inputs are NaN) and
-      `scan_unroll` (XLA on CPUs runs convolutions inside a loop body ~15x
-      slower, so convolutional configs unroll their chunks), and
-      `model.input_shape` (one example as the model takes it; () = flat).
-    base_step: `steps.make_base_step(...)`.
-    cr_step: `steps.make_cr_step(...)`.
-    schedule: the base learning rate, for the metrics.
-    num_examples: N.
-    batch_sharding: data parallelism: the batch rows split over the mesh's
-      "data" axis; parameters stay replicated and XLA reduces the per-sample
-      sums across devices.
-
-  Returns:
-    The pure function. `state` is a `TrainState` whose leaves are [S, ...]
-    and `data_keys` [S] keys; it returns (state, metrics of [length, S]
-    arrays). Under `nonfinite="stop"` the first step at which any seed is
-    not finite freezes every seed, so that the checkpoint before it holds
-    one step for all of them.
+  One seed is the common case, and a vmapped axis of size 1 still costs
+  XLA batched kernels.
   """
-  training = config.training
-  batch_size, stop = training.batch_size, training.nonfinite == "stop"
+  if jax.tree.leaves(args[0])[0].shape[0] > 1:
+    return jax.vmap(fn, in_axes=tuple(0 if m else None for m in mapped))(
+        *args)
+  squeeze = lambda a: jax.tree.map(lambda x: x[0], a)
+  out = fn(*[squeeze(a) if m else a for a, m in zip(args, mapped)])
+  return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
+
+
+def _apply_both(state: TrainState, base, cr, apply_b, apply_c) -> TrainState:
+  return TrainState(
+      *_apply_if(apply_b, state.params_base, state.opt_base, base),
+      *_apply_if(apply_c, state.params_cr, state.opt_cr, cr))
+
+
+def _make_one_seed(config: Any, base_step, cr_step, schedule: optax.Schedule,
+                   num_examples: int,
+                   batch_sharding: jax.sharding.Sharding | None):
+  """one_seed(state, perms, t, first_epoch, images, labels): both runs' step t
+  for one seed (vmapped by the chunk): outputs, ok flags, metrics."""
+  batch_size = config.training.batch_size
   input_shape = tuple(config.model.get("input_shape", ()) or ())
-  nan_step = training.get("inject_nan_at_step", -1)
+  nan_step = config.training.get("inject_nan_at_step", -1)
 
   def one_seed(state: TrainState, perms: Array, t: Array, first_epoch: Array,
                images: Array, labels: Array):
-    """Both runs' step t for one seed (vmapped): outputs, ok flags, metrics."""
     epoch, offset = input_pipeline.epoch_and_offset(t, num_examples,
                                                     batch_size)
     idx = jax.lax.dynamic_slice_in_dim(perms[epoch - first_epoch], offset,
@@ -333,28 +417,47 @@ def make_chunk_fn(config: Any, base_step, cr_step, schedule: optax.Schedule,
                    skipped_cr=(~ok_c).astype(jnp.int32))
     return base, cr, ok_b, ok_c, metrics
 
-  def apply(state: TrainState, base, cr, apply_b, apply_c) -> TrainState:
-    return TrainState(
-        *_apply_if(apply_b, state.params_base, state.opt_base, base),
-        *_apply_if(apply_c, state.params_cr, state.opt_cr, cr))
+  return one_seed
 
-  def over_seeds(fn, *args, mapped):
-    """jax.vmap of fn over the seed axis; a single seed runs unbatched.
 
-    One seed is the common case, and a vmapped axis of size 1 still costs
-    XLA batched kernels (Fig. 2 config, 2-core CPU: 297 against 386
-    steps/s unbatched).
-    """
-    if jax.tree.leaves(args[0])[0].shape[0] > 1:
-      return jax.vmap(fn, in_axes=tuple(0 if m else None for m in mapped))(
-          *args)
-    squeeze = lambda a: jax.tree.map(lambda x: x[0], a)
-    out = fn(*[squeeze(a) if m else a for a, m in zip(args, mapped)])
-    return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
+def make_chunk_fn(config: Any, base_step, cr_step, schedule: optax.Schedule,
+                  num_examples: int,
+                  batch_sharding: jax.sharding.Sharding | None = None):
+  """run_chunk(state, images, labels, data_keys, start, *, length).
+
+  Runs steps start, ..., start + length - 1 of both runs of every seed under
+  `lax.scan`; the seeds are a `jax.vmap` inside the scan body, so S seeds
+  are one program.
+
+  Args:
+    config: the run config; reads `training.batch_size`, `nonfinite`,
+      `inject_nan_at_step` (tests only: that step's inputs are NaN) and
+      `scan_unroll` (XLA on CPUs runs convolutions inside a loop body much
+      slower, so convolutional configs unroll their chunks), and
+      `model.input_shape` (one example as the model takes it; () = flat).
+    base_step: `steps.make_base_step(...)`.
+    cr_step: `steps.make_cr_step(...)`.
+    schedule: the base learning rate, for the metrics.
+    num_examples: N.
+    batch_sharding: data parallelism: the batch rows split over the mesh's
+      "data" axis; parameters stay replicated and XLA reduces the per-sample
+      sums across devices.
+
+  Returns:
+    The pure function. `state` is a `TrainState` whose leaves are [S, ...]
+    and `data_keys` [S] keys; it returns (state, metrics of [length, S]
+    arrays). Under `nonfinite="stop"` the first step at which any seed is
+    not finite freezes every seed, so that the checkpoint before it holds
+    one step for all of them.
+  """
+  training = config.training
+  batch_size, stop = training.batch_size, training.nonfinite == "stop"
+  one_seed = _make_one_seed(config, base_step, cr_step, schedule,
+                            num_examples, batch_sharding)
 
   def step_fn(carry, t, *, images, labels, perms, first_epoch):
     state, halted = carry
-    base, cr, ok_b, ok_c, metrics = over_seeds(
+    base, cr, ok_b, ok_c, metrics = _over_seeds(
         one_seed, state, perms, t, first_epoch, images, labels,
         mapped=(True, True, False, False, False, False))          # [S] each
     apply_b, apply_c = ok_b, ok_c
@@ -362,8 +465,8 @@ def make_chunk_fn(config: Any, base_step, cr_step, schedule: optax.Schedule,
       all_ok = jnp.all(ok_b & ok_c)
       apply_b = apply_c = jnp.broadcast_to(all_ok & ~halted, ok_b.shape)
       halted = halted | ~all_ok
-    new_state = over_seeds(apply, state, base, cr, apply_b, apply_c,
-                           mapped=(True,) * 5)
+    new_state = _over_seeds(_apply_both, state, base, cr, apply_b, apply_c,
+                            mapped=(True,) * 5)
     return (new_state, halted), metrics
 
   def run_chunk(state: TrainState, images: Array, labels: Array,
@@ -417,16 +520,7 @@ def make_data_mesh(num_devices: int, batch_size: int) -> jax.sharding.Mesh | Non
 
 
 # ---------------------------------------------------------------------------
-# Files.
-
-
-def _atomic_write(path: str, payload: bytes) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(payload)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+# Checkpoints.
 
 
 def save_checkpoint(ckpt: checkpoints.Checkpointer, state: TrainState,
@@ -440,15 +534,16 @@ def restore_checkpoint(ckpt: checkpoints.Checkpointer, state: TrainState,
                        data_key: Array) -> tuple[TrainState, int, Array]:
   """(state, next step, data key(s)) from the latest verified checkpoint.
 
-  Returns the inputs and step 0 when there is none.
+  Returns the inputs and step 0 when there is none. Steps saved but never
+  verified (a kill during a save) are deleted, to be written again.
 
   Raises:
     checkpoints.CheckpointError: for a corrupted checkpoint (naming the file).
   """
   step = ckpt.latest_step()
+  ckpt.discard_after(-1 if step is None else step)
   if step is None:
     return state, 0, data_key
-  ckpt.discard_after(step)    # steps saved but never verified
   tree = ckpt.restore(step, {"state": state,
                              "data_key": jax.random.key_data(data_key)})
   key = jax.random.wrap_key_data(jnp.asarray(tree["data_key"]),
@@ -461,90 +556,239 @@ def _as_device_state(state: Any) -> Any:
   return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state)
 
 
-def resume_metrics(path: str, step: int, seeds: list[int]) -> None:
-  """Keeps the records of steps < `step`, after checking they are all there.
+# ---------------------------------------------------------------------------
+# The saved run: what a resume must match.
 
-  The file must hold steps 0, ..., step - 1, once each, in order, one record
-  per seed in `seeds` (`summary.check_metrics`, the check of
-  `summary.read_metrics`); records of later steps (written before a kill,
-  never checkpointed) and a torn last line are dropped.
+
+def _read_json(path: str, what: str) -> Any:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as err:
+    raise ValueError(
+        f"{path}: cannot read the saved {what} ({err}); the file is damaged. "
+        "Use a new --workdir, or write back the file of that run to resume "
+        "it.") from err
+
+
+def _check_saved_run(config: Any, workdir: str) -> int | None:
+  """The last completed step of the run in `workdir`, after the config checks.
+
+  None when the workdir holds no completed step: it is then treated as
+  empty. Otherwise the config the checkpoints were trained with (recorded in
+  their checksum file) must match `config.json` (a hand edit is refused) and
+  `config` (but for `RESUMABLE_CHANGES`).
 
   Raises:
-    summary.MetricsError: naming the file, the problem and the way out.
+    ValueError: naming the file, the keys that differ and the fix.
   """
-  if not os.path.exists(path):
-    if step:
-      raise summary_lib.MetricsError(
-          f"{path} is missing, but the checkpoint is at step {step}. "
-          f"{summary_lib.RECOVER_METRICS}")
-    lines = []
-  else:
-    lines = [(n, r) for n, r in summary_lib.parse_lines(path)
-             if not (isinstance(r.get("step"), int) and r["step"] >= step)]
-    summary_lib.check_metrics(lines, path, seeds=seeds, num_steps=step)
-  kept = [json.dumps(jsonable(r), allow_nan=False) + "\n" for _, r in lines]
-  _atomic_write(path, "".join(kept).encode("utf-8"))
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  manifest = checkpoints.read_manifest(directory)
+  if not manifest["steps"]:
+    return None
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  on_disk = trained_config(_read_json(config_path, "config"))
+  trained = (manifest.get("metadata") or {}).get("config", on_disk)
+  diffs = _config_diffs(trained, on_disk, ("checkpoint", CONFIG_FILE))
+  if diffs:
+    raise ValueError(
+        f"{config_path}: disagrees with the config the checkpoints in "
+        f"{directory} were trained with ({diffs}); it was edited. Write back "
+        "the checkpoint's values to resume that run, or use a new "
+        "--workdir.")
+  diffs = _config_diffs(trained, trained_config(config), ("saved", "now"))
+  if diffs:
+    raise ValueError(
+        f"{config_path}: the workdir holds a run with a different config "
+        f"({diffs}). Use a new --workdir, or the saved values to resume that "
+        "run.")
+  return max(int(s) for s in manifest["steps"])
 
 
-def _records(metrics: Mapping[str, np.ndarray],
-             seeds: list[int]) -> list[dict[str, Any]]:
-  """[length, S] arrays -> one JSON-ready dict per (step, seed), step-major."""
-  def value(key, x):
-    return int(x) if key in _INT_METRICS else jsonable(float(x))
-  return [{"step": int(metrics["step"][i, j]), "seed": seed,
-           **{key: value(key, metrics[key][i, j])
-              for key in METRIC_KEYS[2:]}}
-          for i in range(len(metrics["step"]))
-          for j, seed in enumerate(seeds)]
+def _check_data(workdir: str, fingerprint: dict[str, Any],
+                resume_step: int | None,
+                allow_new_data: bool) -> list[dict[str, Any]]:
+  """The data record of the run: every fingerprint it trained on, by step.
+
+  Raises:
+    ValueError: for a resume on data whose fingerprint differs from the
+      last recorded one, unless `allow_new_data`; the message shows both.
+  """
+  path = os.path.join(workdir, DATA_FILE)
+  if resume_step is None:
+    return [{"from_step": 0, **fingerprint}]
+  if not os.path.exists(path):                 # a run from before data.json
+    logging.warning("%s is missing; recording the data of this resume.", path)
+    return [{"from_step": 0, **fingerprint, "unverified_before": resume_step}]
+  history = _read_json(path, "data fingerprint")
+  last = history[-1]
+  if all(last.get(k) == fingerprint[k] for k in ("sha256", "num_examples")):
+    return history
+  show = lambda fp: (f"{fp.get('source')} {fp.get('path') or '-'}, "
+                     f"{fp.get('num_examples')} examples, sha256 "
+                     f"{str(fp.get('sha256'))[:16]}")
+  if not allow_new_data:
+    raise ValueError(
+        f"{path}: the run in {workdir} trained on other data (saved: "
+        f"{show(last)}; now: {show(fingerprint)}). Point the config back at "
+        "that data, use a new --workdir, or pass --allow_new_data to "
+        "continue on this data (the summary then records the change).")
+  logging.warning("%s: continuing on new data from step %d (saved: %s; now: "
+                  "%s).", workdir, resume_step, show(last), show(fingerprint))
+  return history + [{"from_step": resume_step, **fingerprint,
+                     "override": True}]
 
 
-def _append_metrics(path: str, records: list[dict[str, Any]]) -> None:
-  with open(path, "a", encoding="utf-8") as f:
-    for record in records:
-      f.write(json.dumps(record, allow_nan=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+# ---------------------------------------------------------------------------
+# Interrupts.
 
 
-def jsonable(x: Any) -> Any:
-  """x with numpy scalars as Python numbers and non-finite floats as None."""
-  if isinstance(x, Mapping):
-    return {str(k): jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [jsonable(v) for v in x]
-  if isinstance(x, (bool, np.bool_)):
-    return bool(x)
-  if isinstance(x, (int, np.integer)):
-    return int(x)
-  if isinstance(x, (float, np.floating)):
-    return float(x) if math.isfinite(float(x)) else None
-  return x
+def _in_finalizer(frame: Any) -> bool:
+  """Whether `frame` runs inside a gc callback or a __del__, where Python
+  only prints ("Exception ignored in ...") an exception and goes on."""
+  codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in codes or frame.f_code.co_name == "__del__":
+      return True
+    frame = frame.f_back
+  return False
+
+
+class _Interrupts:
+  """Ctrl-C stops the run at once, and is never lost in a finalizer.
+
+  Outside the loop a SIGINT raises KeyboardInterrupt where it lands. In the
+  loop it is held until the end of the chunk in flight (the compiled chunk
+  cannot be interrupted anyway; this keeps orbax's save threads out of it),
+  and a second Ctrl-C raises at once. A SIGINT that lands in a gc callback
+  (JAX registers one), where Python would print and ignore the exception, is
+  delivered again 50 ms later.
+  """
+
+  def __init__(self):
+    self.holding = self.pending = False
+
+  def _handler(self, signum, frame):
+    if self.holding and not self.pending:
+      self.pending = True
+      print("\nStopping after this chunk (Ctrl-C again to stop now).",
+            file=sys.stderr, flush=True)
+    elif _in_finalizer(frame):
+      threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+    else:
+      raise KeyboardInterrupt
+
+  def check(self) -> None:
+    """Raises the KeyboardInterrupt held since the last check, if any."""
+    if self.pending:
+      raise KeyboardInterrupt
+
+  @contextlib.contextmanager
+  def installed(self) -> Iterator[_Interrupts]:
+    if threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+    previous = signal.signal(signal.SIGINT, self._handler)
+    try:
+      yield self
+    finally:
+      signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the loop needs besides the state."""
+  config: Any
+  workdir: str
+  seeds: list[int]
+  images: Array                              # [N, D]
+  labels: Array                              # [N]
+  run_chunk: Any
+  ckpt: checkpoints.Checkpointer
+  compile_time: float = 0.0
+  train_time: float = 0.0
+
+
+def _nonfinite(run: _Run, metrics: Mapping[str, np.ndarray],
+               records: list[dict[str, Any]],
+               step: int) -> tuple[list[dict[str, Any]], int, str | None]:
+  """(records to keep, next step, failure message or None) of a chunk."""
+  config, seeds = run.config, run.seeds
+  next_step = step + len(metrics["step"])
+  skipped = {name: np.argwhere(metrics[key]) for name, key in (
+      ("base", "skipped_base"), ("CR", "skipped_cr"))}
+  bad_steps = np.flatnonzero(
+      (metrics["skipped_base"] | metrics["skipped_cr"]).any(axis=1))
+  if not bad_steps.size:
+    return records, next_step, None
+  if config.training.nonfinite == "stop":
+    i = int(bad_steps[0])
+    where = [f"the {name} run of seed {seeds[j]}"
+             for name, hits in skipped.items() for k, j in hits if k == i]
+    return records[:(i + 1) * len(seeds)], step + i, (
+        f"Non-finite loss, update or curvature at step {step + i} in "
+        f"{', '.join(where)} of {config.name} "
+        "(config.training.nonfinite='stop'). "
+        f"The metrics up to that step and the last finite state of every "
+        f"seed (before step {step + i}) are saved in {run.workdir}. A "
+        "workdir keeps its config, so try other settings in a new --workdir: "
+        "a smaller --config.optimizer.learning_rate, a larger "
+        "--config.optimizer.sigma, or --config.training.nonfinite=skip.")
+  hits = [f"{step + k} ({name}, seed {seeds[j]})"
+          for name, found in skipped.items() for k, j in found]
+  logging.warning(
+      "%s: skipped %d non-finite step(s) (loss, update or curvature), "
+      "left unchanged: %s%s", config.name, len(hits), ", ".join(hits[:10]),
+      " ..." if len(hits) > 10 else "")
+  return records, next_step, None
+
+
+def _train(run: _Run, state: TrainState, data_keys: Array, start: int,
+           bar: Any, interrupts: _Interrupts) -> tuple[int, str | None]:
+  """Trains chunk by chunk from `start`; (steps done up to, failure)."""
+  training, compiled = run.config.training, {}
+  metrics_path = os.path.join(run.workdir, METRICS_FILE)
+  failure, step = None, start
+  interrupts.holding = True
+  while step < training.num_steps and not failure:
+    interrupts.check()
+    length = min(training.chunk_size - step % training.chunk_size,
+                 training.num_steps - step)
+    args = (state, run.images, run.labels, data_keys, jnp.int32(step))
+    if length not in compiled:
+      tic = time.perf_counter()
+      compiled[length] = run.run_chunk.lower(*args, length=length).compile()
+      run.compile_time += time.perf_counter() - tic
+    tic = time.perf_counter()
+    state, metrics = compiled[length](*args)
+    metrics = jax.device_get(metrics)                  # [length, S] each
+    run.train_time += time.perf_counter() - tic
+    records, next_step, failure = _nonfinite(
+        run, metrics, metrics_lib.to_records(metrics, run.seeds), step)
+    metrics_lib.append(metrics_path, records)
+    save_checkpoint(run.ckpt, state, next_step, data_keys)
+    last = records[-len(run.seeds):]
+    bar.set_postfix({key: _median_of(last, key) for key in (
+        "loss_base", "loss_cr", "alpha")}, refresh=False)
+    bar.update(next_step - step)         # draws the readouts of this chunk
+    step = next_step
+  interrupts.check()
+  interrupts.holding = False
+  return step, failure
+
+
+def _median_of(records: list[dict[str, Any]], key: str) -> float | None:
+  # NaN stays visible in the progress readout (summary's medians drop it).
+  values = [r[key] for r in records if r.get(key) is not None]
+  return float(np.median(values)) if values else None
 
 
 # ---------------------------------------------------------------------------
 # The entry point.
-
-
-def _check_workdir(config: Any, workdir: str) -> str:
-  """The absolute workdir; refuses one holding another run. Creates nothing."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  config_path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(config_path):
-    try:
-      with open(config_path, "r", encoding="utf-8") as f:
-        saved = json.load(f)
-    except (OSError, ValueError) as err:
-      raise ValueError(
-          f"{config_path}: cannot read the saved config ({err}); the file is "
-          "damaged. Use a new --workdir, or write back the config of that "
-          "run to resume it.") from err
-    check_resumable(saved, config, workdir)
-  elif os.path.exists(os.path.join(workdir, CHECKPOINT_DIR)):
-    raise ValueError(
-        f"{os.path.join(workdir, CHECKPOINT_DIR)} exists but {config_path} "
-        "does not, so the run cannot be checked against the config. Use a "
-        "new --workdir.")
-  return workdir
 
 
 def _load_data(config: Any) -> input_pipeline.Dataset:
@@ -572,28 +816,6 @@ def _load_data(config: Any) -> input_pipeline.Dataset:
 _TIMING_FIELDS = ("wall_time_s", "compile_time_s", "steps_per_s")
 
 
-def _write_summary(config: Any, workdir: str, dataset, extra: dict[str, Any],
-                   base_name: str) -> dict[str, Any]:
-  """summary.json and figure.png from every record so far."""
-  records = summary_lib.read_metrics(os.path.join(workdir, METRICS_FILE))
-  result = dict(summary_lib.summarize_seeds(
-      records, num_classes=dataset.num_classes,
-      claim_kind=config.get("claim_kind", None) or None))
-  result.update(run=config.name, figure=config.get("figure", ""),
-                data=dataset.description, data_source=dataset.source, **extra)
-  seeds = config.get("num_seeds", 1)
-  plots.plot_run(
-      records, os.path.join(workdir, FIGURE_FILE),
-      title=(f"{config.get('figure', '')} {config.name}: {base_name} vs "
-             f"{base_name}+CR, lr {config.optimizer.learning_rate:g}, sigma "
-             f"{config.optimizer.sigma:g}, {seeds} seed{'s' * (seeds > 1)}; "
-             f"data: {dataset.description}").strip(), base_name=base_name)
-  _atomic_write(os.path.join(workdir, SUMMARY_FILE),
-                (json.dumps(jsonable(result), indent=2, allow_nan=False)
-                 + "\n").encode("utf-8"))
-  return result
-
-
 def _previous_timings(workdir: str) -> dict[str, Any]:
   try:
     with open(os.path.join(workdir, SUMMARY_FILE), encoding="utf-8") as f:
@@ -603,163 +825,190 @@ def _previous_timings(workdir: str) -> dict[str, Any]:
   return {key: saved[key] for key in _TIMING_FIELDS if key in saved}
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
-  """Trains base and base+CR side by side and writes the run's record.
+def _write_summary(config: Any, workdir: str, dataset: Any,
+                   history: list[dict[str, Any]], extra: dict[str, Any],
+                   base_name: str) -> dict[str, Any]:
+  """summary.json and figure.png from every record so far."""
+  records = metrics_lib.read_metrics(os.path.join(workdir, METRICS_FILE))
+  result = dict(summary_lib.summarize_seeds(
+      records, num_classes=dataset.num_classes,
+      claim_kind=config.get("claim_kind", None) or None))
+  result.update(run=config.name, figure=config.get("figure", ""),
+                data=dataset.description, data_source=dataset.source,
+                data_fingerprint=history[-1],
+                data_changes=[h for h in history if h.get("override")],
+                **extra)
+  seeds = config.get("num_seeds", 1)
+  plots.plot_run(
+      records, os.path.join(workdir, FIGURE_FILE),
+      title=(f"{config.get('figure', '')} {config.name}: {base_name} vs "
+             f"{base_name}+CR, lr {config.optimizer.learning_rate:g}, sigma "
+             f"{config.optimizer.sigma:g}, {seeds} seed{'s' * (seeds > 1)}; "
+             f"data: {dataset.description}, sha256 "
+             f"{history[-1]['sha256'][:12]}"
+             + (" (changed during the run)" if result["data_changes"] else "")
+             ).strip(), base_name=base_name)
+  workdir_lib.atomic_write(
+      os.path.join(workdir, SUMMARY_FILE),
+      (json.dumps(metrics_lib.jsonable(result), indent=2, allow_nan=False)
+       + "\n").encode("utf-8"))
+  return result
 
-  Resumes from the last checkpoint of `workdir` when the config matches
-  `workdir/config.json` (a longer `training.num_steps` extends the run).
 
-  Args:
-    config: a run config (see `configs/base.py`).
-    workdir: the directory of the run; created if needed.
-
-  Returns:
-    The summary: `summary.summarize_seeds` of all records so far (each
-    seed's numbers under `per_seed`, medians over seeds at the top level and
-    under `median`, quartiles under `iqr`), plus `run`,
-    `figure`, `data`, `data_source`, `num_params`, `wall_time_s`,
-    `compile_time_s`, `steps_per_s`, `resumed_from_step` and `stopped`.
-
-  Raises:
-    ValueError: for a bad config (naming the key), a batch larger than the
-      data, a workdir holding a run with another config, or a corrupted
-      checkpoint (`checkpoints.CheckpointError`, naming the file).
-    input_pipeline.DataError: when the data cannot be loaded.
-    FloatingPointError: under `training.nonfinite="stop"`, at the first
-      non-finite step, after the metrics and the last finite state are saved.
-  """
-  # Set up: everything that can refuse the config or the data runs before
-  # any file is written.
-  wall_start = time.perf_counter()
-  schedule, base_tx, cr_tx, options = validate_config(config)
-  training = config.training
-  workdir = _check_workdir(config, workdir)
-  dataset = _load_data(config)
-  os.makedirs(workdir, exist_ok=True)
-  model = models.make_model(config.model, dataset.num_classes)
-  images = jnp.asarray(dataset.images, jnp.float32)   # [N, D], on device
-  labels = jnp.asarray(dataset.labels, jnp.int32)     # [N]
-  # Seed i: its own initialization and batch order, from config.seed + i.
-  seeds = [config.seed + i for i in range(config.get("num_seeds", 1))]
+def _initial_state(config: Any, model: Any, images: Array, base_tx: Any,
+                   cr_tx: Any, seeds: list[int]) -> tuple[TrainState, Array]:
+  """(state [S, ...], data keys [S]): seed i from config.seed + i."""
   keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(
       jnp.asarray(seeds, jnp.int32))                  # [S, 2]
   init_keys, data_keys = keys[:, 0], keys[:, 1]
   shape = tuple(config.model.get("input_shape", ()) or images.shape[1:])
   params = jax.vmap(lambda k: model.init(
       k, images[:1].reshape((1,) + shape))["params"])(init_keys)  # [S, ...]
-  state = _as_device_state(TrainState(
+  return _as_device_state(TrainState(
       params, jax.vmap(base_tx.init)(params), params,
-      jax.vmap(cr_tx.init)(params)))
+      jax.vmap(cr_tx.init)(params))), data_keys
 
-  # Restore.
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
-  state, start, data_keys = restore_checkpoint(ckpt, state, data_keys)
-  if start > training.num_steps:
-    raise ValueError(
-        f"{ckpt.directory} is at step {start}, past "
-        f"config.training.num_steps={training.num_steps}; pass "
-        f"--config.training.num_steps>={start} or use a new --workdir.")
-  if start:
-    logging.info("Resuming %s from step %d.", workdir, start)
-  mesh = make_data_mesh(training.get("num_devices", 0), training.batch_size)
-  batch_sharding = None
-  if mesh is not None:
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    batch_sharding = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec("data"))
-    state, images, labels, data_keys = jax.device_put(
-        (state, images, labels, data_keys), replicated)
-  metrics_path = os.path.join(workdir, METRICS_FILE)
-  resume_metrics(metrics_path, start, seeds)
-  _atomic_write(os.path.join(workdir, CONFIG_FILE), (config.to_json_best_effort(
-      indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
-  # Loop: one jitted lax.scan per chunk, then write metrics and checkpoint.
+def _start(config: Any, workdir: str, txs: tuple[Any, ...],
+           mesh: jax.sharding.Mesh | None, allow_new_data: bool):
+  """Checks the saved run and the data, restores, writes the run's record.
+
+  Returns:
+    (run, state, data keys, start step, dataset, data history, num_params).
+  """
+  schedule, base_tx, cr_tx, options = txs
+  resume_step = _check_saved_run(config, workdir)
+  dataset = _load_data(config)
+  history = _check_data(workdir, dataset.fingerprint(), resume_step,
+                        allow_new_data)
+  model = models.make_model(config.model, dataset.num_classes)
+  images = jnp.asarray(dataset.images, jnp.float32)   # [N, D], on device
+  labels = jnp.asarray(dataset.labels, jnp.int32)     # [N]
+  seeds = [config.seed + i for i in range(config.get("num_seeds", 1))]
+  state, data_keys = _initial_state(config, model, images, base_tx, cr_tx,
+                                    seeds)
+  num_params = lrcr.num_params(jax.tree.map(lambda a: a[0],
+                                            state.params_base))
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+                                  metadata={"config": trained_config(config)})
+  try:
+    state, start, data_keys = restore_checkpoint(ckpt, state, data_keys)
+    if start > config.training.num_steps:
+      raise ValueError(
+          f"{ckpt.directory} is at step {start}, past "
+          f"config.training.num_steps={config.training.num_steps}; pass "
+          f"--config.training.num_steps>={start} or use a new --workdir.")
+    batch_sharding = None
+    if mesh is not None:
+      replicated = jax.sharding.NamedSharding(mesh,
+                                              jax.sharding.PartitionSpec())
+      batch_sharding = jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec("data"))
+      state, images, labels, data_keys = jax.device_put(
+          (state, images, labels, data_keys), replicated)
+    metrics_lib.truncate(os.path.join(workdir, METRICS_FILE), start, seeds)
+    workdir_lib.atomic_write(os.path.join(workdir, CONFIG_FILE), (
+        config.to_json_best_effort(indent=2, sort_keys=True)
+        + "\n").encode("utf-8"))
+    workdir_lib.atomic_write(os.path.join(workdir, DATA_FILE), (
+        json.dumps(history, indent=2) + "\n").encode("utf-8"))
+  except BaseException:
+    ckpt.close()
+    raise
   run_chunk = jax.jit(make_chunk_fn(
       config, steps.make_base_step(model, base_tx),
       steps.make_cr_step(model, cr_tx, options), schedule,
       dataset.num_examples, batch_sharding), static_argnames="length")
-  compiled: dict[int, Any] = {}
-  compile_time = train_time = 0.0
+  run = _Run(config, workdir, seeds, images, labels, run_chunk, ckpt)
+  return run, state, data_keys, start, dataset, history, num_params
+
+
+def train_and_evaluate(config: Any, workdir: str, *,
+                       allow_new_data: bool = False) -> dict[str, Any]:
+  """Trains base and base+CR side by side and writes the run's record.
+
+  Resumes from the last checkpoint of `workdir` when the config matches the
+  one its checkpoints were trained with (a longer `training.num_steps`
+  extends the run) and the data has the same fingerprint. Holds the
+  workdir's lock throughout; Ctrl-C stops at once and leaves it resumable.
+
+  Args:
+    config: a run config (see `configs/base.py`).
+    workdir: the directory of the run; created if needed.
+    allow_new_data: resume on data whose fingerprint differs from the one
+      the run trained on; `data_changes` in the summary records it.
+
+  Returns:
+    The summary: `summary.summarize_seeds` of all records so far (each
+    seed's numbers under `per_seed`, medians over seeds at the top level and
+    under `median`, quartiles under `iqr`), plus `run`, `figure`, `data`,
+    `data_source`, `data_fingerprint`, `data_changes`, `num_params`,
+    `wall_time_s`, `compile_time_s`, `steps_per_s`, `resumed_from_step`,
+    `already_finished` and `stopped`.
+
+  Raises:
+    ValueError: for a bad config (naming the key), a batch larger than the
+      data, a workdir that is a file or holds a run with another config or
+      other data, or a corrupted checkpoint (`checkpoints.CheckpointError`,
+      naming the file).
+    input_pipeline.DataError: when the data cannot be loaded.
+    workdir.WorkdirInUseError: when another process holds the workdir.
+    OSError: for an I/O error in the workdir, naming the file.
+    FloatingPointError: under `training.nonfinite="stop"`, at the first
+      non-finite step, after the metrics and the last finite state are saved.
+  """
+  # Everything that can refuse the config or the devices runs before the
+  # workdir is touched; the data and the saved run are checked under the lock
+  # before anything is written.
+  wall_start = time.perf_counter()
+  txs = validate_config(config)
+  training = config.training
+  workdir = workdir_lib.check_path(workdir)
+  mesh = make_data_mesh(training.get("num_devices", 0), training.batch_size)
   base_name = optimizers.DISPLAY_NAMES[optimizers.check_name(
       config.optimizer.name)]
-  bar = tqdm.tqdm(total=training.num_steps, initial=start,
-                  desc=f"{config.name}: {base_name} vs {base_name}+CR"
-                  + (f", {len(seeds)} seeds" if len(seeds) > 1 else ""),
-                  unit="it", file=sys.stderr, dynamic_ncols=True,
-                  disable=not training.progress)
-  failure, step = None, start
-  try:
-    while step < training.num_steps and not failure:
-      length = min(training.chunk_size - step % training.chunk_size,
-                   training.num_steps - step)
-      args = (state, images, labels, data_keys, jnp.int32(step))
-      if length not in compiled:
-        tic = time.perf_counter()
-        compiled[length] = run_chunk.lower(*args, length=length).compile()
-        compile_time += time.perf_counter() - tic
-      tic = time.perf_counter()
-      state, metrics = compiled[length](*args)
-      metrics = jax.device_get(metrics)                  # [length, S] each
-      train_time += time.perf_counter() - tic
-      records, next_step = _records(metrics, seeds), step + length
-      skipped = {name: np.argwhere(metrics[key]) for name, key in (
-          ("base", "skipped_base"), ("CR", "skipped_cr"))}
-      bad_steps = np.flatnonzero(
-          (metrics["skipped_base"] | metrics["skipped_cr"]).any(axis=1))
-      if training.nonfinite == "stop" and bad_steps.size:
-        i = int(bad_steps[0])
-        records, next_step = records[:(i + 1) * len(seeds)], step + i
-        where = [f"the {name} run of seed {seeds[j]}"
-                 for name, hits in skipped.items() for k, j in hits if k == i]
-        failure = (
-            f"Non-finite loss, update or curvature at step {step + i} in "
-            f"{', '.join(where)} of {config.name} "
-            "(config.training.nonfinite='stop'). "
-            f"The metrics up to that step and the last finite state of every "
-            f"seed (before step {step + i}) are saved in {workdir}. A workdir "
-            "keeps its config, so try other settings in a new --workdir: a "
-            "smaller --config.optimizer.learning_rate, a larger "
-            "--config.optimizer.sigma, or --config.training.nonfinite=skip.")
-      elif bad_steps.size:
-        hits = [f"{step + k} ({name}, seed {seeds[j]})"
-                for name, found in skipped.items() for k, j in found]
-        logging.warning(
-            "%s: skipped %d non-finite step(s) (loss, update or curvature), "
-            "left unchanged: %s%s", config.name, len(hits),
-            ", ".join(hits[:10]), " ..." if len(hits) > 10 else "")
-      _append_metrics(metrics_path, records)
-      save_checkpoint(ckpt, state, next_step, data_keys)
-      last = records[-len(seeds):]
-      bar.set_postfix(
-          {key: _median_of(last, key) for key in ("loss_base", "loss_cr",
-                                                  "alpha")}, refresh=False)
-      bar.update(next_step - step)         # draws the readouts of this chunk
-      step = next_step
-  finally:
-    bar.close()
-    ckpt.finish()
-
-  # Summarise.
-  timings = dict(
-      compile_time_s=compile_time,
-      steps_per_s=(step - start) / train_time if train_time > 0 else None,
-      wall_time_s=time.perf_counter() - wall_start)
-  if step == start:
-    timings.update(_previous_timings(workdir))
-  result = _write_summary(config, workdir, dataset, dict(
-      num_params=lrcr.num_params(jax.tree.map(lambda a: a[0], params)),
-      resumed_from_step=start, stopped=failure, **timings), base_name)
-  logging.info("%s: %d steps of %d seed(s) in %.1f s (%.1f steps/s after "
-               "%.1f s of compilation); summary in %s", config.name,
-               step - start, len(seeds), timings["wall_time_s"],
-               timings["steps_per_s"] or 0.0, compile_time, workdir)
+  with workdir_lib.lock(workdir), _Interrupts().installed() as interrupts:
+    run, state, data_keys, start, dataset, history, num_params = _start(
+        config, workdir, txs, mesh, allow_new_data)
+    bar = tqdm.tqdm(total=training.num_steps, initial=start,
+                    desc=f"{config.name}: {base_name} vs {base_name}+CR"
+                    + (f", {len(run.seeds)} seeds" if len(run.seeds) > 1
+                       else ""), unit="it", file=sys.stderr,
+                    dynamic_ncols=True, disable=not training.progress)
+    try:
+      step, failure = _train(run, state, data_keys, start, bar, interrupts)
+    finally:
+      bar.close()
+      run.ckpt.close()
+    timings = dict(compile_time_s=run.compile_time, steps_per_s=(
+        (step - start) / run.train_time if run.train_time > 0 else None),
+                   wall_time_s=time.perf_counter() - wall_start)
+    if step == start:
+      timings.update(_previous_timings(workdir))
+    result = _write_summary(config, workdir, dataset, history, dict(
+        num_params=num_params, resumed_from_step=start,
+        already_finished=start >= training.num_steps, stopped=failure, **timings),
+                            base_name)
+  print(_final_line(config, workdir, result, step - start), flush=True)
   if failure:
     raise FloatingPointError(failure)
   return result
 
 
-def _median_of(records: list[dict[str, Any]], key: str) -> float | None:
-  # NaN stays visible in the progress readout (summary's medians drop it).
-  values = [r[key] for r in records if r.get(key) is not None]
-  return float(np.median(values)) if values else None
+def _final_line(config: Any, workdir: str, result: Mapping[str, Any],
+                trained: int) -> str:
+  """The one line a run ends with (stdout)."""
+  loss = lambda key: metrics_lib.to_float(result.get(key))
+  losses = (f"final loss {loss('final_loss_base'):.4g} (base), "
+            f"{loss('final_loss_cr'):.4g} (CR)")
+  if result["already_finished"]:
+    return (f"{config.name}: already finished at step "
+            f"{result['resumed_from_step']}, nothing to train (a larger "
+            f"--config.training.num_steps extends it); {losses}; summary in "
+            f"{workdir}")
+  return (f"{config.name}: trained steps {result['resumed_from_step']}.."
+          f"{result['resumed_from_step'] + trained - 1} of "
+          f"{config.get('num_seeds', 1)} seed(s) in "
+          f"{result['wall_time_s']:.1f} s ({result['steps_per_s'] or 0:.1f} "
+          f"steps/s after {result['compile_time_s']:.1f} s of compilation); "
+          f"{losses}; summary in {workdir}")

@@ -18,6 +18,7 @@ import pytest
 from configs import test as test_config
 from experiments import checkpoints
 from experiments import input_pipeline
+from experiments import metrics as metrics_lib
 from experiments import optimizers
 from experiments import train_lib
 import lrcr
@@ -85,7 +86,7 @@ def test_pipeline_writes_the_run_record(reference_run):
   assert [(r["step"], r["seed"]) for r in records] == [
       (t, s) for t in range(40) for s in range(SEEDS)]
   for record in records:
-    assert tuple(record) == train_lib.METRIC_KEYS
+    assert tuple(record) == metrics_lib.METRIC_KEYS
     assert np.isfinite(record["loss_base"]) and np.isfinite(record["loss_cr"])
     assert record["skipped_base"] == record["skipped_cr"] == 0
     np.testing.assert_allclose(
@@ -270,6 +271,7 @@ def test_a_damaged_metrics_file_is_refused_on_resume(reference_run, tmp_path,
 
 
 def test_a_damaged_config_file_is_named(tmp_path):
+  _train(_config(**{"training.num_steps": 10}), tmp_path)
   (tmp_path / train_lib.CONFIG_FILE).write_text('{"name": "te')
   with pytest.raises(ValueError, match=rf"{tmp_path}/config.json: cannot "
                      "read the saved config.*new --workdir"):
@@ -356,7 +358,7 @@ def test_stop_raises_after_saving_the_last_finite_state(tmp_path):
     ("training.chunk_size", 0, r"config\.training\.chunk_size"),
     ("training.nonfinite", "ignore", r"config\.training\.nonfinite"),
     ("claim_kind", "huge", r"config\.claim_kind"),
-    ("num_seeds", 0, r"config\.num_seeds=0: must be an integer >= 1"),
+    ("num_seeds", 0, r"config\.num_seeds=0: out of range.*an integer >= 1"),
 ])
 def test_bad_configs_are_refused_up_front(tmp_path, key, value, match):
   with pytest.raises(ValueError, match=match):
@@ -475,3 +477,150 @@ def test_averaging_needs_plain_sgd(tmp_path):
   with pytest.raises(ValueError, match="plain SGD"):
     _train(_config(**{"optimizer.averaging": "mean_alpha",
                       "optimizer.name": "adam"}), tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Issue 21: the workdir holds one run, on one dataset, with one config.
+
+
+def _write_files(directory, seed, n=NUM_EXAMPLES):
+  from tests.input_pipeline_test import random_mnist, write_mnist  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  write_mnist(directory, "train", *random_mnist(n, seed))
+  return str(directory)
+
+
+def _files_config(data_dir, **overrides):
+  return _config(**{"data.source": "files", "data.path": str(data_dir),
+                    **overrides})
+
+
+def test_changed_data_is_refused_on_resume(tmp_path, capsys):
+  """Item 2: the files replaced between two invocations."""
+  data_dir = _write_files(tmp_path / "data", seed=1)
+  workdir = tmp_path / "run"
+  train_lib.train_and_evaluate(
+      _files_config(data_dir, **{"training.num_steps": 20}), str(workdir))
+  saved = json.loads((workdir / train_lib.DATA_FILE).read_text())
+  assert saved[0]["source"] == "files" and saved[0]["path"] == data_dir
+  assert saved[0]["num_examples"] == NUM_EXAMPLES
+  before = _metrics_text(workdir)
+  _write_files(data_dir, seed=2)                    # other images, same names
+  with pytest.raises(ValueError, match=(
+      rf"{workdir}/data.json: the run in {workdir} trained on other data "
+      rf"\(saved: files {data_dir}, 64 examples, sha256 "
+      rf"{saved[0]['sha256'][:16]}; now: files {data_dir}, 64 examples, "
+      r"sha256 [0-9a-f]{16}\).*new --workdir.*--allow_new_data")):
+    train_lib.train_and_evaluate(_files_config(data_dir), str(workdir))
+  assert _metrics_text(workdir) == before          # nothing written
+  summary = train_lib.train_and_evaluate(_files_config(data_dir),
+                                         str(workdir), allow_new_data=True)
+  assert [c["from_step"] for c in summary["data_changes"]] == [20]
+  assert summary["data_fingerprint"]["sha256"] != saved[0]["sha256"]
+  assert "already finished" not in capsys.readouterr().out
+
+
+def test_the_same_data_from_another_source_resumes(reference_run, tmp_path):
+  """The fingerprint hashes the arrays: the source may change (`auto`)."""
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run[0], workdir)
+  with open(workdir / train_lib.DATA_FILE, encoding="utf-8") as f:
+    record = json.load(f)
+  record[0].update(source="files", path="/elsewhere")
+  (workdir / train_lib.DATA_FILE).write_text(json.dumps(record))
+  summary = _train(_config(), workdir)
+  assert summary["already_finished"] and not summary["data_changes"]
+
+
+def test_a_hand_edited_config_json_is_refused(tmp_path):
+  """Item 3: batch_size 8 -> 16 in config.json, then an extension."""
+  _train(_config(**{"training.num_steps": 20}), tmp_path)
+  path = tmp_path / train_lib.CONFIG_FILE
+  saved = json.loads(path.read_text())
+  saved["training"]["batch_size"] = 16
+  path.write_text(json.dumps(saved))
+  for batch_size in (8, 16):
+    with pytest.raises(ValueError, match=(
+        rf"{path}: disagrees with the config the checkpoints.*"
+        r"training\.batch_size: 8 \(checkpoint\) vs 16 \(config\.json\)")):
+      _train(_config(**{"training.batch_size": batch_size}), tmp_path)
+
+
+def test_an_early_failure_leaves_a_workdir_that_just_works(tmp_path):
+  """Item 4: num_devices=4 on one device writes nothing; a workdir whose
+  start failed after writing (a full disk) holds no completed step, so a
+  corrected rerun, even with another config, starts afresh."""
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=r"num_devices=4: 1 device\(s\) are "
+                     "available"):
+    _train(_config(**{"training.num_devices": 4}), workdir)
+  assert not workdir.exists()
+  os.makedirs(workdir / train_lib.CHECKPOINT_DIR / "10")
+  (workdir / train_lib.METRICS_FILE).write_text('{"step": 0, "se')
+  (workdir / train_lib.CONFIG_FILE).write_text('{"name": "other run"}')
+  summary = _train(_config(**{"training.num_steps": 20}), workdir)
+  assert summary["resumed_from_step"] == 0 and summary["num_steps"] == 20
+
+
+def test_a_full_disk_names_the_file_and_resumes_bit_identically(
+    reference_run, tmp_path, monkeypatch):
+  """Item 6: ENOSPC while appending chunk 3's metrics."""
+  workdir = tmp_path / "full"
+  append, calls = train_lib.metrics_lib.append, []
+
+  def full_disk(path, records):
+    calls.append(1)
+    if len(calls) == 3:
+      with open(path, "a", encoding="utf-8") as f:
+        f.write('{"step": 20, "seed"')           # a torn line
+      raise OSError(28, "No space left on device", path)
+    append(path, records)
+
+  monkeypatch.setattr(train_lib.metrics_lib, "append", full_disk)
+  with pytest.raises(OSError, match=r"metrics\.jsonl.*No space left.*can "
+                     "resume"):
+    _train(_config(), workdir)
+  monkeypatch.setattr(train_lib.metrics_lib, "append", append)
+  summary = _train(_config(), workdir)
+  assert summary["resumed_from_step"] == 20
+  assert _metrics_text(workdir) == _metrics_text(reference_run[0])
+
+
+def test_a_workdir_that_is_a_file_is_refused_before_loading(tmp_path,
+                                                            monkeypatch):
+  (tmp_path / "f").write_text("x")
+  monkeypatch.setattr(input_pipeline, "load_dataset", None)   # not called
+  with pytest.raises(ValueError, match=r"is a file, not a directory"):
+    train_lib.train_and_evaluate(_config(), str(tmp_path / "f"))
+
+
+def test_a_finished_run_says_so(reference_run, tmp_path, capsys):
+  shutil.copytree(reference_run[0], tmp_path / "run")
+  capsys.readouterr()
+  summary = _train(_config(), tmp_path / "run")
+  out = capsys.readouterr().out
+  assert "test: already finished at step 40, nothing to train" in out
+  assert summary["already_finished"] and "0 steps" not in out
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("optimizer.learning_rate", 1e-50, r"rounds to 0 in float32"),
+    ("optimizer.learning_rate", 1e39, r"rounds to inf in float32"),
+    ("optimizer.learning_rate", 1e-20, r"out of range.*\[1e-10, 10000\]"),
+    ("optimizer.sigma", 1e-45, r"rounds to 1\.4013e-45 in float32"),
+    ("optimizer.sigma", 1e39, r"rounds to inf in float32"),
+    ("optimizer.sigma", 1e30, r"out of range.*\[1e-08, 1e\+12\]"),
+    ("optimizer.decay_rate", float("nan"), r"must be a finite number > 0"),
+    ("optimizer.decay_rate", -1.0, r"must be a finite number > 0"),
+    ("optimizer.decay_rate", 1e-30, r"takes the learning rate from 0\.02 to "
+     r"1e-14 by step 40.*decay_rate closer to 1"),
+    ("optimizer.decay_steps", 0, r"decay_steps=0: out of range.*>= 1"),
+    ("optimizer.decay_steps", 1.5, r"decay_steps=1\.5: not an integer"),
+    ("model.init_scale", 1e-45, r"rounds to 1\.4013e-45 in float32"),
+    ("seed", -1, r"config\.seed=-1: out of range"),
+    ("training.scan_unroll", 0, r"scan_unroll=0: must be an integer >= 1"),
+])
+def test_float32_aware_validation(key, value, match):
+  """Item 5: every numeric value in the range the float32 run can use."""
+  with pytest.raises(ValueError, match=rf"config\.{key}=.*{match}"):
+    train_lib.check_config(_config(**{key: value}))

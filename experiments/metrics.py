@@ -1,0 +1,235 @@
+"""The metrics of a run: its schema and its JSON-lines file.
+
+    records = to_records(chunk_metrics, seeds)     # [length, S] arrays -> dicts
+    append(path, records)                          # after each chunk, fsynced
+    records = read_metrics(path)                   # checked whole
+
+`metrics.jsonl` holds one JSON object per (step, seed), step-major, with the
+keys of `METRIC_KEYS` in that order. Non-finite floats are written as `null`
+and read back as NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from experiments import workdir as workdir_lib
+
+#: The keys of every record, in file order.
+METRIC_KEYS: tuple[str, ...] = (
+    "step", "seed", "loss_base", "loss_cr", "alpha", "base_learning_rate",
+    "learning_rate_cr", "slope", "curvature", "sqnorm", "predicted_decrease",
+    "grad_norm_base", "grad_norm_cr", "skipped_base", "skipped_cr", "sigma",
+    "alpha_cv", "accepted")
+
+#: The integer keys; every other key holds a float (NaN when not finite).
+INT_FIELDS: tuple[str, ...] = ("step", "seed", "skipped_base", "skipped_cr",
+                               "accepted")
+
+#: Record fields holding floating-point values.
+FLOAT_FIELDS: tuple[str, ...] = tuple(
+    k for k in METRIC_KEYS if k not in INT_FIELDS)
+
+#: What to do with a damaged metrics file.
+RECOVER_METRICS = (
+    "The metrics cannot be rebuilt from a checkpoint: restore the file from a "
+    "copy, or train again in a new --workdir.")
+
+
+class MetricsError(ValueError):
+  """A damaged metrics file; the message names the file and the way out."""
+
+
+def to_float(value: Any) -> float:
+  """A record value as a float; `None` or a non-number becomes NaN."""
+  if value is None:
+    return math.nan
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return math.nan
+
+
+def jsonable(x: Any) -> Any:
+  """x with numpy scalars as Python numbers and non-finite floats as None."""
+  if isinstance(x, Mapping):
+    return {str(k): jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, (int, np.integer)):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    return float(x) if math.isfinite(float(x)) else None
+  return x
+
+
+# ---------------------------------------------------------------------------
+# Writing.
+
+
+def to_records(metrics: Mapping[str, np.ndarray],
+               seeds: Sequence[int]) -> list[dict[str, Any]]:
+  """[length, S] arrays -> one JSON-ready dict per (step, seed), step-major."""
+  def value(key, x):
+    return int(x) if key in INT_FIELDS else jsonable(float(x))
+  return [{"step": int(metrics["step"][i, j]), "seed": seed,
+           **{key: value(key, metrics[key][i, j])
+              for key in METRIC_KEYS[2:]}}
+          for i in range(len(metrics["step"]))
+          for j, seed in enumerate(seeds)]
+
+
+def _lines(records: Sequence[Mapping[str, Any]]) -> str:
+  return "".join(json.dumps(jsonable(r), allow_nan=False) + "\n"
+                 for r in records)
+
+
+def append(path: str, records: Sequence[Mapping[str, Any]]) -> None:
+  """Appends records to `path` and fsyncs it.
+
+  Raises:
+    OSError: naming the file, and saying that the run resumes from its last
+      checkpoint (a torn last line is dropped on resume).
+  """
+  with workdir_lib.io_errors(path):
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(_lines(records))
+      f.flush()
+      os.fsync(f.fileno())
+
+
+def truncate(path: str, step: int, seeds: Sequence[int]) -> None:
+  """Keeps the records of steps < `step`, after checking they are all there.
+
+  The file must hold steps 0, ..., step - 1, once each, in order, one record
+  per seed in `seeds` (`check_metrics`); records of later steps (written
+  before a kill, never checkpointed) and a torn last line are dropped. The
+  file is rewritten atomically.
+
+  Raises:
+    MetricsError: naming the file, the problem and the way out.
+  """
+  if not os.path.exists(path):
+    if step:
+      raise MetricsError(f"{path} is missing, but the checkpoint is at step "
+                         f"{step}. {RECOVER_METRICS}")
+    lines = []
+  else:
+    lines = [(n, r) for n, r in parse_lines(path)
+             if not (isinstance(r.get("step"), int) and r["step"] >= step)]
+    check_metrics(lines, path, seeds=seeds, num_steps=step)
+  workdir_lib.atomic_write(
+      path, _lines([r for _, r in lines]).encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------
+# Reading.
+
+
+def parse_lines(path: Any) -> list[tuple[int, dict[str, Any]]]:
+  """(line number, record) of every line; drops a torn last line.
+
+  Raises:
+    MetricsError: for a line other than the last that is not a JSON object.
+  """
+  with open(path, "r", encoding="utf-8") as f:
+    lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+  out = []
+  for k, (lineno, line) in enumerate(lines):
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      if k == len(lines) - 1 and not line.endswith("\n"):
+        break  # a run killed in the middle of writing its last line
+      raise MetricsError(f"{path}:{lineno}: invalid JSON ({e}). "
+                         f"{RECOVER_METRICS}") from e
+    if not isinstance(rec, dict):
+      raise MetricsError(f"{path}:{lineno}: expected a JSON object. "
+                         f"{RECOVER_METRICS}")
+    for key in FLOAT_FIELDS:
+      if key in rec:
+        rec[key] = to_float(rec[key])
+    out.append((lineno, rec))
+  return out
+
+
+def check_metrics(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any,
+                  *, seeds: Sequence[int] | None = None,
+                  num_steps: int | None = None) -> int:
+  """Checks that records are steps 0, 1, ... in order, each once per seed.
+
+  Every step holds one record per seed, seeds in the same order at every
+  step (a file without `seed` keys is one seed).
+
+  Args:
+    lines: (line number, record) pairs in file order.
+    path: the file, for the message.
+    seeds: the expected seeds; by default those of step 0.
+    num_steps: if given, the file must hold exactly this many steps.
+
+  Returns:
+    The number of complete steps. An incomplete last step (a run killed
+    while writing a chunk) does not count; `num_steps` refuses it.
+
+  Raises:
+    MetricsError: naming the file, the line and how to recover.
+  """
+  if seeds is None:
+    seeds = []
+    for _, rec in lines:
+      if rec.get("step") != 0 or rec.get("seed", 0) in seeds:
+        break
+      seeds.append(rec.get("seed", 0))
+    seeds = seeds or [0]
+  seeds = list(seeds)
+  for k, (lineno, rec) in enumerate(lines):
+    step, seed = divmod(k, len(seeds))
+    found = (rec.get("step"), rec.get("seed", 0))
+    if found != (step, seeds[seed]):
+      raise MetricsError(
+          f"{path}:{lineno}: expected step {step}, seed {seeds[seed]}, found "
+          f"step {found[0]}, seed {found[1]}: the file is damaged (a line "
+          f"lost, repeated, moved or edited). {RECOVER_METRICS}")
+  complete = len(lines) // len(seeds)
+  if num_steps is not None and (complete != num_steps or
+                                len(lines) % len(seeds)):
+    raise MetricsError(
+        f"{path}: holds {len(lines)} records, {complete} complete steps of "
+        f"{len(seeds)} seed(s), where the checkpoint is at step {num_steps}: "
+        f"the file is damaged or from another run. {RECOVER_METRICS}")
+  return complete
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+  """Reads a `metrics.jsonl` file and checks that it is whole.
+
+  Blank lines are skipped and an unparsable *last* line (a run killed in the
+  middle of writing it) is dropped, as is an incomplete last step (some
+  seeds written). `null` (or otherwise non-numeric) values of the float
+  fields (`FLOAT_FIELDS`) become NaN; `NaN` and `Infinity` literals are
+  parsed as floats. The rest must be what the training loop writes
+  (`check_metrics`): steps 0, 1, ... in order, one record per seed each.
+
+  Args:
+    path: Path of the JSONL file.
+
+  Returns:
+    The records, one dict per (step, seed), in file order.
+
+  Raises:
+    MetricsError: If a line other than the last one is not valid JSON, a
+      line is not a JSON object, or a step is missing, repeated or out of
+      order; the message names the file and line.
+  """
+  lines = parse_lines(path)
+  complete = check_metrics(lines, path)
+  seeds = len(lines) // complete if complete else 1
+  return [rec for _, rec in lines[:complete * seeds]]
