@@ -176,9 +176,11 @@ def check_number(key: str, value: Any) -> None:
   if not is_int:
     if not math.isfinite(value) or value <= 0:
       raise _range_error(key, value, "must be a finite number > 0")
-    if not _F32.tiny <= value <= _F32.max:
+    if not float(_F32.tiny) <= value <= float(_F32.max):
+      with np.errstate(over="ignore"):
+        rounded = float(np.float32(value))
       raise _range_error(key, value, (
-          f"rounds to {float(np.float32(value)):g} in float32, in which the run "
+          f"rounds to {rounded:g} in float32, in which the run "
           f"computes (its normal numbers lie in [{_F32.tiny:.3g}, "
           f"{_F32.max:.3g}])"))
   if value < low or (high is not None and value > high):
@@ -198,8 +200,8 @@ def _check_schedule(optimizer_config: Any, num_steps: int) -> None:
   _, low, high, _ = NUMERIC_RANGES["optimizer.learning_rate"]
   if not math.log10(low) <= log_end <= math.log10(high):
     raise ValueError(
-        f"config.optimizer.decay_rate={rate!r} with decay_steps="
-        f"{decay_steps} takes the learning rate from {lr:g} to 1e{log_end:.0f}"
+        f"config.optimizer.decay_rate={rate!r}: with decay_steps="
+        f"{decay_steps} it takes the learning rate from {lr:g} to 1e{log_end:.0f}"
         f" by step {num_steps}, outside [{low:g}, {high:g}] (where float32 "
         "steps vanish or overflow); pass a decay_rate closer to 1 or a "
         "larger --config.optimizer.decay_steps.")

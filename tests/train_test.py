@@ -17,7 +17,7 @@ from experiments import train_lib
 from tests.input_pipeline_test import random_mnist, write_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_STEPS, CHUNK = 1000, 50       # long enough for a second process to start
+NUM_STEPS, CHUNK = 300, 20       # long enough for a second process to start
 
 
 def _command(workdir, data_dir, *extra):
@@ -28,10 +28,13 @@ def _command(workdir, data_dir, *extra):
           f"--config.training.chunk_size={CHUNK}", *extra]
 
 
+_ENV = dict(os.environ)
+
+
 def _start(workdir, data_dir, *extra):
   return subprocess.Popen(_command(workdir, data_dir, *extra), cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          text=True, env=_ENV)
 
 
 def _wait_for(predicate, proc, timeout=120):
@@ -59,6 +62,8 @@ def lone_run(tmp_path_factory):
       "training.num_steps": NUM_STEPS, "training.chunk_size": CHUNK})
   workdir = tmp_path_factory.mktemp("lone")
   train_lib.train_and_evaluate(config, str(workdir))
+  # The processes share a compilation cache: the second compiles nothing.
+  _ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
   return str(data_dir), str(workdir), config
 
 
