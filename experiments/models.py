@@ -1,4 +1,4 @@
-"""The networks of the configs: the paper's MLP, and a CNN and an RNN (app. B.2).
+"""The networks of the configs: the paper's MLP, a CNN and an RNN (app. B.2).
 
     model = make_model(config.model, num_classes)
     logits = model.apply({"params": params}, x)      # [B, C]

@@ -1,4 +1,4 @@
-"""The training steps: one base step and one CR step, shared by the loop and the benchmarks.
+"""The training steps: one base step and one CR step (the loop, the benchmarks).
 
     options = CROptions.from_config(config.optimizer)
     cr_step = make_cr_step(model, cr_tx, options)
@@ -230,7 +230,8 @@ def _full_batch_slope(curvature_fn, grads):
   over the part of params under it (elementwise for "variable").
   """
   def block_slope(s, g, u):
-    if not isinstance(g, (Mapping, list, tuple)) and jnp.shape(s) == jnp.shape(g):
+    if (not isinstance(g, (Mapping, list, tuple)) and
+        jnp.shape(s) == jnp.shape(g)):
       return g * u
     return optax.tree.vdot(g, u)
 

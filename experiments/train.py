@@ -11,7 +11,8 @@ Rerunning the same command resumes from the last checkpoint; Ctrl-C stops a
 run at once and leaves it resumable. A mistake in the command (an unknown
 config key, a missing config file, a bad value, a workdir in use by another
 run or holding another run) ends in one short message naming the key or the
-file and the fix; `--verbosity=1` adds the traceback, `--verbosity=0` the INFO logs.
+file and the fix; `--verbosity=1` adds the traceback, `--verbosity=0` the INFO
+logs.
 """
 
 from collections.abc import Sequence

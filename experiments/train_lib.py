@@ -20,30 +20,20 @@ model of eq. 8 along g_t (`experiments.steps.make_cr_step`). The paper plots
 the CR learning rate in the base optimizer's units, alpha_t * lr(t)
 (`learning_rate_cr`).
 
-The workdir is the run's record. One process owns it at a time (an OS lock,
-`experiments.workdir`), and it receives
-  config.json         the config,
-  data.json           the fingerprint of the data trained on (source, path,
-                      N, sha256 of the arrays): a resume on other data is
-                      refused,
-  metrics.jsonl       one JSON object per iteration and seed, streamed per
-                      chunk (`experiments.metrics`; checked whole on resume),
-  checkpoints/        both runs' params and optimizer states (orbax), after
-                      every chunk, with checkpoints.sha256.json beside it (the
-                      checksums, and the config the steps were trained with:
-                      a resume, or a config.json, that disagrees is refused),
-  figure.png          the paper's two-panel figure (`plots.plot_run`),
-  summary.json        `summary.summarize_seeds` (each seed, the median and
-                      the interquartile range over seeds, claim counts)
-                      plus data and timings.
-Every check (config, devices, data, the saved run) passes before a file is
-written, every file is written atomically, and a workdir with no completed
-step is treated as empty, so a corrected rerun just works.
+The workdir is the run's record, owned by one process at a time (an OS
+lock, `experiments.workdir`). It receives config.json; data.json, the data's
+fingerprint (a resume on other data is refused); metrics.jsonl, one record
+per step and seed (`experiments.metrics`); checkpoints/ (orbax, after every
+chunk), with checkpoints.sha256.json beside it holding the files' checksums
+and the config they were trained with (a resume or a config.json that
+disagrees is refused); figure.png (`plots.plot_run`) and summary.json
+(`summary.summarize_seeds` plus data and timings). Every check passes before
+a file is written, files are written atomically, and a workdir with no
+completed step is treated as empty.
 
-Steps run in chunks of `config.training.chunk_size` under `jax.lax.scan`
-inside one jitted function; a killed run loses at most one chunk, and a
-resumed run is bit-identical to an uninterrupted one. Batches come from the
-stateless sampler of `input_pipeline.batch_indices`.
+Steps run in chunks of `config.training.chunk_size` (`experiments.chunk`); a
+killed run loses at most one chunk, and a resumed run is bit-identical to an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -51,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import functools
 import gc
 import json
 import math
@@ -61,7 +50,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 from absl import logging
 import jax
@@ -72,6 +61,7 @@ import tqdm
 
 import lrcr
 from experiments import checkpoints
+from experiments import chunk as chunk_lib
 from experiments import input_pipeline
 from experiments import metrics as metrics_lib
 from experiments import models
@@ -99,14 +89,6 @@ NONFINITE_POLICIES: tuple[str, ...] = ("skip", "stop")
 RESUMABLE_CHANGES: tuple[str, ...] = ("training.num_steps",
                                       "training.progress",
                                       "training.num_devices")
-
-
-class TrainState(NamedTuple):
-  """Parameters and optimizer states of both runs, [S, ...] over seeds."""
-  params_base: Any
-  opt_base: Any
-  params_cr: Any
-  opt_cr: Any
 
 
 # ---------------------------------------------------------------------------
@@ -201,10 +183,10 @@ def _check_schedule(optimizer_config: Any, num_steps: int) -> None:
   if not math.log10(low) <= log_end <= math.log10(high):
     raise ValueError(
         f"config.optimizer.decay_rate={rate!r}: with decay_steps="
-        f"{decay_steps} it takes the learning rate from {lr:g} to 1e{log_end:.0f}"
-        f" by step {num_steps}, outside [{low:g}, {high:g}] (where float32 "
-        "steps vanish or overflow); pass a decay_rate closer to 1 or a "
-        "larger --config.optimizer.decay_steps.")
+        f"{decay_steps} it takes the learning rate from {lr:g} to "
+        f"1e{log_end:.0f} by step {num_steps}, outside [{low:g}, {high:g}] "
+        "(where float32 steps vanish or overflow); pass a decay_rate closer "
+        "to 1 or a larger --config.optimizer.decay_steps.")
 
 
 def check_config(config: Any) -> None:
@@ -296,244 +278,20 @@ def _config_diffs(old: Mapping[str, Any], new: Mapping[str, Any],
 
 
 # ---------------------------------------------------------------------------
-# The jitted chunk of steps.
-
-
-def _all_true(tree: Any) -> Array:
-  """Whether every element of every leaf is true (True for no leaves)."""
-  leaves = [jnp.all(x) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _all_finite(tree: Any) -> Array:
-  return _all_true(jax.tree.map(jnp.isfinite, tree))
-
-
-def _curvature_finite(cr: steps.StepOutput) -> Array:
-  """False where the CR step's slope, curvature or solve was not finite.
-
-  The transform then takes alpha = 0 (`info.finite`): a frozen run, not a
-  finite one, so the loop counts it as a non-finite step.
-  """
-  if cr.alphas is not None:               # section 3.1's averagings
-    return jnp.isfinite(cr.alpha)
-  return _all_true(optax.tree.get(cr.opt_state, "info").finite)
-
-
-def _apply_if(ok: Array, params: Any, opt_state: Any, out: steps.StepOutput):
-  """(params + updates, new opt_state) where `ok`, else unchanged."""
-  select = lambda a, b: jax.tree.map(lambda u, v: jnp.where(ok, u, v), a, b)
-  return (select(optax.apply_updates(params, out.updates), params),
-          select(out.opt_state, opt_state))
-
-
-def _step_metrics(t: Array, base: steps.StepOutput, cr: steps.StepOutput,
-                  base_lr: Array) -> dict[str, Array]:
-  """What step t measured. For per-layer or per-weight alphas, alpha is the
-  ||g||^2-weighted mean (the global alpha with the same projection on g) and
-  the diagnostics are block sums."""
-  info = optax.tree.get(cr.opt_state, "info")
-  total = lambda tree: sum(jnp.sum(a) for a in jax.tree.leaves(tree))
-  alpha_tree = optax.tree.get(cr.opt_state, "learning_rate")
-  sqnorm = total(info.sqnorm)
-  alpha = total(jax.tree.map(jnp.multiply, alpha_tree, info.sqnorm)) / \
-      jnp.where(sqnorm > 0, sqnorm, 1.0)
-  if len(jax.tree.leaves(alpha_tree)) == 1 and not jnp.shape(
-      jax.tree.leaves(alpha_tree)[0]):
-    alpha = jax.tree.leaves(alpha_tree)[0]        # the paper's single alpha
-  slope, curvature = total(info.slope), total(info.curvature)
-  decrease, alpha_cv = total(info.predicted_decrease), jnp.zeros(())
-  if cr.alphas is not None:
-    # Section 3.1's averagings: alpha in the units of the SGD direction
-    # -lr grad F, and the spread (coefficient of variation) of the per-sample
-    # alphas, the noise of section 3.1. The transform did not run.
-    alpha = cr.alpha / base_lr
-    alpha_cv = cr.alphas.std() / jnp.maximum(cr.alphas.mean(), 1e-30)
-    alpha_cv = jnp.where(jnp.isfinite(cr.loss), alpha_cv, jnp.nan)
-    slope = curvature = sqnorm = decrease = jnp.full((), jnp.nan)
-  return {
-      "step": t, "loss_base": base.loss, "loss_cr": cr.loss, "alpha": alpha,
-      "base_learning_rate": base_lr,
-      "learning_rate_cr": alpha * base_lr,  # in the base optimizer's units
-      "slope": slope, "curvature": curvature, "sqnorm": sqnorm,
-      "predicted_decrease": decrease,
-      "sigma": optax.tree.get(cr.opt_state, "sigma"),
-      "accepted": jnp.asarray(optax.tree.get(cr.opt_state, "accepted"),
-                              jnp.int32),
-      "alpha_cv": alpha_cv,
-      "grad_norm_base": optax.tree.norm(base.grads),
-      "grad_norm_cr": optax.tree.norm(cr.grads)}
-
-
-def _over_seeds(fn, *args, mapped):
-  """jax.vmap of fn over the seed axis; a single seed runs unbatched.
-
-  One seed is the common case, and a vmapped axis of size 1 still costs
-  XLA batched kernels.
-  """
-  if jax.tree.leaves(args[0])[0].shape[0] > 1:
-    return jax.vmap(fn, in_axes=tuple(0 if m else None for m in mapped))(
-        *args)
-  squeeze = lambda a: jax.tree.map(lambda x: x[0], a)
-  out = fn(*[squeeze(a) if m else a for a, m in zip(args, mapped)])
-  return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
-
-
-def _apply_both(state: TrainState, base, cr, apply_b, apply_c) -> TrainState:
-  return TrainState(
-      *_apply_if(apply_b, state.params_base, state.opt_base, base),
-      *_apply_if(apply_c, state.params_cr, state.opt_cr, cr))
-
-
-def _make_one_seed(config: Any, base_step, cr_step, schedule: optax.Schedule,
-                   num_examples: int,
-                   batch_sharding: jax.sharding.Sharding | None):
-  """one_seed(state, perms, t, first_epoch, images, labels): both runs' step t
-  for one seed (vmapped by the chunk): outputs, ok flags, metrics."""
-  batch_size = config.training.batch_size
-  input_shape = tuple(config.model.get("input_shape", ()) or ())
-  nan_step = config.training.get("inject_nan_at_step", -1)
-
-  def one_seed(state: TrainState, perms: Array, t: Array, first_epoch: Array,
-               images: Array, labels: Array):
-    epoch, offset = input_pipeline.epoch_and_offset(t, num_examples,
-                                                    batch_size)
-    idx = jax.lax.dynamic_slice_in_dim(perms[epoch - first_epoch], offset,
-                                       batch_size)                 # [B]
-    x, y = images[idx], labels[idx]                                # [B, D], [B]
-    if input_shape:                                  # [B, H, W, C] or [B, T, d]
-      x = x.reshape((batch_size,) + input_shape)
-    if batch_sharding is not None:
-      x = jax.lax.with_sharding_constraint(x, batch_sharding)
-      y = jax.lax.with_sharding_constraint(y, batch_sharding)
-    if nan_step >= 0:
-      x = jnp.where(t == nan_step, jnp.nan, x)
-    base = base_step(state.params_base, state.opt_base, x, y)
-    cr = cr_step(state.params_cr, state.opt_cr, x, y)
-    ok_b = jnp.isfinite(base.loss) & _all_finite(base.updates)
-    ok_c = (jnp.isfinite(cr.loss) & _all_finite(cr.updates) &
-            _curvature_finite(cr))
-    metrics = _step_metrics(t, base, cr,
-                            jnp.asarray(schedule(t), jnp.float32))
-    metrics.update(skipped_base=(~ok_b).astype(jnp.int32),
-                   skipped_cr=(~ok_c).astype(jnp.int32))
-    return base, cr, ok_b, ok_c, metrics
-
-  return one_seed
-
-
-def make_chunk_fn(config: Any, base_step, cr_step, schedule: optax.Schedule,
-                  num_examples: int,
-                  batch_sharding: jax.sharding.Sharding | None = None):
-  """run_chunk(state, images, labels, data_keys, start, *, length).
-
-  Runs steps start, ..., start + length - 1 of both runs of every seed under
-  `lax.scan`; the seeds are a `jax.vmap` inside the scan body, so S seeds
-  are one program.
-
-  Args:
-    config: the run config; reads `training.batch_size`, `nonfinite`,
-      `inject_nan_at_step` (tests only: that step's inputs are NaN) and
-      `scan_unroll` (XLA on CPUs runs convolutions inside a loop body much
-      slower, so convolutional configs unroll their chunks), and
-      `model.input_shape` (one example as the model takes it; () = flat).
-    base_step: `steps.make_base_step(...)`.
-    cr_step: `steps.make_cr_step(...)`.
-    schedule: the base learning rate, for the metrics.
-    num_examples: N.
-    batch_sharding: data parallelism: the batch rows split over the mesh's
-      "data" axis; parameters stay replicated and XLA reduces the per-sample
-      sums across devices.
-
-  Returns:
-    The pure function. `state` is a `TrainState` whose leaves are [S, ...]
-    and `data_keys` [S] keys; it returns (state, metrics of [length, S]
-    arrays). Under `nonfinite="stop"` the first step at which any seed is
-    not finite freezes every seed, so that the checkpoint before it holds
-    one step for all of them.
-  """
-  training = config.training
-  batch_size, stop = training.batch_size, training.nonfinite == "stop"
-  one_seed = _make_one_seed(config, base_step, cr_step, schedule,
-                            num_examples, batch_sharding)
-
-  def step_fn(carry, t, *, images, labels, perms, first_epoch):
-    state, halted = carry
-    base, cr, ok_b, ok_c, metrics = _over_seeds(
-        one_seed, state, perms, t, first_epoch, images, labels,
-        mapped=(True, True, False, False, False, False))          # [S] each
-    apply_b, apply_c = ok_b, ok_c
-    if stop:
-      all_ok = jnp.all(ok_b & ok_c)
-      apply_b = apply_c = jnp.broadcast_to(all_ok & ~halted, ok_b.shape)
-      halted = halted | ~all_ok
-    new_state = _over_seeds(_apply_both, state, base, cr, apply_b, apply_c,
-                            mapped=(True,) * 5)
-    return (new_state, halted), metrics
-
-  def run_chunk(state: TrainState, images: Array, labels: Array,
-                data_keys: Array, start: Array, *, length: int):
-    # The permutations of every epoch this chunk touches, drawn once per seed.
-    num_epochs = (length - 1) // (num_examples // batch_size) + 2
-    first_epoch, _ = input_pipeline.epoch_and_offset(start, num_examples,
-                                                     batch_size)
-    epochs = first_epoch + jnp.arange(num_epochs, dtype=jnp.int32)
-    perms = jax.vmap(lambda key: jax.vmap(lambda e: input_pipeline.permutation(
-        key, e, num_examples))(epochs))(data_keys)                # [S, E, N]
-    body = functools.partial(step_fn, images=images, labels=labels,
-                             perms=perms, first_epoch=first_epoch)
-    ts = jnp.asarray(start, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
-    (state, _), metrics = jax.lax.scan(body, (state, jnp.array(False)), ts,
-                                       unroll=training.get("scan_unroll", 1))
-    return state, metrics
-
-  return run_chunk
-
-
-def make_data_mesh(num_devices: int, batch_size: int) -> jax.sharding.Mesh | None:
-  """A 1-D device mesh with axis "data" for data-parallel training, or None.
-
-  Args:
-    num_devices: devices to use; 0 means every local device (all devices of
-      the process, or of the whole slice after `jax.distributed.initialize`).
-    batch_size: the global batch, which must split evenly over the devices.
-
-  Returns:
-    None when one device is used (no sharding needed), else the mesh.
-
-  Raises:
-    ValueError: for more devices than exist, or a batch that does not split.
-  """
-  available = jax.device_count()
-  n = available if num_devices == 0 else num_devices
-  if not 1 <= n <= available:
-    raise ValueError(
-        f"config.training.num_devices={num_devices}: {available} device(s) "
-        "are available; pass 0 for all of them or 1 for one.")
-  if n == 1:
-    return None
-  if batch_size % n:
-    raise ValueError(
-        f"config.training.batch_size={batch_size} does not split over {n} "
-        f"devices; pass a multiple of {n}, or "
-        f"--config.training.num_devices=1.")
-  return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n],
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-# ---------------------------------------------------------------------------
 # Checkpoints.
 
 
-def save_checkpoint(ckpt: checkpoints.Checkpointer, state: TrainState,
-                    step: int, data_key: Array) -> None:
+def save_checkpoint(ckpt: checkpoints.Checkpointer,
+                    state: chunk_lib.TrainState, step: int,
+                    data_key: Array) -> None:
   """Both runs' state before step `step`, and the data key(s) [S]."""
   ckpt.save(step, {"state": state,
                    "data_key": jax.random.key_data(data_key)})
 
 
-def restore_checkpoint(ckpt: checkpoints.Checkpointer, state: TrainState,
-                       data_key: Array) -> tuple[TrainState, int, Array]:
+def restore_checkpoint(ckpt: checkpoints.Checkpointer,
+                       state: chunk_lib.TrainState, data_key: Array
+                       ) -> tuple[chunk_lib.TrainState, int, Array]:
   """(state, next step, data key(s)) from the latest verified checkpoint.
 
   Returns the inputs and step 0 when there is none. Steps saved but never
@@ -749,7 +507,7 @@ def _nonfinite(run: _Run, metrics: Mapping[str, np.ndarray],
   return records, next_step, None
 
 
-def _train(run: _Run, state: TrainState, data_keys: Array, start: int,
+def _train(run: _Run, state: chunk_lib.TrainState, data_keys: Array, start: int,
            bar: Any, interrupts: _Interrupts) -> tuple[int, str | None]:
   """Trains chunk by chunk from `start`; (steps done up to, failure)."""
   training, compiled = run.config.training, {}
@@ -858,7 +616,8 @@ def _write_summary(config: Any, workdir: str, dataset: Any,
 
 
 def _initial_state(config: Any, model: Any, images: Array, base_tx: Any,
-                   cr_tx: Any, seeds: list[int]) -> tuple[TrainState, Array]:
+                   cr_tx: Any, seeds: list[int]
+                   ) -> tuple[chunk_lib.TrainState, Array]:
   """(state [S, ...], data keys [S]): seed i from config.seed + i."""
   keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(
       jnp.asarray(seeds, jnp.int32))                  # [S, 2]
@@ -866,7 +625,7 @@ def _initial_state(config: Any, model: Any, images: Array, base_tx: Any,
   shape = tuple(config.model.get("input_shape", ()) or images.shape[1:])
   params = jax.vmap(lambda k: model.init(
       k, images[:1].reshape((1,) + shape))["params"])(init_keys)  # [S, ...]
-  return _as_device_state(TrainState(
+  return _as_device_state(chunk_lib.TrainState(
       params, jax.vmap(base_tx.init)(params), params,
       jax.vmap(cr_tx.init)(params))), data_keys
 
@@ -917,7 +676,7 @@ def _start(config: Any, workdir: str, txs: tuple[Any, ...],
   except BaseException:
     ckpt.close()
     raise
-  run_chunk = jax.jit(make_chunk_fn(
+  run_chunk = jax.jit(chunk_lib.make_chunk_fn(
       config, steps.make_base_step(model, base_tx),
       steps.make_cr_step(model, cr_tx, options), schedule,
       dataset.num_examples, batch_sharding), static_argnames="length")
@@ -966,7 +725,8 @@ def train_and_evaluate(config: Any, workdir: str, *,
   txs = validate_config(config)
   training = config.training
   workdir = workdir_lib.check_path(workdir)
-  mesh = make_data_mesh(training.get("num_devices", 0), training.batch_size)
+  mesh = chunk_lib.make_data_mesh(training.get("num_devices", 0),
+                                  training.batch_size)
   base_name = optimizers.DISPLAY_NAMES[optimizers.check_name(
       config.optimizer.name)]
   with workdir_lib.lock(workdir), _Interrupts().installed() as interrupts:
@@ -982,15 +742,17 @@ def train_and_evaluate(config: Any, workdir: str, *,
     finally:
       bar.close()
       run.ckpt.close()
-    timings = dict(compile_time_s=run.compile_time, steps_per_s=(
-        (step - start) / run.train_time if run.train_time > 0 else None),
-                   wall_time_s=time.perf_counter() - wall_start)
+    timings = dict(
+        compile_time_s=run.compile_time,
+        steps_per_s=((step - start) / run.train_time if run.train_time > 0
+                     else None),
+        wall_time_s=time.perf_counter() - wall_start)
     if step == start:
       timings.update(_previous_timings(workdir))
     result = _write_summary(config, workdir, dataset, history, dict(
         num_params=num_params, resumed_from_step=start,
-        already_finished=start >= training.num_steps, stopped=failure, **timings),
-                            base_name)
+        already_finished=start >= training.num_steps, stopped=failure,
+        **timings), base_name)
   print(_final_line(config, workdir, result, step - start), flush=True)
   if failure:
     raise FloatingPointError(failure)

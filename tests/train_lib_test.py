@@ -18,11 +18,13 @@ import pytest
 
 from configs import test as test_config
 from experiments import checkpoints
+from experiments import chunk
 from experiments import input_pipeline
 from experiments import metrics as metrics_lib
 from experiments import optimizers
 from experiments import train_lib
 import lrcr
+from tests.input_pipeline_test import random_mnist, write_mnist
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -292,7 +294,7 @@ def test_checkpoint_round_trip(tmp_path):
   key = jax.random.key(3)
   params = {"w": jnp.arange(6.0).reshape(2, 3)}
   tx = optimizers.make_cr_optimizer(_config().optimizer, 0.1)
-  state = train_lib.TrainState(params, optax.sgd(0.1).init(params), params,
+  state = chunk.TrainState(params, optax.sgd(0.1).init(params), params,
                                tx.init(params))
   ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"))
   train_lib.save_checkpoint(ckpt, state, 7, key)
@@ -485,7 +487,6 @@ def test_averaging_needs_plain_sgd(tmp_path):
 
 
 def _write_files(directory, seed, n=NUM_EXAMPLES):
-  from tests.input_pipeline_test import random_mnist, write_mnist  # pylint: disable=g-import-not-at-top
   os.makedirs(directory, exist_ok=True)
   write_mnist(directory, "train", *random_mnist(n, seed))
   return str(directory)
@@ -567,7 +568,8 @@ def test_a_full_disk_names_the_file_and_resumes_bit_identically(
     reference_run, tmp_path, monkeypatch):
   """Item 6: ENOSPC in the middle of appending chunk 3's metrics."""
   workdir = tmp_path / "full"
-  lines, calls = train_lib.metrics_lib._lines, []  # pylint: disable=protected-access
+  lines = train_lib.metrics_lib._lines  # pylint: disable=protected-access
+  calls = []
 
   def full_disk(records):
     calls.append(1)

@@ -71,7 +71,9 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
 def test_atomic_write_is_whole_or_nothing(tmp_path, monkeypatch):
   path = str(tmp_path / "summary.json")
   workdir.atomic_write(path, b"old")
-  assert os.stat(path).st_mode & 0o777 == 0o666 & ~workdir._UMASK  # pylint: disable=protected-access
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
 
   def full(fd):
     raise OSError(errno.ENOSPC, "No space left on device")

@@ -265,7 +265,8 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
   data, labels = (np.asarray(_batch_entry(batch, key, path))
                   for key in ("data", "labels"))
   if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
-    hint = " (784 = 28x28 looks like MNIST)" if data.shape[-1:] == (784,) else ""
+    hint = (" (784 = 28x28 looks like MNIST)" if data.shape[-1:] == (784,)
+            else "")
     raise ds.error(path, f"image data is a {ds.describe_array(data)}, "
                    f"expected uint8 [N, 3072] (32x32x3 per row){hint}; wrong "
                    "image shape or not a CIFAR-10 batch")
