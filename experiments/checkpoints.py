@@ -63,6 +63,8 @@ def read_manifest(directory: str) -> dict[str, Any]:
   try:
     with open(path, encoding="utf-8") as f:
       manifest = json.load(f)
+    if all(key.isdigit() for key in manifest):      # written before metadata
+      manifest = {"metadata": None, "steps": manifest}
     if not isinstance(manifest.get("steps"), dict):
       raise ValueError("no 'steps' entry")
   except (OSError, ValueError, AttributeError) as err:

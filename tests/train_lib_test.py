@@ -273,12 +273,13 @@ def test_a_damaged_metrics_file_is_refused_on_resume(reference_run, tmp_path,
   assert path.read_bytes() == before          # left as it was found
 
 
-def test_a_damaged_config_file_is_named(tmp_path):
-  _train(_config(**{"training.num_steps": 10}), tmp_path)
-  (tmp_path / train_lib.CONFIG_FILE).write_text('{"name": "te')
-  with pytest.raises(ValueError, match=rf"{tmp_path}/config.json: cannot "
+def test_a_damaged_config_file_is_named(reference_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run[0], workdir)
+  (workdir / train_lib.CONFIG_FILE).write_text('{"name": "te')
+  with pytest.raises(ValueError, match=rf"{workdir}/config.json: cannot "
                      "read the saved config.*new --workdir"):
-    _train(_config(), tmp_path)
+    _train(_config(), workdir)
 
 
 def test_resuming_with_another_config_is_refused(tmp_path):
@@ -502,7 +503,7 @@ def test_changed_data_is_refused_on_resume(tmp_path, capsys):
   data_dir = _write_files(tmp_path / "data", seed=1)
   workdir = tmp_path / "run"
   train_lib.train_and_evaluate(
-      _files_config(data_dir, **{"training.num_steps": 20}), str(workdir))
+      _files_config(data_dir, **{"training.num_steps": 10}), str(workdir))
   saved = json.loads((workdir / train_lib.DATA_FILE).read_text())
   assert saved[0]["source"] == "files" and saved[0]["path"] == data_dir
   assert saved[0]["num_examples"] == NUM_EXAMPLES
@@ -513,11 +514,13 @@ def test_changed_data_is_refused_on_resume(tmp_path, capsys):
       rf"\(saved: files {data_dir}, 64 examples, sha256 "
       rf"{saved[0]['sha256'][:16]}; now: files {data_dir}, 64 examples, "
       r"sha256 [0-9a-f]{16}\).*new --workdir.*--allow_new_data")):
-    train_lib.train_and_evaluate(_files_config(data_dir), str(workdir))
+    train_lib.train_and_evaluate(
+        _files_config(data_dir, **{"training.num_steps": 20}), str(workdir))
   assert _metrics_text(workdir) == before          # nothing written
-  summary = train_lib.train_and_evaluate(_files_config(data_dir),
-                                         str(workdir), allow_new_data=True)
-  assert [c["from_step"] for c in summary["data_changes"]] == [20]
+  summary = train_lib.train_and_evaluate(
+      _files_config(data_dir, **{"training.num_steps": 20}), str(workdir),
+      allow_new_data=True)
+  assert [c["from_step"] for c in summary["data_changes"]] == [10]
   assert summary["data_fingerprint"]["sha256"] != saved[0]["sha256"]
   assert "already finished" not in capsys.readouterr().out
 
@@ -534,10 +537,10 @@ def test_the_same_data_from_another_source_resumes(reference_run, tmp_path):
   assert summary["already_finished"] and not summary["data_changes"]
 
 
-def test_a_hand_edited_config_json_is_refused(tmp_path):
+def test_a_hand_edited_config_json_is_refused(reference_run, tmp_path):
   """Item 3: batch_size 8 -> 16 in config.json, then an extension."""
-  _train(_config(**{"training.num_steps": 20}), tmp_path)
-  path = tmp_path / train_lib.CONFIG_FILE
+  shutil.copytree(reference_run[0], tmp_path / "run")
+  path = tmp_path / "run" / train_lib.CONFIG_FILE
   saved = json.loads(path.read_text())
   saved["training"]["batch_size"] = 16
   path.write_text(json.dumps(saved))
@@ -545,7 +548,8 @@ def test_a_hand_edited_config_json_is_refused(tmp_path):
     with pytest.raises(ValueError, match=(
         rf"{path}: disagrees with the config the checkpoints.*"
         r"training\.batch_size: 8 \(checkpoint\) vs 16 \(config\.json\)")):
-      _train(_config(**{"training.batch_size": batch_size}), tmp_path)
+      _train(_config(**{"training.batch_size": batch_size,
+                        "training.num_steps": 50}), tmp_path / "run")
 
 
 def test_an_early_failure_leaves_a_workdir_that_just_works(tmp_path):
