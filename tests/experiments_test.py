@@ -101,7 +101,9 @@ def _fails(*args):
      "did you mean optimizer.sigma"),
     # Item 9: reproduce's advice names its own flags, not --config.*.
     ("--set=optimizer.sigma=0", "config.optimizer.sigma=0.0: must be a finite "
-     "number > 0; pass e.g. --set=optimizer.sigma=<value>."),
+     "number > 0."),
+    ("--set=optimizer.sigma=0", "; pass --set=optimizer.sigma=<a value in "
+     "that range>."),
 ])
 def test_reproduce_rejects_bad_flags(tmp_path, flag, message):
   stderr = _fails("experiments.reproduce", f"--workdir={tmp_path}", flag,
