@@ -130,6 +130,12 @@ NUMERIC_RANGES: dict[str, tuple[bool, float, float | None, str]] = {
     "model.width": (True, 1, None, "units per hidden layer"),
 }
 
+#: Config keys holding tuples of integers, and their elements' lower bound.
+INT_TUPLES: dict[str, int] = {"model.input_shape": 1,
+                              "model.conv_features": 1,
+                              "model.dense_features": 1,
+                              "model.pool_after": 0}
+
 
 def _range_error(key: str, value: Any, problem: str) -> ValueError:
   is_int, low, high, why = NUMERIC_RANGES[key]
@@ -196,6 +202,14 @@ def check_config(config: Any) -> None:
     holder = config[section] if section else config
     if name in holder:
       check_number(key, holder[name])
+  for key, low in INT_TUPLES.items():
+    section, name = key.split(".")
+    value = config[section].get(name, ())
+    if not isinstance(value, (tuple, list)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= low
+        for v in value):
+      raise ValueError(f"config.{key}={value!r}: must be a tuple of integers "
+                       f">= {low}; pass e.g. --config.{key}='(16, 32)'.")
   unroll = config.training.get("scan_unroll", 1)
   if not isinstance(unroll, bool) and not (
       isinstance(unroll, int) and unroll >= 1):

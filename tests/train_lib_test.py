@@ -628,6 +628,7 @@ def test_a_finished_run_says_so(reference_run, tmp_path, capsys):
     ("seed", -1, r"out of range"),
     ("num_seeds", 0, r"out of range.*an integer >= 1"),
     ("training.scan_unroll", 0, r"must be an integer >= 1"),
+    ("model.input_shape", (28, 0), r"must be a tuple of integers >= 1"),
 ])
 def test_float32_aware_validation(key, value, match):
   """Item 5: every numeric value in the range the float32 run can use."""
