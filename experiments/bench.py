@@ -104,7 +104,7 @@ def make_problem(width: int, depth: int, batch: int, *, input_dim: int = 784,
   return model, params, x, y
 
 
-def _scanned(step: Step) -> Step:
+def scanned(step: Step) -> Step:
   """`step` over xs [T, B, D], ys [T, B] under lax.scan; the last loss."""
   def scan_step(params, state, xs, ys):
     def body(carry, xy):
@@ -113,6 +113,43 @@ def _scanned(step: Step) -> Step:
     (params, state), losses = jax.lax.scan(body, (params, state), (xs, ys))
     return params, state, losses[-1]
   return scan_step
+
+
+def pair_step(first: Step, second: Step) -> Step:
+  """Both steps on the same batch, as one iteration of the training loop.
+
+  The pair takes params (p1, p2) and states (s1, s2); its loss is the sum.
+  """
+  def pair(params, states, x, y):
+    p1, s1, l1 = first(params[0], states[0], x, y)
+    p2, s2, l2 = second(params[1], states[1], x, y)
+    return (p1, p2), (s1, s2), l1 + l2
+  return pair
+
+
+def transform_parts(params: Any) -> dict[str, Callable[[Any], Any]]:
+  """The transform alone, as functions of params, for kernel counts.
+
+  Returns:
+    "transform": `scale_by_cubic_step`'s update after SGD, with a stub
+    `curvature_fn` (one tree norm), applied; "apply_only": the SGD update
+    -0.1 params applied alone.
+  """
+  tx = optax.chain(optax.sgd(SGD_LR), lrcr.scale_by_cubic_step(SIGMA))
+  state = tx.init(params)
+
+  def stub(p, d):
+    del p
+    n = optax.tree.norm(d, squared=True)
+    return lrcr.Directional(-n, 2.0 * n, n)
+
+  def transform(p):
+    updates, _ = tx.update(p, state, p, curvature_fn=stub)
+    return optax.apply_updates(p, updates)
+
+  def apply_only(p):
+    return optax.apply_updates(p, jax.tree.map(lambda a: -0.1 * a, p))
+  return dict(transform=transform, apply_only=apply_only)
 
 
 def make_steps(model: lrcr.MLP, batch: int,
@@ -168,9 +205,9 @@ def make_steps(model: lrcr.MLP, batch: int,
               cr(cr_sgd, "engine", curvature_batch_size=sub), cr_sgd, "sgd", 1,
               "option", f"value_and_grad; slope on all rows, curvature by "
               f"the engine on the first {sub}"),
-      Variant("sgd_scan10", _scanned(base(sgd)), sgd, "sgd_scan10", EVERY,
+      Variant("sgd_scan10", scanned(base(sgd)), sgd, "sgd_scan10", EVERY,
               "base", f"{EVERY} SGD steps under lax.scan"),
-      Variant("cr_sgd_every10", _scanned(cr(cr_every, "engine", **gram)),
+      Variant("cr_sgd_every10", scanned(cr(cr_every, "engine", **gram)),
               cr_every, "sgd_scan10", EVERY, "option",
               f"{EVERY} CR-SGD steps under lax.scan, alpha refreshed (engine "
               f"Gram) on 1 of {EVERY} (curvature_every={EVERY})"),
@@ -225,6 +262,12 @@ def count_kernels(hlo_text: str) -> int:
         and not op.group(1).endswith("-done")):
       count += 1
   return count
+
+
+def static_costs(compiled: Any) -> dict[str, Any]:
+  """Kernels (`count_kernels`), flops (`flops`) and `memory_stats`."""
+  return dict(kernels=count_kernels(compiled.as_text()),
+              flops=flops(compiled), memory=memory_stats(compiled))
 
 
 def memory_stats(compiled: Any) -> dict[str, int | None]:
@@ -331,9 +374,3 @@ def interleaved_samples(samplers: dict[str, Callable[[], float]],
     if enabled:
       gc.enable()
   return out
-
-
-def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
-  """(q1, median, q3)."""
-  q1, med, q3 = np.percentile(np.asarray(values, np.float64), [25, 50, 75])
-  return float(q1), float(med), float(q3)
