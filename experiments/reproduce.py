@@ -20,11 +20,8 @@ anything trains, with the flag to fix.
 
 import ast
 from collections.abc import Sequence
-import datetime
-import json
 import os
 import platform
-import shlex
 import sys
 import time
 from typing import Any
@@ -37,6 +34,7 @@ import ml_collections
 from configs import paper
 from experiments import input_pipeline as data_lib
 from experiments import plots
+from experiments import report as report_lib
 from experiments import summary as summary_lib
 from experiments import train_lib as train
 
@@ -166,12 +164,11 @@ def main(argv: Sequence[str]) -> None:
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+  date = report_lib.now()
   rows = [_run_one(name, configs[name], workdir) for name in names]
   wall_time = time.perf_counter() - start
 
-  command = " ".join(["python -m experiments.reproduce"] +
-                     [shlex.quote(a) for a in sys.argv[1:]])
+  command = report_lib.command_line("experiments.reproduce")
   data_used = sorted({row["data"] for row in rows if row["status"] == "ok"})
   host = machine()
   lines = [
@@ -196,14 +193,10 @@ def main(argv: Sequence[str]) -> None:
     elif row.get("claim"):
       lines.append(f"- {row['run']} ({row['figure']}): "
                    f"{row['claim']['reason']}")
-  with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines).rstrip() + "\n")
-  report = {"command": command, "date": date, "wall_time_s": wall_time,
-            "machine": host, "num_seeds": _NUM_SEEDS.value,
-            "data": data_used, "runs": rows}
-  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(train.jsonable(report), f, indent=2, allow_nan=False)
-    f.write("\n")
+  report_lib.write(workdir, "summary", {
+      "command": command, "date": date, "wall_time_s": wall_time,
+      "machine": host, "num_seeds": _NUM_SEEDS.value, "data": data_used,
+      "runs": rows}, "\n".join(lines))
 
   runs = [(f"{row['figure']} {row['run']}".strip(), summary_lib.read_metrics(
       os.path.join(workdir, row["run"], train.METRICS_FILE)))
