@@ -11,6 +11,7 @@ import pytest
 
 import lrcr
 from experiments import bench
+from experiments import bench_nets
 from experiments import benchmark
 
 VARIANTS = ("sgd", "adagrad", "cr_sgd_engine_gram", "cr_sgd_engine",
@@ -229,3 +230,29 @@ def test_kernel_count_of_a_compiled_program():
   instructions = [l for l in text.splitlines()
                   if " = " in l and " parameter(" not in l]
   assert 2 <= n < len(instructions)
+
+
+def test_bench_nets_counts_every_step_of_a_net():
+  row = bench_nets.measure_net(bench.paper_mlp(16, 2), (784,), 100.0, 4,
+                               repeats=0)
+  assert set(row["kernels"]) == set(bench_nets.STEPS)
+  for name, k in row["kernels"].items():
+    assert isinstance(k, int) and k > 0, name
+    assert row["kernel_ratio"][name] == pytest.approx(
+        k / row["kernels"]["sgd"])
+    assert row["flops_ratio"][name] >= 1.0, name   # the CR steps add work
+  assert row["engine_over_fof_kernels"] == pytest.approx(
+      row["kernels"]["cr_engine"] / row["kernels"]["cr_autodiff"])
+  assert "ms" not in row                           # repeats=0: not timed
+
+
+def test_bench_nets_goal_is_judged_on_the_worst_net():
+  rows = [dict(net=n, batch=32, engine_over_fof_kernels=r,
+               kernels=dict(cr_engine=int(100 * r), cr_autodiff=100))
+          for n, r in (("cnn", 0.5), ("rnn", 0.95), ("mlp", 0.55))]
+  goal = bench_nets.evaluate_goal(rows)
+  assert goal["value"] == 0.95 and "worst: rnn b32" in goal["measured"]
+  assert goal["verdict"] == "met (bar; goal < 0.6 not yet)"
+  rows[1]["engine_over_fof_kernels"] = 1.0          # not fewer: bar missed
+  assert bench_nets.evaluate_goal(rows)["met"] is False
+  assert bench_nets.evaluate_goal([])["verdict"] == "not measured"
