@@ -1,35 +1,17 @@
-"""Step functions and timing helpers for `experiments/benchmark.py`.
+"""Step functions, kernel and memory counts, and timing helpers.
 
 Every step function has the signature
 
     step(params, opt_state, x, y) -> (new_params, new_opt_state, loss)
 
 and is pure, so `jax.jit(step).lower(...).compile()` gives both the executable
-that is timed and its memory analysis. `make_steps` builds them all for one
-network and batch shape, each from the training loop's own steps
-(`experiments.steps.make_base_step` and `make_cr_step`), so the benchmark
-times exactly what the loop runs:
-
-    sgd                  value_and_grad + optax.sgd (the base of CR-SGD)
-    adagrad              value_and_grad + optax.adagrad (the base of CR-Adagrad)
-    cr_sgd_engine_gram    curvature="engine", gradient_direction=True (Gram)
-    cr_sgd_engine         curvature="engine", dense direction sweep
-    cr_sgd_engine_gram_stacked, cr_sgd_engine_stacked
-                         the two with stack_layers=True (equally shaped
-                         layers batched)
-    cr_sgd_lowrank       curvature="lowrank" (lrcr.lowrank_curvature_fn)
-    cr_sgd_autodiff      curvature="autodiff" (forward-over-forward)
-    cr_sgd_hvp           curvature="hvp": g . (jvp of grad)(g)
-    cr_adagrad_engine     curvature="engine" after optax.adagrad
-    cr_sgd_engine_sub8    option: curvature_batch_size=8 on the engine path
-    sgd_scan10           10 SGD steps under lax.scan (base of cr_sgd_every10)
-    cr_sgd_every10       option: 10 CR-SGD steps under lax.scan with
-                         scale_by_cubic_step(curvature_every=10): alpha is
-                         refreshed on the first only
-
-The sub-batch variants take the slope from the full-batch gradient and the
-curvature from the sub-batch (Byrd et al. 2011); with B <= 8 they equal the
-exact step. The 10-step variants take xs [10, B, D], ys [10, B].
+that is timed and its kernels, flops and memory (`static_costs`).
+`make_steps` builds the benchmark's variants for one network and batch shape
+from the training loop's own steps (`experiments.steps.make_base_step` and
+`make_cr_step`), so the benchmarks time exactly what the loop runs; each
+`Variant` says what it is in one line. The sub-batch option takes the slope
+from the full batch and the curvature from its first rows (Byrd et al.
+2011); the 10-step variants take xs [10, B, D], ys [10, B].
 """
 
 from __future__ import annotations

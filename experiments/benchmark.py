@@ -319,197 +319,147 @@ def bench_loop(*, quick: bool, repeats: int, sample_s: float,
 
 
 # ---------------------------------------------------------------------------
-# Goals: each a `report.Goal` and the function that reads its measured
-# value (value, words) from the report, or None where it was not measured.
-
-Reader = Callable[[dict[str, Any]], "tuple[float, str] | None"]
+# Goals: each a `report.Goal` and a reader of its measured value, (value,
+# words) from the report or None where it was not measured.
 
 
-def _shape(report, batch, depth=12):
-  return report["shapes"].get(shape_key(128, depth, batch))
+def _at(batch: int, read, depth: int = 12):
+  """A reader of the 128-wide net's variants at one shape."""
+  def reader(report):
+    s = report["shapes"].get(shape_key(128, depth, batch))
+    return None if s is None else read(s["variants"])
+  return reader
 
 
-def _best(shape, names=LRCR_SGD, key="ratio"):
-  v = shape["variants"]
+def _best(v, names=LRCR_SGD, key="ratio"):
   name = min(names, key=lambda n: v[n][key])
   return name, v[name][key]
 
 
-def time_ratio(batch: int) -> Reader:
-  """The fastest exact lrcr CR-SGD variant's time / SGD's, 12x128."""
-  def read(report):
-    s = _shape(report, batch)
-    if s is None:
-      return None
-    name, r = _best(s)
-    return r, f"{name}: {r:.2f}x"
-  return read
+def _time(v):
+  name, r = _best(v)
+  return r, f"{name}: {r:.2f}x"
 
 
-def time_over_flops(batch: int) -> Reader:
-  """The engine CR-SGD step's time ratio over its flop ratio, 12x128."""
-  def read(report):
-    s = _shape(report, batch)
-    if s is None:
-      return None
-    name, r = _best(s, ENGINE)
-    f = s["variants"][name]["flops_ratio"]
-    return report_lib.ratio(r, f), (f"{name}: time {r:.2f}x, flops "
-                                    f"{report_lib.fmt(f, '.2f')}x")
-  return read
+def _time_over_flops(v):
+  name, r = _best(v, ENGINE)
+  f = v[name]["flops_ratio"]
+  return report_lib.ratio(r, f), (f"{name}: time {r:.2f}x, flops "
+                                  f"{report_lib.fmt(f, '.2f')}x")
 
 
-def kernel_ratio(batch: int) -> Reader:
-  """The CR-SGD (Gram form) compiled step's kernels / SGD's, 12x128."""
-  def read(report):
-    s = _shape(report, batch)
-    if s is None:
-      return None
-    v = s["variants"]
-    return v[PRIMARY]["kernel_ratio"], (
-        f"{v[PRIMARY]['kernels']} / {v['sgd']['kernels']} kernels = "
-        f"{v[PRIMARY]['kernel_ratio']:.2f}x (dense sweep "
-        f"{v['cr_sgd_engine']['kernel_ratio']:.2f}x)")
-  return read
+def _kernels(v):
+  return v[PRIMARY]["kernel_ratio"], (
+      f"{v[PRIMARY]['kernels']} / {v['sgd']['kernels']} kernels (dense "
+      f"sweep {v['cr_sgd_engine']['kernel_ratio']:.2f}x)")
 
 
-def flops_ratio(batch: int) -> Reader:
-  """The engine CR-SGD step's flops / SGD's (the lower of the two forms)."""
-  def read(report):
-    s = _shape(report, batch)
-    if s is None:
-      return None
-    name, f = _best(s, ENGINE, "flops_ratio")
-    return f, f"{name}: {f:.3f}x"
-  return read
+def _flops(v):
+  name, f = _best(v, ENGINE, "flops_ratio")
+  return f, f"{name}: {f:.3f}x"
 
 
-def engine_over_fof_kernels(report) -> tuple[float, str] | None:
-  """The worst (largest) engine/forward-over-forward kernel ratio, 12x128."""
-  parts = []
-  for b in (32, 256):
-    s = _shape(report, b)
-    if s is not None:
-      v = s["variants"]
-      parts.append((v[PRIMARY]["kernels"] / v[FOF]["kernels"], b,
-                    v[PRIMARY]["kernels"], v[FOF]["kernels"]))
+def _worst(parts, text, pick=max):
+  """(the worst of the parts' values, the parts in words), or None."""
   if not parts:
     return None
-  return max(parts)[0], "; ".join(f"b{b}: {e} vs {f} = {r:.2f}x"
-                                  for r, b, e, f in parts)
+  return pick(p[0] for p in parts), "; ".join(map(text, parts))
 
 
-def depth_growth(report) -> tuple[float, str] | None:
-  """CR/SGD time ratio at depth 48 over depth 12, minus 1 (batch 32)."""
-  s12, s48 = _shape(report, 32), _shape(report, 32, depth=48)
+def _engine_over_fof(report):
+  parts = [_at(b, lambda v, b=b: (v[PRIMARY]["kernels"] / v[FOF]["kernels"],
+                                  b, v[PRIMARY]["kernels"],
+                                  v[FOF]["kernels"]))(report)
+           for b in (32, 256)]
+  return _worst([p for p in parts if p],
+                lambda p: f"b{p[1]}: {p[2]} vs {p[3]} = {p[0]:.2f}x")
+
+
+def _depth_growth(report):
+  s12, s48 = (report["shapes"].get(shape_key(128, d, 32)) for d in (12, 48))
   if s12 is None or s48 is None:
     return None
-  name = _best(s12)[0]
+  name = _best(s12["variants"])[0]
   r12, r48 = (s["variants"][name]["ratio"] for s in (s12, s48))
-  by_depth = sorted((s["depth"], s["variants"][name]["ratio"])
-                    for s in report["shapes"].values() if s["batch"] == 32)
-  return r48 / r12 - 1, (
-      f"{name}: {100 * (r48 / r12 - 1):+.0f}%; by depth: "
-      + ", ".join(f"{d}: {r:.2f}x" for d, r in by_depth))
+  return r48 / r12 - 1, (f"{name}: depth 12 {r12:.2f}x, depth 48 "
+                         f"{r48:.2f}x ({100 * (r48 / r12 - 1):+.0f}%)")
 
 
-def lowrank_speedup(which: str) -> Reader:
+def _speedup(which):
   """The worst speed-up over forward-over-forward, every 12x128 batch."""
   def read(report):
     parts = []
     for s in report["shapes"].values():
+      v = s["variants"]
+      name = _best(v)[0] if which == "best" else which
       if (s["width"], s["depth"]) == (128, 12):
-        v = s["variants"]
-        name = _best(s)[0] if which == "best" else which
         parts.append((v[FOF]["ms_per_step"] / v[name]["ms_per_step"],
                       s["batch"], name))
-    if not parts:
-      return None
-    return min(parts)[0], "; ".join(f"b{b}: {r:.2f}x ({n})"
-                                    for r, b, n in sorted(parts, key=lambda
-                                                          p: p[1]))
+    return _worst(parts, lambda p: f"b{p[1]}: {p[0]:.2f}x ({p[2]})", min)
   return read
 
 
-def worst_memory(report) -> tuple[float, str] | None:
-  """The largest memory ratio of the fastest lrcr variant and CR-Adagrad."""
-  judged = []
-  for key, s in report["shapes"].items():
-    for name in (_best(s)[0], "cr_adagrad_engine"):
-      r = s["variants"][name]["memory_ratio"]
-      if r is not None:
-        judged.append((r, name, key))
-  if not judged:
+def _memory(report):
+  parts = [(s["variants"][n]["memory_ratio"], n, key)
+           for key, s in report["shapes"].items()
+           for n in (_best(s["variants"])[0], "cr_adagrad_engine")
+           if s["variants"][n]["memory_ratio"] is not None]
+  if not parts:
     return None
-  r, name, key = max(judged)
+  r, name, key = max(parts)
   return r, f"worst: {name} {r:.2f}x ({key})"
 
 
-def transform_kernels(report) -> tuple[float, str] | None:
-  """Kernels of `scale_by_cubic_step`'s update with a stub curvature_fn."""
+def _transform(report):
   t = report.get("transform")
-  if not t:
-    return None
-  return t["transform"], (f"{t['transform']} kernels (the SGD update "
-                          f"applied alone: {t['apply_only']})")
+  return t and (t["transform"], f"{t['transform']} kernels (the SGD update "
+                f"applied alone: {t['apply_only']})")
 
 
-def loop_over_bare(report) -> tuple[float, str] | None:
-  """The training loop's throughput over the bare step's."""
+def _loop(report):
   loop = report.get("loop") or {}
   r = loop.get("loop_over_bare")
-  if r is None:
-    return None
-  return r, (f"loop {loop['loop_steps_per_s']:.1f} it/s end-to-end vs bare "
-             f"{loop['bare_steps_per_s']:.1f} it/s: {r:.2f}x")
+  return None if r is None else (r, (
+      f"loop {loop['loop_steps_per_s']:.1f} it/s end-to-end vs bare "
+      f"{loop['bare_steps_per_s']:.1f} it/s: {r:.2f}x"))
 
 
-_I19 = "issue 19"
-GOALS: tuple[tuple[Goal, Reader], ...] = (
-    (Goal("CR-SGD time / SGD, 12x128, batch 32", "<=", 1.75, 1.6, _I19),
-     time_ratio(32)),
-    (Goal("CR-SGD time / SGD, 12x128, batch 256", "<=", 1.9, None, _I19),
-     time_ratio(256)),
+_I19, _CR = "issue 19", "CR-SGD time / SGD, 12x128, batch"
+GOALS = (
+    (Goal(f"{_CR} 32", "<=", 1.75, 1.6, _I19), _at(32, _time)),
+    (Goal(f"{_CR} 256", "<=", 1.9, None, _I19), _at(256, _time)),
     (Goal("CR-SGD time ratio / its flop ratio, 12x128, batch 256", "<=",
-          None, 1.0, _I19), time_over_flops(256)),
-    (Goal("CR-SGD time / SGD, 12x128, batch 1024", "<=", 1.8),
-     time_ratio(1024)),
-    (Goal("CR-SGD compiled step's kernels / SGD's, 12x128, batch 32", "<=",
-          1.6, 1.3, _I19), kernel_ratio(32)),
-    (Goal("CR-SGD compiled step's kernels / SGD's, 12x128, batch 256", "<=",
-          1.6, 1.3, _I19), kernel_ratio(256)),
+          None, 1.0, _I19), _at(256, _time_over_flops)),
+    (Goal(f"{_CR} 1024", "<=", 1.8), _at(1024, _time)),
+    *((Goal(f"CR-SGD compiled step's kernels / SGD's, 12x128, batch {b}",
+            "<=", 1.6, 1.3, _I19), _at(b, _kernels)) for b in (32, 256)),
     (Goal("engine CR step's kernels / forward-over-forward's, 12x128, "
           "batches 32 and 256 (worst)", "<", 1.0, 0.6, _I19),
-     engine_over_fof_kernels),
+     _engine_over_fof),
     (Goal("scale_by_cubic_step update with a stub curvature_fn, kernels",
-          "<=", 20, 13, _I19), transform_kernels),
-    (Goal("engine CR step's flops / SGD's, 12x128, batch 32 (no increase)",
-          "<=", 1.57, None, _I19), flops_ratio(32)),
-    (Goal("engine CR step's flops / SGD's, 12x128, batch 256 (no increase)",
-          "<=", 1.87, None, _I19), flops_ratio(256)),
+          "<=", 20, 13, _I19), _transform),
+    *((Goal(f"engine CR step's flops / SGD's, 12x128, batch {b} (no "
+            "increase)", "<=", limit, None, _I19), _at(b, _flops))
+      for b, limit in ((32, 1.57), (256, 1.87))),
     (Goal("CR/SGD time ratio at depth 48 over depth 12, minus 1, batch 32",
-          "<=", 0.10, 0.03, _I19), depth_growth),
-    (Goal("speed-up of the best lrcr variant over forward-over-forward, "
-          "every 12x128 batch (worst)", ">=", 1.25), lowrank_speedup("best")),
-    (Goal("speed-up of cr_sgd_lowrank over forward-over-forward, every "
-          "12x128 batch (worst)", ">=", 1.25),
-     lowrank_speedup("cr_sgd_lowrank")),
+          "<=", 0.10, 0.03, _I19), _depth_growth),
+    *((Goal(f"speed-up of {name} over forward-over-forward, every 12x128 "
+            "batch (worst)", ">=", 1.25), _speedup(which))
+      for name, which in (("the best lrcr variant", "best"),
+                          ("cr_sgd_lowrank", "cr_sgd_lowrank"))),
     (Goal("memory / the base step's (fastest lrcr CR-SGD variant and "
-          "cr_adagrad_engine, every shape)", "<=", 1.5), worst_memory),
+          "cr_adagrad_engine, every shape)", "<=", 1.5), _memory),
     (Goal("training loop throughput / the bare jitted step's", ">=", 0.9),
-     loop_over_bare),
+     _loop),
 )
 
 
-def evaluate_goals(report: dict[str, Any],
-                   goals=GOALS) -> list[dict[str, Any]]:
+def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
   """The goal rows (`report.judge`) of a benchmark report."""
-  rows = []
-  for goal, read in goals:
-    measured = read(report)
-    rows.append(report_lib.judge(goal, *(measured or (None, ""))))
-    if report.get("quick"):
-      rows[-1]["verdict"] += " [--quick: tiny net, not the goal's shapes]"
+  rows = [report_lib.judge(goal, *(read(report) or (None, "")))
+          for goal, read in GOALS]
+  for row in rows if report.get("quick") else ():
+    row["verdict"] += " [--quick: tiny net, not the goal's shapes]"
   return rows
 
 
@@ -567,10 +517,7 @@ def _loop_lines(loop: dict[str, Any]) -> list[str]:
 
 def to_markdown(report: dict[str, Any]) -> str:
   """The benchmark report as markdown."""
-  lines = [
-      "# lrcr benchmark", "", f"- command: `{report['command']}`",
-      f"- date: {report['date']}",
-      f"- {report_lib.environment_line(report['environment'])}",
+  lines = report_lib.header("lrcr benchmark", report) + [
       f"- float32; paper MLP (ReLU, no biases, U(-0.1, 0.1)), input 784, 10 "
       f"classes, random data; SGD lr {bench.SGD_LR}, Adagrad lr "
       f"{bench.ADAGRAD_LR}, sigma {bench.SIGMA}",

@@ -313,10 +313,14 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
 # Report.
 
 
+def _title(title: str) -> list[str]:
+  return ["", f"## {title}", ""]
+
+
 def _exactness_lines(exact: dict[str, Any]) -> list[str]:
   g = report_lib.fmt
-  lines = [
-      "", "## 1. Exactness (float32 on the device vs float64 on the CPU)", "",
+  lines = _title("1. Exactness (float32 on the device vs float64 on the CPU)")
+  lines += [
       f"{exact['network']} net, batch {exact['batch']}, random data; "
       f"reference: forward-over-forward in {exact['reference_dtype']} on "
       f"{exact['reference_device']} (the float64 engine agrees with it to "
@@ -350,8 +354,8 @@ def _exactness_lines(exact: dict[str, Any]) -> list[str]:
 def _speed_lines(speed: dict[str, Any]) -> list[str]:
   g = report_lib.fmt
   shapes = speed["shapes"].values()
-  lines = ["", "## 2. Speed (ms per step, median of interleaved repeats; "
-           "paired ratio to SGD)", ""] + report_lib.table(
+  lines = _title("2. Speed (ms per step, median of interleaved repeats; "
+                 "paired ratio to SGD)") + report_lib.table(
                ["batch", *SPEED_STEPS],
                [(s["batch"], *(f"{g(s['variants'][n]['ms_per_step'])} "
                                f"({g(s['variants'][n]['ratio'], '.2f')}x)"
@@ -384,15 +388,14 @@ def _memory_lines(memory: dict[str, Any]) -> list[str]:
         f"({report_lib.fmt(st[n]['memory_ratio'], '.2f')})"
         for n in MEMORY_STEPS),
                  report_lib.fmt(st[GRAM]["xla_memory_ratio"], ".2f")))
-  return ["", "## 3. Memory (compiled step, MiB; ratio to SGD)", ""] + (
+  return _title("3. Memory (compiled step, MiB; ratio to SGD)") + (
       report_lib.table(["batch", *MEMORY_STEPS, f"XLA peak ratio {GRAM}"],
                        rows))
 
 
 def _fig2_lines(fig2: dict[str, Any]) -> list[str]:
   g = report_lib.fmt
-  lines = [
-      "", "## 4. Fig. 2 run", "",
+  lines = _title("4. Fig. 2 run") + [
       f"{fig2['config']}, {fig2['num_steps']} steps, {fig2['network']}, "
       f"data {fig2['data_source']}: wall {g(fig2['wall_time_s'], '.1f')} s "
       f"(compile {g(fig2['compile_time_s'], '.1f')} s, "
@@ -414,10 +417,7 @@ _RENDER = dict(exactness=_exactness_lines, speed=_speed_lines,
 
 def to_markdown(report: dict[str, Any]) -> str:
   """The device report as markdown."""
-  lines = [
-      "# lrcr device check", "", f"- command: `{report['command']}`",
-      f"- date: {report['date']}",
-      f"- device: {report_lib.environment_line(report['environment'])}",
+  lines = report_lib.header("lrcr device check", report) + [
       f"- total wall time: {report_lib.fmt(report['total_wall_s'], '.1f')} s"
       + ("" if report["finished"] else " (**not finished**)"),
       f"- sizes: `{report['options']}`", ""]

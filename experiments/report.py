@@ -243,6 +243,13 @@ def environment_line(env: Mapping[str, Any]) -> str:
           f"{env['cpu_count']} CPUs; {env['platform']}")
 
 
+def header(title: str, report: Mapping[str, Any]) -> list[str]:
+  """A report's first markdown lines: title, command, date, machine."""
+  return [f"# {title}", "", f"- command: `{report['command']}`",
+          f"- date: {report['date']}",
+          f"- machine: {environment_line(report['environment'])}"]
+
+
 def write(out: str, stem: str, report: Mapping[str, Any],
           markdown: str) -> dict[str, Any]:
   """Writes <out>/<stem>.json and <out>/<stem>.md, each replaced atomically.

@@ -189,11 +189,12 @@ def _no_plateau_claim(s: Mapping[str, Any]) -> tuple[bool, str]:
                 for a, b in ((fb, ib), (fc, ic)))
   rel = abs(fc - fb) / abs(fb) if math.isfinite(fb) and fb != 0 else math.nan
   close = math.isfinite(rel) and rel <= _NO_PLATEAU_TOL
+  trend = "both descend" if descend else "not both descending"
+  within = "within" if close else "not within"
   return bool(descend and close), (
       f"Base loss goes {_fmt(ib)} -> {_fmt(fb)} and CR loss {_fmt(ic)} -> "
-      f"{_fmt(fc)} ({'both descend' if descend else 'not both descending'}), "
-      f"final losses differ by {_fmt(100 * rel)}% "
-      f"({'within' if close else 'not within'} {100 * _NO_PLATEAU_TOL:g}%).")
+      f"{_fmt(fc)} ({trend}), final losses differ by {_fmt(100 * rel)}% "
+      f"({within} {100 * _NO_PLATEAU_TOL:g}%).")
 
 
 def _adam_claim(s: Mapping[str, Any]) -> tuple[bool, str]:
