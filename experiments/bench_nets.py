@@ -74,7 +74,7 @@ STEPS = ("sgd", "cr_engine", "cr_autodiff", "cr_hvp")
 #: Issue 19: the engine CR step launches fewer kernels than forward-over-
 #: forward on every net (bar), at most 0.6x as many (goal).
 GOAL = Goal("engine CR step's kernels / forward-over-forward's, every net "
-            "and batch (worst)", "<", 1.0, 0.6, "issue 19")
+            "and batch (worst)", "<", 1.0, 0.6, "issue 19", "<=")
 
 
 def measure_net(model, shape: tuple[int, ...], sigma: float, batch: int, *,

@@ -142,21 +142,24 @@ class Goal:
 
   Attributes:
     target: what is judged, in words.
-    op: the comparison, one of "<", "<=", ">", ">=".
+    op: the comparison with the bar, one of "<", "<=", ">", ">=".
     bar: the level to pass (None: the goal alone is judged).
     goal: the stretch level, or None.
     source: where the target comes from (an issue, say).
+    goal_op: the comparison with the goal, if not `op`.
   """
   target: str
   op: str
   bar: float | None
   goal: float | None = None
   source: str = ""
+  goal_op: str | None = None
 
   def __post_init__(self):
-    if self.op not in _OPS:
-      raise ValueError(f"Goal {self.target!r}: op {self.op!r}; expected one "
-                       f"of {', '.join(_OPS)}.")
+    for op in (self.op, self.goal_op or self.op):
+      if op not in _OPS:
+        raise ValueError(f"Goal {self.target!r}: op {op!r}; expected one "
+                         f"of {', '.join(_OPS)}.")
     if self.bar is None and self.goal is None:
       raise ValueError(f"Goal {self.target!r}: give a bar, a goal or both.")
 
@@ -175,24 +178,27 @@ def judge(goal: Goal, value: float | None, measured: str = "") -> dict:
     measured), goal_met and verdict: "not measured", "met", "met (goal)",
     "met (bar; goal OP X not yet)" or "NOT met (gap ...)".
   """
+  goal_op = goal.goal_op or goal.op
   row = dict(target=goal.target, op=goal.op, bar=goal.bar, goal=goal.goal,
-             source=goal.source, value=value,
+             goal_op=goal_op, source=goal.source, value=value,
              measured=measured or fmt(value), met=None, goal_met=None,
              verdict="not measured")
   if value is None or not math.isfinite(value):
     return row
-  passes = lambda level: level is None or _OPS[goal.op](value, level)  # noqa: E731
-  first = goal.goal if goal.bar is None else goal.bar
-  row["met"] = passes(first)
-  row["goal_met"] = None if goal.goal is None else passes(goal.goal)
+  if goal.goal is not None:
+    row["goal_met"] = _OPS[goal_op](value, goal.goal)
+  if goal.bar is None:
+    op, first, row["met"] = goal_op, goal.goal, row["goal_met"]
+  else:
+    op, first, row["met"] = goal.op, goal.bar, _OPS[goal.op](value, goal.bar)
   if not row["met"]:
-    row["verdict"] = f"NOT met (gap: {value:.3g} vs {goal.op} {first:g})"
+    row["verdict"] = f"NOT met (gap: {value:.3g} vs {op} {first:g})"
   elif goal.goal is None or goal.bar is None:
     row["verdict"] = "met"
   elif row["goal_met"]:
     row["verdict"] = "met (goal)"
   else:
-    row["verdict"] = f"met (bar; goal {goal.op} {goal.goal:g} not yet)"
+    row["verdict"] = f"met (bar; goal {goal_op} {goal.goal:g} not yet)"
   return row
 
 
@@ -200,7 +206,8 @@ def goals_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   """The goal rows as a markdown table."""
   def target(r):
     levels = [f"bar {r['op']} {r['bar']:g}" if r["bar"] is not None else "",
-              f"goal {r['op']} {r['goal']:g}" if r["goal"] is not None else ""]
+              f"goal {r['goal_op']} {r['goal']:g}" if r["goal"] is not None
+              else ""]
     where = f" [{r['source']}]" if r["source"] else ""
     return f"{r['target']} ({', '.join(l for l in levels if l)}){where}"
   return table(["target", "measured", "verdict"],

@@ -75,6 +75,12 @@ def test_judge_strict_higher_and_goal_only():
   only = Goal("equal", "<=", None, 1.0)
   assert report.judge(only, 0.9)["verdict"] == "met"
   assert report.judge(only, 1.1)["verdict"] == "NOT met (gap: 1.1 vs <= 1)"
+  fewer_or_far_fewer = Goal("k", "<", 1.0, 0.6, goal_op="<=")
+  assert report.judge(fewer_or_far_fewer, 0.6)["verdict"] == "met (goal)"
+  assert report.judge(fewer_or_far_fewer, 0.7)["verdict"] == (
+      "met (bar; goal <= 0.6 not yet)")
+  with pytest.raises(ValueError, match="op"):
+    Goal("x", "<=", 1.0, 0.5, goal_op="==")
   with pytest.raises(ValueError, match="op"):
     Goal("x", "=<", 1.0)
   with pytest.raises(ValueError, match="bar, a goal"):
