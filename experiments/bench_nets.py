@@ -1,6 +1,7 @@
 """The CR step on convolutional, recurrent and attention nets, against SGD.
 
-    python -m experiments.bench_nets [--repeats=11] [--batches=32,256] [--out=DIR]
+    python -m experiments.bench_nets [--repeats=11] [--batches=32,256] \
+        [--out=DIR]
 
 Compiles, counts and times, interleaved in one process, medians of repeated
 samples, float32, the training loop's own steps (`experiments.steps`) on
@@ -127,8 +128,8 @@ def evaluate_goal(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
       f"worst: {worst['net']} b{worst['batch']}: "
       f"{worst['kernels']['cr_engine']} vs {worst['kernels']['cr_autodiff']}"
       f" = {worst['engine_over_fof_kernels']:.2f}x; "
-      + ", ".join(f"{r['net']} b{r['batch']} {r['engine_over_fof_kernels']:.2f}x"
-                  for r in rows)))
+      + ", ".join(f"{r['net']} b{r['batch']} "
+                  f"{r['engine_over_fof_kernels']:.2f}x" for r in rows)))
 
 
 def _markdown(env_line: str, rows, goal) -> str:

@@ -1,6 +1,7 @@
 """Times and counts the CR step variants against their base steps, and the loop.
 
-    python -m experiments.benchmark [--quick] [--out=runs/benchmark] [--repeats=15]
+    python -m experiments.benchmark [--quick] [--out=runs/benchmark] \
+        [--repeats=15]
 
 Everything runs in one process. Per network shape, every variant of
 `experiments.bench.make_steps` is compiled ahead of time (compile time is
@@ -198,9 +199,10 @@ def bench_transform(width: int, depth: int) -> dict[str, Any]:
 
 def _warm_up_matplotlib() -> None:
   """Draws and saves a throwaway figure (font cache, Agg setup)."""
-  import io  # pylint: disable=import-outside-toplevel
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  import io
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
   fig = Figure(figsize=(4, 3))
   FigureCanvasAgg(fig)
   ax = fig.add_subplot(1, 1, 1)
@@ -253,7 +255,8 @@ def _bare_sampler(width, depth, batch, sample_s):
 
 def _loop_runs(config, chunk, n1, n2, trials, warmup, sampler, per_block):
   """Bare samples around `trials` N1/N2 run pairs; (bare, runs, error)."""
-  from experiments import input_pipeline  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from experiments import input_pipeline
   bare, runs, error = [], [], None
   try:
     # One-time costs (reading the data, the first figure) would otherwise

@@ -88,7 +88,7 @@ def _fmt_exit(x: Any) -> str:
 
 
 def _skipped(records, key: str, losses: np.ndarray) -> int:
-  """Steps the loop skipped (non-finite loss or update), or non-finite losses."""
+  """Steps the loop skipped (a non-finite loss or update), else NaN losses."""
   if records and key in records[0]:
     return int(sum(int(r.get(key) or 0) for r in records))
   return int(np.count_nonzero(~np.isfinite(losses)))
