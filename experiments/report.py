@@ -229,6 +229,15 @@ def command_line(module: str) -> str:
                   + [shlex.quote(a) for a in sys.argv[1:]])
 
 
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      return next(line.split(":", 1)[1].strip() for line in f
+                  if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, Any]:
   """The machine: device, backend, jax and jaxlib versions, CPUs, python."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -238,8 +247,8 @@ def environment() -> dict[str, Any]:
               backend=jax.default_backend(), device_count=jax.device_count(),
               jax_version=jax.__version__,
               jaxlib_version=getattr(jaxlib, "__version__", None),
-              cpu_count=os.cpu_count(), platform=platform.platform(),
-              python=platform.python_version())
+              cpu_count=os.cpu_count(), cpu=_cpu_model(),
+              platform=platform.platform(), python=platform.python_version())
 
 
 def environment_line(env: Mapping[str, Any]) -> str:
@@ -247,7 +256,7 @@ def environment_line(env: Mapping[str, Any]) -> str:
   return (f"**{env['device_kind']}** ({env['backend']}, "
           f"{env['device_count']} device(s)); jax {env['jax_version']}, "
           f"jaxlib {env['jaxlib_version']}; python {env['python']}; "
-          f"{env['cpu_count']} CPUs; {env['platform']}")
+          f"{env['cpu_count']} CPU cores ({env['cpu']}); {env['platform']}")
 
 
 def header(title: str, report: Mapping[str, Any]) -> list[str]:

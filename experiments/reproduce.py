@@ -21,7 +21,6 @@ anything trains, with the flag to fix.
 import ast
 from collections.abc import Sequence
 import os
-import platform
 import sys
 import time
 from typing import Any
@@ -131,21 +130,6 @@ def _table_row(row: dict[str, Any]) -> dict[str, Any]:
   return dict(row, exit_step_base="—", exit_step_cr="—")
 
 
-def machine() -> str:
-  """The CPU and device the numbers come from, in words."""
-  import jax  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f
-                  if line.startswith("model name")), cpu)
-  except OSError:
-    pass
-  devices = jax.devices()
-  return (f"{os.cpu_count()} CPU cores ({cpu}), {len(devices)} "
-          f"{devices[0].platform} device(s), JAX {jax.__version__}")
-
-
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
@@ -170,7 +154,7 @@ def main(argv: Sequence[str]) -> None:
 
   command = report_lib.command_line("experiments.reproduce")
   data_used = sorted({row["data"] for row in rows if row["status"] == "ok"})
-  host = machine()
+  env = report_lib.environment()
   lines = [
       "# lrcr: the paper's runs, base vs base+CR",
       "",
@@ -180,7 +164,7 @@ def main(argv: Sequence[str]) -> None:
       "seeds [25th, 75th percentile]; a claim holds when it holds on at "
       f"least {summary_lib.seeds_required(_NUM_SEEDS.value)} of "
       f"{_NUM_SEEDS.value} seeds",
-      f"- Machine: {host}",
+      f"- Machine: {report_lib.environment_line(env)}",
       f"- Date: {date}",
       f"- Total wall time: {wall_time:.1f} s",
       "",
@@ -195,7 +179,7 @@ def main(argv: Sequence[str]) -> None:
                    f"{row['claim']['reason']}")
   report_lib.write(workdir, "summary", {
       "command": command, "date": date, "wall_time_s": wall_time,
-      "machine": host, "num_seeds": _NUM_SEEDS.value, "data": data_used,
+      "environment": env, "num_seeds": _NUM_SEEDS.value, "data": data_used,
       "runs": rows}, "\n".join(lines))
 
   runs = [(f"{row['figure']} {row['run']}".strip(), summary_lib.read_metrics(
