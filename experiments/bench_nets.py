@@ -18,11 +18,13 @@ with random inputs of their shapes:
 - `cr_autodiff`: CR-SGD, curvature by forward-over-forward autodiff
 - `cr_hvp`: CR-SGD, curvature by a Hessian-vector product
 
-and prints, per net and batch, the time ratios to `sgd`, the engine's
-speed-up over forward-over-forward, the ratio of XLA's flop counts of the
-compiled CR and SGD steps (the floor counted in operations), and the kernels
-of each whole compiled step (`bench.count_kernels`) with their ratios; then
-issue 19's goal row on kernels (`GOAL`), judged on every net and batch.
+and prints, per net and batch (`benchmark.measure`: medians of interleaved
+samples and paired ratios to `sgd`), the time ratios, the engine's speed-up
+over forward-over-forward, the ratio of XLA's flop counts of the compiled CR
+and SGD steps (the floor counted in operations), and the kernels of each
+whole compiled step (`bench.count_kernels`) with their ratios; then issue
+19's goal row on kernels (`GOAL`), judged on every net and batch.
+`--repeats=0` counts without timing.
 """
 
 from collections.abc import Sequence
@@ -34,11 +36,11 @@ from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import lrcr
 from experiments import bench
+from experiments import benchmark
 from experiments import models
 from experiments import report
 from experiments import steps
@@ -79,44 +81,31 @@ GOAL = Goal("engine CR step's kernels / forward-over-forward's, every net "
 
 
 def measure_net(model, shape: tuple[int, ...], sigma: float, batch: int, *,
-                repeats: int) -> dict[str, Any]:
-  """Kernels, flops and (with repeats > 0) times of `STEPS` on one net.
+                repeats: int, sample_s: float = 0.03) -> dict[str, Any]:
+  """`benchmark.measure` of the `STEPS` of one net, each against SGD's.
 
   Returns:
-    A dict: `kernels` and `flops` per step; `kernel_ratio` and
-    `flops_ratio` to SGD's; `engine_over_fof_kernels`; and, when timed,
-    `ms` (median per step), `ratio` (to SGD's median) and
-    `engine_speedup_over_fof`.
+    A dict: batch; variants, per step `benchmark.measure`'s kernels, flops
+    and memory with their ratios to SGD's and, with repeats > 0, its
+    ms_per_step and paired ratio; engine_over_fof_kernels.
   """
   x = jax.random.uniform(jax.random.key(0), (batch,) + shape)
   y = jnp.arange(batch) % 10
   params = model.init(jax.random.key(1), x)["params"]
   sgd, cr = optax.sgd(0.01), lrcr.cubic_sgd(sigma, 0.01)
   fns = {"sgd": (steps.make_base_step(model, sgd), sgd)}
-  for curvature in STEPS[1:]:
-    fns[curvature] = (steps.make_cr_step(
-        model, cr, steps.CROptions(curvature=curvature[3:],
-                                   gradient_direction=True)), cr)
-  args = {k: (params, tx.init(params), x, y) for k, (_, tx) in fns.items()}
-  compiled = {k: jax.jit(steps.applied(step)).lower(*args[k]).compile()
-              for k, (step, _) in fns.items()}
-  kernels = {k: bench.count_kernels(c.as_text()) for k, c in compiled.items()}
-  flops = {k: bench.flops(c) for k, c in compiled.items()}
-  out = dict(batch=batch, kernels=kernels, flops=flops,
-             kernel_ratio={k: kernels[k] / kernels["sgd"] for k in kernels},
-             flops_ratio={k: flops[k] / flops["sgd"] for k in flops},
-             engine_over_fof_kernels=(kernels["cr_engine"]
-                                      / kernels["cr_autodiff"]))
-  if repeats:
-    samplers = {k: bench.make_sampler(c, args[k], 3 if batch > 64 else 5)
-                for k, c in compiled.items()}
-    for sample in samplers.values():
-      sample()                                        # warm-up
-    times = bench.interleaved_samples(samplers, repeats)
-    ms = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
-    out.update(ms=ms, ratio={k: ms[k] / ms["sgd"] for k in ms},
-               engine_speedup_over_fof=ms["cr_autodiff"] / ms["cr_engine"])
-  return out
+  for name in STEPS[1:]:
+    fns[name] = (steps.make_cr_step(model, cr, steps.CROptions(
+        curvature=name[3:], gradient_direction=True)), cr)
+  entries = {}
+  for name, (step, tx) in fns.items():
+    args = (params, tx.init(params), x, y)
+    entries[name] = dict(
+        compiled=jax.jit(steps.applied(step)).lower(*args).compile(),
+        args=args, base="sgd", steps_per_call=1)
+  v = benchmark.measure(entries, repeats=repeats, sample_s=sample_s)
+  return dict(batch=batch, variants=v, engine_over_fof_kernels=(
+      v["cr_engine"]["kernels"] / v["cr_autodiff"]["kernels"]))
 
 
 def evaluate_goal(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -124,30 +113,37 @@ def evaluate_goal(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
   if not rows:
     return report.judge(GOAL, None)
   worst = max(rows, key=lambda r: r["engine_over_fof_kernels"])
+  kernels = {k: worst["variants"][k]["kernels"] for k in STEPS}
   return report.judge(GOAL, worst["engine_over_fof_kernels"], (
-      f"worst: {worst['net']} b{worst['batch']}: "
-      f"{worst['kernels']['cr_engine']} vs {worst['kernels']['cr_autodiff']}"
-      f" = {worst['engine_over_fof_kernels']:.2f}x; "
+      f"worst: {worst['net']} b{worst['batch']}: {kernels['cr_engine']} vs "
+      f"{kernels['cr_autodiff']} = {worst['engine_over_fof_kernels']:.2f}x; "
       + ", ".join(f"{r['net']} b{r['batch']} "
                   f"{r['engine_over_fof_kernels']:.2f}x" for r in rows)))
 
 
+def _row(r: dict[str, Any]) -> list[Any]:
+  v = r["variants"]
+
+  def times(x):
+    return report.fmt(x, ".2f") + ("x" if x is not None else "")
+  ms = {k: v[k].get("ms_per_step") for k in STEPS}
+  return [r["net"], r["batch"], report.fmt(ms["sgd"], ".2f"),
+          *(times(v[k].get("ratio")) for k in STEPS[1:]),
+          times(report.ratio(ms["cr_autodiff"], ms["cr_engine"])),
+          f"{v['cr_engine']['flops_ratio']:.2f}x",
+          " / ".join(str(v[k]["kernels"]) for k in STEPS),
+          f"{v['cr_engine']['kernel_ratio']:.2f}x, "
+          f"{v['cr_autodiff']['kernel_ratio']:.2f}x",
+          f"{r['engine_over_fof_kernels']:.2f}x"]
+
+
 def _markdown(env_line: str, rows, goal) -> str:
-  fmt = report.fmt
-  times = lambda v: fmt(v, ".2f") + ("x" if v is not None else "")  # noqa: E731
   lines = [f"- {env_line}", ""] + report.table(
       ["net", "batch", "sgd ms", "CR engine", "CR forward-over-forward",
        "CR hvp", "engine speed-up over fwd-over-fwd", "floor (flops)",
        "kernels: sgd / engine / fwd-over-fwd / hvp",
        "kernels / sgd: engine, fwd-over-fwd", "engine / fwd-over-fwd kernels"],
-      [(r["net"], r["batch"], fmt(r.get("ms", {}).get("sgd"), ".2f"),
-        *(times(r.get("ratio", {}).get(k)) for k in STEPS[1:]),
-        times(r.get("engine_speedup_over_fof")),
-        f"{r['flops_ratio']['cr_engine']:.2f}x",
-        " / ".join(str(r["kernels"][k]) for k in STEPS),
-        f"{r['kernel_ratio']['cr_engine']:.2f}x, "
-        f"{r['kernel_ratio']['cr_autodiff']:.2f}x",
-        f"{r['engine_over_fof_kernels']:.2f}x") for r in rows])
+      [_row(r) for r in rows])
   return "\n".join(lines + ["", "Goal:", ""] + report.goals_table([goal]))
 
 

@@ -235,23 +235,28 @@ def test_kernel_count_of_a_compiled_program():
 def test_bench_nets_counts_every_step_of_a_net():
   row = bench_nets.measure_net(bench.paper_mlp(16, 2), (784,), 100.0, 4,
                                repeats=0)
-  assert set(row["kernels"]) == set(bench_nets.STEPS)
-  for name, k in row["kernels"].items():
-    assert isinstance(k, int) and k > 0, name
-    assert row["kernel_ratio"][name] == pytest.approx(
-        k / row["kernels"]["sgd"])
-    assert row["flops_ratio"][name] >= 1.0, name   # the CR steps add work
+  v = row["variants"]
+  assert set(v) == set(bench_nets.STEPS)
+  for name, s in v.items():
+    assert isinstance(s["kernels"], int) and s["kernels"] > 0, name
+    assert s["kernel_ratio"] == pytest.approx(
+        s["kernels"] / v["sgd"]["kernels"])
+    assert s["flops_ratio"] >= 1.0, name         # the CR steps add work
+    assert "ms_per_step" not in s                # repeats=0: not timed
   assert row["engine_over_fof_kernels"] == pytest.approx(
-      row["kernels"]["cr_engine"] / row["kernels"]["cr_autodiff"])
-  assert "ms" not in row                           # repeats=0: not timed
+      v["cr_engine"]["kernels"] / v["cr_autodiff"]["kernels"])
+  assert "| 4 | n/a |" in bench_nets._markdown(
+      "env", [dict(net="mlp", **row)], bench_nets.evaluate_goal([]))
 
 
 def test_bench_nets_goal_is_judged_on_the_worst_net():
-  rows = [dict(net=n, batch=32, engine_over_fof_kernels=r,
-               kernels=dict(cr_engine=int(100 * r), cr_autodiff=100))
+  rows = [dict(net=n, batch=32, engine_over_fof_kernels=r, variants=dict(
+      cr_engine=dict(kernels=int(100 * r)), cr_autodiff=dict(kernels=100),
+      sgd=dict(kernels=50), cr_hvp=dict(kernels=150)))
           for n, r in (("cnn", 0.5), ("rnn", 0.95), ("mlp", 0.55))]
   goal = bench_nets.evaluate_goal(rows)
-  assert goal["value"] == 0.95 and "worst: rnn b32" in goal["measured"]
+  assert goal["value"] == 0.95 and "worst: rnn b32: 95 vs 100" in (
+      goal["measured"])
   assert goal["verdict"] == "met (bar; goal <= 0.6 not yet)"
   rows[1]["engine_over_fof_kernels"] = 1.0          # not fewer: bar missed
   assert bench_nets.evaluate_goal(rows)["met"] is False
