@@ -109,6 +109,25 @@ def pair_step(first: Step, second: Step) -> Step:
   return pair
 
 
+def loop_iteration(width: int, depth: int, batch: int,
+                   steps: int = 1) -> tuple[Step, tuple[Any, ...]]:
+  """What one iteration of the training loop does, and its arguments.
+
+  One SGD step and one CR-SGD step (engine, Gram form) on the same batch of
+  the width x depth paper MLP (`pair_step`); with steps > 1, `steps` such
+  iterations under lax.scan, as a chunk of the loop.
+
+  Returns:
+    (step, (params pair, states pair, x, y)).
+  """
+  model, params, x, y = make_problem(width, depth, batch, steps=steps)
+  v = make_steps(model, batch, ("sgd", "cr_sgd_engine_gram"))
+  sgd, cr = v["sgd"], v["cr_sgd_engine_gram"]
+  step = pair_step(sgd.step, cr.step)
+  return (scanned(step) if steps > 1 else step), (
+      (params, params), (sgd.tx.init(params), cr.tx.init(params)), x, y)
+
+
 def transform_parts(params: Any) -> dict[str, Callable[[Any], Any]]:
   """The transform alone, as functions of params, for kernel counts.
 

@@ -20,11 +20,11 @@ base's. The transform alone (`bench.transform_parts`) is counted in kernels.
 The training-loop measurement compares `train_lib.train_and_evaluate` (scan
 chunks of 100, metrics streamed and a checkpoint written per chunk) on
 configs/paper.py:mnist_sgd_plateau (data mnist_5k) with a bare jitted
-function doing what one loop iteration does (one SGD step and one engine
-Gram-form CR-SGD step on the same batch, `bench.pair_step`), called from a
-Python loop. The loop's steady-state throughput is measured differentially,
-from two fresh runs of N1 and N2 steps (after the data, matplotlib and,
-without --quick, one whole short run have been warmed up): (N2 - N1) /
+function doing what one loop iteration does (`bench.loop_iteration`: one
+SGD step and one engine Gram-form CR-SGD step on the same batch), called
+from a Python loop. The loop's steady-state throughput is measured
+differentially, from two fresh runs of N1 and N2 steps (after the data,
+matplotlib and, without --quick, one short run are warmed up): (N2 - N1) /
 ((wall2 - compile2) - (wall1 - compile1)), so data loading, setup and the
 figure cancel while the per-chunk metrics and checkpoints count.
 
@@ -243,12 +243,8 @@ def train_run(config, workdir: str) -> dict[str, Any]:
 
 def _bare_sampler(width, depth, batch, sample_s):
   """The bare SGD + CR-SGD iteration's sampler and its calls per sample."""
-  model, params, x, y = bench.make_problem(width, depth, batch)
-  steps = bench.make_steps(model, batch, ("sgd", PRIMARY))
-  sgd, cr = steps["sgd"], steps[PRIMARY]
-  args = ((params, params), (sgd.tx.init(params), cr.tx.init(params)), x, y)
-  compiled = jax.jit(bench.pair_step(sgd.step, cr.step)).lower(
-      *args).compile()
+  fn, args = bench.loop_iteration(width, depth, batch)
+  compiled = jax.jit(fn).lower(*args).compile()
   calls = bench.calibrate(compiled, args, sample_s)
   return bench.make_sampler(compiled, args, calls), calls
 

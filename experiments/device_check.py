@@ -24,7 +24,7 @@ the other measuring programs:
              to SGD, kernels and flops of each compiled step; the HLO text
              of the SGD and CR steps at the first batch
              (DIR/hlo_<step>_b<batch>.txt); and the steps/s of a `lax.scan`
-             chunk of the loop's body (`bench.pair_step`).
+             chunk of the loop's body (`bench.loop_iteration`).
   memory     peak bytes of the compiled CR-SGD steps against SGD's.
   fig2       the paper's Fig. 2 run (configs/paper.py:mnist_sgd_plateau,
              data mnist_5k, one device) through `train_lib`: wall time
@@ -161,12 +161,7 @@ def section_exactness(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
 def _scan_chunk(opts: Options) -> dict[str, Any]:
   """Steps/s of a lax.scan chunk of the loop's body (SGD + CR-SGD pairs)."""
   b, t = opts.chunk_batch, opts.chunk
-  model, params, xs, ys = bench.make_problem(opts.width, opts.depth, b,
-                                             steps=t)
-  steps = bench.make_steps(model, b, (SGD, GRAM))
-  chunk = bench.scanned(bench.pair_step(steps[SGD].step, steps[GRAM].step))
-  args = ((params, params),
-          (steps[SGD].tx.init(params), steps[GRAM].tx.init(params)), xs, ys)
+  chunk, args = bench.loop_iteration(opts.width, opts.depth, b, steps=t)
   compiled, compile_s = benchmark.compile_step(chunk, args)
   timed = benchmark.measure(
       {"chunk": dict(compiled=compiled, args=args, base="chunk",
