@@ -1,35 +1,17 @@
-"""Step functions and timing helpers for `experiments/benchmark.py`.
+"""Step functions, kernel and memory counts, and timing helpers.
 
 Every step function has the signature
 
     step(params, opt_state, x, y) -> (new_params, new_opt_state, loss)
 
 and is pure, so `jax.jit(step).lower(...).compile()` gives both the executable
-that is timed and its memory analysis. `make_steps` builds them all for one
-network and batch shape, each from the training loop's own steps
-(`experiments.steps.make_base_step` and `make_cr_step`), so the benchmark
-times exactly what the loop runs:
-
-    sgd                  value_and_grad + optax.sgd (the base of CR-SGD)
-    adagrad              value_and_grad + optax.adagrad (the base of CR-Adagrad)
-    cr_sgd_engine_gram    curvature="engine", gradient_direction=True (Gram)
-    cr_sgd_engine         curvature="engine", dense direction sweep
-    cr_sgd_engine_gram_stacked, cr_sgd_engine_stacked
-                         the two with stack_layers=True (equally shaped
-                         layers batched)
-    cr_sgd_lowrank       curvature="lowrank" (lrcr.lowrank_curvature_fn)
-    cr_sgd_autodiff      curvature="autodiff" (forward-over-forward)
-    cr_sgd_hvp           curvature="hvp": g . (jvp of grad)(g)
-    cr_adagrad_engine     curvature="engine" after optax.adagrad
-    cr_sgd_engine_sub8    option: curvature_batch_size=8 on the engine path
-    sgd_scan10           10 SGD steps under lax.scan (base of cr_sgd_every10)
-    cr_sgd_every10       option: 10 CR-SGD steps under lax.scan with
-                         scale_by_cubic_step(curvature_every=10): alpha is
-                         refreshed on the first only
-
-The sub-batch variants take the slope from the full-batch gradient and the
-curvature from the sub-batch (Byrd et al. 2011); with B <= 8 they equal the
-exact step. The 10-step variants take xs [10, B, D], ys [10, B].
+that is timed and its kernels, flops and memory (`static_costs`).
+`make_steps` builds the benchmark's variants for one network and batch shape
+from the training loop's own steps (`experiments.steps.make_base_step` and
+`make_cr_step`), so the benchmarks time exactly what the loop runs; each
+`Variant` says what it is in one line. The sub-batch option takes the slope
+from the full batch and the curvature from its first rows (Byrd et al.
+2011); the 10-step variants take xs [10, B, D], ys [10, B].
 """
 
 from __future__ import annotations
@@ -104,7 +86,7 @@ def make_problem(width: int, depth: int, batch: int, *, input_dim: int = 784,
   return model, params, x, y
 
 
-def _scanned(step: Step) -> Step:
+def scanned(step: Step) -> Step:
   """`step` over xs [T, B, D], ys [T, B] under lax.scan; the last loss."""
   def scan_step(params, state, xs, ys):
     def body(carry, xy):
@@ -113,6 +95,62 @@ def _scanned(step: Step) -> Step:
     (params, state), losses = jax.lax.scan(body, (params, state), (xs, ys))
     return params, state, losses[-1]
   return scan_step
+
+
+def pair_step(first: Step, second: Step) -> Step:
+  """Both steps on the same batch, as one iteration of the training loop.
+
+  The pair takes params (p1, p2) and states (s1, s2); its loss is the sum.
+  """
+  def pair(params, states, x, y):
+    p1, s1, l1 = first(params[0], states[0], x, y)
+    p2, s2, l2 = second(params[1], states[1], x, y)
+    return (p1, p2), (s1, s2), l1 + l2
+  return pair
+
+
+def loop_iteration(width: int, depth: int, batch: int,
+                   steps: int = 1) -> tuple[Step, tuple[Any, ...]]:
+  """What one iteration of the training loop does, and its arguments.
+
+  One SGD step and one CR-SGD step (engine, Gram form) on the same batch of
+  the width x depth paper MLP (`pair_step`); with steps > 1, `steps` such
+  iterations under lax.scan, as a chunk of the loop.
+
+  Returns:
+    (step, (params pair, states pair, x, y)).
+  """
+  model, params, x, y = make_problem(width, depth, batch, steps=steps)
+  v = make_steps(model, batch, ("sgd", "cr_sgd_engine_gram"))
+  sgd, cr = v["sgd"], v["cr_sgd_engine_gram"]
+  step = pair_step(sgd.step, cr.step)
+  return (scanned(step) if steps > 1 else step), (
+      (params, params), (sgd.tx.init(params), cr.tx.init(params)), x, y)
+
+
+def transform_parts(params: Any) -> dict[str, Callable[[Any], Any]]:
+  """The transform alone, as functions of params, for kernel counts.
+
+  Returns:
+    "transform": `scale_by_cubic_step`'s update after SGD, with a stub
+    `curvature_fn` (one tree norm), applied; "apply_only": the SGD update
+    -0.1 params applied alone.
+  """
+  tx = optax.chain(optax.sgd(SGD_LR), lrcr.scale_by_cubic_step(SIGMA))
+  state = tx.init(params)
+
+  def stub(p, d):
+    del p
+    n = optax.tree.norm(d, squared=True)
+    return lrcr.Directional(-n, 2.0 * n, n)
+
+  def transform(p):
+    updates, _ = tx.update(p, state, p, curvature_fn=stub)
+    return optax.apply_updates(p, updates)
+
+  def apply_only(p):
+    return optax.apply_updates(p, jax.tree.map(lambda a: -0.1 * a, p))
+  return dict(transform=transform, apply_only=apply_only)
 
 
 def make_steps(model: lrcr.MLP, batch: int,
@@ -144,7 +182,8 @@ def make_steps(model: lrcr.MLP, batch: int,
               "value_and_grad + optax.adagrad"),
       Variant("cr_sgd_engine_gram", cr(cr_sgd, "engine", **gram), cr_sgd,
               "sgd", 1, "exact",
-              "lrcr.value_grad_and_curvature, gradient_direction=True (Gram matrices)"),
+              "lrcr.value_grad_and_curvature, gradient_direction=True "
+              "(Gram matrices)"),
       Variant("cr_sgd_engine", cr(cr_sgd, "engine"), cr_sgd, "sgd", 1,
               "exact", "lrcr.value_grad_and_curvature, dense direction sweep"),
       Variant("cr_sgd_engine_gram_stacked",
@@ -163,14 +202,15 @@ def make_steps(model: lrcr.MLP, batch: int,
       Variant("cr_sgd_hvp", cr(cr_sgd, "hvp"), cr_sgd, "sgd", 1, "baseline",
               "value_and_grad + g.(H g), H g by jvp of grad"),
       Variant("cr_adagrad_engine", cr(cr_adagrad, "engine"), cr_adagrad,
-              "adagrad", 1, "exact", "lrcr.value_grad_and_curvature after adagrad"),
+              "adagrad", 1, "exact",
+              "lrcr.value_grad_and_curvature after adagrad"),
       Variant("cr_sgd_engine_sub8",
               cr(cr_sgd, "engine", curvature_batch_size=sub), cr_sgd, "sgd", 1,
               "option", f"value_and_grad; slope on all rows, curvature by "
               f"the engine on the first {sub}"),
-      Variant("sgd_scan10", _scanned(base(sgd)), sgd, "sgd_scan10", EVERY,
+      Variant("sgd_scan10", scanned(base(sgd)), sgd, "sgd_scan10", EVERY,
               "base", f"{EVERY} SGD steps under lax.scan"),
-      Variant("cr_sgd_every10", _scanned(cr(cr_every, "engine", **gram)),
+      Variant("cr_sgd_every10", scanned(cr(cr_every, "engine", **gram)),
               cr_every, "sgd_scan10", EVERY, "option",
               f"{EVERY} CR-SGD steps under lax.scan, alpha refreshed (engine "
               f"Gram) on 1 of {EVERY} (curvature_every={EVERY})"),
@@ -225,6 +265,12 @@ def count_kernels(hlo_text: str) -> int:
         and not op.group(1).endswith("-done")):
       count += 1
   return count
+
+
+def static_costs(compiled: Any) -> dict[str, Any]:
+  """Kernels (`count_kernels`), flops (`flops`) and `memory_stats`."""
+  return dict(kernels=count_kernels(compiled.as_text()),
+              flops=flops(compiled), memory=memory_stats(compiled))
 
 
 def memory_stats(compiled: Any) -> dict[str, int | None]:
@@ -331,9 +377,3 @@ def interleaved_samples(samplers: dict[str, Callable[[], float]],
     if enabled:
       gc.enable()
   return out
-
-
-def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
-  """(q1, median, q3)."""
-  q1, med, q3 = np.percentile(np.asarray(values, np.float64), [25, 50, 75])
-  return float(q1), float(med), float(q3)

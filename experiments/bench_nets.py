@@ -1,44 +1,55 @@
 """The CR step on convolutional, recurrent and attention nets, against SGD.
 
-    python -m experiments.bench_nets [--repeats=11] [--batches=32,256]
+    python -m experiments.bench_nets [--repeats=11] [--batches=32,256] \
+        [--out=DIR]
 
-Times, interleaved in one process, medians of repeated samples, float32,
-the training loop's own steps (`experiments.steps`) on
+Compiles, counts and times, interleaved in one process, medians of repeated
+samples, float32, the training loop's own steps (`experiments.steps`) on
 
 - the CNN of configs/cifar10_cnn_sgd_plateau.py (32x32x3 inputs),
 - the RNN of configs/sequence_rnn_sgd.py (28 steps of 28 features),
 - a self-attention classifier (two heads over the 28 rows of an image),
+- the paper's 12x128 MLP,
 
-all plain flax modules, with random inputs of their shapes:
+with random inputs of their shapes:
 
 - `sgd`: value_and_grad + SGD update
 - `cr_engine`: CR-SGD through `lrcr.value_grad_and_curvature` (Gram form)
 - `cr_autodiff`: CR-SGD, curvature by forward-over-forward autodiff
 - `cr_hvp`: CR-SGD, curvature by a Hessian-vector product
 
-and prints the ratios to `sgd`, the engine's speed-up over forward-over-forward,
-and the floor counted in operations: the ratio of XLA's flop counts of the
-compiled CR step and SGD step (`compiled.cost_analysis()`).
+and prints, per net and batch (`benchmark.measure`: medians of interleaved
+samples and paired ratios to `sgd`), the time ratios, the engine's speed-up
+over forward-over-forward, the ratio of XLA's flop counts of the compiled CR
+and SGD steps (the floor counted in operations), and the kernels of each
+whole compiled step (`bench.count_kernels`) with their ratios; then issue
+19's goal row on kernels (`GOAL`), judged on every net and batch.
+`--repeats=0` counts without timing.
 """
 
 from collections.abc import Sequence
 import importlib
+from typing import Any
 
 from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import lrcr
 from experiments import bench
+from experiments import benchmark
 from experiments import models
+from experiments import report
 from experiments import steps
+from experiments.report import Goal
 
 _REPEATS = flags.DEFINE_integer("repeats", 11, "Timing repeats.")
 _BATCHES = flags.DEFINE_list("batches", ["32", "256"], "Batch sizes.")
+_OUT = flags.DEFINE_string("out", "", "Directory for bench_nets.{md,json} "
+                           "('' for stdout only).")
 
 
 class AttentionClassifier(nn.Module):
@@ -58,44 +69,101 @@ def _nets():
     yield (config.model.kind, models.make_model(config.model, 10),
            tuple(config.model.input_shape), config.optimizer.sigma)
   yield "attention", AttentionClassifier(), (28, 28), 100.0
+  yield "mlp 12x128 (paper)", bench.paper_mlp(128, 12), (784,), 100.0
+
+
+STEPS = ("sgd", "cr_engine", "cr_autodiff", "cr_hvp")
+
+#: Issue 19: the engine CR step launches fewer kernels than forward-over-
+#: forward on every net (bar), at most 0.6x as many (goal).
+GOAL = Goal("engine CR step's kernels / forward-over-forward's, every net "
+            "and batch (worst)", "<", 1.0, 0.6, "issue 19", "<=")
+
+
+def measure_net(model, shape: tuple[int, ...], sigma: float, batch: int, *,
+                repeats: int, sample_s: float = 0.03) -> dict[str, Any]:
+  """`benchmark.measure` of the `STEPS` of one net, each against SGD's.
+
+  Returns:
+    A dict: batch; variants, per step `benchmark.measure`'s kernels, flops
+    and memory with their ratios to SGD's and, with repeats > 0, its
+    ms_per_step and paired ratio; engine_over_fof_kernels.
+  """
+  x = jax.random.uniform(jax.random.key(0), (batch,) + shape)
+  y = jnp.arange(batch) % 10
+  params = model.init(jax.random.key(1), x)["params"]
+  sgd, cr = optax.sgd(0.01), lrcr.cubic_sgd(sigma, 0.01)
+  fns = {"sgd": (steps.make_base_step(model, sgd), sgd)}
+  for name in STEPS[1:]:
+    fns[name] = (steps.make_cr_step(model, cr, steps.CROptions(
+        curvature=name[3:], gradient_direction=True)), cr)
+  entries = {}
+  for name, (step, tx) in fns.items():
+    args = (params, tx.init(params), x, y)
+    entries[name] = dict(
+        compiled=jax.jit(steps.applied(step)).lower(*args).compile(),
+        args=args, base="sgd", steps_per_call=1)
+  v = benchmark.measure(entries, repeats=repeats, sample_s=sample_s)
+  return dict(batch=batch, variants=v, engine_over_fof_kernels=(
+      v["cr_engine"]["kernels"] / v["cr_autodiff"]["kernels"]))
+
+
+def evaluate_goal(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """`GOAL` judged on the worst net and batch of `rows`."""
+  if not rows:
+    return report.judge(GOAL, None)
+  worst = max(rows, key=lambda r: r["engine_over_fof_kernels"])
+  kernels = {k: worst["variants"][k]["kernels"] for k in STEPS}
+  return report.judge(GOAL, worst["engine_over_fof_kernels"], (
+      f"worst: {worst['net']} b{worst['batch']}: {kernels['cr_engine']} vs "
+      f"{kernels['cr_autodiff']} = {worst['engine_over_fof_kernels']:.2f}x; "
+      + ", ".join(f"{r['net']} b{r['batch']} "
+                  f"{r['engine_over_fof_kernels']:.2f}x" for r in rows)))
+
+
+def _row(r: dict[str, Any]) -> list[Any]:
+  v = r["variants"]
+
+  def times(x):
+    return report.fmt(x, ".2f") + ("x" if x is not None else "")
+  ms = {k: v[k].get("ms_per_step") for k in STEPS}
+  return [r["net"], r["batch"], report.fmt(ms["sgd"], ".2f"),
+          *(times(v[k].get("ratio")) for k in STEPS[1:]),
+          times(report.ratio(ms["cr_autodiff"], ms["cr_engine"])),
+          f"{v['cr_engine']['flops_ratio']:.2f}x",
+          " / ".join(str(v[k]["kernels"]) for k in STEPS),
+          f"{v['cr_engine']['kernel_ratio']:.2f}x, "
+          f"{v['cr_autodiff']['kernel_ratio']:.2f}x",
+          f"{r['engine_over_fof_kernels']:.2f}x"]
+
+
+def _markdown(env_line: str, rows, goal) -> str:
+  lines = [f"- {env_line}", ""] + report.table(
+      ["net", "batch", "sgd ms", "CR engine", "CR forward-over-forward",
+       "CR hvp", "engine speed-up over fwd-over-fwd", "floor (flops)",
+       "kernels: sgd / engine / fwd-over-fwd / hvp",
+       "kernels / sgd: engine, fwd-over-fwd", "engine / fwd-over-fwd kernels"],
+      [_row(r) for r in rows])
+  return "\n".join(lines + ["", "Goal:", ""] + report.goals_table([goal]))
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  print(f"jax {jax.__version__}, {jax.default_backend()}, "
-        f"{jax.devices()[0].device_kind}")
-  print("| net | batch | sgd ms | CR engine | CR forward-over-forward | "
-        "CR hvp | engine speed-up over fwd-over-fwd | floor (flops) |")
-  print("|---|---|---|---|---|---|---|---|")
+  rows = []
   for name, model, shape, sigma in _nets():
     for batch in (int(b) for b in _BATCHES.value):
-      x = jax.random.uniform(jax.random.key(0), (batch,) + shape)
-      y = jnp.arange(batch) % 10
-      params = model.init(jax.random.key(1), x)["params"]
-      sgd = optax.sgd(0.01)
-      cr = lrcr.cubic_sgd(sigma, 0.01)
-      fns = {"sgd": (steps.make_base_step(model, sgd), sgd)}
-      for curvature in ("engine", "autodiff", "hvp"):
-        fns[f"cr_{curvature}"] = (steps.make_cr_step(
-            model, cr, steps.CROptions(curvature=curvature,
-                                       gradient_direction=True)), cr)
-      args = {key: (params, tx.init(params), x, y)
-              for key, (_, tx) in fns.items()}
-      compiled = {key: jax.jit(steps.applied(step)).lower(*args[key]).compile()
-                  for key, (step, _) in fns.items()}
-      flops = {key: bench.flops(c) for key, c in compiled.items()}
-      samplers = {key: bench.make_sampler(c, args[key], 3 if batch > 64 else 5)
-                  for key, c in compiled.items()}
-      for sample in samplers.values():
-        sample()                                      # warm-up
-      times = bench.interleaved_samples(samplers, _REPEATS.value)
-      med = {key: float(np.median(v)) for key, v in times.items()}
-      r = {key: med[key] / med["sgd"] for key in med}
-      print(f"| {name} | {batch} | {1e3 * med['sgd']:.2f} | "
-            f"{r['cr_engine']:.2f}x | {r['cr_autodiff']:.2f}x | "
-            f"{r['cr_hvp']:.2f}x | "
-            f"{med['cr_autodiff'] / med['cr_engine']:.2f}x | "
-            f"{flops['cr_engine'] / flops['sgd']:.2f}x |", flush=True)
+      rows.append(dict(net=name, **measure_net(model, shape, sigma, batch,
+                                               repeats=_REPEATS.value)))
+      print(f"[bench_nets] {name} b{batch} done", flush=True)
+  goal = evaluate_goal(rows)
+  env = report.environment()
+  markdown = "# lrcr on other nets\n\n" + _markdown(
+      report.environment_line(env), rows, goal)
+  print(markdown, flush=True)
+  if _OUT.value:
+    report.write(_OUT.value, "bench_nets", dict(
+        command=report.command_line("experiments.bench_nets"),
+        date=report.now(), environment=env, nets=rows, goal=goal), markdown)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from absl import app
 from absl import flags
 import jax
 import numpy as np
-import optax
 
 import lrcr
 from experiments import bench
@@ -64,26 +63,12 @@ def main(argv: Sequence[str]) -> None:
     return loss, g, lrcr.autodiff_directional(lambda q: loss_fn(q, x, y), p,
                                               step(g))
 
-  tx = optax.chain(optax.sgd(0.02), lrcr.scale_by_cubic_step(100.0))
-  state = tx.init(params)
-
-  def stub(p, d):
-    n = optax.tree.norm(d, squared=True)
-    return lrcr.Directional(-n, 2.0 * n, n)
-
-  def transform(p):
-    updates, _ = tx.update(p, state, p, curvature_fn=stub)
-    return optax.apply_updates(p, updates)
-
-  def apply_only(p):
-    return optax.apply_updates(p, step(p))
-
   fns = {"grad": grad, "engine_pass": engine_pass, "engine": engine(),
          "engine_gram": engine(gram=True),
          "engine_stacked": engine(stack=True),
          "engine_gram_stacked": engine(gram=True, stack=True),
          "fwd_over_fwd": fwd_over_fwd,
-         "transform": transform, "apply_only": apply_only}
+         **bench.transform_parts(params)}
   samplers = {k: bench.call_sampler(jax.jit(f), (params,))
               for k, f in fns.items()}
   times = bench.interleaved_samples(samplers, _REPEATS.value)

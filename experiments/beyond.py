@@ -17,11 +17,8 @@ beyond.json to the workdir; runs already done resume.
 """
 
 from collections.abc import Sequence
-import datetime
 import json
 import os
-import shlex
-import sys
 import time
 
 from absl import app
@@ -29,7 +26,8 @@ from absl import flags
 import numpy as np
 
 from configs import beyond
-from experiments import metrics
+from experiments import report
+from experiments import stats
 from experiments import summary as summary_lib
 from experiments import train_lib as train
 
@@ -73,7 +71,7 @@ def _run(arg, workdir):
       os.path.join(workdir, config.name, train.METRICS_FILE))
   per_seed = {"median_learning_rate_cr": [], "log10_lr_std": [],
               "median_alpha_cv": []}
-  for seed_records in summary_lib.split_by_seed(records).values():
+  for seed_records in stats.split_by_seed(records).values():
     median_lr, spread = _lr_stats(seed_records)
     cv = np.array([r.get("alpha_cv", 0.0) for r in seed_records
                    if not r.get("skipped_cr")], float)
@@ -91,39 +89,47 @@ def _run(arg, workdir):
               "exit_step_cr"):
     row[key], row["iqr"][key] = result[key], result["iqr"][key]
   for key, values in per_seed.items():
-    row[key], row["iqr"][key] = summary_lib.median_and_iqr(values)
+    row[key], row["iqr"][key] = stats.median_and_iqr(values)
   return row
-
-
-def _fmt(x):
-  if x is None:
-    return "never"
-  return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
 def _cell(row, key):
   """median [25th, 75th percentile] over seeds (the median alone for one)."""
-  fmt = _fmt if key.startswith("exit_step") else (
-      lambda x: "—" if x is None else _fmt(x))
-  iqr = row.get("iqr", {}).get(key)
-  if row.get("num_seeds", 1) < 2 or not iqr:
-    return fmt(row[key])
-  return f"{fmt(row[key])} [{fmt(iqr[0])}, {fmt(iqr[1])}]"
+  cell = lambda x: report.fmt(  # noqa: E731
+      x, ".4g", "never" if key.startswith("exit_step") else "—")
+  iqr = row.get("iqr", {}).get(key) if row.get("num_seeds", 1) > 1 else None
+  return report.with_iqr(row[key], iqr, cell)
 
 
 def _table(rows, cv=False):
-  head = ("| run, variant | final loss base / CR | exit base / CR | median CR lr "
-          "| std log10 CR lr | it/s |" + (" median CV of per-sample alpha |"
-                                          if cv else "") + "\n|---|---|---|---|---|---|"
-          + ("---|" if cv else ""))
-  body = [f"| {r['run']} | {_cell(r, 'final_loss_base')} / "
-          f"{_cell(r, 'final_loss_cr')} | {_cell(r, 'exit_step_base')} / "
-          f"{_cell(r, 'exit_step_cr')} | {_cell(r, 'median_learning_rate_cr')} "
-          f"| {_cell(r, 'log10_lr_std')} | "
-          f"{'—' if r['steps_per_s'] is None else _fmt(r['steps_per_s'])} |"
-          + (f" {_cell(r, 'median_alpha_cv')} |" if cv else "")
-          for r in rows]
-  return "\n".join([head] + body)
+  header = ["run, variant", "final loss base / CR", "exit base / CR",
+            "median CR lr", "std log10 CR lr", "it/s"]
+  return "\n".join(report.table(
+      header + ["median CV of per-sample alpha"] * cv,
+      [[r["run"],
+        f"{_cell(r, 'final_loss_base')} / {_cell(r, 'final_loss_cr')}",
+        f"{_cell(r, 'exit_step_base')} / {_cell(r, 'exit_step_cr')}",
+        _cell(r, "median_learning_rate_cr"), _cell(r, "log10_lr_std"),
+        report.fmt(r["steps_per_s"], ".4g", "—")]
+       + [_cell(r, "median_alpha_cv")] * cv for r in rows]))
+
+
+def _previous(workdir):
+  """An earlier beyond.json of the workdir, or {}."""
+  path = os.path.join(workdir, "beyond.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _merged_grid(fresh, previous):
+  """The fresh grid rows with the earlier rows of the other variants."""
+  names = {r["run"] for r in fresh}
+  grid = [r for r in previous.get("grid", []) if r["run"] not in names]
+  order = [f"{run},{v}" for run in beyond.RUNS for v in beyond.VARIANTS]
+  return sorted(grid + fresh, key=lambda r: order.index(r["run"])
+                if r["run"] in order else len(order))
 
 
 def main(argv: Sequence[str]) -> None:
@@ -131,19 +137,13 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("Too many command-line arguments.")
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
+  previous = _previous(workdir)
   start = time.perf_counter()
   variants = _VARIANTS.value or beyond.VARIANTS
   grid = ([_run(f"{run},{variant}", workdir) for run in beyond.RUNS
            for variant in variants] if _GRID.value else [])
-  if grid and _VARIANTS.value and os.path.exists(
-      os.path.join(workdir, "beyond.json")):
-    with open(os.path.join(workdir, "beyond.json"), encoding="utf-8") as f:
-      fresh = {r["run"] for r in grid}
-      grid = [r for r in json.load(f).get("grid", [])
-              if r["run"] not in fresh] + grid
-      order = [f"{run},{v}" for run in beyond.RUNS for v in beyond.VARIANTS]
-      grid.sort(key=lambda r: order.index(r["run"]) if r["run"] in order
-                else len(order))
+  if grid and _VARIANTS.value:
+    grid = _merged_grid(grid, previous)
   sweep = ([_run(f"mnist_sgd_plateau,sigma{s}", workdir) for s in _SIGMAS]
            if _SWEEP.value else [])
   averaging = ([_run("mnist_sgd_plateau,global", workdir)] +
@@ -151,36 +151,25 @@ def main(argv: Sequence[str]) -> None:
                 for a in beyond.AVERAGINGS] if _AVERAGING.value else [])
   wall = time.perf_counter() - start
   # Parts not run this time keep their rows from an earlier beyond.json.
-  previous = {}
-  path_json = os.path.join(workdir, "beyond.json")
-  if os.path.exists(path_json):
-    with open(path_json, encoding="utf-8") as f:
-      previous = json.load(f)
   grid = grid or previous.get("grid", [])
   sweep = sweep or previous.get("sweep", [])
   averaging = averaging or previous.get("averaging", [])
-  command = " ".join(["python -m experiments.beyond"] +
-                     [shlex.quote(a) for a in sys.argv[1:]])
+  command = report.command_line("experiments.beyond")
   data = sorted({r["data"] for r in grid + sweep + averaging})
   lines = ["# lrcr beyond the paper", "",
            f"- Command: `{command}`", f"- Data: {'; '.join(data)}",
            f"- Seeds: {_NUM_SEEDS.value} per run; cells are the median over "
-           "seeds [25th, 75th percentile]",
-           f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+           "seeds [25th, 75th percentile]", f"- Date: {report.now()}",
            f"- Total wall time: {wall:.1f} s", ""]
-  if grid:
-    lines += ["## Granularity and adaptive sigma", "", _table(grid), ""]
-  if sweep:
-    lines += ["## Sigma sweep on Fig. 2 (SGD, plateau)", "", _table(sweep), ""]
-  if averaging:
-    lines += ["## Section 3.1's averaging options on Fig. 2", "",
-              _table(averaging, cv=True), ""]
-  with open(os.path.join(workdir, "beyond.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines))
-  with open(os.path.join(workdir, "beyond.json"), "w", encoding="utf-8") as f:
-    json.dump(metrics.jsonable({"command": command, "wall_time_s": wall,
-                              "grid": grid, "sweep": sweep,
-                              "averaging": averaging}), f, indent=2)
+  for title, rows, cv in (
+      ("Granularity and adaptive sigma", grid, False),
+      ("Sigma sweep on Fig. 2 (SGD, plateau)", sweep, False),
+      ("Section 3.1's averaging options on Fig. 2", averaging, True)):
+    if rows:
+      lines += [f"## {title}", "", _table(rows, cv=cv), ""]
+  report.write(workdir, "beyond", {
+      "command": command, "wall_time_s": wall, "grid": grid,
+      "sweep": sweep, "averaging": averaging}, "\n".join(lines))
   print("\n".join(lines), flush=True)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from experiments import workdir as workdir_lib
+from experiments.report import jsonable
 
 #: The keys of every record, in file order.
 METRIC_KEYS: tuple[str, ...] = (
@@ -54,21 +55,6 @@ def to_float(value: Any) -> float:
     return float(value)
   except (TypeError, ValueError):
     return math.nan
-
-
-def jsonable(x: Any) -> Any:
-  """x with numpy scalars as Python numbers and non-finite floats as None."""
-  if isinstance(x, Mapping):
-    return {str(k): jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [jsonable(v) for v in x]
-  if isinstance(x, (bool, np.bool_)):
-    return bool(x)
-  if isinstance(x, (int, np.integer)):
-    return int(x)
-  if isinstance(x, (float, np.floating)):
-    return float(x) if math.isfinite(float(x)) else None
-  return x
 
 
 # ---------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from experiments import workdir
-from experiments.summary import extract_series, extract_steps, moving_average
-from experiments.summary import split_by_seed
+from experiments.stats import extract_series, extract_steps, moving_average
+from experiments.stats import split_by_seed
 
 #: Colours used in the paper.
 BASE_COLOR = "blue"

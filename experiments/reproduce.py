@@ -20,11 +20,7 @@ anything trains, with the flag to fix.
 
 import ast
 from collections.abc import Sequence
-import datetime
-import json
 import os
-import platform
-import shlex
 import sys
 import time
 from typing import Any
@@ -37,7 +33,7 @@ import ml_collections
 from configs import paper
 from experiments import input_pipeline as data_lib
 from experiments import plots
-from experiments import metrics
+from experiments import report as report_lib
 from experiments import summary as summary_lib
 from experiments import train_lib as train
 
@@ -134,21 +130,6 @@ def _table_row(row: dict[str, Any]) -> dict[str, Any]:
   return dict(row, exit_step_base="—", exit_step_cr="—")
 
 
-def machine() -> str:
-  """The CPU and device the numbers come from, in words."""
-  import jax  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f
-                  if line.startswith("model name")), cpu)
-  except OSError:
-    pass
-  devices = jax.devices()
-  return (f"{os.cpu_count()} CPU cores ({cpu}), {len(devices)} "
-          f"{devices[0].platform} device(s), JAX {jax.__version__}")
-
-
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
@@ -167,14 +148,13 @@ def main(argv: Sequence[str]) -> None:
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+  date = report_lib.now()
   rows = [_run_one(name, configs[name], workdir) for name in names]
   wall_time = time.perf_counter() - start
 
-  command = " ".join(["python -m experiments.reproduce"] +
-                     [shlex.quote(a) for a in sys.argv[1:]])
+  command = report_lib.command_line("experiments.reproduce")
   data_used = sorted({row["data"] for row in rows if row["status"] == "ok"})
-  host = machine()
+  env = report_lib.environment()
   lines = [
       "# lrcr: the paper's runs, base vs base+CR",
       "",
@@ -184,7 +164,7 @@ def main(argv: Sequence[str]) -> None:
       "seeds [25th, 75th percentile]; a claim holds when it holds on at "
       f"least {summary_lib.seeds_required(_NUM_SEEDS.value)} of "
       f"{_NUM_SEEDS.value} seeds",
-      f"- Machine: {host}",
+      f"- Machine: {report_lib.environment_line(env)}",
       f"- Date: {date}",
       f"- Total wall time: {wall_time:.1f} s",
       "",
@@ -197,14 +177,10 @@ def main(argv: Sequence[str]) -> None:
     elif row.get("claim"):
       lines.append(f"- {row['run']} ({row['figure']}): "
                    f"{row['claim']['reason']}")
-  with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines).rstrip() + "\n")
-  report = {"command": command, "date": date, "wall_time_s": wall_time,
-            "machine": host, "num_seeds": _NUM_SEEDS.value,
-            "data": data_used, "runs": rows}
-  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(metrics.jsonable(report), f, indent=2, allow_nan=False)
-    f.write("\n")
+  report_lib.write(workdir, "summary", {
+      "command": command, "date": date, "wall_time_s": wall_time,
+      "environment": env, "num_seeds": _NUM_SEEDS.value, "data": data_used,
+      "runs": rows}, "\n".join(lines))
 
   runs = [(f"{row['figure']} {row['run']}".strip(), summary_lib.read_metrics(
       os.path.join(workdir, row["run"], train.METRICS_FILE)))

@@ -67,6 +67,7 @@ from experiments import metrics as metrics_lib
 from experiments import models
 from experiments import optimizers
 from experiments import plots
+from experiments import report
 from experiments import steps
 from experiments import summary as summary_lib
 from experiments import workdir as workdir_lib
@@ -624,7 +625,7 @@ def _write_summary(config: Any, workdir: str, dataset: Any,
              ).strip(), base_name=base_name)
   workdir_lib.atomic_write(
       os.path.join(workdir, SUMMARY_FILE),
-      (json.dumps(metrics_lib.jsonable(result), indent=2, allow_nan=False)
+      (json.dumps(report.jsonable(result), indent=2, allow_nan=False)
        + "\n").encode("utf-8"))
   return result
 

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from experiments import device_check
+from experiments import report as report_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +62,8 @@ def test_every_section_ran_without_error(report):
   assert env["backend"] == "cpu" and env["device_kind"]
   assert env["jax_version"] and env["jaxlib_version"]
   for title in ("# lrcr device check", "## 1. Exactness", "## 2. Speed",
-                "## 3. Memory", "## 4. Fig. 2 run", "**Goals:**"):
+                "## 3. Memory", "## 4. Fig. 2 run", "**Goals:**",
+                "| target | measured | verdict |"):
     assert title in markdown, title
 
 
@@ -82,10 +84,12 @@ def test_exactness_numbers_are_sane(report):
   for prec in device_check.PRECISIONS:
     assert exact["max_rel_err"][prec]["engine"] < 1e-3
   for table in exact["step_timing"].values():
-    for name, t in table.items():
-      if name != "pin_cost":
-        assert _positive(t["ms"]) and _positive(t["ratio"]), name
-    assert _positive(table["pin_cost"]["cr_highest_over_default"])
+    assert set(table["steps"]) == {
+        f"{n}@{p}" for n in (device_check.SGD, device_check.GRAM)
+        for p in device_check.PRECISIONS}
+    for name, t in table["steps"].items():
+      assert _positive(t["ms_per_step"]) and _positive(t["ratio"]), name
+    assert _positive(table["cr_highest_over_default"])
 
 
 def test_speed_memory_and_fig2_numbers_are_sane(report):
@@ -93,19 +97,21 @@ def test_speed_memory_and_fig2_numbers_are_sane(report):
   speed = saved["sections"]["speed"]["result"]
   assert speed["shapes"]
   for row in speed["shapes"].values():
-    assert set(row["steps"]) == set(device_check.SPEED_STEPS)
-    for name, t in row["steps"].items():
-      assert _positive(t["ms"]) and _positive(t["ratio"]), name
+    assert set(row["variants"]) == set(device_check.SPEED_STEPS)
+    for name, t in row["variants"].items():
+      assert _positive(t["ms_per_step"]) and _positive(t["ratio"]), name
       assert isinstance(t["kernels"], int) and t["kernels"] > 0, name
-    kernels = {n: t["kernels"] for n, t in row["steps"].items()}
+      assert t["kernel_ratio"] == pytest.approx(
+          t["kernels"] / row["variants"][device_check.SGD]["kernels"])
+    kernels = {n: t["kernels"] for n, t in row["variants"].items()}
     assert kernels[device_check.GRAM] > kernels[device_check.SGD], kernels
   assert _positive(speed["scan_chunk"]["steps_per_s"])
 
   memory = saved["sections"]["memory"]["result"]
   for row in memory["shapes"].values():
-    for name in (device_check.SGD, device_check.GRAM, device_check.DENSE):
-      assert _positive(row["stats"][name]["peak_bytes"]), name
-    assert _positive(row[f"{device_check.GRAM}/peak_bytes_ratio"])
+    for name in device_check.MEMORY_STEPS:
+      assert _positive(row["steps"][name]["peak_bytes"]), name
+      assert _positive(row["steps"][name]["memory_ratio"]), name
 
   fig2 = saved["sections"]["fig2"]["result"]
   assert fig2["num_steps"] == device_check.Options.tiny_sizes().fig2_steps
@@ -114,9 +120,10 @@ def test_speed_memory_and_fig2_numbers_are_sane(report):
   assert fig2["stopped"] is None
 
   goals = saved["goals"]
-  assert len(goals["goals"]) == 4
-  assert all(g["met"] in (True, False) for g in goals["goals"]), goals
-  assert "--tiny" in goals["summary"]
+  assert len(goals) == len(device_check.goals(
+      device_check.Options.tiny_sizes()))
+  assert all(g["met"] in (True, False) for g in goals), goals
+  assert all("--tiny" in g["verdict"] for g in goals)
 
 
 def test_sections_past_the_budget_are_skipped_and_recorded(tmp_path):
@@ -128,7 +135,7 @@ def test_sections_past_the_budget_are_skipped_and_recorded(tmp_path):
   assert set(saved["sections"]) == {"memory", "fig2"}
   for section in saved["sections"].values():
     assert section["status"] == "skipped" and "budget_s" in section["error"]
-  assert all(g["met"] is None for g in saved["goals"]["goals"])
+  assert all(g["met"] is None for g in saved["goals"])
   assert "| fig2 | skipped" in (tmp_path / "device_check.md").read_text()
 
 
@@ -145,17 +152,17 @@ def test_steps_past_the_budget_are_skipped_and_recorded():
       f"b{b}": dict(skipped="over --budget_s") for b in opts.precision_batches}
   assert exact["cases"]                     # the directionals still ran
   report = dict(
-      command="", date="", environment=device_check._environment(),
+      command="", date="", environment=report_lib.environment(),
       options=dataclasses.asdict(opts), finished=True, total_wall_s=0.0,
       sections={name: dict(status="ok", error=None, wall_s=0.0, result=r)
                 for name, r in (("exactness", exact), ("speed", speed))})
   report["goals"] = device_check.evaluate_goals(report)
-  speed_goals = [g for g in report["goals"]["goals"] if "SGD at batch" in
-                 g["goal"]]
-  assert len(speed_goals) == 2 and all(g["met"] is None for g in speed_goals)
+  speed_goals = [g for g in report["goals"] if "CR-SGD" in g["target"]]
+  assert len(speed_goals) == 3 and all(g["met"] is None for g in speed_goals)
+  assert all(g["verdict"].startswith("not measured") for g in speed_goals)
   markdown = device_check.to_markdown(report)
   for b in opts.precision_batches:
-    assert f"| b{b} | skipped: over --budget_s | | |" in markdown
+    assert f"| b{b} | skipped: over --budget_s |" in markdown
   skipped = ", ".join(f"b{b}" for b in opts.batches) + ", scan_chunk"
   assert f"Skipped (over --budget_s): {skipped}." in markdown
   assert "Scanned chunk" not in markdown

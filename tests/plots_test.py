@@ -6,6 +6,7 @@ from matplotlib.image import imread
 
 from configs import test as test_config
 from experiments import plots
+from experiments import stats
 from experiments import summary
 from experiments import train_lib
 
@@ -38,7 +39,7 @@ def test_run_figure_shows_both_runs_and_the_cr_learning_rate(records):
                              [r["learning_rate_cr"] for r in one])
   assert len(average.get_ydata()) == len(one)
   rates = np.array([r["learning_rate_cr"] for r in one])
-  expected = summary.moving_average(np.where(rates > 0, rates, np.nan), 100)
+  expected = stats.moving_average(np.where(rates > 0, rates, np.nan), 100)
   np.testing.assert_allclose(average.get_ydata(),
                              expected[np.isfinite(expected)])
   np.testing.assert_allclose(own.get_ydata(),

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from experiments import stats
 from experiments import summary as S
 
 LN10 = math.log(10.0)
@@ -47,7 +48,7 @@ def test_moving_average_matches_loop(period):
                                         1]).any() else np.nan
       for i in range(len(x))
   ])
-  got = S.moving_average(x, period)
+  got = stats.moving_average(x, period)
   assert got.shape == x.shape
   np.testing.assert_allclose(got,
                              expected,
@@ -58,14 +59,14 @@ def test_moving_average_matches_loop(period):
 
 def test_moving_average_all_nan_window_and_inf():
   x = np.array([np.nan, np.nan, 1.0, np.inf, 3.0])
-  got = S.moving_average(x, 2)
+  got = stats.moving_average(x, 2)
   assert np.isnan(got[0]) and np.isnan(got[1])
   np.testing.assert_allclose(got[2:], [1.0, 1.0, 3.0])
 
 
 def test_moving_average_bad_period():
   with pytest.raises(ValueError):
-    S.moving_average([1.0, 2.0], 0)
+    stats.moving_average([1.0, 2.0], 0)
 
 
 # ---------------------------------------------------------------- plateau exit
@@ -77,7 +78,7 @@ def test_plateau_exit_known_by_construction():
   thr = 0.95 * LN10
   mm = np.array([np.median(x[max(0, i - 99):i + 1]) for i in range(len(x))])
   expected = next(i for i in range(99, len(x)) if mm[i] < thr)
-  assert S.plateau_exit_step(x) == expected
+  assert stats.plateau_exit_step(x) == expected
   # The window ending at 499+k (50 <= k < 100) holds the k dropped values;
   # its median is ln10 - 0.01 (k - 49.5), below 0.95 ln10 once
   # 0.01 (k - 49.5) > 0.05 ln10.
@@ -86,20 +87,20 @@ def test_plateau_exit_known_by_construction():
 
 
 def test_plateau_exit_none_for_flat_and_short():
-  assert S.plateau_exit_step(np.full(1000, LN10)) is None
-  assert S.plateau_exit_step(np.full(50, 0.1)) is None  # no full window
+  assert stats.plateau_exit_step(np.full(1000, LN10)) is None
+  assert stats.plateau_exit_step(np.full(50, 0.1)) is None  # no full window
 
 
 def test_plateau_exit_ignores_partial_windows():
   x = np.full(300, LN10)
   x[:3] = 0.0  # noisy first batches: partial windows average 0
-  assert S.plateau_exit_step(x) is None
+  assert stats.plateau_exit_step(x) is None
 
 
 def test_plateau_exit_nan_aware():
   x = np.full(200, 0.1)
   x[::3] = np.nan
-  assert S.plateau_exit_step(x) == 99
+  assert stats.plateau_exit_step(x) == 99
 
 
 # --------------------------------------------------------------- summarize_run
@@ -119,9 +120,9 @@ def test_summarize_run_known_answers():
   assert s["num_steps"] == 1000
   assert s["final_loss_base"] == pytest.approx(np.median(base[-100:]))
   assert s["final_loss_cr"] == pytest.approx(0.5)
-  assert s["exit_step_cr"] == S.plateau_exit_step(cr)
+  assert s["exit_step_cr"] == stats.plateau_exit_step(cr)
   assert 200 < s["exit_step_cr"] < 300
-  assert s["exit_step_base"] == S.plateau_exit_step(base)
+  assert s["exit_step_base"] == stats.plateau_exit_step(base)
   assert s["exit_step_base"] > 800
   assert s["peak_learning_rate_cr"] == pytest.approx(1.0)
   assert s["median_learning_rate_cr"] == pytest.approx(0.01)
@@ -364,12 +365,12 @@ def test_read_metrics_checks_every_seed(tmp_path):
 
 def test_one_huge_loss_neither_hides_nor_invents_an_exit():
   """Issue 11, item 2."""
-  assert S.plateau_exit_step([2.3] * 5 + [4e28] + [2.3] * 300) is None
+  assert stats.plateau_exit_step([2.3] * 5 + [4e28] + [2.3] * 300) is None
   x = np.concatenate([np.full(300, LN10), np.full(300, 0.5)])
   x[350] = 4e28
-  assert S.plateau_exit_step(x) == S.plateau_exit_step(
+  assert stats.plateau_exit_step(x) == stats.plateau_exit_step(
       np.concatenate([np.full(300, LN10), np.full(300, 0.5)]))
-  ma = S.moving_average([2.3] * 5 + [4e28] + [2.3] * 300, 100)
+  ma = stats.moving_average([2.3] * 5 + [4e28] + [2.3] * 300, 100)
   np.testing.assert_allclose(ma[-1], 2.3)     # no running sum to cancel
 
 

@@ -1,0 +1,284 @@
+"""The reporting layer of experiments/: numbers, JSON, ratios, tables, goals.
+
+Every measuring program (`benchmark`, `bench_nets`, `device_check`,
+`reproduce`, `beyond`) builds its report as plain data and hands it here:
+
+    report = jsonable(report)                     # JSON-safe, NaN -> None
+    lines = table(["net", "kernels"], rows)       # markdown
+    rows = [judge(goal, value, text) for ...]     # Goal rows -> verdicts
+    write(out, "benchmark", report, markdown)     # .json and .md, atomically
+
+A goal is data: a `Goal` (what is judged, the comparison, the bar it must
+pass and an optional stretch goal) and the measured value; `judge` gives the
+row's verdict and `goals_table` renders the rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import operator
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from experiments import workdir
+
+# ---------------------------------------------------------------------------
+# Numbers and JSON.
+
+
+def jsonable(x: Any) -> Any:
+  """`x` with numpy scalars as Python numbers and non-finite floats as None.
+
+  Mappings become dicts with string keys, sequences lists; strings, None
+  and Python numbers pass; anything else becomes its `str`.
+  """
+  if isinstance(x, Mapping):
+    return {str(k): jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, (int, np.integer)):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    return float(x) if math.isfinite(float(x)) else None
+  return x if x is None or isinstance(x, str) else str(x)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+  """a / b, or None where either is missing or b is zero."""
+  return None if a is None or b is None or not b else a / b
+
+
+def rel_err(value: float, ref: float) -> float:
+  """|value - ref| / |ref| (the absolute error where ref is zero)."""
+  return abs(value - ref) / abs(ref) if ref else abs(value - ref)
+
+
+def fmt(x: Any, spec: str = ".3g", missing: str = "n/a") -> str:
+  """One cell: a number by `spec`, a bool as yes/no, None as `missing`."""
+  if x is None:
+    return missing
+  if isinstance(x, (bool, np.bool_)):
+    return "yes" if x else "no"
+  if isinstance(x, (int, np.integer)):
+    return str(int(x))
+  if isinstance(x, (float, np.floating)):
+    return format(float(x), spec) if math.isfinite(x) else str(float(x))
+  return str(x)
+
+
+def mib(nbytes: int | None) -> str:
+  """Bytes as MiB with two decimals ("n/a" for None)."""
+  return "n/a" if nbytes is None else f"{nbytes / 2**20:.2f}"
+
+
+def with_iqr(value: Any, iqr: Sequence[Any] | None, cell=fmt) -> str:
+  """"median [25th, 75th percentile]", or the median alone without an IQR."""
+  if not iqr:
+    return cell(value)
+  return f"{cell(value)} [{cell(iqr[0])}, {cell(iqr[1])}]"
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+  """(q1, median, q3) of `values`."""
+  q1, med, q3 = np.percentile(np.asarray(values, np.float64), [25, 50, 75])
+  return float(q1), float(med), float(q3)
+
+
+def paired(seconds: Sequence[float], base: Sequence[float]) -> dict[str, Any]:
+  """Milliseconds and the paired ratio to `base`, over interleaved repeats.
+
+  Args:
+    seconds: one sample per repeat, in seconds per step.
+    base: the base's samples of the same repeats.
+
+  Returns:
+    ms_per_step, ms_q1, ms_q3: the median and quartiles of the samples, in
+    ms; ratio, ratio_q1, ratio_q3: those of the per-repeat ratio
+    seconds[i] / base[i]; ratio_of_medians; samples_ms.
+  """
+  s, b = np.asarray(seconds, np.float64), np.asarray(base, np.float64)
+  q1, med, q3 = quartiles(s * 1e3)
+  r1, rmed, r3 = quartiles(s / b)
+  return dict(ms_per_step=med, ms_q1=q1, ms_q3=q3, ratio=rmed, ratio_q1=r1,
+              ratio_q3=r3, ratio_of_medians=med / (np.median(b) * 1e3),
+              samples_ms=[float(t * 1e3) for t in s])
+
+
+# ---------------------------------------------------------------------------
+# Markdown.
+
+
+def _cell(x: Any) -> str:
+  text = x if isinstance(x, str) else fmt(x)
+  return text.replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+  """A markdown table's lines; a cell that is not a string goes by `fmt`."""
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+  return lines
+
+
+# ---------------------------------------------------------------------------
+# Goals.
+
+_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt,
+        ">=": operator.ge}
+
+
+@dataclasses.dataclass(frozen=True)
+class Goal:
+  """A target: the measured value must be `op` the bar, ideally the goal.
+
+  Attributes:
+    target: what is judged, in words.
+    op: the comparison with the bar, one of "<", "<=", ">", ">=".
+    bar: the level to pass (None: the goal alone is judged).
+    goal: the stretch level, or None.
+    source: where the target comes from (an issue, say).
+    goal_op: the comparison with the goal, if not `op`.
+  """
+  target: str
+  op: str
+  bar: float | None
+  goal: float | None = None
+  source: str = ""
+  goal_op: str | None = None
+
+  def __post_init__(self):
+    for op in (self.op, self.goal_op or self.op):
+      if op not in _OPS:
+        raise ValueError(f"Goal {self.target!r}: op {op!r}; expected one "
+                         f"of {', '.join(_OPS)}.")
+    if self.bar is None and self.goal is None:
+      raise ValueError(f"Goal {self.target!r}: give a bar, a goal or both.")
+
+
+def judge(goal: Goal, value: float | None, measured: str = "") -> dict:
+  """A goal row: the target, the measured value and its verdict.
+
+  Args:
+    goal: the target.
+    value: the measured number, or None where it was not measured.
+    measured: the measurement in words (which variant, at which shape).
+
+  Returns:
+    A dict with target, op, bar, goal, source, value, measured, met (the
+    bar, or the goal where there is no bar, is passed; None when not
+    measured), goal_met and verdict: "not measured", "met", "met (goal)",
+    "met (bar; goal OP X not yet)" or "NOT met (gap ...)".
+  """
+  goal_op = goal.goal_op or goal.op
+  row = dict(target=goal.target, op=goal.op, bar=goal.bar, goal=goal.goal,
+             goal_op=goal_op, source=goal.source, value=value,
+             measured=measured or fmt(value), met=None, goal_met=None,
+             verdict="not measured")
+  if value is None or not math.isfinite(value):
+    return row
+  if goal.goal is not None:
+    row["goal_met"] = _OPS[goal_op](value, goal.goal)
+  if goal.bar is None:
+    op, first, row["met"] = goal_op, goal.goal, row["goal_met"]
+  else:
+    op, first, row["met"] = goal.op, goal.bar, _OPS[goal.op](value, goal.bar)
+  if not row["met"]:
+    row["verdict"] = f"NOT met (gap: {value:.3g} vs {op} {first:g})"
+  elif goal.goal is None or goal.bar is None:
+    row["verdict"] = "met"
+  elif row["goal_met"]:
+    row["verdict"] = "met (goal)"
+  else:
+    row["verdict"] = f"met (bar; goal {goal_op} {goal.goal:g} not yet)"
+  return row
+
+
+def goals_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The goal rows as a markdown table."""
+  def target(r):
+    levels = [f"bar {r['op']} {r['bar']:g}" if r["bar"] is not None else "",
+              f"goal {r['goal_op']} {r['goal']:g}" if r["goal"] is not None
+              else ""]
+    where = f" [{r['source']}]" if r["source"] else ""
+    return f"{r['target']} ({', '.join(l for l in levels if l)}){where}"
+  return table(["target", "measured", "verdict"],
+               [(target(r), r["measured"], r["verdict"]) for r in rows])
+
+
+# ---------------------------------------------------------------------------
+# Where the numbers come from, and where they go.
+
+
+def now() -> str:
+  """The local date and time, to the second, with its offset."""
+  return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def command_line(module: str) -> str:
+  """`python -m <module>` and this process's arguments, shell-quoted."""
+  return " ".join([f"python -m {module}"]
+                  + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      return next(line.split(":", 1)[1].strip() for line in f
+                  if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+  """The machine: device, backend, jax and jaxlib versions, CPUs, python."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  dev = jax.devices()[0]
+  return dict(device_kind=dev.device_kind, device=str(dev),
+              backend=jax.default_backend(), device_count=jax.device_count(),
+              jax_version=jax.__version__,
+              jaxlib_version=getattr(jaxlib, "__version__", None),
+              cpu_count=os.cpu_count(), cpu=_cpu_model(),
+              platform=platform.platform(), python=platform.python_version())
+
+
+def environment_line(env: Mapping[str, Any]) -> str:
+  """The environment in one line of words."""
+  return (f"**{env['device_kind']}** ({env['backend']}, "
+          f"{env['device_count']} device(s)); jax {env['jax_version']}, "
+          f"jaxlib {env['jaxlib_version']}; python {env['python']}; "
+          f"{env['cpu_count']} CPU cores ({env['cpu']}); {env['platform']}")
+
+
+def header(title: str, report: Mapping[str, Any]) -> list[str]:
+  """A report's first markdown lines: title, command, date, machine."""
+  return [f"# {title}", "", f"- command: `{report['command']}`",
+          f"- date: {report['date']}",
+          f"- machine: {environment_line(report['environment'])}"]
+
+
+def write(out: str, stem: str, report: Mapping[str, Any],
+          markdown: str) -> dict[str, Any]:
+  """Writes <out>/<stem>.json and <out>/<stem>.md, each replaced atomically.
+
+  Returns:
+    The report as written (`jsonable`).
+  """
+  report = jsonable(report)
+  os.makedirs(out, exist_ok=True)
+  for ext, text in (("json", json.dumps(report, indent=1, allow_nan=False)),
+                    ("md", markdown.rstrip())):
+    workdir.atomic_write(os.path.join(out, f"{stem}.{ext}"),
+                         (text + "\n").encode("utf-8"))
+  return report

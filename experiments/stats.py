@@ -1,0 +1,171 @@
+"""Statistics of metric records: series, moving windows, plateau exits, seeds.
+
+Records are the dicts of `metrics.jsonl`, one per (step, seed). Non-finite
+values (JSON null, NaN, Infinity) are NaN here and every statistic ignores
+them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+Records = Sequence[Mapping[str, Any]]
+
+
+def as_float(value: Any) -> float:
+  """A record value as a float; None or anything unparsable is NaN."""
+  try:
+    return math.nan if value is None else float(value)
+  except (TypeError, ValueError):
+    return math.nan
+
+
+def is_number(x: Any) -> bool:
+  """A finite Python or numpy number."""
+  return (isinstance(x, (int, float, np.integer, np.floating))
+          and math.isfinite(float(x)))
+
+
+def extract_series(records: Records, key: str) -> np.ndarray:
+  """One field of every record, float64; missing or non-numeric is NaN."""
+  return np.array([as_float(r.get(key)) for r in records], dtype=np.float64)
+
+
+def extract_steps(records: Records) -> np.ndarray:
+  """The records' `step` fields, or their positions where missing."""
+  steps = extract_series(records, "step")
+  return np.where(np.isfinite(steps), steps,
+                  np.arange(len(records), dtype=np.float64))
+
+
+def finite_median(x: Any) -> float | None:
+  """The median of the finite entries of `x`, or None if there are none."""
+  x = np.asarray(x, dtype=np.float64)
+  x = x[np.isfinite(x)]
+  return float(np.median(x)) if x.size else None
+
+
+def _windows(x: Iterable[float], period: int) -> np.ndarray:
+  """[n, period] trailing windows of x, padded with NaN before the start."""
+  if int(period) != period or period < 1:
+    raise ValueError(f"period must be a positive integer, got {period!r}")
+  arr = np.asarray(x, dtype=np.float64)
+  if arr.ndim != 1:
+    raise ValueError(f"x must be 1-D, got shape {arr.shape}")
+  arr = np.where(np.isfinite(arr), arr, np.nan)
+  padded = np.concatenate([np.full(int(period) - 1, np.nan), arr])
+  return np.lib.stride_tricks.sliding_window_view(padded, int(period))
+
+
+def moving_average(x: Iterable[float], period: int = 100) -> np.ndarray:
+  """Trailing, NaN-aware moving average.
+
+  Entry i is the mean of the finite values in x[max(0, i - period + 1):
+  i + 1]; a window without any finite value gives NaN. Each window is
+  summed on its own (no running sum), so one huge value only moves the
+  windows that hold it.
+
+  Args:
+    x: a 1-D sequence of values.
+    period: the window length (>= 1).
+
+  Returns:
+    A float64 array of the length of `x`.
+
+  Raises:
+    ValueError: if `period < 1` or `x` is not 1-D.
+  """
+  windows = _windows(x, period)
+  counts = np.isfinite(windows).sum(axis=1)
+  sums = np.nansum(windows, axis=1)
+  out = np.full(len(windows), np.nan)
+  ok = counts > 0
+  out[ok] = sums[ok] / counts[ok]
+  return out
+
+
+def moving_median(x: Iterable[float], period: int = 100) -> np.ndarray:
+  """Trailing, NaN-aware moving median (as `moving_average`, with medians).
+
+  One huge value in a window does not move its median, so a single spike
+  can neither hide nor invent a plateau exit.
+  """
+  windows = _windows(x, period)
+  out = np.full(len(windows), np.nan)
+  ok = np.isfinite(windows).any(axis=1)
+  out[ok] = np.nanmedian(windows[ok], axis=1)
+  return out
+
+
+def plateau_exit_step(losses: Iterable[float],
+                      threshold: float = 0.95 * math.log(10.0),
+                      period: int = 100) -> int | None:
+  """The first iteration at which a run has left the loss plateau.
+
+  That is the first index i >= period - 1 (a full window) whose trailing
+  `period`-step moving median of the loss is strictly below `threshold`. A
+  median, not a mean: one huge finite loss (a diverging step) moves a mean
+  window for `period` steps, but not a median.
+
+  Args:
+    losses: per-iteration losses (non-finite values are ignored).
+    threshold: the loss that counts as off the plateau; by default 95% of
+      ln(10), the loss of a uniform 10-class prediction.
+    period: the window.
+
+  Returns:
+    The 0-based index of that iteration, or None if it never happens.
+  """
+  median = moving_median(losses, period)
+  if median.size < period:
+    return None
+  with np.errstate(invalid="ignore"):
+    hits = np.nonzero(median[period - 1:] < threshold)[0]
+  return int(hits[0]) + period - 1 if hits.size else None
+
+
+def split_by_seed(records: Records) -> dict[int, list[Mapping[str, Any]]]:
+  """{seed: its records in step order}; records without `seed` are seed 0."""
+  by_seed: dict[int, list[Mapping[str, Any]]] = {}
+  for record in records:
+    by_seed.setdefault(int(record.get("seed", 0) or 0), []).append(record)
+  return by_seed
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+  """Linear-interpolated quantile of finite-or-+inf values."""
+  v = sorted(values)
+  pos = q * (len(v) - 1)
+  lo, frac = int(math.floor(pos)), pos - math.floor(pos)
+  if frac == 0 or v[lo] == v[lo + 1]:
+    return v[lo]
+  if math.isinf(v[lo + 1]):
+    return math.inf
+  return v[lo] + frac * (v[lo + 1] - v[lo])
+
+
+def median_and_iqr(values: Sequence[Any], *, never_is_inf: bool = False
+                   ) -> tuple[float | None, list[float | None] | None]:
+  """(median, [25th, 75th percentile]) of the usable values, or Nones.
+
+  Args:
+    values: one number per seed; None or NaN are left out, unless
+      `never_is_inf`.
+    never_is_inf: None is an exit that never happened, ordered after every
+      step (so a median or quartile of "never" is None); for exit steps.
+
+  Returns:
+    The median and the interquartile range, or (None, None) without values.
+  """
+  nums = [math.inf if v is None and never_is_inf else float(v)
+          for v in values
+          if (v is None and never_is_inf) or is_number(v)]
+  if not nums:
+    return None, None
+  out = [_quantile(nums, q) for q in (0.5, 0.25, 0.75)]
+  out = [None if math.isinf(x) else x for x in out]
+  return out[0], out[1:]
