@@ -113,8 +113,8 @@ def _zeros_for(granularity: str, params: Any, dtype) -> Any:
 # lrcr.cubic's exact power-of-two helpers and its solve (without the
 # concrete-sigma check, done once in scale_by_cubic_step).
 _times_pow2 = cubic.times_pow2
-_frexp = cubic._frexp  # pylint: disable=protected-access
-_solve = cubic._solve  # pylint: disable=protected-access
+_frexp = cubic.frexp
+_solve = cubic.solve
 
 
 def _exponent(max_abs: Array) -> Array:
