@@ -358,7 +358,16 @@ def _solve_jvp(primals, tangents):
 
 @jax.jit
 def _solve_jit(s, h, n2, sig):
-  return _solve_differentiable(s, h, n2, sig)
+  """The solve as one XLA kernel: its results leave through one array.
+
+  Without the barrier, XLA fuses parts of the solve into each reader of
+  alpha (every leaf of an update) and keeps the shared divisions and
+  square roots as kernels of their own.
+  """
+  alpha, decrease, ok = _solve_differentiable(s, h, n2, sig)
+  pack = jax.lax.optimization_barrier(
+      jnp.stack([alpha, decrease, ok.astype(alpha.dtype)]))
+  return pack[0], pack[1], pack[2] > 0
 
 
 def solve(slope, curvature, sqnorm, sigma) -> CubicSolution:

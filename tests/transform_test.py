@@ -306,7 +306,7 @@ def test_curvature_fn_breaking_the_contract_is_told_the_contract(returned,
     with pytest.raises(TypeError, match=match) as e:
       update(params, tx.init(params), params, curvature_fn=fn)
     assert "for granularity='global' three scalars" in str(e.value)
-    assert "for 'layer' three trees shaped like lrcr.layer_prefix(params)" in \
+    assert "for 'layer' three trees shaped like lrcr.param_groups(params)" in \
         str(e.value)
 
 
