@@ -16,6 +16,9 @@ matmuls' count, what the step would cost if kernels were free):
 - `fwd_over_fwd`: `value_and_grad` plus forward-over-forward along -0.1 grad
 - `transform`: `scale_by_cubic_step`'s update with a stub `curvature_fn`
   (one tree norm), against `apply_only`, the SGD update applied alone
+- `transform_own`: `scale_by_cubic_step`'s update applied, on the gradient
+  as given, with a stub that reads one entry of the direction (the
+  transform's own kernels), against `sgd_update`, `optax.sgd`'s
 """
 
 from collections.abc import Sequence
@@ -78,12 +81,30 @@ def main(argv: Sequence[str]) -> None:
   def apply_only(p):
     return optax.apply_updates(p, step(p))
 
+  cubic_only = lrcr.scale_by_cubic_step(100.0)
+  cubic_state = cubic_only.init(params)
+
+  def one_entry(p, d):
+    n = 1.0 + jax.numpy.square(jax.tree.leaves(d)[0][0, 0])
+    return lrcr.Directional(-n, 2.0 * n, n)
+
+  def transform_own(p):     # p stands for the gradient too
+    updates, _ = cubic_only.update(p, cubic_state, p, curvature_fn=one_entry)
+    return optax.apply_updates(p, updates)
+
+  sgd = optax.sgd(0.02)
+  sgd_state = sgd.init(params)
+
+  def sgd_update(p):
+    return optax.apply_updates(p, sgd.update(p, sgd_state, p)[0])
+
   fns = {"grad": grad, "engine_pass": engine_pass, "engine": engine(),
          "engine_gram": engine(gram=True),
          "engine_stacked": engine(stack=True),
          "engine_gram_stacked": engine(gram=True, stack=True),
          "fwd_over_fwd": fwd_over_fwd,
-         "transform": transform, "apply_only": apply_only}
+         "transform": transform, "apply_only": apply_only,
+         "transform_own": transform_own, "sgd_update": sgd_update}
   samplers = {k: bench.call_sampler(jax.jit(f), (params,))
               for k, f in fns.items()}
   times = bench.interleaved_samples(samplers, _REPEATS.value)
