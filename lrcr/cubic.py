@@ -8,7 +8,7 @@ length alpha (the paper's sigma/6 convention):
 
 and m'(alpha) = 0 has the roots of eq. 9; the paper takes the positive one:
 
-    alpha = (-h + sqrt(h^2 - 2 s sigma ||g||^3)) / (sigma ||g||^3)       # eq. 37
+    alpha = (-h + sqrt(h^2 - 2 s sigma ||g||^3)) / (sigma ||g||^3)    # eq. 37
 
 Kohler & Lucchi (2017), whose adaptive-sigma scheme lrcr also offers, write
 sigma/3 in front of the cubic term: their sigma equals this paper's sigma / 2.
@@ -17,35 +17,43 @@ Numerics (departures from eq. 37 as printed)
 --------------------------------------------
 Write S = sigma ||g||^3. The model has two exact symmetries: scaling g by c
 (s -> c s, h -> c^2 h, S -> c^3 S, alpha -> alpha / c) and scaling F by l
-(s, h, S -> l s, l h, l S; alpha unchanged). Together they reduce eq. 37 to a
-single dimensionless number, the ratio that sorts the regimes of eq. 41:
+(s, h, S -> l s, l h, l S; alpha unchanged). lrcr uses them with powers of
+two, c = 2^k and l = 2^j, chosen from the inputs' binary exponents so that
+the rescaled problem has |s~| in [1/2, 1) and S~ in [1/16, 3]:
 
-    c  = sqrt(|s| / S),  q = sqrt(|s| S),  h' = h / q        # h'^2 = h^2 / (|s| S)
-    alpha = c beta(h'),  F - m(alpha) = |s| c D(h')
+    s~ = l c s,  h~ = l c^2 h,  S~ = l c^3 S
+    alpha = c b,  F - m(alpha) = D~ / l
 
-where beta and D solve the model with s = -1 (or +1) and S = 1:
+where b is the larger root of m~'(b) = s~ + h~ b + S~ b^2 / 2 = 0:
 
-    descent, s < 0:   beta = -h' + sqrt(h'^2 + 2)                   # eq. 37
-    non-descent, s > 0 and h' <= -sqrt(2):  beta = -h' + sqrt(h'^2 - 2)
+    b = (-h~ + R) / S~ = -2 s~ / (h~ + R),  R = sqrt(h~^2 - 2 s~ S~)  # eq. 37
 
-* Range. c, q and h' are products, quotients and square roots of s, h,
-  ||g||^2 and sigma. lrcr forms them from each input's mantissa and binary
-  exponent (`frexp`), with the exponents kept as integers, so that no
-  intermediate such as h^2, sigma ||g||^3 or 2|s| over- or underflows, and
-  rounds only the final alpha and F - m(alpha) to the input dtype. Against a
+Only h~ is left free; it is the ratio that sorts the regimes of eq. 41
+(h~^2 / (2|s~| S~) is scale-free).
+
+* Range. k, j and the exponent of h~ are integers computed from each
+  input's mantissa and binary exponent (`frexp`), so no intermediate such
+  as h^2, sigma ||g||^3 or 2|s| over- or underflows; only the final alpha
+  and F - m(alpha) are rounded to the input dtype (`times_pow2`). Against a
   60-digit reference on inputs spanning the whole float32 range, alpha is
-  within 2.6e-7 (about 2 ulps; tests/cubic_test.py), and likewise in
-  float64. Subnormal inputs count as 0 (XLA flushes them).
-* Cancellation. For h' > 0 the numerator of eq. 37 subtracts two nearly
-  equal numbers when h'^2 >> 1 (the first regime of eq. 41). There lrcr uses
-  the conjugate form beta = 2 / (h' + sqrt(h'^2 + 2)), which is exact algebra
-  without cancellation. For |h'| beyond about 2^31 the limits of eq. 41 are
-  exact to far below an ulp: beta = 1/h' (h' > 0) or 2|h'| (h' < 0).
-* Predicted decrease. At the root, m'(alpha) = 0 turns F - m(alpha) into a
-  sum of positive terms, evaluated as such: with beta as above,
-  D = h' beta^2/2 + beta^3/3 for h' >= 0 and 2 beta/3 - h' beta^2/6 for
-  h' < 0 (descent), and D = beta (|h'| beta - 4) / 6 for the non-descent
-  minimum.
+  within about 2 ulps (tests/cubic_test.py), and likewise in float64.
+  Subnormal inputs count as 0 (XLA flushes them).
+* Cancellation. For h~ > 0 the numerator of eq. 37 subtracts two nearly
+  equal numbers when h~^2 >> |s~| S~ (the first regime of eq. 41). There
+  lrcr uses the conjugate form -2 s~ / (h~ + R), which is exact algebra
+  without cancellation. For |h~| beyond 2^32 the limits of eq. 41 are exact
+  to far below an ulp: b = |s~| / h~ (h~ > 0) or 2|h~| / S~ (h~ < 0).
+* Predicted decrease. At the root, m'(alpha) = 0 turns F - m(alpha) into
+  D~ = -b (4 s~ + h~ b) / 6, a sum of positive terms for a descent
+  direction (h~ b <= |s~| where h~ > 0).
+* Kernels. The solve is written so that XLA compiles it into one fused
+  kernel (see `_solve_primal` and `_solve_jit`): the CR step runs it every
+  update, and on accelerators a step of small kernels costs about its
+  number of kernels.
+* Derivatives. `solve` (and with it `cubic_step`, `cubic_step_length` and
+  `lrcr.scale_by_cubic_step`) is a `jax.custom_jvp`: the implicit-function
+  derivative of eq. 37's root, and the envelope derivative of F - m(alpha);
+  see `solve` for the points where alpha has none.
 
 Non-descent directions: the documented policy
 ---------------------------------------------
@@ -160,7 +168,7 @@ def check_sigma(sigma: Any, where: str) -> None:
 # --- Numbers as (mantissa, binary exponent) ----------------------------------
 # x = m 2^e with m a moderate float (within a few powers of two of 1) and e an
 # int32: products, quotients and square roots never leave the float range.
-# Only the inputs, h' and the two results are normalised (frexp, ldexp), and
+# Only the inputs, h~ and the two results are normalised (frexp, ldexp), and
 # those are read and written from the bits: jnp.frexp and jnp.ldexp are much
 # larger programs, and this code runs once per weight for the "variable"
 # granularity.
@@ -197,7 +205,15 @@ def times_pow2(x: Array, k: Array) -> Array:
   """x 2^k, exact unless the result leaves the normal floats.
 
   Two factors 2^(k//2) and 2^(k - k//2), so that 2^k itself need not be
-  representable: |k| up to twice the exponent range.
+  representable: |k| up to twice the exponent range. Linear in x, so its
+  derivative in x is 2^k (k has none).
+
+  Args:
+    x: a float array.
+    k: int32 exponents, broadcastable against x.
+
+  Returns:
+    x 2^k in x's dtype: +-inf above the range, 0 or subnormal below it.
   """
   x = jnp.asarray(x)
   k1 = jax.lax.shift_right_arithmetic(k, jnp.ones_like(k))   # floor(k / 2)
@@ -206,9 +222,14 @@ def times_pow2(x: Array, k: Array) -> Array:
 
 
 def frexp(x: Array) -> tuple[Array, Array]:
-  """(m, e) with |x| = m 2^e and 0.5 <= m < 1; (0, 0) for 0 and subnormals.
+  """The mantissa and binary exponent of |x|, read from its bits.
 
-  x must be finite.
+  Args:
+    x: a finite float array (for inf or NaN the result is meaningless).
+
+  Returns:
+    (m, e) with |x| = m 2^e, 0.5 <= m < 1 and e an int32; (0, 0) for 0 and
+    subnormals. Cheaper than `jnp.frexp`, which also handles those.
   """
   finfo = jnp.finfo(x.dtype)
   int_type = _int_type(x.dtype)
@@ -462,6 +483,6 @@ def cubic_step_length(slope, curvature, sqnorm, sigma) -> Array:
 
 
 def cubic_model(alpha, slope, curvature, sqnorm, sigma) -> Array:
-  """m(alpha) - F of eq. 8 along g: alpha s + alpha^2 h/2 + sigma/6 alpha^3 ||g||^3."""
+  """m(alpha) - F of eq. 8: alpha s + alpha^2 h/2 + sigma/6 alpha^3 ||g||^3."""
   return (alpha * slope + 0.5 * alpha ** 2 * curvature
           + sigma / 6.0 * alpha ** 3 * sqnorm ** 1.5)

@@ -1,4 +1,4 @@
-"""`scale_by_cubic_step`: the CR step length as an optax transformation (sec. 3.1).
+"""`scale_by_cubic_step`: the CR step length as an optax transform (sec. 3.1).
 
 CR is a metamethod: a base optimizer proposes a direction g, and CR chooses the
 learning rate alpha for it from the cubic model of eq. 8 (`lrcr.cubic`). In
@@ -6,8 +6,10 @@ optax terms the direction is the `updates` that reach this transform from
 whatever precedes it in an `optax.chain`, and the result is alpha * updates:
 
     tx = optax.chain(optax.sgd(1.0), lrcr.scale_by_cubic_step(sigma=100.0))
+    loss, grads, curvature_fn = lrcr.value_grad_and_curvature(
+        loss_fn, params, x, y)
     updates, state = tx.update(grads, state, params,
-                               curvature_fn=lrcr.lowrank_curvature_fn(model, x, y))
+                               curvature_fn=curvature_fn)
 
 Because alpha g does not change when g is scaled, the base optimizer's learning
 rate (constant or scheduled) cancels out of the CR update: only sigma and the
@@ -24,6 +26,11 @@ overflow inside `curvature_fn`. A `lrcr.types.ScalableCurvatureFn` (what
 `lrcr.value_grad_and_curvature` returns for granularity "global") is called
 as `curvature_fn.fn(params, g, e)` instead and applies 2^-e inside its own
 products, which saves writing a scaled copy of g every step.
+
+Cost: for granularity "global" the direction is read as one flat buffer per
+dtype, its largest entry found in one reduction, and eq. 37 solved in one
+small kernel (`lrcr.cubic.solve`); the rest fuses into the writes of the
+update, one per leaf, as for `optax.sgd`.
 """
 
 from __future__ import annotations
