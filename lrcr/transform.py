@@ -512,7 +512,10 @@ def scale_by_cubic_step(
   Differentiable: under `jax.grad` or `jax.jvp`, alpha and the update have
   the implicit-function derivative of eq. 37's root (`lrcr.cubic.solve`);
   the exponents of the power-of-two rescaling are piecewise constant and
-  contribute nothing, which is exact wherever they do not jump.
+  contribute nothing, which is exact wherever they do not jump. What is
+  piecewise by design (the no-step policy, `curvature_every`'s reuse, the
+  adaptive ratio test and sigma's clipping to [sigma_min, sigma_max]) has
+  the derivative of the branch taken; a non-finite block's is 0.
 
   Adaptive sigma (Kohler & Lucchi 2017, Algorithm 1), off by default: with
   `value_fn` (params -> batch loss F) passed as an extra argument, each step
