@@ -569,6 +569,36 @@ def test_derivative_of_alpha_and_update_matches_finite_differences():
       np.testing.assert_allclose(got, ref, rtol=1e-6)
 
 
+@pytest.mark.parametrize("gradient_direction", [False, True])
+def test_derivative_of_alpha_through_the_engine(gradient_direction):
+  """The engine's curvature_fn (a ScalableCurvatureFn, rescaled inside) is
+  differentiated as well: d alpha / d params against central differences."""
+  with jax.enable_x64(True):
+    model = lrcr.MLP((6, 5), 3, kernel_init=lrcr.uniform_init(0.5))
+    x = jax.random.normal(jax.random.key(0), (8, 4), jnp.float64)
+    y = jnp.arange(8) % 3
+    params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                          model.init(jax.random.key(1), x))
+    loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
+    tx = lrcr.scale_by_cubic_step(10.0)
+    state = tx.init(params)
+
+    def alpha(p):
+      _, g, fn = lrcr.value_grad_and_curvature(
+          loss_fn, p, x, y, gradient_direction=gradient_direction)
+      assert isinstance(fn, lrcr.types.ScalableCurvatureFn)
+      g = jax.tree.map(jnp.negative, g)
+      return tx.update(g, state, p, curvature_fn=fn)[1].learning_rate
+
+    v = jax.tree.map(lambda a: jnp.sin(jnp.arange(a.size, dtype=a.dtype)
+                                       ).reshape(a.shape), params)
+    moved = lambda t: jax.tree.map(lambda a, b: a + t * b, params, v)
+    got = optax.tree.vdot(jax.grad(alpha)(params), v)
+    ref = (alpha(moved(1e-6)) - alpha(moved(-1e-6))) / 2e-6
+    assert abs(float(ref)) > 1e-2
+    np.testing.assert_allclose(got, ref, rtol=1e-7)
+
+
 def test_derivative_of_the_update_with_respect_to_the_base_learning_rate():
   """alpha g does not depend on the base learning rate: nor does its
   derivative, which is 0 (up to rounding), while alpha's is -alpha / lr."""
