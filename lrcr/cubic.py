@@ -403,9 +403,12 @@ def solve(slope, curvature, sqnorm, sigma) -> CubicSolution:
   m(0), invalid or non-finite inputs) the derivative is 0, which is exact
   there. At the boundaries where alpha jumps (s > 0 as h^2 crosses 2 s S,
   or m(alpha) crosses m(0)) alpha has no derivative; lrcr returns the
-  derivative of the side it took (0 on the no-step side). Where the
-  derivative's own products leave the float range, or alpha or the
-  decrease overflowed (`finite` False), it is 0.
+  derivative of the side it took (0 on the no-step side). Where alpha
+  overflowed (`finite` False) both derivatives are 0, and where only the
+  decrease did, the decrease's. The derivative is evaluated in the input
+  dtype without the rescaling of the solve itself, so it is exact where
+  sigma ||g||^3 alpha and its tangents stay in the float range (as along
+  the unit-sized direction that `lrcr.scale_by_cubic_step` solves on).
 
   Args:
     slope: s = g . grad F.
