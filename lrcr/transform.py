@@ -35,6 +35,7 @@ update, one per leaf, as for `optax.sgd`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -153,46 +154,47 @@ def _exponent(max_abs: Array) -> Array:
 
 
 def _max_abs(tree: Any) -> Array:
-  """max |x| over every leaf, in at least float32 (float64 kept).
-
-  The leaves are read as one flat buffer (XLA: one copy and one reduction,
-  where a reduction per leaf is one or two kernels each). It is written as
-  max(x, -x), which XLA does not split back into a reduction per leaf as
-  it does max |x| of a concatenation.
-  """
+  """max |x| over every leaf of a group, in at least float32 (float64 kept)."""
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), jnp.float32)
   dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-  flat = jnp.concatenate([jnp.ravel(x) for x in leaves])
-  return jnp.max(jnp.maximum(flat, -flat), initial=0).astype(dtype)
+  return functools.reduce(jnp.maximum, [
+      jnp.max(jnp.abs(x)).astype(dtype) for x in leaves])
 
 
-def _as_flat_buffers(tree: Any) -> Any:
-  """tree with its leaves read back from one flat buffer per dtype.
+def _as_flat_buffers(tree: Any) -> tuple[Any, Array]:
+  """tree with its leaves read back from one flat buffer per dtype, and the
+  largest |entry| of all (at least float32), reduced from those buffers.
 
   The same values. XLA then fuses the direction's producers into the
-  buffer's copy, and every later reader (the largest-entry search, the
-  curvature_fn, the update) reads the buffer: one kernel for the copy where
-  the producers would otherwise be a kernel per leaf.
+  buffer's copy, and every later reader (the curvature_fn, the update)
+  reads the buffer: one kernel for the copy where the producers would
+  otherwise be a kernel per leaf, and one reduction where a reduction per
+  leaf is one or two kernels each. The reduction is written as max(x, -x),
+  which XLA does not split back into a reduction per leaf as it does
+  max |x| of a concatenation.
   """
   leaves, treedef = jax.tree.flatten(tree)
+  if not leaves:
+    return tree, jnp.zeros((), jnp.float32)
   out = list(leaves)
-  for dtype in {jnp.result_type(x) for x in leaves}:
-    idx = [i for i, x in enumerate(leaves) if jnp.result_type(x) == dtype]
-    if len(idx) < 2:
-      continue
+  dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+  maxima = []
+  for leaf_dtype in {jnp.result_type(x) for x in leaves}:
+    idx = [i for i, x in enumerate(leaves)
+           if jnp.result_type(x) == leaf_dtype]
     flat = jnp.concatenate([jnp.ravel(leaves[i]) for i in idx])
+    maxima.append(jnp.max(jnp.maximum(flat, -flat), initial=0).astype(dtype))
     ends = np.cumsum([int(np.size(leaves[i])) for i in idx])[:-1]
     for i, part in zip(idx, jnp.split(flat, ends)):
       out[i] = part.reshape(jnp.shape(leaves[i]))
-  return jax.tree.unflatten(treedef, out)
+  return jax.tree.unflatten(treedef, out), functools.reduce(jnp.maximum,
+                                                            maxima)
 
 
 def _block_exponents(granularity: str, updates: Any) -> Any:
-  """One exponent per block, shaped like `learning_rate`: e of max |g_block|."""
-  if granularity == "global":
-    return _exponent(_max_abs(updates))
+  """One exponent per block ("layer" or "variable"): e of max |g_block|."""
   if granularity == "layer":
     return jax.tree.map(lambda _, sub: _exponent(_max_abs(sub)),
                         param_groups(updates), updates)
@@ -414,11 +416,13 @@ def _update(c: _Settings, updates: Any, state: CubicStepState, params: Any,
             curvature_fn, value_fn, value):
   """`scale_by_cubic_step`'s update_fn, its arguments checked."""
   like = state.learning_rate
-  if c.granularity == "global":
-    updates = _as_flat_buffers(updates)
   # g' = g 2^-e per block, max |g'| in [0.5, 1): curvature_fn sees a
   # unit-sized direction, and alpha' along g' is alpha 2^e.
-  exps = _block_exponents(c.granularity, updates)
+  if c.granularity == "global":
+    updates, max_abs = _as_flat_buffers(updates)
+    exps = _exponent(max_abs)
+  else:
+    exps = _block_exponents(c.granularity, updates)
   # An engine-built curvature_fn (`lrcr.value_grad_and_curvature`) takes
   # the exponent and applies the scaling inside its products, which saves
   # writing a scaled copy of the whole direction every step.
