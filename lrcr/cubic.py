@@ -46,10 +46,10 @@ Only h~ is left free; it is the ratio that sorts the regimes of eq. 41
 * Predicted decrease. At the root, m'(alpha) = 0 turns F - m(alpha) into
   D~ = -b (4 s~ + h~ b) / 6, a sum of positive terms for a descent
   direction (h~ b <= |s~| where h~ > 0).
-* Kernels. The solve is written so that XLA compiles it into one fused
-  kernel (see `_solve_primal` and `_solve_jit`): the CR step runs it every
-  update, and on accelerators a step of small kernels costs about its
-  number of kernels.
+* Kernels. The solve is written so that XLA compiles it into a few fused
+  scalar kernels (see `_solve_primal` and `_solve_jit`): the CR step runs
+  it every update, and on accelerators a step of small kernels costs about
+  its number of kernels.
 * Derivatives. `solve` (and with it `cubic_step`, `cubic_step_length` and
   `lrcr.scale_by_cubic_step`) is a `jax.custom_jvp`: the implicit-function
   derivative of eq. 37's root, and the envelope derivative of F - m(alpha);
@@ -379,11 +379,12 @@ def _solve_jvp(primals, tangents):
 
 @jax.jit
 def _solve_jit(s, h, n2, sig):
-  """The solve as one XLA kernel: its results leave through one array.
+  """The solve, whose results leave through one array.
 
   Without the barrier, XLA fuses parts of the solve into each reader of
   alpha (every leaf of an update) and keeps the shared divisions and
-  square roots as kernels of their own.
+  square roots as kernels of their own; with it, the solve is a few
+  kernels whatever reads alpha.
   """
   alpha, decrease, ok = _solve_differentiable(s, h, n2, sig)
   pack = jax.lax.optimization_barrier(

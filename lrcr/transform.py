@@ -28,9 +28,9 @@ as `curvature_fn.fn(params, g, e)` instead and applies 2^-e inside its own
 products, which saves writing a scaled copy of g every step.
 
 Cost: for granularity "global" the direction is read as one flat buffer per
-dtype, its largest entry found in one reduction, and eq. 37 solved in one
-small kernel (`lrcr.cubic.solve`); the rest fuses into the writes of the
-update, one per leaf, as for `optax.sgd`.
+dtype, its largest entry found in one reduction, and eq. 37 solved in a
+few scalar kernels (`lrcr.cubic.solve`); the rest fuses into the writes of
+the update, one per leaf, as for `optax.sgd`.
 """
 
 from __future__ import annotations
