@@ -134,7 +134,10 @@ def transform_parts(params: Any) -> dict[str, Callable[[Any], Any]]:
   Returns:
     "transform": `scale_by_cubic_step`'s update after SGD, with a stub
     `curvature_fn` (one tree norm), applied; "apply_only": the SGD update
-    -0.1 params applied alone.
+    -0.1 params applied alone; "transform_own": `scale_by_cubic_step`'s
+    update alone, on the gradient as given (params stand for it), with a
+    stub that reads one entry (the transform's own kernels); "sgd_update":
+    `optax.sgd`'s update applied, its counterpart.
   """
   tx = optax.chain(optax.sgd(SGD_LR), lrcr.scale_by_cubic_step(SIGMA))
   state = tx.init(params)
@@ -150,7 +153,25 @@ def transform_parts(params: Any) -> dict[str, Callable[[Any], Any]]:
 
   def apply_only(p):
     return optax.apply_updates(p, jax.tree.map(lambda a: -0.1 * a, p))
-  return dict(transform=transform, apply_only=apply_only)
+
+  cubic = lrcr.scale_by_cubic_step(SIGMA)
+  cubic_state = cubic.init(params)
+  sgd = optax.sgd(SGD_LR)
+  sgd_state = sgd.init(params)
+
+  def one_entry(p, d):
+    del p
+    n = 1.0 + jnp.square(jax.tree.leaves(d)[0].ravel()[0])
+    return lrcr.Directional(-n, 2.0 * n, n)
+
+  def transform_own(p):
+    updates, _ = cubic.update(p, cubic_state, p, curvature_fn=one_entry)
+    return optax.apply_updates(p, updates)
+
+  def sgd_update(p):
+    return optax.apply_updates(p, sgd.update(p, sgd_state, p)[0])
+  return dict(transform=transform, apply_only=apply_only,
+              transform_own=transform_own, sgd_update=sgd_update)
 
 
 def make_steps(model: lrcr.MLP, batch: int,

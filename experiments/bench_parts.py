@@ -16,6 +16,9 @@ matmuls' count, what the step would cost if kernels were free):
 - `fwd_over_fwd`: `value_and_grad` plus forward-over-forward along -0.1 grad
 - `transform`: `scale_by_cubic_step`'s update with a stub `curvature_fn`
   (one tree norm), against `apply_only`, the SGD update applied alone
+- `transform_own`: `scale_by_cubic_step`'s update applied, on the gradient
+  as given, with a stub that reads one entry of the direction (the
+  transform's own kernels), against `sgd_update`, `optax.sgd`'s
 """
 
 from collections.abc import Sequence

@@ -24,7 +24,7 @@ from lrcr.curvature import (WeightFactors, autodiff_curvature_fn,
                             value_grad_and_curvature)
 from lrcr.transform import (CubicStepInfo, CubicStepState, cubic_adadelta,
                             cubic_adagrad, cubic_adam, cubic_rmsprop,
-                            cubic_sgd, layer_prefix, scale_by_cubic_step)
+                            cubic_sgd, scale_by_cubic_step)
 from lrcr import averaging
 
 __version__ = "0.1.0"
@@ -35,7 +35,7 @@ __all__ = [
     "autodiff_curvature_fn", "autodiff_directional", "averaging",
     "cross_entropy_loss", "cubic_adadelta", "cubic_adagrad", "cubic_adam",
     "cubic_model", "cubic_rmsprop", "cubic_sgd", "cubic_step",
-    "cubic_step_length", "directional", "hessian_diagonal", "layer_prefix",
+    "cubic_step_length", "directional", "hessian_diagonal",
     "lowrank_curvature_fn", "num_params", "param_groups",
     "per_sample_factors", "scale_by_cubic_step", "uniform_init",
     "value_and_directional", "value_grad_and_curvature",

@@ -8,7 +8,7 @@ length alpha (the paper's sigma/6 convention):
 
 and m'(alpha) = 0 has the roots of eq. 9; the paper takes the positive one:
 
-    alpha = (-h + sqrt(h^2 - 2 s sigma ||g||^3)) / (sigma ||g||^3)       # eq. 37
+    alpha = (-h + sqrt(h^2 - 2 s sigma ||g||^3)) / (sigma ||g||^3)    # eq. 37
 
 Kohler & Lucchi (2017), whose adaptive-sigma scheme lrcr also offers, write
 sigma/3 in front of the cubic term: their sigma equals this paper's sigma / 2.
@@ -17,35 +17,43 @@ Numerics (departures from eq. 37 as printed)
 --------------------------------------------
 Write S = sigma ||g||^3. The model has two exact symmetries: scaling g by c
 (s -> c s, h -> c^2 h, S -> c^3 S, alpha -> alpha / c) and scaling F by l
-(s, h, S -> l s, l h, l S; alpha unchanged). Together they reduce eq. 37 to a
-single dimensionless number, the ratio that sorts the regimes of eq. 41:
+(s, h, S -> l s, l h, l S; alpha unchanged). lrcr uses them with powers of
+two, c = 2^k and l = 2^j, chosen from the inputs' binary exponents so that
+the rescaled problem has |s~| in [1/2, 1) and S~ in [1/16, 3]:
 
-    c  = sqrt(|s| / S),  q = sqrt(|s| S),  h' = h / q        # h'^2 = h^2 / (|s| S)
-    alpha = c beta(h'),  F - m(alpha) = |s| c D(h')
+    s~ = l c s,  h~ = l c^2 h,  S~ = l c^3 S
+    alpha = c b,  F - m(alpha) = D~ / l
 
-where beta and D solve the model with s = -1 (or +1) and S = 1:
+where b is the larger root of m~'(b) = s~ + h~ b + S~ b^2 / 2 = 0:
 
-    descent, s < 0:   beta = -h' + sqrt(h'^2 + 2)                   # eq. 37
-    non-descent, s > 0 and h' <= -sqrt(2):  beta = -h' + sqrt(h'^2 - 2)
+    b = (-h~ + R) / S~ = -2 s~ / (h~ + R),  R = sqrt(h~^2 - 2 s~ S~)  # eq. 37
 
-* Range. c, q and h' are products, quotients and square roots of s, h,
-  ||g||^2 and sigma. lrcr forms them from each input's mantissa and binary
-  exponent (`frexp`), with the exponents kept as integers, so that no
-  intermediate such as h^2, sigma ||g||^3 or 2|s| over- or underflows, and
-  rounds only the final alpha and F - m(alpha) to the input dtype. Against a
+Only h~ is left free; it is the ratio that sorts the regimes of eq. 41
+(h~^2 / (2|s~| S~) is scale-free).
+
+* Range. k, j and the exponent of h~ are integers computed from each
+  input's mantissa and binary exponent (`frexp`), so no intermediate such
+  as h^2, sigma ||g||^3 or 2|s| over- or underflows; only the final alpha
+  and F - m(alpha) are rounded to the input dtype (`times_pow2`). Against a
   60-digit reference on inputs spanning the whole float32 range, alpha is
-  within 2.6e-7 (about 2 ulps; tests/cubic_test.py), and likewise in
-  float64. Subnormal inputs count as 0 (XLA flushes them).
-* Cancellation. For h' > 0 the numerator of eq. 37 subtracts two nearly
-  equal numbers when h'^2 >> 1 (the first regime of eq. 41). There lrcr uses
-  the conjugate form beta = 2 / (h' + sqrt(h'^2 + 2)), which is exact algebra
-  without cancellation. For |h'| beyond about 2^31 the limits of eq. 41 are
-  exact to far below an ulp: beta = 1/h' (h' > 0) or 2|h'| (h' < 0).
-* Predicted decrease. At the root, m'(alpha) = 0 turns F - m(alpha) into a
-  sum of positive terms, evaluated as such: with beta as above,
-  D = h' beta^2/2 + beta^3/3 for h' >= 0 and 2 beta/3 - h' beta^2/6 for
-  h' < 0 (descent), and D = beta (|h'| beta - 4) / 6 for the non-descent
-  minimum.
+  within about 2 ulps (tests/cubic_test.py), and likewise in float64.
+  Subnormal inputs count as 0 (XLA flushes them).
+* Cancellation. For h~ > 0 the numerator of eq. 37 subtracts two nearly
+  equal numbers when h~^2 >> |s~| S~ (the first regime of eq. 41). There
+  lrcr uses the conjugate form -2 s~ / (h~ + R), which is exact algebra
+  without cancellation. For |h~| beyond 2^32 the limits of eq. 41 are exact
+  to far below an ulp: b = |s~| / h~ (h~ > 0) or 2|h~| / S~ (h~ < 0).
+* Predicted decrease. At the root, m'(alpha) = 0 turns F - m(alpha) into
+  D~ = -b (4 s~ + h~ b) / 6, a sum of positive terms for a descent
+  direction (h~ b <= |s~| where h~ > 0).
+* Kernels. The solve is written so that XLA compiles it into a few fused
+  scalar kernels (see `_solve_primal` and `_solve_jit`): the CR step runs
+  it every update, and on accelerators a step of small kernels costs about
+  its number of kernels.
+* Derivatives. `solve` (and with it `cubic_step`, `cubic_step_length` and
+  `lrcr.scale_by_cubic_step`) is a `jax.custom_jvp`: the implicit-function
+  derivative of eq. 37's root, and the envelope derivative of F - m(alpha);
+  see `solve` for the points where alpha has none.
 
 Non-descent directions: the documented policy
 ---------------------------------------------
@@ -85,7 +93,6 @@ predicted decrease of 0.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -94,12 +101,10 @@ import numpy as np
 
 Array = jax.Array
 
-# Where h' = m 2^e has e > _HUGE_EXP (|h'| > 2^30), the limits of eq. 41
-# replace the closed form; their relative error, about 1/h'^2 < 2^-60, is
-# below an ulp of float64. Below it (|h'| < 2^34) the float path stays in
-# range: beta^2 |h'| / 6 < 2^105.
+# Where h~ = m 2^E has E > _HUGE_EXP (|h~| > 2^32), the limits of eq. 41
+# replace the closed form; their relative error, about 2^-2E < 2^-64, is
+# below an ulp of float64. Below it h~^2 < 2^66 stays in range.
 _HUGE_EXP = 32
-_SQRT2 = math.sqrt(2.0)
 
 
 class CubicStep(NamedTuple):
@@ -112,6 +117,20 @@ class CubicStep(NamedTuple):
   """
   alpha: Array
   predicted_decrease: Array
+
+
+class CubicSolution(NamedTuple):
+  """`solve`'s result: a `CubicStep` and whether it stayed in range.
+
+  Attributes:
+    alpha: the step length multiplying g (>= 0, finite).
+    predicted_decrease: F - m(alpha) >= 0; +inf where it overflows.
+    finite: False where an input was not finite, or where alpha or the
+      predicted decrease left the float range (alpha is then 0).
+  """
+  alpha: Array
+  predicted_decrease: Array
+  finite: Array
 
 
 def check_sigma(sigma: Any, where: str) -> None:
@@ -149,7 +168,7 @@ def check_sigma(sigma: Any, where: str) -> None:
 # --- Numbers as (mantissa, binary exponent) ----------------------------------
 # x = m 2^e with m a moderate float (within a few powers of two of 1) and e an
 # int32: products, quotients and square roots never leave the float range.
-# Only the inputs, h' and the two results are normalised (frexp, ldexp), and
+# Only the inputs, h~ and the two results are normalised (frexp, ldexp), and
 # those are read and written from the bits: jnp.frexp and jnp.ldexp are much
 # larger programs, and this code runs once per weight for the "variable"
 # granularity.
@@ -182,25 +201,35 @@ def _pow2(k: Array, dtype) -> Array:
   return jax.lax.bitcast_convert_type(bits, dtype)
 
 
-def _times_pow2(x: Array, k: Array) -> Array:
+def times_pow2(x: Array, k: Array) -> Array:
   """x 2^k, exact unless the result leaves the normal floats.
 
   Two factors 2^(k//2) and 2^(k - k//2), so that 2^k itself need not be
-  representable: |k| up to twice the exponent range.
+  representable: |k| up to twice the exponent range. Linear in x, so its
+  derivative in x is 2^k (k has none).
+
+  Args:
+    x: a float array.
+    k: int32 exponents, broadcastable against x.
+
+  Returns:
+    x 2^k in x's dtype: +-inf above the range, 0 or subnormal below it.
   """
   x = jnp.asarray(x)
   k1 = jax.lax.shift_right_arithmetic(k, jnp.ones_like(k))   # floor(k / 2)
   return x * _pow2(k1, x.dtype) * _pow2(k - k1, x.dtype)
 
 
-#: x 2^k, exact unless the result leaves the normal floats (public name).
-times_pow2 = _times_pow2  # noqa: E305
 
+def frexp(x: Array) -> tuple[Array, Array]:
+  """The mantissa and binary exponent of |x|, read from its bits.
 
-def _frexp(x: Array) -> tuple[Array, Array]:
-  """(m, e) with |x| = m 2^e and 0.5 <= m < 1; (0, 0) for 0 and subnormals.
+  Args:
+    x: a finite float array (for inf or NaN the result is meaningless).
 
-  x must be finite.
+  Returns:
+    (m, e) with |x| = m 2^e, 0.5 <= m < 1 and e an int32; (0, 0) for 0 and
+    subnormals. Cheaper than `jnp.frexp`, which also handles those.
   """
   finfo = jnp.finfo(x.dtype)
   int_type = _int_type(x.dtype)
@@ -216,11 +245,21 @@ def _frexp(x: Array) -> tuple[Array, Array]:
 
 def _to_float(m: Array, e: Array) -> Array:
   """m 2^e (m >= 0 finite) rounded: inf above the range, 0 below normals."""
-  m, de = _frexp(m)
+  m, de = frexp(m)
   e = e + de
   finfo = jnp.finfo(m.dtype)
   k = _clip(e, finfo.minexp - 1, finfo.maxexp + 1)
-  return _where(e <= finfo.minexp, 0.0, _times_pow2(m, k))
+  return _where(e <= finfo.minexp, 0.0, times_pow2(m, k))
+
+
+def _abs(x: Array) -> Array:
+  """|x|, for squares of x >= 0 written as x |x|.
+
+  XLA keeps a value that depends on several inputs as a kernel of its own
+  when a consumer multiplies it by itself; x |x| reads it through two
+  different operations, and fuses.
+  """
+  return jnp.abs(x)
 
 
 def _even(m: Array, e: Array) -> tuple[Array, Array]:
@@ -229,99 +268,166 @@ def _even(m: Array, e: Array) -> tuple[Array, Array]:
   return _where(odd, 2.0 * m, m), _where(odd, e - 1, e)
 
 
-@jax.jit
-def _solve(slope, curvature, sqnorm, sigma):
-  """(alpha, predicted_decrease, ok) without the concrete-sigma check.
+def _solve_primal(s, h, n2, sig):
+  """(alpha, predicted decrease, ok) of eq. 37 and the policy; see `solve`.
 
-  ok is False where an input was non-finite, or where alpha or the
-  predicted decrease overflowed (see the module docstring); a zero direction
-  or a traced sigma <= 0 gives alpha = 0 with ok True. `scale_by_cubic_step`
-  reports it as `info.finite`.
+  s, h, n2, sig: arrays of one float dtype, broadcast together. Written so
+  that XLA fuses it into one kernel: no value that depends on two inputs is
+  multiplied by itself (XLA does not duplicate such a value into a consumer
+  that reads it twice, and keeps it as a kernel of its own).
   """
-  dtype = jnp.result_type(slope, curvature, sqnorm, sigma)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    dtype = jnp.float32
+  dtype = s.dtype
   # Half precision is solved in float32 and rounded at the end.
   work = jnp.promote_types(dtype, jnp.float32)
-  s, h, n2, sig = (jnp.asarray(a, dtype).astype(work) for a in
-                   (slope, curvature, sqnorm, sigma))
-  s, h, n2, sig = jnp.broadcast_arrays(s, h, n2, sig)
   tiny = jnp.finfo(work).tiny
   flush = lambda x: _where(jnp.abs(x) < tiny, jnp.zeros_like(x), x)
-  s, h, n2, sig = flush(s), flush(h), flush(n2), flush(sig)
+  s, h, n2, sig = (flush(x.astype(work)) for x in (s, h, n2, sig))
   finite = (jnp.isfinite(s) & jnp.isfinite(h) & jnp.isfinite(n2)
             & jnp.isfinite(sig))
   valid = finite & (n2 > 0) & (sig > 0)
-  one = jnp.ones_like(s)
-  # Placeholders keep the untaken lanes finite (no NaN leaks into grads).
-  s = _where(valid, s, -one)
-  h = _where(valid, h, 0.0 * one)
-  n2 = _where(valid, n2, one)
-  sig = _where(valid, sig, one)
+
+  # Mantissas and exponents: |s| = ms 2^es, ..., ||g||^2 = mn 2^en (en even).
+  # Non-finite lanes give garbage here, and 0 at the end.
+  ms, es = frexp(s)
+  mh, eh = frexp(h)
+  mn, en = _even(*frexp(n2))
+  mg, eg = frexp(sig)
   saddle = s == 0
-
-  # Mantissas and exponents: |s| = ms 2^es, ... (ms, mh, mn, mg in [0.5, 1)).
-  ms, es = _frexp(_where(saddle, one, s))
-  mh, eh = _frexp(h)
-  mn, en = _even(*_frexp(n2))
-  mg, eg = _frexp(sig)
-  # S = sigma ||g||^3 = mS 2^eS.
-  m_big, e_big = mg * mn * jnp.sqrt(mn), eg + en + jnp.right_shift(en, 1)
-  # c = sqrt(|s| / S) = mc 2^ec: alpha = c beta.
-  mc, ec = _even(ms / m_big, es - e_big)
-  mc, ec = jnp.sqrt(mc), jnp.right_shift(ec, 1)
-  # q = sqrt(|s| S) = mq 2^eq;  |h'| = |h| / q = mhp 2^ehp.
-  mq, eq = _even(ms * m_big, es + e_big)
-  mq, eq = jnp.sqrt(mq), jnp.right_shift(eq, 1)
-  mhp, ehp = mh / mq, eh - eq                  # mhp in [0.2, 3.4]
-  huge = (mh > 0) & (ehp > _HUGE_EXP)
-  # h' in floating point where it is moderate (it may round to 0 when tiny:
-  # that is the limit h' -> 0, exact to an ulp).
-  hp = jnp.sign(h) * _to_float(_where(huge, 0.0, mhp),
-                               _where(huge, 0, ehp))
-
-  # Descent (s < 0), s = -1, S = 1: m'(b) = -1 + h' b + b^2/2 = 0.   # eq. 37
-  r = jnp.sqrt(hp * hp + 2.0)              # sqrt(h'^2 + 2); |h'| < 2^34
-  beta_d = _where(hp > 0, 2.0 / (hp + r), r - hp)      # conjugate form, h' > 0
-  dec_d = _where(hp >= 0, hp * beta_d ** 2 / 2 + beta_d ** 3 / 3,
-                    2 * beta_d / 3 - hp * beta_d ** 2 / 6)
-  # Non-descent (s > 0) with h' <= -sqrt(2): m'(b) = 1 + h' b + b^2/2, the
-  # larger root, a local minimum, taken when m(b) < 0.
-  x = jnp.abs(hp)
-  gap = x - _SQRT2
-  beta_u = x + jnp.sqrt(jnp.maximum(gap, 0.0) * (x + _SQRT2))
-  dec_u = beta_u * (x * beta_u - 4.0) / 6.0
-  up_ok = (hp < 0) & (gap >= 0) & (dec_u > 0)
-  m_beta = _where(s < 0, beta_d, beta_u)
-  m_dec = _where(s < 0, dec_d, dec_u)
-  e_beta = e_dec = jnp.zeros_like(ehp)
-  # huge (|h'| > 2^30, see _HUGE_EXP): the limits of eq. 41.
-  #   h' > 0 (descent): beta = 1/h', D = 1/(2 h')
-  #   h' < 0:           beta = 2|h'|, D = 2|h'|^3 / 3
+  # Rescale g by 2^k and F by 2^j (the two symmetries of the module
+  # docstring) so that |s~| = ms and S~ = sigma~ ||g~||^3 is within [1/16, 3]:
+  #   j + k = -es,   j + 3k = -(eg + 3 en/2) - r,  r in {0, 1}.
+  # A saddle (s = 0) has no s to normalise: there h~ = mh (E = 0).
+  es = _where(saddle, 2 * eh - eg - 3 * jnp.right_shift(en, 1), es)
+  t = es - eg - 3 * jnp.right_shift(en, 1)
+  k = jnp.right_shift(t, 1)
+  big_s = _where(t - 2 * k == 1, 0.5 * mg, mg) * mn * jnp.sqrt(mn)  # S~
+  st = jnp.sign(s) * ms                                              # s~
+  e_h = eh + k - es                                     # h~ = mh 2^e_h
+  huge = (mh > 0) & (e_h > _HUGE_EXP)
+  e_hc = jnp.minimum(e_h, _HUGE_EXP)
+  ht = jnp.sign(h) * _to_float(mh, e_hc)                             # h~
   pos = h > 0
-  safe = _where(huge, mhp, 1.0)
-  m_beta = _where(huge, _where(pos, 1.0 / safe, 2.0 * safe), m_beta)
-  e_beta = _where(huge, _where(pos, -ehp, ehp), e_beta)
-  m_dec = _where(huge, _where(pos, 0.5 / safe, safe ** 3 * (2.0 / 3.0)),
-                    m_dec)
-  e_dec = _where(huge, _where(pos, -ehp, 3 * ehp), e_dec)
-  # alpha = c beta,  F - m(alpha) = |s| c D.
-  m_alpha, e_alpha = mc * m_beta, ec + e_beta
-  m_dec, e_dec = ms * mc * m_dec, es + ec + e_dec
-  # A saddle (s = 0, h < 0): alpha = 2|h| / S, F - m = 2|h|^3 / (3 S^2).
-  m_alpha = _where(saddle, 2.0 * mh / m_big, m_alpha)
-  e_alpha = _where(saddle, eh - e_big, e_alpha)
-  m_dec = _where(saddle, mh ** 3 / m_big ** 2 * (2.0 / 3.0), m_dec)
-  e_dec = _where(saddle, 3 * eh - 2 * e_big, e_dec)
 
-  take = valid & _where(s < 0, True, (h < 0) & (saddle | huge | up_ok))
-  alpha = _where(take, _to_float(m_alpha, e_alpha), 0.0).astype(dtype)
-  decrease = _where(take, _to_float(m_dec, e_dec), 0.0).astype(dtype)
+  # m'(b) = s~ + h~ b + S~ b^2 / 2 = 0, the larger root:             # eq. 37
+  #   b = (-h~ + R) / S~ = -2 s~ / (h~ + R),  R = sqrt(h~^2 - 2 s~ S~),
+  # the second (conjugate) form where h~ > 0, against cancellation. For
+  # s~ > 0 (non-descent, h~ < 0) it is the local minimum; for s = 0, h < 0
+  # (a saddle) b = 2|h~| / S~. Huge |h~|, the limits of eq. 41:
+  #   h~ > 0: b = |s~| / h~;   h~ < 0: b = 2|h~| / S~.
+  disc = _to_float(mh * _abs(mh), 2 * e_hc) - 2.0 * st * big_s
+  root = jnp.sqrt(jnp.maximum(disc, 0.0))
+  num = _where(huge, _where(pos, ms, 2.0 * mh), _where(pos, -2.0 * st,
+                                                       root - ht))
+  den = _where(huge, _where(pos, mh, big_s), _where(pos, ht + root, big_s))
+  mb = num / den
+  eb = _where(huge, _where(pos, -e_h, e_h), 0)
+  # F - m at the root (m' = 0 removes S~): D~ = -b (4 s~ + h~ b) / 6, a
+  # sum of positive terms for s~ < 0 (h~ b <= |s~| where h~ > 0). Huge:
+  #   h~ > 0: h~ b = |s~|, D~ = b |s~| / 2;
+  #   h~ < 0: D~ = b^3 |h~| S~ / 12 = b (mh b) / 6 2^(3E).
+  # Written as one quotient of num and den, so that no quotient is read
+  # twice (XLA keeps a reused division as a kernel of its own).
+  num_d = _where(huge, _where(pos, 0.5 * ms * num, num * mh * _abs(num)),
+                 -num * (4.0 * st * den + ht * num))
+  md = num_d / _where(huge & pos, den, 6.0 * den * _abs(den))
+  ed = _where(huge & ~pos, 3 * eb, eb)
+  # alpha = b 2^k, F - m = D~ 2^-j = D~ 2^(k + es).
+  take = valid & ((s < 0) | ((h < 0) & (
+      saddle | (huge | (disc >= 0)) & (num_d > 0))))
+  alpha = _where(take, _to_float(mb, eb + k), 0.0).astype(dtype)
+  decrease = _where(take, _to_float(md, ed + k + es), 0.0).astype(dtype)
   alpha_ok = jnp.isfinite(alpha)
   alpha = _where(alpha_ok, alpha, 0.0)
   decrease = _where(alpha > 0, decrease, 0.0)
   ok = finite & alpha_ok & jnp.isfinite(decrease)
   return alpha, decrease, ok
+
+
+@jax.custom_jvp
+def _solve_differentiable(s, h, n2, sig):
+  return _solve_primal(s, h, n2, sig)
+
+
+@_solve_differentiable.defjvp
+def _solve_jvp(primals, tangents):
+  """The implicit-function derivative of the root of eq. 37 (see `solve`).
+
+  m'(alpha) = s + alpha h + S alpha^2 / 2 = 0 with S = sigma ||g||^3, so
+      d alpha = -(ds + alpha dh + alpha^2 dS / 2) / (h + S alpha),
+  and at that root (the envelope theorem) F - m(alpha) has the derivative
+      d(F - m) = -(alpha ds + alpha^2 dh / 2 + alpha^3 dS / 6),
+  with dS = ||g||^3 dsigma + 3/2 sigma ||g|| d||g||^2.
+  """
+  alpha, decrease, ok = _solve_differentiable(*primals)
+  work = jnp.promote_types(alpha.dtype, jnp.float32)
+  s, h, n2, sig = (x.astype(work) for x in primals)
+  ds, dh, dn2, dsig = (x.astype(work) for x in tangents)
+  a = alpha.astype(work)
+  norm = jnp.sqrt(jnp.maximum(n2, 0.0))
+  d_big_s = n2 * norm * dsig + 1.5 * sig * norm * dn2
+  # h + S alpha = sqrt(h^2 - 2 s S) > 0 at every root the policy takes.
+  m2 = h + sig * n2 * norm * a
+  live = (alpha > 0) & (m2 > 0) & jnp.isfinite(m2)
+  d_alpha = -(ds + a * dh + 0.5 * a * a * d_big_s) / _where(live, m2, 1.0)
+  d_alpha = _where(live, d_alpha, 0.0)
+  d_dec = -(a * ds + 0.5 * a * a * dh + a * a * a / 6.0 * d_big_s)
+  d_dec = _where(live & jnp.isfinite(decrease), d_dec, 0.0)
+  d_ok = np.zeros(jnp.shape(ok), jax.dtypes.float0)
+  return ((alpha, decrease, ok),
+          (d_alpha.astype(alpha.dtype), d_dec.astype(alpha.dtype), d_ok))
+
+
+@jax.jit
+def _solve_jit(s, h, n2, sig):
+  """The solve, whose results leave through one array.
+
+  Without the barrier, XLA fuses parts of the solve into each reader of
+  alpha (every leaf of an update) and keeps the shared divisions and
+  square roots as kernels of their own; with it, the solve is a few
+  kernels whatever reads alpha.
+  """
+  alpha, decrease, ok = _solve_differentiable(s, h, n2, sig)
+  pack = jax.lax.optimization_barrier(
+      jnp.stack([alpha, decrease, ok.astype(alpha.dtype)]))
+  return pack[0], pack[1], pack[2] > 0
+
+
+def solve(slope, curvature, sqnorm, sigma) -> CubicSolution:
+  """`cubic_step` without the sigma check, and with a range flag.
+
+  The shared solve of `cubic_step`, `cubic_step_length` and
+  `lrcr.scale_by_cubic_step` (which checks sigma once, when it is built).
+  Differentiable: `jax.grad` and `jax.jvp` give the implicit-function
+  derivative of the root of eq. 37 (a `jax.custom_jvp`), and the envelope
+  derivative of the predicted decrease. Where the policy takes no step
+  (alpha = 0 on an open set of inputs: s >= 0 and h >= 0, no minimum below
+  m(0), invalid or non-finite inputs) the derivative is 0, which is exact
+  there. At the boundaries where alpha jumps (s > 0 as h^2 crosses 2 s S,
+  or m(alpha) crosses m(0)) alpha has no derivative; lrcr returns the
+  derivative of the side it took (0 on the no-step side). Where alpha
+  overflowed (`finite` False) both derivatives are 0, and where only the
+  decrease did, the decrease's. The derivative is evaluated in the input
+  dtype without the rescaling of the solve itself, so it is exact where
+  sigma ||g||^3 alpha and its tangents stay in the float range (as along
+  the unit-sized direction that `lrcr.scale_by_cubic_step` solves on).
+
+  Args:
+    slope: s = g . grad F.
+    curvature: h = g^T H g.
+    sqnorm: ||g||^2.
+    sigma: the cubic weight; lanes where it is <= 0 or not finite get
+      alpha = 0 (it is not checked here).
+
+  Returns:
+    `CubicSolution(alpha, predicted_decrease, finite)` in the promoted
+    dtype of the inputs (float32 for integers), broadcast together.
+  """
+  dtype = jnp.result_type(slope, curvature, sqnorm, sigma)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    dtype = jnp.float32
+  args = jnp.broadcast_arrays(*(jnp.asarray(x, dtype) for x in
+                                (slope, curvature, sqnorm, sigma)))
+  return CubicSolution(*_solve_jit(*args))
 
 
 def cubic_step(slope, curvature, sqnorm, sigma) -> CubicStep:
@@ -347,7 +453,7 @@ def cubic_step(slope, curvature, sqnorm, sigma) -> CubicStep:
     TypeError: if sigma is concrete and not a real number.
   """
   check_sigma(sigma, "cubic_step")
-  alpha, decrease, _ = _solve(slope, curvature, sqnorm, sigma)
+  alpha, decrease, _ = solve(slope, curvature, sqnorm, sigma)
   return CubicStep(alpha, decrease)
 
 
@@ -377,10 +483,10 @@ def cubic_step_length(slope, curvature, sqnorm, sigma) -> Array:
     TypeError: if sigma is concrete and not a real number.
   """
   check_sigma(sigma, "cubic_step_length")
-  return _solve(slope, curvature, sqnorm, sigma)[0]
+  return solve(slope, curvature, sqnorm, sigma).alpha
 
 
 def cubic_model(alpha, slope, curvature, sqnorm, sigma) -> Array:
-  """m(alpha) - F of eq. 8 along g: alpha s + alpha^2 h/2 + sigma/6 alpha^3 ||g||^3."""
+  """m(alpha) - F of eq. 8: alpha s + alpha^2 h/2 + sigma/6 alpha^3 ||g||^3."""
   return (alpha * slope + 0.5 * alpha ** 2 * curvature
           + sigma / 6.0 * alpha ** 3 * sqnorm ** 1.5)

@@ -1,4 +1,4 @@
-"""`scale_by_cubic_step`: the CR step length as an optax transformation (sec. 3.1).
+"""`scale_by_cubic_step`: the CR step length as an optax transform (sec. 3.1).
 
 CR is a metamethod: a base optimizer proposes a direction g, and CR chooses the
 learning rate alpha for it from the cubic model of eq. 8 (`lrcr.cubic`). In
@@ -6,8 +6,10 @@ optax terms the direction is the `updates` that reach this transform from
 whatever precedes it in an `optax.chain`, and the result is alpha * updates:
 
     tx = optax.chain(optax.sgd(1.0), lrcr.scale_by_cubic_step(sigma=100.0))
+    loss, grads, curvature_fn = lrcr.value_grad_and_curvature(
+        loss_fn, params, x, y)
     updates, state = tx.update(grads, state, params,
-                               curvature_fn=lrcr.lowrank_curvature_fn(model, x, y))
+                               curvature_fn=curvature_fn)
 
 Because alpha g does not change when g is scaled, the base optimizer's learning
 rate (constant or scheduled) cancels out of the CR update: only sigma and the
@@ -24,10 +26,16 @@ overflow inside `curvature_fn`. A `lrcr.types.ScalableCurvatureFn` (what
 `lrcr.value_grad_and_curvature` returns for granularity "global") is called
 as `curvature_fn.fn(params, g, e)` instead and applies 2^-e inside its own
 products, which saves writing a scaled copy of g every step.
+
+Cost: for granularity "global" the direction is read as one flat buffer per
+dtype, its largest entry found in one reduction, and eq. 37 solved in a
+few scalar kernels (`lrcr.cubic.solve`); the rest fuses into the writes of
+the update, one per leaf, as for `optax.sgd`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -56,9 +64,10 @@ class CubicStepInfo(NamedTuple):
     predicted_decrease: F - m(alpha) >= 0 per block; +inf where it exceeds
       the float range.
     finite: bool per block. False where `curvature_fn` returned a non-finite
-      slope, curvature or squared norm (alpha is then 0), or where the solve
-      left the float range (alpha beyond it, then 0; or an infinite predicted
-      decrease). Count `~finite` as a non-finite step: the other fields are
+      slope, curvature or squared norm (a NaN or inf direction gives one),
+      or where the solve left the float range (alpha beyond it; or an
+      infinite predicted decrease). The block's update is then 0 and its
+      alpha 0. Count `~finite` as a non-finite step: the other fields are
       not a reliable test, since they may overflow while the step is fine.
   """
   slope: Any
@@ -69,7 +78,21 @@ class CubicStepInfo(NamedTuple):
 
 
 class CubicStepState(NamedTuple):
-  """State of `scale_by_cubic_step`: the last alpha, diagnostics and sigma."""
+  """State of `scale_by_cubic_step`.
+
+  Attributes:
+    learning_rate: alpha, the step size the transform applied to the
+      incoming updates g (a scalar, one per layer or one per weight), as
+      optax's line searches keep theirs: `optax.tree.get(state,
+      "learning_rate")` finds it. It is in the units of g: after a base
+      optimizer with learning rate lr, the step in that optimizer's units
+      is alpha * lr (what the paper plots).
+    info: a `CubicStepInfo` of the last update.
+    sigma: the current cubic weight (changes only with `adaptive_sigma`).
+    accepted: whether the last update was applied (False only where
+      `adaptive_sigma` rejected it).
+    count: the number of updates so far.
+  """
   learning_rate: Any
   info: CubicStepInfo
   sigma: Array
@@ -80,77 +103,104 @@ class CubicStepState(NamedTuple):
 _MISSING = ("scale_by_cubic_step.update needs the keyword-only extra argument "
             "`curvature_fn`, a callable (params, direction) -> "
             "lrcr.Directional. Build it for the current batch with "
-            "lrcr.lowrank_curvature_fn(model, x, labels) for an lrcr.MLP, or "
-            "lrcr.autodiff_curvature_fn(loss_fn, *args) for any model, and "
-            "call tx.update(grads, state, params, curvature_fn=...).")
+            "lrcr.value_grad_and_curvature(loss_fn, params, *batch) for any "
+            "model (lrcr.lowrank_curvature_fn(model, x, labels) for an "
+            "lrcr.MLP, lrcr.autodiff_curvature_fn(loss_fn, *args) as a "
+            "reference), and call tx.update(grads, state, params, "
+            "curvature_fn=...).")
+
+_GRADIENT_DIRECTION = (
+    "`gradient_direction` is an argument of lrcr.value_grad_and_curvature, "
+    "not of {where}: build the curvature_fn with "
+    "lrcr.value_grad_and_curvature(loss_fn, params, *batch, "
+    "gradient_direction=True) when the base optimizer is plain SGD, and pass "
+    "that curvature_fn to tx.update(..., curvature_fn=curvature_fn).")
 
 _CONTRACT = (
     "curvature_fn(params, direction) must return "
     "lrcr.Directional(slope, curvature, sqnorm), or a tuple of these three, "
     "along `direction`: for granularity='global' three scalars (shape ()); "
-    "for 'layer' three trees shaped like lrcr.layer_prefix(params), one "
+    "for 'layer' three trees shaped like lrcr.param_groups(params), one "
     "scalar per layer; for 'variable' three trees shaped like params, one "
-    "value per weight. lrcr.lowrank_curvature_fn(model, x, labels, "
-    "granularity=...) and lrcr.autodiff_curvature_fn(loss_fn, *args, "
-    "granularity=...) build one.")
+    "value per weight. lrcr.value_grad_and_curvature(loss_fn, params, "
+    "*batch, granularity=...) and lrcr.autodiff_curvature_fn(loss_fn, "
+    "*args, granularity=...) build one.")
 
 
-#: The per-layer blocks of granularity "layer": one per innermost dict of
-#: params (a flax module), `lrcr.param_groups`; kept under its former name.
-layer_prefix = param_groups
+def _work_dtype(params: Any):
+  """The state's float dtype: the params' float dtype, at least float32."""
+  leaves = [x for x in jax.tree.leaves(params)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+  dtype = jnp.asarray(leaves[0]).dtype if leaves else jnp.float32
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _zeros_for(granularity: str, params: Any, dtype) -> Any:
   if granularity == "global":
     return jnp.zeros((), dtype)
   if granularity == "layer":
-    return jax.tree.map(lambda _: jnp.zeros((), dtype), layer_prefix(params))
+    return jax.tree.map(lambda _: jnp.zeros((), dtype), param_groups(params))
   return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
 
 
 # --- Exact power-of-two rescaling of the direction ---------------------------
 
-# lrcr.cubic's exact power-of-two helpers and its solve (without the
-# concrete-sigma check, done once in scale_by_cubic_step).
-_times_pow2 = cubic.times_pow2
-_frexp = cubic._frexp  # pylint: disable=protected-access
-_solve = cubic._solve  # pylint: disable=protected-access
-
 
 def _exponent(max_abs: Array) -> Array:
   """e with max_abs 2^-e in [0.5, 1); 0 for 0, subnormal or non-finite."""
   usable = jnp.isfinite(max_abs)
-  e = _frexp(jnp.where(usable, max_abs, 0.0))[1]
+  e = cubic.frexp(jnp.where(usable, max_abs, jnp.zeros_like(max_abs)))[1]
   return jnp.where(usable, e, 0)
 
 
 def _max_abs(tree: Any) -> Array:
-  """max |x| over every leaf.
-
-  Each leaf is first reduced to a row of partial maxima (one kernel), and
-  the rows are reduced together once: XLA on CPUs otherwise splits each
-  leaf's full reduction into two kernels, and the step at small batch is
-  bound by its number of kernels.
-  """
+  """max |x| over every leaf of a group, in at least float32 (float64 kept)."""
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  # At least float32 (a bfloat16 direction), float64 kept: its exponents
-  # reach beyond float32's range.
   dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-  rows = [jnp.max(jnp.abs(x), axis=tuple(range(1, jnp.ndim(x))))
-          .astype(dtype).ravel() for x in leaves]
-  return jnp.max(jnp.concatenate(rows), initial=0)
+  return functools.reduce(jnp.maximum, [
+      jnp.max(jnp.abs(x)).astype(dtype) for x in leaves])
+
+
+def _as_flat_buffers(tree: Any) -> tuple[Any, Array]:
+  """tree with its leaves read back from one flat buffer per dtype, and the
+  largest |entry| of all (at least float32), reduced from those buffers.
+
+  The same values. XLA then fuses the direction's producers into the
+  buffer's copy, and every later reader (the curvature_fn, the update)
+  reads the buffer: one kernel for the copy where the producers would
+  otherwise be a kernel per leaf, and one reduction where a reduction per
+  leaf is one or two kernels each. The reduction is written as max(x, -x),
+  which XLA does not split back into a reduction per leaf as it does
+  max |x| of a concatenation.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  if not leaves:
+    return tree, jnp.zeros((), jnp.float32)
+  out = list(leaves)
+  dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+  maxima = []
+  for leaf_dtype in {jnp.result_type(x) for x in leaves}:
+    idx = [i for i, x in enumerate(leaves)
+           if jnp.result_type(x) == leaf_dtype]
+    flat = jnp.concatenate([jnp.ravel(leaves[i]) for i in idx])
+    maxima.append(jnp.max(jnp.maximum(flat, -flat), initial=0).astype(dtype))
+    ends = np.cumsum([int(np.size(leaves[i])) for i in idx])[:-1]
+    for i, part in zip(idx, jnp.split(flat, ends)):
+      out[i] = part.reshape(jnp.shape(leaves[i]))
+  return jax.tree.unflatten(treedef, out), functools.reduce(jnp.maximum,
+                                                            maxima)
 
 
 def _block_exponents(granularity: str, updates: Any) -> Any:
-  """One exponent per block, shaped like `learning_rate`: e of max |g_block|."""
-  if granularity == "global":
-    return _exponent(_max_abs(updates))
+  """One exponent per block ("layer" or "variable"): e of max |g_block|."""
   if granularity == "layer":
     return jax.tree.map(lambda _, sub: _exponent(_max_abs(sub)),
-                        layer_prefix(updates), updates)
-  return jax.tree.map(lambda u: _exponent(jnp.abs(u)), updates)
+                        param_groups(updates), updates)
+  return jax.tree.map(
+      lambda u: _exponent(jnp.abs(u).astype(
+          jnp.promote_types(u.dtype, jnp.float32))), updates)
 
 
 def _per_block(fn, blocks: Any, tree: Any) -> Any:
@@ -194,6 +244,219 @@ def _as_directional(d: Any, granularity: str, like: Any) -> Directional:
   return d
 
 
+# --- The update, in parts -----------------------------------------------------
+
+
+class _Step(NamedTuple):
+  """One update's step lengths, per block (trees like `learning_rate`)."""
+  alpha_unit: Any    # alpha' = alpha 2^e, along the unit direction g 2^-e
+  alpha: Any         # alpha, along g
+  info: CubicStepInfo
+
+
+def _solve_blocks(d: Directional, exps: Any, sigma: Array, like: Any
+                  ) -> _Step:
+  """Eq. 37 for every block at once, from its unit-direction Directional.
+
+  Args:
+    d: slope, curvature and ||g'||^2 along g' = g 2^-e, trees like `like`.
+    exps: e per block (int32), like `like`.
+    sigma: the cubic weight, a scalar of the state's dtype.
+    like: the `learning_rate` tree (its structure and shapes).
+
+  Returns:
+    A `_Step` whose info is back in the units of g.
+  """
+  dtype = sigma.dtype
+  treedef = jax.tree.structure(like)
+  shapes = [jnp.shape(x) for x in jax.tree.leaves(like)]
+  single = len(shapes) == 1
+  # One solve for all blocks: the leaves flattened and concatenated.
+  flat = lambda tree, dt: (
+      jnp.asarray(treedef.flatten_up_to(tree)[0]).astype(dt) if single
+      else jnp.concatenate([jnp.ravel(jnp.asarray(x).astype(dt))
+                            for x in treedef.flatten_up_to(tree)]))
+  s, h, n2 = (flat(f, dtype) for f in d)
+  e = flat(exps, jnp.int32)
+  alpha_unit, decrease, ok = cubic.solve(s, h, n2, sigma)
+  # alpha = alpha' 2^-e; one beyond the float range: no step, not finite.
+  alpha = cubic.times_pow2(alpha_unit, -e)
+  fits = jnp.isfinite(alpha)
+  zero = lambda x: jnp.where(fits, x, jnp.zeros_like(x))
+  alpha_unit, alpha, decrease, ok = (zero(alpha_unit), zero(alpha),
+                                     zero(decrease), ok & fits)
+  if single:
+    tree = lambda x: jax.tree.unflatten(treedef, [x.reshape(shapes[0])])
+  else:
+    ends = np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1]
+    tree = lambda x: jax.tree.unflatten(treedef, [
+        part.reshape(shape) for part, shape in zip(jnp.split(x, ends),
+                                                   shapes)])
+  # Back to the units of g: s 2^e, h 2^2e, ||g||^2 2^2e.
+  info = CubicStepInfo(
+      slope=tree(cubic.times_pow2(s, e)),
+      curvature=tree(cubic.times_pow2(h, 2 * e)),
+      sqnorm=tree(cubic.times_pow2(n2, 2 * e)),
+      predicted_decrease=tree(decrease), finite=tree(ok))
+  return _Step(tree(alpha_unit), tree(alpha), info)
+
+
+def _scaled_updates(step: _Step, updates: Any, unit: Any) -> Any:
+  """alpha g = alpha' g' per block (eq. 42), and 0 where not finite.
+
+  A block whose step is not finite (a NaN or inf direction, or a
+  curvature_fn that returned one) gets a zero update, not alpha * NaN.
+  """
+  def scale(a, ok, u):
+    return jnp.where(ok, (a * u).astype(u.dtype), jnp.zeros_like(u))
+  if unit is None:      # the engine rescaled inside: alpha g directly
+    return jax.tree.map(lambda u: scale(step.alpha, step.info.finite, u),
+                        updates)
+  return jax.tree.map(
+      lambda a, ok, sub: jax.tree.map(lambda u: scale(a, ok, u), sub),
+      step.alpha_unit, step.info.finite, unit)
+
+
+class _Settings(NamedTuple):
+  """`scale_by_cubic_step`'s arguments, checked."""
+  granularity: str
+  adaptive_sigma: bool
+  eta_successful: float
+  eta_very_successful: float
+  gamma: float
+  sigma_min: float
+  sigma_max: float
+  curvature_every: int
+
+
+def _check_settings(sigma: Any, c: _Settings) -> None:
+  """Raises ValueError for settings `scale_by_cubic_step` cannot use."""
+  cubic.check_sigma(sigma, "scale_by_cubic_step")
+  if not isinstance(sigma, jax.core.Tracer) and jnp.ndim(sigma) != 0:
+    raise ValueError(f"scale_by_cubic_step(sigma=array of shape "
+                     f"{jnp.shape(sigma)}): sigma must be a scalar.")
+  if not (isinstance(c.curvature_every, int) and c.curvature_every >= 1):
+    raise ValueError(f"curvature_every={c.curvature_every!r}: must be an "
+                     "integer >= 1 (1 = every step, the paper).")
+  if c.adaptive_sigma and c.curvature_every > 1:
+    raise ValueError("adaptive_sigma needs a fresh predicted decrease every "
+                     "step; use it with curvature_every=1.")
+  if c.granularity not in GRANULARITIES:
+    raise ValueError(
+        f"scale_by_cubic_step(granularity={c.granularity!r}): expected one "
+        f"of {GRANULARITIES}.")
+  if c.adaptive_sigma:
+    if not 0 < c.sigma_min <= c.sigma_max < float("inf"):
+      raise ValueError(f"sigma_min={c.sigma_min!r}, sigma_max="
+                       f"{c.sigma_max!r}: need 0 < sigma_min <= sigma_max "
+                       "< inf.")
+    if not 1 < c.gamma < float("inf"):
+      raise ValueError(f"gamma={c.gamma!r}: must be > 1 (K&L use 2).")
+    if not 0 < c.eta_successful <= c.eta_very_successful:
+      raise ValueError(
+          f"eta_successful={c.eta_successful!r}, eta_very_successful="
+          f"{c.eta_very_successful!r}: need 0 < eta_successful <= "
+          "eta_very_successful (K&L: 0.1 and 0.9).")
+
+
+def _check_update_args(c: _Settings, params, curvature_fn, value_fn,
+                       extra_args: dict) -> None:
+  """Raises TypeError for a missing or misplaced extra argument."""
+  if "gradient_direction" in extra_args:
+    raise TypeError(_GRADIENT_DIRECTION.format(
+        where="scale_by_cubic_step.update"))
+  if curvature_fn is None:
+    raise TypeError(_MISSING)
+  if params is None:
+    raise TypeError("scale_by_cubic_step.update needs `params` (the point "
+                    "where the curvature is evaluated): "
+                    "tx.update(grads, state, params, curvature_fn=...).")
+  if c.adaptive_sigma and value_fn is None:
+    raise TypeError(
+        "scale_by_cubic_step(adaptive_sigma=True).update needs the extra "
+        "argument `value_fn`, a callable params -> batch loss on the same "
+        "batch as curvature_fn (optionally also `value`, the loss at "
+        "params).")
+
+
+def _adapt_sigma(c: _Settings, state: CubicStepState, step: _Step,
+                 new_updates: Any, params: Any, value_fn, value):
+  """Kohler & Lucchi's ratio test (see `scale_by_cubic_step`).
+
+  Returns:
+    (updates, alpha, sigma, accepted): the updates and alpha actually
+    applied (zero where rejected) and the next sigma.
+  """
+  sig = state.sigma
+  f0 = value_fn(params) if value is None else value
+  trial = optax.apply_updates(params, new_updates)
+  predicted = sum(jnp.sum(x) for x in
+                  jax.tree.leaves(step.info.predicted_decrease))
+  actual = f0 - value_fn(trial)
+  # Every step with alpha > 0 faces the ratio test; a predicted decrease
+  # that is 0 or overflowed cannot pass it.
+  moves = jnp.any(jnp.stack([jnp.any(a > 0)
+                             for a in jax.tree.leaves(step.alpha_unit)]))
+  judged = jnp.isfinite(predicted) & (predicted > 0)
+  rho = actual / jnp.where(judged, predicted, 1.0)
+  success = judged & jnp.isfinite(rho) & (rho >= c.eta_successful)
+  very = judged & jnp.isfinite(rho) & (rho > c.eta_very_successful)
+  accepted = ~moves | success
+  sig = jnp.where(~moves, sig, jnp.where(
+      very, sig / c.gamma, jnp.where(success, sig, sig * c.gamma)))
+  sig = jnp.clip(sig, c.sigma_min, c.sigma_max).astype(state.sigma.dtype)
+  updates = jax.tree.map(
+      lambda u: jnp.where(accepted, u, jnp.zeros_like(u)), new_updates)
+  # A rejected step moves nothing: record the alpha actually applied.
+  alpha = jax.tree.map(lambda a: jnp.where(accepted, a, 0.0), step.alpha)
+  return updates, alpha, sig, accepted
+
+
+def _update(c: _Settings, updates: Any, state: CubicStepState, params: Any,
+            curvature_fn, value_fn, value):
+  """`scale_by_cubic_step`'s update_fn, its arguments checked."""
+  like = state.learning_rate
+  # g' = g 2^-e per block, max |g'| in [0.5, 1): curvature_fn sees a
+  # unit-sized direction, and alpha' along g' is alpha 2^e.
+  if c.granularity == "global":
+    updates, max_abs = _as_flat_buffers(updates)
+    exps = _exponent(max_abs)
+  else:
+    exps = _block_exponents(c.granularity, updates)
+  # An engine-built curvature_fn (`lrcr.value_grad_and_curvature`) takes
+  # the exponent and applies the scaling inside its products, which saves
+  # writing a scaled copy of the whole direction every step.
+  in_fn = (c.granularity == "global" and
+           isinstance(curvature_fn, ScalableCurvatureFn))
+  unit = None if in_fn else _per_block(
+      lambda e, u: cubic.times_pow2(u, -e), exps, updates)
+
+  def fresh(_):
+    raw = (curvature_fn.fn(params, updates, exps) if in_fn
+           else curvature_fn(params, unit))
+    d = _as_directional(raw, c.granularity, like)
+    return _solve_blocks(d, exps, state.sigma, like)
+
+  def reuse(_):
+    alpha = state.learning_rate
+    return _Step(jax.tree.map(cubic.times_pow2, alpha, exps), alpha,
+                 state.info)
+
+  if c.curvature_every == 1:
+    step = fresh(None)
+  else:
+    step = jax.lax.cond(state.count % c.curvature_every == 0, fresh, reuse,
+                        None)
+  new_updates = _scaled_updates(step, updates, unit)         # eq. 42
+  alpha, sig, accepted = step.alpha, state.sigma, jnp.asarray(True)
+  if c.adaptive_sigma:
+    new_updates, alpha, sig, accepted = _adapt_sigma(
+        c, state, step, new_updates, params, value_fn, value)
+  return new_updates, CubicStepState(
+      learning_rate=alpha, info=step.info, sigma=sig, accepted=accepted,
+      count=optax.safe_increment(state.count))
+
+
 def scale_by_cubic_step(
     sigma: float | Array,
     *,
@@ -214,7 +477,9 @@ def scale_by_cubic_step(
   (eq. 37, stable, see `lrcr.cubic`) and returns alpha g (eqs. 42-43).
   `curvature_fn` is called with g divided by a power of two per block (see
   the module docstring); slope, curvature and ||g||^2 being linear and
-  quadratic in g, this is exact.
+  quadratic in g, this is exact. The options of the curvature_fn itself
+  (`gradient_direction=True` for plain SGD, `granularity`) are arguments of
+  `lrcr.value_grad_and_curvature`, which builds it.
 
   Granularity (section 4's future work, appendix B Table 2):
 
@@ -223,9 +488,9 @@ def scale_by_cubic_step(
   * "layer": one alpha_k per layer from the block-diagonal model
     m_k(a) = a s_k + a^2/2 g_k^T H_kk g_k + sigma/6 a^3 ||g_k||^3, each layer
     solved on its own; cross-layer blocks are ignored. `curvature_fn` returns
-    one scalar per layer (`lowrank_curvature_fn(..., granularity="layer")`,
-    a tree like `layer_prefix(params)`); each layer's values must depend on
-    that layer's part of the direction only.
+    one scalar per layer (`value_grad_and_curvature(...,
+    granularity="layer")`, a tree like `lrcr.param_groups(params)`); each
+    layer's values must depend on that layer's part of the direction only.
   * "variable": one alpha_i per weight from the diagonal model
     m_i(a) = a g_i dF/dw_i + a^2/2 g_i^2 H_ii + sigma/6 |a g_i|^3. In the unit
     step t = a |g_i| this is Table 2's model with a unit baseline step along
@@ -233,14 +498,28 @@ def scale_by_cubic_step(
     optimizer only through the sign of g_i, so after SGD, Adagrad, Adadelta
     or Adam (which keep the gradient's sign) it is the same method.
     `curvature_fn` returns trees shaped like params
-    (`lowrank_curvature_fn(..., granularity="variable")`, built from the
+    (`value_grad_and_curvature(..., granularity="variable")`, built from the
     exact Hessian diagonal `lrcr.hessian_diagonal`).
 
   Every block follows the same stable root and non-descent policy: alpha is
   the minimizer of its cubic model over alpha >= 0, so a block whose
   direction does not descend gets 0 unless negative curvature makes a step
-  pay. Non-finite slope, curvature or ||g||^2 give alpha = 0 for that block
-  and `info.finite = False`; NaN never reaches alpha.
+  pay. Non-finite slope, curvature or ||g||^2 (a NaN or inf direction gives
+  them) give alpha = 0, a zero update for that block and
+  `info.finite = False`; NaN never reaches alpha or the update.
+
+  Low precision: for bfloat16 or float16 params the state (alpha, info,
+  sigma), the largest-entry search and the solve are at least float32; the
+  updates keep the direction's dtype. `curvature_fn` owns its reductions
+  (`lrcr.value_grad_and_curvature` accumulates them in float32 at least).
+
+  Differentiable: under `jax.grad` or `jax.jvp`, alpha and the update have
+  the implicit-function derivative of eq. 37's root (`lrcr.cubic.solve`);
+  the exponents of the power-of-two rescaling are piecewise constant and
+  contribute nothing, which is exact wherever they do not jump. What is
+  piecewise by design (the no-step policy, `curvature_every`'s reuse, the
+  adaptive ratio test and sigma's clipping to [sigma_min, sigma_max]) has
+  the derivative of the branch taken; a non-finite block's is 0.
 
   Adaptive sigma (Kohler & Lucchi 2017, Algorithm 1), off by default: with
   `value_fn` (params -> batch loss F) passed as an extra argument, each step
@@ -279,47 +558,27 @@ def scale_by_cubic_step(
     An `optax.GradientTransformationExtraArgs`. Its update takes the
     keyword-only extra argument `curvature_fn` (and `value_fn`, plus
     optionally `value` = F(params), when `adaptive_sigma`), and requires
-    `params`. The state is `CubicStepState(learning_rate=alpha, info, sigma,
-    accepted, count)`; `optax.tree.get(state, "learning_rate")` reads alpha
-    (a scalar, one per layer, or one per weight), and `info` is a
-    `CubicStepInfo` whose `finite` field flags non-finite curvature.
+    `params`. The state is a `CubicStepState`; `optax.tree.get(state,
+    "learning_rate")` reads alpha (a scalar, one per layer, or one per
+    weight), and `info` is a `CubicStepInfo` whose `finite` field flags
+    non-finite steps.
 
   Raises:
     ValueError: if sigma is concrete and not a finite scalar > 0, for an
       unknown granularity, or for bad adaptive-sigma or curvature_every
       settings.
     TypeError: at update time, if `curvature_fn`, `params` or (adaptive)
-      `value_fn` is missing, or `curvature_fn` breaks its contract (the
-      message states it).
+      `value_fn` is missing, if `gradient_direction` is passed (it belongs
+      to `lrcr.value_grad_and_curvature`), or if `curvature_fn` breaks its
+      contract (the message states it).
   """
-  cubic.check_sigma(sigma, "scale_by_cubic_step")
-  if not isinstance(sigma, jax.core.Tracer) and jnp.ndim(sigma) != 0:
-    raise ValueError(f"scale_by_cubic_step(sigma=array of shape "
-                     f"{jnp.shape(sigma)}): sigma must be a scalar.")
-  if not (isinstance(curvature_every, int) and curvature_every >= 1):
-    raise ValueError(f"curvature_every={curvature_every!r}: must be an "
-                     "integer >= 1 (1 = every step, the paper).")
-  if adaptive_sigma and curvature_every > 1:
-    raise ValueError("adaptive_sigma needs a fresh predicted decrease every "
-                     "step; use it with curvature_every=1.")
-  if granularity not in GRANULARITIES:
-    raise ValueError(
-        f"scale_by_cubic_step(granularity={granularity!r}): expected one of "
-        f"{GRANULARITIES}.")
-  if adaptive_sigma:
-    if not 0 < sigma_min <= sigma_max < float("inf"):
-      raise ValueError(f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r}: "
-                       "need 0 < sigma_min <= sigma_max < inf.")
-    if not 1 < gamma < float("inf"):
-      raise ValueError(f"gamma={gamma!r}: must be > 1 (K&L use 2).")
-    if not 0 < eta_successful <= eta_very_successful:
-      raise ValueError(
-          f"eta_successful={eta_successful!r}, eta_very_successful="
-          f"{eta_very_successful!r}: need 0 < eta_successful <= "
-          "eta_very_successful (K&L: 0.1 and 0.9).")
+  settings = _Settings(granularity, adaptive_sigma, eta_successful,
+                       eta_very_successful, gamma, sigma_min, sigma_max,
+                       curvature_every)
+  _check_settings(sigma, settings)
 
   def init_fn(params: Any) -> CubicStepState:
-    dtype = _float_dtype(params)
+    dtype = _work_dtype(params)
     zeros = lambda: _zeros_for(granularity, params, dtype)
     trues = jax.tree.map(lambda z: jnp.ones(jnp.shape(z), bool), zeros())
     return CubicStepState(
@@ -331,117 +590,18 @@ def scale_by_cubic_step(
   def update_fn(updates: Any, state: CubicStepState, params: Any = None, *,
                 curvature_fn: Any = None, value_fn: Any = None,
                 value: Any = None, **extra_args: Any):
-    del extra_args
-    if curvature_fn is None:
-      raise TypeError(_MISSING)
-    if params is None:
-      raise TypeError("scale_by_cubic_step.update needs `params` (the point "
-                      "where the curvature is evaluated): "
-                      "tx.update(grads, state, params, curvature_fn=...).")
-    if adaptive_sigma and value_fn is None:
-      raise TypeError(
-          "scale_by_cubic_step(adaptive_sigma=True).update needs the extra "
-          "argument `value_fn`, a callable params -> batch loss on the same "
-          "batch as curvature_fn (optionally also `value`, the loss at "
-          "params).")
-    dtype = state.sigma.dtype
-    sig = state.sigma
-    treedef = jax.tree.structure(state.learning_rate)
-    # g' = g 2^-e per block, max |g'| in [0.5, 1): curvature_fn sees a
-    # unit-sized direction, and alpha' along g' is alpha 2^e.
-    exps = _block_exponents(granularity, updates)
-    # An engine-built curvature_fn (`lrcr.value_grad_and_curvature`) takes
-    # the exponent and applies the scaling inside its products, which saves
-    # writing a scaled copy of the whole direction every step.
-    in_fn = (granularity == "global" and
-             isinstance(curvature_fn, ScalableCurvatureFn))
-    unit = None if in_fn else _per_block(lambda e, u: _times_pow2(u, -e),
-                                         exps, updates)
-
-    def fresh(_):
-      raw = (curvature_fn.fn(params, updates, exps) if in_fn
-             else curvature_fn(params, unit))
-      d = _as_directional(raw, granularity, state.learning_rate)
-      # One solve for all blocks, on the leaves flattened and concatenated.
-      flat = lambda tree, dt: jnp.concatenate([
-          jnp.ravel(jnp.asarray(x).astype(dt))
-          for x in treedef.flatten_up_to(tree)])
-      s, h, n2 = (flat(f, dtype) for f in d)
-      e = flat(exps, jnp.int32)
-      alpha_unit, decrease, ok = _solve(s, h, n2, sig)
-      # alpha = alpha' 2^-e; one beyond the float range: no step, not finite.
-      alpha = _times_pow2(alpha_unit, -e)
-      fits = jnp.isfinite(alpha)
-      alpha_unit, alpha, decrease = (jnp.where(fits, x, jnp.zeros_like(x))
-                                     for x in (alpha_unit, alpha, decrease))
-      ok = ok & fits
-      shapes = [jnp.shape(x) for x in jax.tree.leaves(state.learning_rate)]
-      ends = np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1]
-      tree = lambda x: jax.tree.unflatten(treedef, [
-          part.reshape(shape) for part, shape in zip(jnp.split(x, ends),
-                                                     shapes)])
-      # Back to the units of g: s 2^e, h 2^2e, ||g||^2 2^2e, alpha 2^-e.
-      info = CubicStepInfo(
-          slope=tree(_times_pow2(s, e)),
-          curvature=tree(_times_pow2(h, 2 * e)),
-          sqnorm=tree(_times_pow2(n2, 2 * e)),
-          predicted_decrease=tree(decrease), finite=tree(ok))
-      return tree(alpha_unit), tree(alpha), info
-
-    def reuse(_):
-      alpha = state.learning_rate
-      return (jax.tree.map(_times_pow2, alpha, exps), alpha, state.info)
-
-    if curvature_every == 1:
-      alpha_unit, alpha, info = fresh(None)
-    else:
-      alpha_unit, alpha, info = jax.lax.cond(
-          state.count % curvature_every == 0, fresh, reuse, None)
-    # alpha g = alpha' g'.                                           # eq. 42
-    if in_fn:
-      new_updates = jax.tree.map(lambda u: (alpha * u).astype(u.dtype),
-                                 updates)
-    else:
-      new_updates = _per_block(lambda a, u: (a * u).astype(u.dtype),
-                               alpha_unit, unit)
-    accepted = jnp.asarray(True)
-    if adaptive_sigma:
-      f0 = value_fn(params) if value is None else value
-      trial = optax.apply_updates(params, new_updates)
-      predicted = sum(jnp.sum(x) for x in
-                      jax.tree.leaves(info.predicted_decrease))
-      actual = f0 - value_fn(trial)
-      # Every step with alpha > 0 faces the ratio test; a predicted decrease
-      # that is 0 or overflowed cannot pass it.
-      moves = jnp.any(jnp.stack([jnp.any(a > 0)
-                                 for a in jax.tree.leaves(alpha_unit)]))
-      judged = jnp.isfinite(predicted) & (predicted > 0)
-      rho = actual / jnp.where(judged, predicted, 1.0)
-      success = judged & jnp.isfinite(rho) & (rho >= eta_successful)
-      very = judged & jnp.isfinite(rho) & (rho > eta_very_successful)
-      accepted = ~moves | success
-      sig = jnp.where(~moves, sig, jnp.where(
-          very, sig / gamma, jnp.where(success, sig, sig * gamma)))
-      sig = jnp.clip(sig, sigma_min, sigma_max).astype(dtype)
-      new_updates = jax.tree.map(
-          lambda u: jnp.where(accepted, u, jnp.zeros_like(u)), new_updates)
-      # A rejected step moves nothing: record the alpha actually applied.
-      alpha = jax.tree.map(lambda a: jnp.where(accepted, a, 0.0), alpha)
-    return new_updates, CubicStepState(
-        learning_rate=alpha, info=info, sigma=sig, accepted=accepted,
-        count=optax.safe_increment(state.count))
+    _check_update_args(settings, params, curvature_fn, value_fn, extra_args)
+    return _update(settings, updates, state, params, curvature_fn, value_fn,
+                   value)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _float_dtype(tree: Any):
-  leaves = [x for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
-  return jnp.asarray(leaves[0]).dtype if leaves else jnp.float32
-
-
 def _with_cubic(base: optax.GradientTransformation, sigma,
                 **cubic_kwargs) -> optax.GradientTransformationExtraArgs:
+  if "gradient_direction" in cubic_kwargs:
+    raise TypeError(_GRADIENT_DIRECTION.format(
+        where="the cubic_* aliases or scale_by_cubic_step"))
   return optax.chain(base, scale_by_cubic_step(sigma, **cubic_kwargs))
 
 

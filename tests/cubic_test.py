@@ -220,21 +220,22 @@ def _check_against_reference(x, dtype, rtol):
 def test_float32_whole_range_matches_60_digit_reference():
   """20000 inputs with magnitudes 1e-38..3e38 (issue 11).
 
-  Measured: 9704 have alpha in the float32 range; max relative error 2.6e-7
-  for alpha (2.1 ulps) and 6.0e-7 for a descent step's F - m. The previous
-  scale-free form was wrong (rel. error > 1e-5) on 1696 of them, 1621 of
-  which it returned as alpha = 0.
+  alpha within 3e-7 relative (2.5 ulps) wherever it is in the float32
+  range; F - m within 1e-6. An earlier scale-free form was wrong (rel.
+  error > 1e-5) on 1696 of them, 1621 of which it returned as alpha = 0.
   """
   x = _log_uniform_inputs(np.random.default_rng(11), 20000, -37.9, 38.5)
-  n, _, _ = _check_against_reference(x, np.float32, rtol=1e-6)
+  n, rel_alpha, _ = _check_against_reference(x, np.float32, rtol=1e-6)
   assert n > 9000
+  assert rel_alpha <= 3e-7
 
 
 def test_float64_whole_range_matches_60_digit_reference():
-  """Magnitudes 1e-300..1e300; measured max relative error 4.5e-16."""
+  """Magnitudes 1e-300..1e300; alpha within 1e-15 relative (4.5 ulps)."""
   x = _log_uniform_inputs(np.random.default_rng(12), 4000, -300, 300)
   with jax.enable_x64(True):
-    n, _, _ = _check_against_reference(x, np.float64, rtol=1e-14)
+    n, rel_alpha, _ = _check_against_reference(x, np.float64, rtol=1e-14)
+  assert rel_alpha <= 1e-15
   assert n > 1500
 
 
@@ -281,3 +282,83 @@ def test_traced_sigma_is_not_checked_and_gives_no_step():
   assert float(step.alpha[2]) > 0
   with pytest.raises(TypeError, match="real number"):
     lrcr.cubic_step(-1.0, 1.0, 1.0, "100")
+
+
+# --- Derivatives (issue 18 item 6): the implicit-function derivative. -------
+
+
+def _central_differences(f, x, rel=1e-6):
+  """Central differences of a scalar f at x (float64), per coordinate."""
+  out = []
+  for i in range(len(x)):
+    step = rel * max(abs(x[i]), 1e-3)
+    e = np.zeros(len(x))
+    e[i] = step
+    out.append((float(f(x + e)) - float(f(x - e))) / (2 * step))
+  return np.array(out)
+
+
+@pytest.mark.parametrize("case", [
+    (-1.0, 2.0, 1.5, 10.0),       # descent, h > 0
+    (-0.3, -2.0, 0.7, 3.0),       # descent, negative curvature
+    (-1e-3, 50.0, 4.0, 10.0),     # eq. 41's Newton regime
+    (-2.0, 1e-3, 0.5, 100.0),     # eq. 41's h -> 0 regime
+    (0.5, -4.0, 1.0, 1.0),        # non-descent: the local minimum
+    (0.0, -3.0, 1.3, 2.0),        # a saddle: alpha = 2|h| / S
+])
+def test_grad_of_step_length_and_decrease_match_finite_differences(case):
+  """jax.grad of alpha and F - m against float64 central differences.
+
+  Issue 18: the bit-level solve gave jax.grad = [0, 0, 0, 0].
+  """
+  with jax.enable_x64(True):
+    x = np.array(case, np.float64)
+    alpha = lambda v: lrcr.cubic_step_length(*v)
+    decrease = lambda v: lrcr.cubic_step(*v).predicted_decrease
+    for f in (alpha, decrease):
+      got = np.asarray(jax.grad(f)(jnp.asarray(x)))
+      ref = _central_differences(f, x)
+      scale = np.max(np.abs(ref))
+      assert scale > 0
+      np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7 * scale)
+    # Forward mode agrees with reverse mode.
+    t = np.array([0.3, -0.2, 0.1, 0.05])
+    _, jvp = jax.jvp(alpha, (jnp.asarray(x),), (jnp.asarray(t),))
+    np.testing.assert_allclose(float(jvp), np.dot(jax.grad(alpha)(x), t),
+                               rtol=1e-12)
+
+
+def test_grad_is_exactly_zero_where_no_step_is_taken():
+  """s >= 0 and h >= 0: alpha = 0 on an open set, so its derivative is 0;
+  and a float32 grad is the float64 one rounded."""
+  with jax.enable_x64(True):
+    for case in [(0.5, 2.0, 1.0, 1.0), (1.0, -0.1, 1.0, 1.0)]:  # 2nd: no min
+      x = np.array(case)
+      assert float(lrcr.cubic_step_length(*x)) == 0.0
+      np.testing.assert_array_equal(
+          jax.grad(lambda v: lrcr.cubic_step_length(*v))(jnp.asarray(x)),
+          0.0)
+      np.testing.assert_allclose(
+          _central_differences(lambda v: lrcr.cubic_step_length(*v), x), 0.0)
+    x = np.array([-1.0, 2.0, 1.5, 10.0])
+    g64 = np.asarray(jax.grad(lambda v: lrcr.cubic_step_length(*v))(x))
+  g32 = jax.grad(lambda v: lrcr.cubic_step_length(*v))(
+      jnp.asarray(x, jnp.float32))
+  assert g32.dtype == jnp.float32
+  np.testing.assert_allclose(g32, g64, rtol=1e-5)
+
+
+def test_grad_through_vmap_and_jit_and_of_sigma_alone():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(5)
+    s = -10 ** rng.uniform(-2, 1, 8)
+    h = rng.normal(size=8)
+    n2 = 10 ** rng.uniform(-1, 1, 8)
+    sigma = 10 ** rng.uniform(0, 2, 8)
+    d_sigma = jax.jit(jax.vmap(jax.grad(lrcr.cubic_step_length, argnums=3)))(
+        s, h, n2, sigma)
+    for i in range(8):
+      f = lambda v: lrcr.cubic_step_length(s[i], h[i], n2[i], v[0])
+      np.testing.assert_allclose(
+          d_sigma[i], _central_differences(f, np.array([sigma[i]]))[0],
+          rtol=1e-6)

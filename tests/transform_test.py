@@ -306,7 +306,7 @@ def test_curvature_fn_breaking_the_contract_is_told_the_contract(returned,
     with pytest.raises(TypeError, match=match) as e:
       update(params, tx.init(params), params, curvature_fn=fn)
     assert "for granularity='global' three scalars" in str(e.value)
-    assert "for 'layer' three trees shaped like lrcr.layer_prefix(params)" in \
+    assert "for 'layer' three trees shaped like lrcr.param_groups(params)" in \
         str(e.value)
 
 
@@ -516,3 +516,229 @@ def test_curvature_every_reuses_alpha_and_skips_the_curvature():
     lrcr.scale_by_cubic_step(10.0, curvature_every=0)
   with pytest.raises(ValueError, match="adaptive_sigma"):
     lrcr.scale_by_cubic_step(10.0, curvature_every=2, adaptive_sigma=True)
+
+
+# --- Derivatives, non-finite directions, low precision, kernels. -------------
+
+
+def _regression64():
+  loss_fn, params, x, y = _regression()
+  f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
+  params = jax.tree.map(lambda a: 0.3 * jnp.ones_like(a), f64(params))
+  return loss_fn, params, f64(x), y
+
+
+def test_derivative_of_alpha_and_update_matches_finite_differences():
+  """d alpha / d params, d update / d params and d alpha / d sigma against
+  float64 central differences (issue 18: jax.grad gave zeros).
+
+  The direction is the SGD direction -grad F(w) at w, so alpha depends on w
+  through s, h and ||g||^2; the curvature_fn is autodiff's, differentiated
+  once more.
+  """
+  with jax.enable_x64(True):
+    loss_fn, params, x, y = _regression64()
+    tx = lrcr.scale_by_cubic_step(10.0)
+    state = tx.init(params)
+    fn = lrcr.autodiff_curvature_fn(loss_fn, x, y)
+    r = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size, dtype=a.dtype)
+                                       ).reshape(a.shape), params)
+
+    def outputs(p, sigma):
+      g = jax.tree.map(jnp.negative, jax.grad(loss_fn)(p, x, y))
+      u, s = tx.update(g, state._replace(sigma=sigma), p, curvature_fn=fn)
+      return s.learning_rate, optax.tree.vdot(u, r)
+
+    sigma = jnp.float64(10.0)
+    v = jax.tree.map(lambda a: jnp.sin(1.0 + jnp.arange(a.size, dtype=a.dtype)
+                                       ).reshape(a.shape), params)
+    step = 1e-6
+    moved = lambda t: jax.tree.map(lambda a, b: a + t * b, params, v)
+    for i in range(2):
+      f = lambda p, sig: outputs(p, sig)[i]
+      # Along params: jax.grad against (f(w + t v) - f(w - t v)) / 2t.
+      got = optax.tree.vdot(jax.jit(jax.grad(f))(params, sigma), v)
+      ref = (f(moved(step), sigma) - f(moved(-step), sigma)) / (2 * step)
+      assert abs(float(ref)) > 1e-3
+      np.testing.assert_allclose(got, ref, rtol=1e-6)
+      # Along sigma.
+      got = jax.grad(f, argnums=1)(params, sigma)
+      ref = (f(params, sigma * (1 + step)) - f(params, sigma * (1 - step))
+             ) / (2 * step * sigma)
+      assert abs(float(ref)) > 1e-6
+      np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("gradient_direction", [False, True])
+def test_derivative_of_alpha_through_the_engine(gradient_direction):
+  """The engine's curvature_fn (a ScalableCurvatureFn, rescaled inside) is
+  differentiated as well: d alpha / d params against central differences."""
+  with jax.enable_x64(True):
+    model = lrcr.MLP((6, 5), 3, kernel_init=lrcr.uniform_init(0.5))
+    x = jax.random.normal(jax.random.key(0), (8, 4), jnp.float64)
+    y = jnp.arange(8) % 3
+    params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                          model.init(jax.random.key(1), x))
+    loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
+    tx = lrcr.scale_by_cubic_step(10.0)
+    state = tx.init(params)
+
+    def alpha(p):
+      _, g, fn = lrcr.value_grad_and_curvature(
+          loss_fn, p, x, y, gradient_direction=gradient_direction)
+      assert isinstance(fn, lrcr.types.ScalableCurvatureFn)
+      g = jax.tree.map(jnp.negative, g)
+      return tx.update(g, state, p, curvature_fn=fn)[1].learning_rate
+
+    v = jax.tree.map(lambda a: jnp.sin(jnp.arange(a.size, dtype=a.dtype)
+                                       ).reshape(a.shape), params)
+    moved = lambda t: jax.tree.map(lambda a, b: a + t * b, params, v)
+    got = optax.tree.vdot(jax.grad(alpha)(params), v)
+    ref = (alpha(moved(1e-6)) - alpha(moved(-1e-6))) / 2e-6
+    assert abs(float(ref)) > 1e-2
+    np.testing.assert_allclose(got, ref, rtol=1e-7)
+
+
+def test_derivative_of_the_update_with_respect_to_the_base_learning_rate():
+  """alpha g does not depend on the base learning rate: nor does its
+  derivative, which is 0 (up to rounding), while alpha's is -alpha / lr."""
+  with jax.enable_x64(True):
+    loss_fn, params, x, y = _regression64()
+    tx = lrcr.scale_by_cubic_step(10.0)
+    fn = lrcr.autodiff_curvature_fn(loss_fn, x, y)
+    grads = jax.grad(loss_fn)(params, x, y)
+
+    def outputs(lr):
+      g = jax.tree.map(lambda a: -lr * a, grads)
+      u, s = tx.update(g, tx.init(params), params, curvature_fn=fn)
+      return s.learning_rate, optax.tree.vdot(u, u)
+
+    lr = jnp.float64(0.25)
+    alpha = outputs(lr)[0]
+    np.testing.assert_allclose(jax.grad(lambda t: outputs(t)[0])(lr),
+                               -alpha / lr, rtol=1e-10)
+    assert abs(float(jax.grad(lambda t: outputs(t)[1])(lr))) < 1e-12
+
+
+def _mlp_direction_with_nan(model, params, x, y):
+  """(-grad F, the same with a NaN in its first leaf)."""
+  grads = jax.tree.map(jnp.negative, _grads(model, params, x, y))
+  leaves, treedef = jax.tree.flatten(grads)
+  leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
+  return grads, jax.tree.unflatten(treedef, leaves)
+
+
+@pytest.mark.parametrize("engine", [True, False])
+def test_a_nan_direction_gives_a_zero_update_not_nan(engine):
+  """info.finite False: alpha = 0 and the update 0 (0 * NaN was NaN)."""
+  model, params, x, y = _small()
+  loss = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
+  grads, bad = _mlp_direction_with_nan(model, params, x, y)
+  fn = (lrcr.value_grad_and_curvature(loss, params, x, y)[2] if engine
+        else lrcr.autodiff_curvature_fn(loss, x, y))
+  tx = lrcr.scale_by_cubic_step(10.0)
+  for g, finite in ((bad, False), (grads, True)):
+    for update in (tx.update, jax.jit(tx.update,
+                                      static_argnames="curvature_fn")):
+      u, state = update(g, tx.init(params), params, curvature_fn=fn)
+      assert bool(state.info.finite) == finite
+      if not finite:
+        assert float(state.learning_rate) == 0.0
+        for leaf in jax.tree.leaves(u):
+          np.testing.assert_array_equal(leaf, 0.0)
+      else:
+        assert float(state.learning_rate) > 0.0
+  # An inf entry as well.
+  leaves, treedef = jax.tree.flatten(grads)
+  leaves[-1] = leaves[-1].at[(0,) * leaves[-1].ndim].set(-jnp.inf)
+  u, state = tx.update(jax.tree.unflatten(treedef, leaves), tx.init(params),
+                       params, curvature_fn=fn)
+  assert not bool(state.info.finite)
+  assert all(bool(jnp.all(leaf == 0)) for leaf in jax.tree.leaves(u))
+
+
+def test_a_nan_in_one_layer_zeroes_that_layer_only():
+  model, params, x, y = _small()
+  loss = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
+  _, bad = _mlp_direction_with_nan(model, params, x, y)
+  fn = lrcr.value_grad_and_curvature(loss, params, x, y,
+                                     granularity="layer")[2]
+  tx = lrcr.scale_by_cubic_step(10.0, granularity="layer")
+  u, state = _update(tx, fn)(bad, tx.init(params), params)
+  finite = jax.tree.leaves(state.info.finite)
+  assert not bool(finite[0]) and all(bool(f) for f in finite[1:])
+  groups = jax.tree.leaves(jax.tree.map(
+      lambda _, sub: jax.tree.leaves(sub), lrcr.param_groups(u), u,
+      is_leaf=lambda t: isinstance(t, list)), is_leaf=lambda t:
+      isinstance(t, list))
+  assert all(bool(jnp.all(leaf == 0)) for leaf in groups[0])
+  assert all(bool(jnp.all(jnp.isfinite(leaf))) for g in groups for leaf in g)
+  assert any(bool(jnp.any(leaf != 0)) for g in groups[1:] for leaf in g)
+
+
+@pytest.mark.parametrize("size", [1.0, 1e30, 1e-30])
+def test_bfloat16_params_keep_a_float32_state_and_solve(size):
+  """bf16 params and direction: alpha, info and sigma are float32, and equal
+  the float32 run on the same (exactly widened) direction; the update is
+  alpha g rounded to bf16, for directions of any size."""
+  loss_fn, params32, x, y = _regression()
+  params32 = jax.tree.map(lambda a: a + 0.1, params32)
+  grads32 = jax.grad(loss_fn)(params32, x, y)
+  bf = lambda t: jax.tree.map(lambda a: a.astype(jnp.bfloat16), t)
+  f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
+  params, g = bf(params32), bf(jax.tree.map(lambda a: -size * a, grads32))
+  fn32 = lrcr.autodiff_curvature_fn(loss_fn, x, y)
+  fn = lambda p, d: fn32(f32(p), f32(d))
+  tx = lrcr.scale_by_cubic_step(10.0)
+  u, state = _update(tx, fn)(g, tx.init(params), params)
+  u32, state32 = _update(tx, fn)(f32(g), tx.init(f32(params)), f32(params))
+  for leaf in jax.tree.leaves((state.learning_rate, state.info.slope,
+                               state.info.sqnorm, state.sigma)):
+    assert leaf.dtype == jnp.float32
+  assert bool(state.info.finite) and float(state.learning_rate) > 0
+  np.testing.assert_allclose(state.learning_rate, state32.learning_rate,
+                             rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u32)):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(a.astype(jnp.float32), b, rtol=1e-2,
+                               atol=1e-30)
+
+
+def test_gradient_direction_belongs_to_value_grad_and_curvature():
+  """Issue 20: the option was put on the transform and got a bare TypeError."""
+  with pytest.raises(TypeError, match="argument of lrcr.value_grad_and_"):
+    lrcr.cubic_sgd(1.0, gradient_direction=True)
+  params = jnp.zeros(3)
+  tx = lrcr.scale_by_cubic_step(1.0)
+  with pytest.raises(TypeError, match="scale_by_cubic_step.update"):
+    tx.update(jnp.ones(3), tx.init(params), params,
+              curvature_fn=_const_curvature_fn(-1.0, 1.0, 1.0),
+              gradient_direction=True)
+
+
+def test_kernels_of_the_update_on_the_paper_net():
+  """scale_by_cubic_step's update + apply_updates on the 12x128 net's params,
+  compiled, counted by experiments.bench.count_kernels (deterministic for a
+  given XLA). The curvature_fn reads one entry of the direction, so the
+  count is the transform's own: 18, against optax.sgd's 13 (issue 19: 72
+  with a tree-norm curvature_fn, bar 20). A tree-norm curvature_fn adds its
+  own reduction per leaf.
+  """
+  from experiments import bench   # pylint: disable=import-outside-toplevel
+  _, params, _, _ = bench.make_problem(128, 12, 32)
+  tx = lrcr.scale_by_cubic_step(100.0)
+  state = tx.init(params)
+
+  def one_entry(p, d):
+    n = 1.0 + jnp.square(jax.tree.leaves(d)[0][0, 0])
+    return lrcr.Directional(-n, 2.0 * n, n)
+
+  scalable = lrcr.types.ScalableCurvatureFn(lambda p, d, e: one_entry(p, d))
+  count = lambda f: bench.count_kernels(
+      jax.jit(f).lower(params, params).compile().as_text())
+  sgd = optax.sgd(0.02)
+  assert count(lambda p, g: optax.apply_updates(
+      p, sgd.update(g, sgd.init(p), p)[0])) == 13
+  for fn in (one_entry, scalable):
+    assert count(lambda p, g, fn=fn: optax.apply_updates(
+        p, tx.update(g, state, p, curvature_fn=fn)[0])) <= 18
