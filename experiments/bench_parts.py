@@ -18,7 +18,7 @@ matmuls' count, what the step would cost if kernels were free):
   (one tree norm), against `apply_only`, the SGD update applied alone
 - `transform_own`: `scale_by_cubic_step`'s update applied, on the gradient
   as given, with a stub that reads one entry of the direction (the
-  transform's own kernels), against `sgd_update`, `optax.sgd`'s
+  transform's own kernels), against `sgd_update`, `optax.sgd`'s update applied
 """
 
 from collections.abc import Sequence
