@@ -28,7 +28,7 @@ import numpy as np
 from configs import beyond
 from experiments import report
 from experiments import stats
-from experiments import summary as summary_lib
+from experiments import metrics as metrics_lib
 from experiments import train_lib as train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of all runs.")
@@ -67,7 +67,7 @@ def _run(arg, workdir):
   if _STEPS.value:
     config.training.num_steps = _STEPS.value
   result = train.train_and_evaluate(config, os.path.join(workdir, config.name))
-  records = summary_lib.read_metrics(
+  records = metrics_lib.read_metrics(
       os.path.join(workdir, config.name, train.METRICS_FILE))
   per_seed = {"median_learning_rate_cr": [], "log10_lr_std": [],
               "median_alpha_cv": []}

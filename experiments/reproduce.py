@@ -34,6 +34,7 @@ from configs import paper
 from experiments import input_pipeline as data_lib
 from experiments import plots
 from experiments import report as report_lib
+from experiments import metrics as metrics_lib
 from experiments import summary as summary_lib
 from experiments import train_lib as train
 
@@ -182,7 +183,7 @@ def main(argv: Sequence[str]) -> None:
       "environment": env, "num_seeds": _NUM_SEEDS.value, "data": data_used,
       "runs": rows}, "\n".join(lines))
 
-  runs = [(f"{row['figure']} {row['run']}".strip(), summary_lib.read_metrics(
+  runs = [(f"{row['figure']} {row['run']}".strip(), metrics_lib.read_metrics(
       os.path.join(workdir, row["run"], train.METRICS_FILE)))
           for row in rows if row["status"] == "ok"]
   if runs:
