@@ -48,6 +48,7 @@ from experiments import models
 from experiments import optimizers
 from experiments import plots
 from experiments import report
+from experiments import stats
 from experiments import steps
 from experiments import summary as summary_lib
 from experiments import workdir as workdir_lib
@@ -721,7 +722,7 @@ def train_and_evaluate(config: Any, workdir: str, *,
 def _final_line(config: Any, workdir: str, result: Mapping[str, Any],
                 trained: int) -> str:
   """The one line a run ends with (stdout)."""
-  loss = lambda key: metrics_lib.to_float(result.get(key))
+  loss = lambda key: stats.as_float(result.get(key))
   losses = (f"final loss {loss('final_loss_base'):.4g} (base), "
             f"{loss('final_loss_cr'):.4g} (CR)")
   if result["already_finished"]:
