@@ -153,6 +153,15 @@ def _scan_chunk(opts: Options) -> dict[str, Any]:
                     "body), random data, no data indexing or metrics"))
 
 
+def _bench_shape(opts: Options, state: dict[str, Any], b: int,
+                 names: Sequence[str], repeats: int) -> dict[str, Any]:
+  """`benchmark.bench_shape` at batch `b`, sharing the check's executables."""
+  return benchmark.bench_shape(
+      opts.width, opts.depth, b, names=names, repeats=repeats,
+      sample_s=opts.sample_s, cache=state.setdefault("executables", {}),
+      seed=b)
+
+
 def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
   cache = state.setdefault("executables", {})
   result = dict(network=f"{opts.depth}x{opts.width}", shapes={},
@@ -163,9 +172,8 @@ def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
       result["skipped_over_budget"].append(f"b{b}")
       continue
     _log(f"speed: batch {b}")
-    result["shapes"][f"b{b}"] = benchmark.bench_shape(
-        opts.width, opts.depth, b, names=SPEED_STEPS, repeats=opts.repeats,
-        sample_s=opts.sample_s, cache=cache, seed=b)
+    result["shapes"][f"b{b}"] = _bench_shape(opts, state, b, SPEED_STEPS,
+                                             opts.repeats)
     if b == opts.batches[0] and state.get("out"):
       for name in HLO_STEPS:
         path = os.path.join(state["out"], f"hlo_{name}_b{b}.txt")
@@ -183,9 +191,7 @@ def section_memory(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
   """Memory of the compiled steps, from the speed section's executables."""
   out = {}
   for b in opts.batches:
-    shape = benchmark.bench_shape(
-        opts.width, opts.depth, b, names=MEMORY_STEPS, repeats=0,
-        sample_s=opts.sample_s, cache=state.setdefault("executables", {}))
+    shape = _bench_shape(opts, state, b, MEMORY_STEPS, 0)
     out[f"b{b}"] = dict(batch=b, steps={
         name: dict(v["memory"], memory_ratio=v["memory_ratio"],
                    xla_memory_ratio=v["xla_memory_ratio"])
@@ -486,9 +492,9 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+  f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  f = flags.FLAGS
   opts = Options.tiny_sizes() if f.tiny else Options()
   if f.repeats is not None:
     opts = dataclasses.replace(opts, repeats=f.repeats)

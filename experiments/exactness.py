@@ -25,18 +25,13 @@ import lrcr
 from experiments import bench
 from experiments import benchmark
 from experiments import report
+from experiments import steps
 
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh,
                "softplus": jax.nn.softplus, "gelu": jax.nn.gelu}
 
 # ---------------------------------------------------------------------------
 # float32 on the default device against float64 on the CPU.
-
-
-def _loss_fn(model: lrcr.MLP):
-  def loss_fn(params, x, y):
-    return lrcr.cross_entropy_loss(model.apply({"params": params}, x), y)
-  return loss_fn
 
 
 def _directionals(loss_fn, params, x, y, direction, lr):
@@ -135,7 +130,7 @@ def float32_errors(width: int, depth: int, batch: int, *,
     [precision] = {engine, fof} and f64_engine_vs_fof_max.
   """
   lr = bench.SGD_LR
-  loss_fn = _loss_fn(bench.paper_mlp(width, depth))
+  loss_fn = steps.cross_entropy_loss_fn(bench.paper_mlp(width, depth))
   _, _, x, y = bench.make_problem(width, depth, batch, seed=1)
   problems = _problems(width, depth, x.shape[1], init_scales)
   compiled, compile_s = {}, {}
