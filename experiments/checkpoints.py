@@ -5,18 +5,11 @@
     step = ckpt.latest_step()              # None when there is none
     tree = ckpt.restore(step, target)      # verified first
 
-orbax writes each step into `<directory>/<step>/` (atomically: a temporary
-directory renamed when complete) and keeps the last two. Saves are
-asynchronous, as in the flax examples: the arrays are copied to the host and
-written by a background thread while training goes on (a synchronous save
-cost 0.1 s per chunk, 37% of a 100-step chunk of the paper's run on 2 CPU
-cores). Orbax does not checksum what it writes, so a flipped bit in a weight
-would be restored silently; once a save is complete (at the next save, or at
-`finish`) this module records the sha256 of every file of the step in
-`<directory>.sha256.json`, and `restore` recomputes them first. A step saved
-but not yet recorded (a kill before that) is not used: a killed run resumes
-from the last recorded step. The same file records the config the steps were
-trained with (`metadata`), so that a checkpoint carries its config.
+orbax writes each step atomically into `<directory>/<step>/`, asynchronously
+(as in the flax examples), and keeps the last two. Orbax does not checksum,
+so once a save completes this module records the sha256 of its files, and the
+config it was trained with (`metadata`), in `<directory>.sha256.json`;
+`restore` verifies them first, and an unrecorded step is not used.
 """
 
 from __future__ import annotations
@@ -50,9 +43,7 @@ def _files(root: str) -> list[str]:
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
-  """`<directory>.sha256.json`: {"metadata": ..., "steps": {step: files}}.
-
-  Empty when there is none.
+  """`<directory>.sha256.json`: {"metadata", "steps": {step: files}}, or empty.
 
   Raises:
     CheckpointError: for a manifest that cannot be read, naming it.

@@ -44,11 +44,7 @@ def _all_finite(tree: Any) -> Array:
 
 
 def _curvature_finite(cr: steps.StepOutput) -> Array:
-  """False where the CR step's slope, curvature or solve was not finite.
-
-  The transform then takes alpha = 0 (`info.finite`): a frozen run, not a
-  finite one, so the loop counts it as a non-finite step.
-  """
+  """False where the CR step's slope, curvature or solve was not finite."""
   if cr.alphas is not None:               # section 3.1's averagings
     return jnp.isfinite(cr.alpha)
   return _all_true(optax.tree.get(cr.opt_state, "info").finite)
@@ -100,11 +96,7 @@ def _step_metrics(t: Array, base: steps.StepOutput, cr: steps.StepOutput,
 
 
 def _over_seeds(fn, *args, mapped):
-  """jax.vmap of fn over the seed axis; a single seed runs unbatched.
-
-  One seed is the common case, and a vmapped axis of size 1 still costs
-  XLA batched kernels.
-  """
+  """jax.vmap of fn over the seed axis; a single seed runs unbatched."""
   if jax.tree.leaves(args[0])[0].shape[0] > 1:
     return jax.vmap(fn, in_axes=tuple(0 if m else None for m in mapped))(
         *args)
@@ -161,30 +153,20 @@ def make_chunk_fn(config: Any, base_step, cr_step, schedule: optax.Schedule,
                   batch_sharding: jax.sharding.Sharding | None = None):
   """run_chunk(state, images, labels, data_keys, start, *, length).
 
-  Runs steps start, ..., start + length - 1 of both runs of every seed under
-  `lax.scan`; the seeds are a `jax.vmap` inside the scan body, so S seeds
-  are one program.
-
   Args:
     config: the run config; reads `training.batch_size`, `nonfinite`,
-      `inject_nan_at_step` (tests only: that step's inputs are NaN) and
-      `scan_unroll` (XLA on CPUs runs convolutions inside a loop body much
-      slower, so convolutional configs unroll their chunks), and
-      `model.input_shape` (one example as the model takes it; () = flat).
+      `inject_nan_at_step` (tests: that step's inputs are NaN), `scan_unroll`
+      and `model.input_shape` (one example as the model takes it).
     base_step: `steps.make_base_step(...)`.
     cr_step: `steps.make_cr_step(...)`.
     schedule: the base learning rate, for the metrics.
     num_examples: N.
-    batch_sharding: data parallelism: the batch rows split over the mesh's
-      "data" axis; parameters stay replicated and XLA reduces the per-sample
-      sums across devices.
+    batch_sharding: the batch rows split over the mesh's "data" axis.
 
   Returns:
-    The pure function. `state` is a `TrainState` whose leaves are [S, ...]
-    and `data_keys` [S] keys; it returns (state, metrics of [length, S]
-    arrays). Under `nonfinite="stop"` the first step at which any seed is
-    not finite freezes every seed, so that the checkpoint before it holds
-    one step for all of them.
+    The pure function of a `TrainState` with [S, ...] leaves and [S] keys,
+    returning (state, metrics of [length, S]). Under `nonfinite="stop"` the
+    first non-finite step of any seed freezes every seed.
   """
   training = config.training
   batch_size, stop = training.batch_size, training.nonfinite == "stop"
@@ -226,15 +208,11 @@ def make_chunk_fn(config: Any, base_step, cr_step, schedule: optax.Schedule,
 
 def make_data_mesh(num_devices: int,
                    batch_size: int) -> jax.sharding.Mesh | None:
-  """A 1-D device mesh with axis "data" for data-parallel training, or None.
+  """A 1-D device mesh with axis "data", or None for one device.
 
   Args:
-    num_devices: devices to use; 0 means every local device (all devices of
-      the process, or of the whole slice after `jax.distributed.initialize`).
+    num_devices: devices to use; 0 means every device.
     batch_size: the global batch, which must split evenly over the devices.
-
-  Returns:
-    None when one device is used (no sharding needed), else the mesh.
 
   Raises:
     ValueError: for more devices than exist, or a batch that does not split.

@@ -3,34 +3,16 @@
     python -m experiments.device_check --out=runs/device_check [--tiny] \
         [--sections=exactness,speed,memory,fig2] [--budget_s=360]
 
-Written for a short session on one GPU: one process, a few minutes of work
-on the 12x128 net, every section guarded (a failure is recorded as its error
-string and the next section runs), and DIR/device_check.json and
-DIR/device_check.md rewritten after every section, so a run killed at its
-time limit still leaves the sections it finished. `--tiny` shrinks every
-size for the CPU test (`tests/device_check_test.py`). The sections compose
-the other measuring programs:
-
-  exactness  `exactness.float32_errors`: slope and curvature of the batch
-             loss in float32 on the default device, by the engine (dense
-             sweep and Gram form) and by forward-over-forward, under JAX's
-             default matmul precision (TF32 on recent NVIDIA cards) and
-             under "highest", against a float64 reference on the CPU. Then
-             the SGD and CR-SGD steps timed under both precisions
-             (`benchmark.measure`).
-  speed      `benchmark.bench_shape` on SGD, CR-SGD through the engine
-             (Gram form and dense sweep, each also with stack_layers=True)
-             and by forward-over-forward, at each batch: ms, paired ratios
-             to SGD, kernels and flops of each compiled step; the HLO text
-             of the SGD and CR steps at the first batch
-             (DIR/hlo_<step>_b<batch>.txt); and the steps/s of a `lax.scan`
-             chunk of the loop's body (`bench.loop_iteration`).
-  memory     peak bytes of the compiled CR-SGD steps against SGD's.
-  fig2       the paper's Fig. 2 run (configs/paper.py:mnist_sgd_plateau,
-             data mnist_5k, one device) through `train_lib`: wall time
-             against the CPU's.
-
-The goals (`goals`) are data rows judged by `report.judge`.
+One process, a few minutes on the 12x128 net. Every section is guarded (a
+failure is recorded and the next runs) and DIR/device_check.{json,md} are
+rewritten after each, so a killed run keeps what it finished. `--tiny` shrinks
+every size for the CPU test. The sections compose the other programs:
+exactness (`exactness.float32_errors` under default and highest matmul
+precision, and the steps timed under both), speed (`benchmark.bench_shape`,
+the HLO text of the first batch's steps, and a scanned chunk of
+`bench.loop_iteration`), memory (peak bytes against SGD's) and fig2 (the Fig.
+2 run through `train_lib`, against the CPU's wall time). The goals are data
+rows judged by `report.judge`.
 """
 
 from __future__ import annotations
@@ -64,17 +46,13 @@ FOF = "cr_sgd_autodiff"          # forward-over-forward
 GRAM_STACKED = "cr_sgd_engine_gram_stacked"   # stack_layers=True
 DENSE_STACKED = "cr_sgd_engine_stacked"
 SPEED_STEPS = (SGD, GRAM, DENSE, GRAM_STACKED, DENSE_STACKED, FOF)
-#: Compiled programs written out as HLO text (batch of the first speed
-#: shape), to study the device's fusion decisions without a device.
+#: Steps written out as HLO text (first speed batch).
 HLO_STEPS = (SGD, GRAM, DENSE)
 MEMORY_STEPS = (SGD, GRAM, DENSE, GRAM_STACKED)
 PRECISIONS = ("default", "highest")
 
-#: The Fig. 2 run (3,000 steps, 12x128, batch 32, mnist_5k, one CPU device)
-#: on the 2-core CPU dev machine: `JAX_PLATFORMS=cpu python -m
-#: experiments.device_check --out=DIR --sections=fig2`. train_lib's numbers:
-#: wall (setup, data, compilation, 30 chunks of 100 steps, metrics,
-#: checkpoints, figure), compilation, and steps/s inside the scan chunks.
+#: The Fig. 2 run on the CPU: `JAX_PLATFORMS=cpu python -m
+#: experiments.device_check --out=DIR --sections=fig2` (train_lib's numbers).
 CPU_FIG2 = dict(wall_time_s=15.3, compile_time_s=3.7, steps_per_s=414.5)
 CPU_FIG2_SOURCE = ("2-core CPU dev machine, 2026-11-28, jax 0.10.2, same "
                    "section run with JAX_PLATFORMS=cpu --sections=fig2, "
@@ -175,6 +153,15 @@ def _scan_chunk(opts: Options) -> dict[str, Any]:
                     "body), random data, no data indexing or metrics"))
 
 
+def _bench_shape(opts: Options, state: dict[str, Any], b: int,
+                 names: Sequence[str], repeats: int) -> dict[str, Any]:
+  """`benchmark.bench_shape` at batch `b`, sharing the check's executables."""
+  return benchmark.bench_shape(
+      opts.width, opts.depth, b, names=names, repeats=repeats,
+      sample_s=opts.sample_s, cache=state.setdefault("executables", {}),
+      seed=b)
+
+
 def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
   cache = state.setdefault("executables", {})
   result = dict(network=f"{opts.depth}x{opts.width}", shapes={},
@@ -185,9 +172,8 @@ def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
       result["skipped_over_budget"].append(f"b{b}")
       continue
     _log(f"speed: batch {b}")
-    result["shapes"][f"b{b}"] = benchmark.bench_shape(
-        opts.width, opts.depth, b, names=SPEED_STEPS, repeats=opts.repeats,
-        sample_s=opts.sample_s, cache=cache, seed=b)
+    result["shapes"][f"b{b}"] = _bench_shape(opts, state, b, SPEED_STEPS,
+                                             opts.repeats)
     if b == opts.batches[0] and state.get("out"):
       for name in HLO_STEPS:
         path = os.path.join(state["out"], f"hlo_{name}_b{b}.txt")
@@ -205,9 +191,7 @@ def section_memory(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
   """Memory of the compiled steps, from the speed section's executables."""
   out = {}
   for b in opts.batches:
-    shape = benchmark.bench_shape(
-        opts.width, opts.depth, b, names=MEMORY_STEPS, repeats=0,
-        sample_s=opts.sample_s, cache=state.setdefault("executables", {}))
+    shape = _bench_shape(opts, state, b, MEMORY_STEPS, 0)
     out[f"b{b}"] = dict(batch=b, steps={
         name: dict(v["memory"], memory_ratio=v["memory_ratio"],
                    xla_memory_ratio=v["xla_memory_ratio"])
@@ -508,9 +492,9 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+  f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  f = flags.FLAGS
   opts = Options.tiny_sizes() if f.tiny else Options()
   if f.repeats is not None:
     opts = dataclasses.replace(opts, repeats=f.repeats)

@@ -2,18 +2,11 @@
 
     python -m experiments.exactness
 
-`main` prints markdown tables: for random float64 problems (depths 1-6,
-uneven widths, 2-10 classes, four activations, with and without bias), the
-relative error of lrcr.directional's slope and curvature against g . grad F
-and g^T (jax.hessian F) g of the flattened loss, and, for ReLU nets without
-biases, the relative gap of eq. 39 as printed. Then the same for the zoo of
-flax models in tests/zoo.py (residual + LayerNorm, CNN, GRU, LSTM,
-attention, dropout; cross-entropy, MSE, label smoothing, an L2 term), with
-random, +grad and -grad directions, for `lrcr.value_grad_and_curvature`.
-
-`float32_errors` measures the float32 engine on the default device (under
-each matmul precision) against a float64 forward-over-forward reference on
-the CPU; `experiments.device_check` runs it on an accelerator.
+`main` prints the relative errors of slope and curvature against g . grad F
+and g^T (jax.hessian F) g in float64: random MLPs (depths 1-6, four
+activations, bias on/off; eq. 39's printed gap for ReLU nets without bias),
+then the flax models of tests/zoo.py. `float32_errors` measures the float32
+engine on the default device against a float64 reference on the CPU.
 """
 
 from __future__ import annotations
@@ -32,6 +25,7 @@ import lrcr
 from experiments import bench
 from experiments import benchmark
 from experiments import report
+from experiments import steps
 
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh,
                "softplus": jax.nn.softplus, "gelu": jax.nn.gelu}
@@ -40,19 +34,10 @@ ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh,
 # float32 on the default device against float64 on the CPU.
 
 
-def _loss_fn(model: lrcr.MLP):
-  def loss_fn(params, x, y):
-    return lrcr.cross_entropy_loss(model.apply({"params": params}, x), y)
-  return loss_fn
-
-
 def _directionals(loss_fn, params, x, y, direction, lr):
-  """[slope, curvature] by the engine and forward-over-forward (f-o-f).
+  """([slope, curvature] per way, g, g_gram) along -lr grad F and `direction`.
 
-  Along g = -lr grad F (the SGD direction: engine dense sweep, engine Gram
-  form, f-o-f) and along `direction` (engine dense, f-o-f). Returns the
-  numbers and the two g's, so that the reference is taken along the very
-  directions used here.
+  Ways: the engine (dense sweep; Gram form along g) and forward-over-forward.
   """
   _, grads, curv = lrcr.value_grad_and_curvature(loss_fn, params, x, y)
   _, grads_g, curv_gram = lrcr.value_grad_and_curvature(
@@ -134,26 +119,18 @@ def float32_errors(width: int, depth: int, batch: int, *,
                    ) -> dict[str, Any]:
   """The float32 engine and f-o-f against a float64 f-o-f reference on CPU.
 
-  On the paper's MLP (width x depth, 10 classes, random data of `batch`
-  rows), for params drawn at each of `init_scales`: slope and curvature in
-  float32 on the default device, traced under each matmul precision, along
-  -lr grad F (lr `bench.SGD_LR`) and along a random direction; the float32
-  params, batch and directions are cast up exactly for the reference.
-
   Args:
-    width, depth, batch: the problem.
+    width, depth, batch: the paper's MLP and its random batch.
     init_scales: U(-s, s) initializations (Fig. 2's 0.1, Fig. 1's 0.2).
     precisions: "default" or a `jax.default_matmul_precision` name.
 
   Returns:
-    A dict: network, batch, learning_rate, compile_s per precision,
-    reference_device, reference_dtype, cases (one per scale, precision,
-    direction and method, with both numbers and their relative errors),
-    max_rel_err[precision] = {engine, fof} and f64_engine_vs_fof_max (the
-    float64 engine against the reference).
+    network, batch, learning_rate, compile_s, reference_device and _dtype,
+    cases (per scale, precision, direction and method), max_rel_err
+    [precision] = {engine, fof} and f64_engine_vs_fof_max.
   """
   lr = bench.SGD_LR
-  loss_fn = _loss_fn(bench.paper_mlp(width, depth))
+  loss_fn = steps.cross_entropy_loss_fn(bench.paper_mlp(width, depth))
   _, _, x, y = bench.make_problem(width, depth, batch, seed=1)
   problems = _problems(width, depth, x.shape[1], init_scales)
   compiled, compile_s = {}, {}

@@ -4,15 +4,13 @@
     append(path, records)                          # after each chunk, fsynced
     records = read_metrics(path)                   # checked whole
 
-`metrics.jsonl` holds one JSON object per (step, seed), step-major, with the
-keys of `METRIC_KEYS` in that order. Non-finite floats are written as `null`
-and read back as NaN.
+`metrics.jsonl` holds one JSON object per (step, seed), step-major, keys in
+`METRIC_KEYS` order; non-finite floats are written as null, read as NaN.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +19,7 @@ import numpy as np
 
 from experiments import workdir as workdir_lib
 from experiments.report import jsonable
+from experiments.stats import as_float
 
 #: The keys of every record, in file order.
 METRIC_KEYS: tuple[str, ...] = (
@@ -45,16 +44,6 @@ RECOVER_METRICS = (
 
 class MetricsError(ValueError):
   """A damaged metrics file; the message names the file and the way out."""
-
-
-def to_float(value: Any) -> float:
-  """A record value as a float; `None` or a non-number becomes NaN."""
-  if value is None:
-    return math.nan
-  try:
-    return float(value)
-  except (TypeError, ValueError):
-    return math.nan
 
 
 # ---------------------------------------------------------------------------
@@ -82,8 +71,7 @@ def append(path: str, records: Sequence[Mapping[str, Any]]) -> None:
   """Appends records to `path` and fsyncs it.
 
   Raises:
-    OSError: naming the file, and saying that the run resumes from its last
-      checkpoint (a torn last line is dropped on resume).
+    OSError: naming the file, and that the run resumes from its checkpoint.
   """
   with workdir_lib.io_errors(path):
     with open(path, "a", encoding="utf-8") as f:
@@ -93,12 +81,7 @@ def append(path: str, records: Sequence[Mapping[str, Any]]) -> None:
 
 
 def truncate(path: str, step: int, seeds: Sequence[int]) -> None:
-  """Keeps the records of steps < `step`, after checking they are all there.
-
-  The file must hold steps 0, ..., step - 1, once each, in order, one record
-  per seed in `seeds` (`check_metrics`); records of later steps (written
-  before a kill, never checkpointed) and a torn last line are dropped. The
-  file is rewritten atomically.
+  """Keeps the records of steps < `step` (atomically), checking them whole.
 
   Raises:
     MetricsError: naming the file, the problem and the way out.
@@ -142,7 +125,7 @@ def parse_lines(path: Any) -> list[tuple[int, dict[str, Any]]]:
                          f"{RECOVER_METRICS}")
     for key in FLOAT_FIELDS:
       if key in rec:
-        rec[key] = to_float(rec[key])
+        rec[key] = as_float(rec[key])
     out.append((lineno, rec))
   return out
 
@@ -150,10 +133,7 @@ def parse_lines(path: Any) -> list[tuple[int, dict[str, Any]]]:
 def check_metrics(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any,
                   *, seeds: Sequence[int] | None = None,
                   num_steps: int | None = None) -> int:
-  """Checks that records are steps 0, 1, ... in order, each once per seed.
-
-  Every step holds one record per seed, seeds in the same order at every
-  step (a file without `seed` keys is one seed).
+  """Checks that records are steps 0, 1, ..., each once per seed in order.
 
   Args:
     lines: (line number, record) pairs in file order.
@@ -162,8 +142,7 @@ def check_metrics(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any,
     num_steps: if given, the file must hold exactly this many steps.
 
   Returns:
-    The number of complete steps. An incomplete last step (a run killed
-    while writing a chunk) does not count; `num_steps` refuses it.
+    The number of complete steps (an incomplete last one does not count).
 
   Raises:
     MetricsError: naming the file, the line and how to recover.
@@ -195,25 +174,14 @@ def check_metrics(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any,
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """Reads a `metrics.jsonl` file and checks that it is whole.
+  """The records of a `metrics.jsonl` file, checked whole (`check_metrics`).
 
-  Blank lines are skipped and an unparsable *last* line (a run killed in the
-  middle of writing it) is dropped, as is an incomplete last step (some
-  seeds written). `null` (or otherwise non-numeric) values of the float
-  fields (`FLOAT_FIELDS`) become NaN; `NaN` and `Infinity` literals are
-  parsed as floats. The rest must be what the training loop writes
-  (`check_metrics`): steps 0, 1, ... in order, one record per seed each.
-
-  Args:
-    path: Path of the JSONL file.
-
-  Returns:
-    The records, one dict per (step, seed), in file order.
+  A torn last line and an incomplete last step are dropped; non-numeric float
+  fields become NaN.
 
   Raises:
-    MetricsError: If a line other than the last one is not valid JSON, a
-      line is not a JSON object, or a step is missing, repeated or out of
-      order; the message names the file and line.
+    MetricsError: for invalid JSON before the last line, a line that is not
+      an object, or a step missing, repeated or out of order (file and line).
   """
   lines = parse_lines(path)
   complete = check_metrics(lines, path)

@@ -3,18 +3,8 @@
     model = make_model(config.model, num_classes)
     logits = model.apply({"params": params}, x)      # [B, C]
 
-`config.model.kind`:
-
-- "mlp": `lrcr.MLP`, the paper's net (eqs. 10-16): `depth` hidden layers of
-  `width` units, ReLU, weights ~ U(-init_scale, init_scale). Its curvature
-  goes through lrcr's low-rank engine.
-- "cnn": `CNN`, 3x3 convolutions with max pooling, then dense layers.
-- "rnn": `RNN`, a simple recurrence v_t = A(x_t V + b + v_{t-1} W) (eq. 58,
-  weights shared over time) over the rows of an image; the logits read the
-  last state.
-
-The CNN and the RNN are plain `flax.linen` modules; their exact curvature
-comes from forward-over-forward autodiff (`lrcr.autodiff_curvature_fn`).
+`config.model.kind`: "mlp" (`lrcr.MLP`, the paper's net, eqs. 10-16), "cnn"
+(`CNN`) or "rnn" (`RNN`, eq. 58, over the rows of an image).
 """
 
 from __future__ import annotations

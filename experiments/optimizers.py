@@ -1,23 +1,10 @@
 """The base optimizers of the paper's runs, their schedule, and their CR chains.
 
-Appendix A: "for optimization algorithms with other parameters governing the
-optimization, we used the default TensorFlow values for those parameters", and
-"for the learning rate decay, we used an exponential decay with a decay rate
-of 0.95 per 100 iterations". In optax terms (TF1 defaults):
-
-    name      transform                                          defaults
-    sgd       optax.sgd(lr)                                      -
-    adagrad   optax.adagrad(lr, initial_accumulator_value, eps)  0.1, 1e-7
-    adadelta  optax.adadelta(lr, rho, eps)                       0.95, 1e-8
-    adam      optax.adam(lr, b1, b2, eps)                        .9, .999, 1e-8
-    rmsprop   optax.rmsprop(lr, decay, eps, initial_scale)       0.9, 1e-10, 1.0
-
-with lr the schedule
-
-    lr(t) = lr_0 * 0.95 ** (t / 100)        # staircase: 0.95 ** floor(t / 100)
-
-The CR optimizer is the base optimizer followed by the cubic step (sec. 3.1):
-`optax.chain(base, lrcr.scale_by_cubic_step(sigma))`.
+Appendix A: the base optimizers take "the default TensorFlow values"
+(`DEFAULT_HYPERPARAMS`, TF1's), and the learning rate decays as
+lr(t) = lr_0 * 0.95 ** (t / 100). The CR optimizer is the base optimizer
+followed by the cubic step (sec. 3.1): `optax.chain(base,
+lrcr.scale_by_cubic_step(sigma))`.
 """
 
 from __future__ import annotations
@@ -66,11 +53,7 @@ def _get(config: Any, key: str, default: Any) -> Any:
 
 
 def check_name(name: str) -> str:
-  """Returns the canonical (lower-case) optimizer name.
-
-  Raises:
-    ValueError: for a name not in `OPTIMIZERS`, listing the valid ones.
-  """
+  """The canonical (lower-case) optimizer name; ValueError if unknown."""
   key = str(name).strip().lower()
   if key not in _FACTORIES:
     raise ValueError(
@@ -80,16 +63,10 @@ def check_name(name: str) -> str:
 
 
 def make_schedule(optimizer_config: Any) -> optax.Schedule:
-  """The base learning-rate schedule of appendix A.
+  """lr(t) = lr_0 * decay_rate ** (t / decay_steps) (appendix A).
 
-  Args:
-    optimizer_config: `config.optimizer`, with `learning_rate` (lr_0) and
-      optionally `decay_steps` (default 100), `decay_rate` (default 0.95) and
-      `decay_staircase` (default False).
-
-  Returns:
-    `optax.exponential_decay(lr_0, decay_steps, decay_rate, staircase)`:
-    lr(t) = lr_0 * decay_rate ** (t / decay_steps).
+  Reads `learning_rate` (lr_0), `decay_steps` (100), `decay_rate` (0.95) and
+  `decay_staircase` (False) of `config.optimizer`.
   """
   return optax.exponential_decay(
       init_value=float(optimizer_config.learning_rate),
@@ -101,15 +78,7 @@ def make_schedule(optimizer_config: Any) -> optax.Schedule:
 def make_base_optimizer(optimizer_config: Any,
                         schedule: optax.ScalarOrSchedule,
                         ) -> optax.GradientTransformation:
-  """The base optimizer named by `optimizer_config.name`, with TF1 defaults.
-
-  Args:
-    optimizer_config: `config.optimizer`; only `name` is read here.
-    schedule: its learning rate, a float or an `optax.Schedule` (see
-      `make_schedule`).
-
-  Returns:
-    The optax transformation (see the table in the module docstring).
+  """The optimizer `optimizer_config.name` at `schedule`, with TF1 defaults.
 
   Raises:
     ValueError: for an unknown name, listing the valid ones.
@@ -121,19 +90,10 @@ def make_base_optimizer(optimizer_config: Any,
 def make_cr_optimizer(optimizer_config: Any,
                       schedule: optax.ScalarOrSchedule,
                       ) -> optax.GradientTransformationExtraArgs:
-  """The base optimizer followed by the CR step length (sec. 3.1).
+  """optax.chain(base, lrcr.scale_by_cubic_step(sigma, ...)) (sec. 3.1).
 
-  Its update takes the keyword-only extra argument `curvature_fn` (see
-  `lrcr.scale_by_cubic_step`).
-
-  Args:
-    optimizer_config: `config.optimizer`, with `name` and `sigma`.
-    schedule: the base optimizer's learning rate.
-
-  Returns:
-    `optax.chain(base, lrcr.scale_by_cubic_step(sigma, granularity=...,
-    adaptive_sigma=...))`, with `optimizer.granularity` ("global" by default)
-    and `optimizer.adaptive_sigma` (False by default).
+  Reads `name`, `sigma`, `granularity`, `adaptive_sigma` and
+  `curvature_every` of `config.optimizer`; the update takes `curvature_fn`.
   """
   base = make_base_optimizer(optimizer_config, schedule)
   return optax.chain(base, lrcr.scale_by_cubic_step(

@@ -1,15 +1,8 @@
 """Figures in the paper's layout for base vs. base+CR runs, over seeds.
 
-Every curve is the median over seeds, with the interquartile range (25th to
-75th percentile) as a band; a single seed gives a plain line. The learning
-rate panel shows CR's rate in the base optimizer's units, the paper's
-100-step moving average of it (per seed, then the median and band), and the
-base optimizer's own learning rate.
-
-Figures are built as :class:`matplotlib.figure.Figure` objects attached to an
-Agg canvas, without pyplot, so nothing is registered with (or leaked into)
-pyplot's figure manager and the global backend is left untouched; the
-figures are released after saving.
+Every curve is the median over seeds with the interquartile range as a band.
+Figures are built on an Agg canvas without pyplot (no global state touched)
+and released after saving.
 """
 
 from __future__ import annotations
@@ -83,18 +76,21 @@ def _seeds_label(records: Records) -> str:
   return f"median of {n} seeds, IQR band" if n > 1 else "one seed"
 
 
+def _finish_axes(ax: Axes, ylabel: str, legend: str | None) -> None:
+  """Labels the axes; a legend at `legend` (a matplotlib loc) if given."""
+  ax.set_xlabel("iteration")
+  ax.set_ylabel(ylabel)
+  if legend:
+    ax.legend(loc=legend, fontsize="small")
+
+
 def _plot_losses(ax: Axes, records: Records, base_name: str, *,
                  legend: bool) -> None:
-  for key, color, label in (
-      ("loss_base", BASE_COLOR, base_name),
-      ("loss_cr", CR_COLOR, f"{base_name} with CR"),
-  ):
+  for key, color, label in (("loss_base", BASE_COLOR, base_name),
+                            ("loss_cr", CR_COLOR, f"{base_name} with CR")):
     steps, values = by_seed(records, key)
     _band(ax, steps, values, color=color, label=label)
-  ax.set_xlabel("iteration")
-  ax.set_ylabel("error (loss)")
-  if legend:
-    ax.legend(loc="lower left", fontsize="small")
+  _finish_axes(ax, "error (loss)", legend and "lower left")
 
 
 def _plot_learning_rate(ax: Axes, records: Records, period: int, *,
@@ -111,10 +107,7 @@ def _plot_learning_rate(ax: Axes, records: Records, period: int, *,
   _band(ax, steps_b, base_lr, color=BASE_LR_COLOR, positive=True,
         linewidth=1.0, band=False, label=f"{base_name}'s own learning rate")
   ax.set_yscale("log")
-  ax.set_xlabel("iteration")
-  ax.set_ylabel("learning rate")
-  if legend:
-    ax.legend(loc="upper right", fontsize="small")
+  _finish_axes(ax, "learning rate", legend and "upper right")
 
 
 def _new_figure(figsize: tuple[float, float]) -> Figure:
@@ -135,102 +128,61 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
   workdir.atomic_write(str(path), png.getvalue())
 
 
-def make_run_figure(
-    records: Records,
-    *,
-    title: str,
-    base_name: str = "SGD",
-    period: int = 100,
-) -> Figure:
-  """Builds the paper's two-panel figure for one run.
+def make_run_figure(records: Records, *, title: str, base_name: str = "SGD",
+                    period: int = 100) -> Figure:
+  """The paper's two-panel figure of one run.
 
-    Panel (a) shows the loss of the base optimizer (blue) and of base+CR
-    (red) against the iteration; panel (b) shows, on a log scale, the CR
-    learning rate (``learning_rate_cr``, red), its trailing moving average
-    (green) and the base optimizer's own learning rate (black). Each curve
-    is the median over the records' seeds, the losses and the moving average
-    with an interquartile band. Non-finite values are skipped and
-    non-positive learning rates are masked, so neither crashes plotting.
+  Panel (a): the losses of base (blue) and base+CR (red); panel (b), log
+  scale: the CR learning rate (red), its moving average (green) and the base
+  learning rate (black). Non-finite values and non-positive rates are masked.
 
-    Args:
-        records: Per-(iteration, seed) metric records.
-        title: Figure title; should name the configuration and the data used.
-        base_name: Name of the base optimizer used in legend and captions.
-        period: Moving-average window for panel (b).
+  Args:
+    records: per-(iteration, seed) metric records.
+    title: the figure's title; should name the configuration and the data.
+    base_name: the base optimizer's name, for legends and captions.
+    period: the moving-average window of panel (b).
 
-    Returns:
-        The figure (Agg canvas, not registered with pyplot), with exactly two
-        axes.
-    """
+  Returns:
+    The figure (Agg canvas, not registered with pyplot), with two axes.
+  """
   fig = _new_figure((13.0, 4.8))
   ax_loss, ax_lr = fig.subplots(1, 2)
   seeds = _seeds_label(records)
   _plot_losses(ax_loss, records, base_name, legend=True)
   ax_loss.set_title(
       f"(a) Error ({base_name} in blue, {base_name} with CR in red; {seeds})",
-      fontsize="small",
-  )
+      fontsize="small")
   _plot_learning_rate(ax_lr, records, period, legend=True,
                       base_name=base_name)
   ax_lr.set_title(
       f"(b) Learning rate (CR's in red, period-{period} moving average in "
-      f"green, {base_name}'s own in black)",
-      fontsize="small",
-  )
+      f"green, {base_name}'s own in black)", fontsize="small")
   fig.suptitle(title)
   return fig
 
 
-def plot_run(
-    records: Records,
-    path: str | os.PathLike[str],
-    *,
-    title: str,
-    base_name: str = "SGD",
-    period: int = 100,
-) -> None:
-  """Saves the two-panel figure of :func:`make_run_figure` as a PNG.
-
-    Args:
-        records: Per-iteration metric records.
-        path: Output PNG path; parent directories are created.
-        title: Figure title naming the configuration and the data used.
-        base_name: Name of the base optimizer.
-        period: Moving-average window for the learning-rate panel.
-    """
-  fig = make_run_figure(records,
-                        title=title,
-                        base_name=base_name,
-                        period=period)
-  _save(fig, path)
+def plot_run(records: Records, path: str | os.PathLike[str], *, title: str,
+             base_name: str = "SGD", period: int = 100) -> None:
+  """Saves `make_run_figure` as a PNG at `path` (parents created)."""
+  _save(make_run_figure(records, title=title, base_name=base_name,
+                        period=period), path)
 
 
-def make_overview_figure(
-    runs: Sequence[tuple[str, Records]],
-    *,
-    title: str,
-    period: int = 100,
-) -> Figure:
-  """Builds a grid figure of several runs.
+def make_overview_figure(runs: Sequence[tuple[str, Records]], *, title: str,
+                         period: int = 100) -> Figure:
+  """A grid of several runs: one column each, losses above, rates below.
 
-    One column per run, titled with the run's name; the top row holds the
-    losses (base blue, CR red), the bottom row the CR learning rate (red),
-    its moving average (green) and the base learning rate (black) on a log
-    scale; medians over seeds with interquartile bands, as
-    :func:`make_run_figure`.
+  Args:
+    runs: (name, records) pairs.
+    title: the figure's title.
+    period: the moving-average window of the learning-rate row.
 
-    Args:
-        runs: ``(name, records)`` pairs.
-        title: Figure title.
-        period: Moving-average window for the learning-rate row.
+  Returns:
+    The figure, with 2 * len(runs) axes (all loss axes, then all rate axes).
 
-    Returns:
-        The figure, with ``2 * len(runs)`` axes (row-major: all loss axes,
-        then all learning-rate axes).
-
-    Raises:
-        ValueError: If ``runs`` is empty.
-    """
+  Raises:
+    ValueError: if `runs` is empty.
+  """
   if not runs:
     raise ValueError("plot_overview needs at least one run")
   n = len(runs)
@@ -248,20 +200,8 @@ def make_overview_figure(
   return fig
 
 
-def plot_overview(
-    runs: Sequence[tuple[str, Records]],
-    path: str | os.PathLike[str],
-    *,
-    title: str,
-    period: int = 100,
-) -> None:
-  """Saves the all-runs grid of :func:`make_overview_figure` as a PNG.
-
-    Args:
-        runs: ``(name, records)`` pairs, one column each.
-        path: Output PNG path; parent directories are created.
-        title: Figure title.
-        period: Moving-average window for the learning-rate row.
-    """
-  fig = make_overview_figure(runs, title=title, period=period)
-  _save(fig, path)
+def plot_overview(runs: Sequence[tuple[str, Records]],
+                  path: str | os.PathLike[str], *, title: str,
+                  period: int = 100) -> None:
+  """Saves `make_overview_figure` as a PNG at `path` (parents created)."""
+  _save(make_overview_figure(runs, title=title, period=period), path)

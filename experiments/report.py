@@ -1,16 +1,11 @@
 """The reporting layer of experiments/: numbers, JSON, ratios, tables, goals.
 
-Every measuring program (`benchmark`, `bench_nets`, `device_check`,
-`reproduce`, `beyond`) builds its report as plain data and hands it here:
+Every measuring program builds its report as plain data and hands it here:
 
     report = jsonable(report)                     # JSON-safe, NaN -> None
     lines = table(["net", "kernels"], rows)       # markdown
     rows = [judge(goal, value, text) for ...]     # Goal rows -> verdicts
     write(out, "benchmark", report, markdown)     # .json and .md, atomically
-
-A goal is data: a `Goal` (what is judged, the comparison, the bar it must
-pass and an optional stretch goal) and the measured value; `judge` gives the
-row's verdict and `goals_table` renders the rows.
 """
 
 from __future__ import annotations
@@ -96,15 +91,10 @@ def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
 
 
 def paired(seconds: Sequence[float], base: Sequence[float]) -> dict[str, Any]:
-  """Milliseconds and the paired ratio to `base`, over interleaved repeats.
-
-  Args:
-    seconds: one sample per repeat, in seconds per step.
-    base: the base's samples of the same repeats.
+  """ms per step and the paired ratio to `base` (seconds per repeat each).
 
   Returns:
-    ms_per_step, ms_q1, ms_q3: the median and quartiles of the samples, in
-    ms; ratio, ratio_q1, ratio_q3: those of the per-repeat ratio
+    ms_per_step, ms_q1, ms_q3; ratio, ratio_q1, ratio_q3 of the per-repeat
     seconds[i] / base[i]; ratio_of_medians; samples_ms.
   """
   s, b = np.asarray(seconds, np.float64), np.asarray(base, np.float64)
@@ -167,18 +157,12 @@ class Goal:
 
 
 def judge(goal: Goal, value: float | None, measured: str = "") -> dict:
-  """A goal row: the target, the measured value and its verdict.
-
-  Args:
-    goal: the target.
-    value: the measured number, or None where it was not measured.
-    measured: the measurement in words (which variant, at which shape).
+  """A goal row: the target, the measured value (None: not measured), words.
 
   Returns:
-    A dict with target, op, bar, goal, source, value, measured, met (the
-    bar, or the goal where there is no bar, is passed; None when not
-    measured), goal_met and verdict: "not measured", "met", "met (goal)",
-    "met (bar; goal OP X not yet)" or "NOT met (gap ...)".
+    The goal's fields, value, measured, met (the bar, else the goal),
+    goal_met and verdict: "not measured", "met", "met (goal)", "met (bar;
+    goal OP X not yet)" or "NOT met (gap ...)".
   """
   goal_op = goal.goal_op or goal.op
   row = dict(target=goal.target, op=goal.op, bar=goal.bar, goal=goal.goal,

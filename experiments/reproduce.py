@@ -5,17 +5,11 @@
         [--cifar10_path=/path/to/cifar-10-batches-py] \
         [--only=mnist_sgd_plateau,...] [--set=model.depth=2 ...]
 
-Each run of `configs/paper.py` trains into `workdir/<name>/` through
-`train_lib.train_and_evaluate` (so a rerun resumes), then the workdir
-receives summary.md (the table, with the command, the data, the machine, the
-date and the total wall time), summary.json and overview.png. Every run trains
-`--num_seeds` seeds (5) vectorized as one program; each number of the table
-is the median over seeds with its interquartile range, and each claim of the
-paper is judged on every seed (`summary.summarize_seeds`: it holds when it
-holds on at least 4 of 5 seeds). A CIFAR-10 run with no CIFAR-10 data is
-listed as not run, with the reason: nothing stands in for it. Every mistake
-in the flags (an unknown run or config key, a bad value) is refused before
-anything trains, with the flag to fix.
+Each run of `configs/paper.py` trains into `workdir/<name>/` (a rerun
+resumes); the workdir then receives summary.md, summary.json and
+overview.png. Each number is the median over `--num_seeds` seeds with its
+IQR, and a claim holds when it holds on 4 of 5 seeds. A CIFAR-10 run without
+data is listed as not run. Flag mistakes are refused before anything trains.
 """
 
 import ast
@@ -34,6 +28,7 @@ from configs import paper
 from experiments import input_pipeline as data_lib
 from experiments import plots
 from experiments import report as report_lib
+from experiments import metrics as metrics_lib
 from experiments import summary as summary_lib
 from experiments import train_lib as train
 
@@ -182,7 +177,7 @@ def main(argv: Sequence[str]) -> None:
       "environment": env, "num_seeds": _NUM_SEEDS.value, "data": data_used,
       "runs": rows}, "\n".join(lines))
 
-  runs = [(f"{row['figure']} {row['run']}".strip(), summary_lib.read_metrics(
+  runs = [(f"{row['figure']} {row['run']}".strip(), metrics_lib.read_metrics(
       os.path.join(workdir, row["run"], train.METRICS_FILE)))
           for row in rows if row["status"] == "ok"]
   if runs:

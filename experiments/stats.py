@@ -62,19 +62,10 @@ def _windows(x: Iterable[float], period: int) -> np.ndarray:
 
 
 def moving_average(x: Iterable[float], period: int = 100) -> np.ndarray:
-  """Trailing, NaN-aware moving average.
+  """Trailing, NaN-aware moving average (NaN for a window with no value).
 
-  Entry i is the mean of the finite values in x[max(0, i - period + 1):
-  i + 1]; a window without any finite value gives NaN. Each window is
-  summed on its own (no running sum), so one huge value only moves the
-  windows that hold it.
-
-  Args:
-    x: a 1-D sequence of values.
-    period: the window length (>= 1).
-
-  Returns:
-    A float64 array of the length of `x`.
+  Each window is summed on its own, so one huge value only moves the windows
+  that hold it.
 
   Raises:
     ValueError: if `period < 1` or `x` is not 1-D.
@@ -89,11 +80,7 @@ def moving_average(x: Iterable[float], period: int = 100) -> np.ndarray:
 
 
 def moving_median(x: Iterable[float], period: int = 100) -> np.ndarray:
-  """Trailing, NaN-aware moving median (as `moving_average`, with medians).
-
-  One huge value in a window does not move its median, so a single spike
-  can neither hide nor invent a plateau exit.
-  """
+  """Trailing, NaN-aware moving median (as `moving_average`)."""
   windows = _windows(x, period)
   out = np.full(len(windows), np.nan)
   ok = np.isfinite(windows).any(axis=1)
@@ -104,21 +91,17 @@ def moving_median(x: Iterable[float], period: int = 100) -> np.ndarray:
 def plateau_exit_step(losses: Iterable[float],
                       threshold: float = 0.95 * math.log(10.0),
                       period: int = 100) -> int | None:
-  """The first iteration at which a run has left the loss plateau.
+  """The first index i >= period - 1 whose moving median is below threshold.
 
-  That is the first index i >= period - 1 (a full window) whose trailing
-  `period`-step moving median of the loss is strictly below `threshold`. A
-  median, not a mean: one huge finite loss (a diverging step) moves a mean
-  window for `period` steps, but not a median.
+  A median, so that one diverging step neither hides nor invents an exit.
 
   Args:
     losses: per-iteration losses (non-finite values are ignored).
-    threshold: the loss that counts as off the plateau; by default 95% of
-      ln(10), the loss of a uniform 10-class prediction.
+    threshold: by default 95% of ln(10), a uniform 10-class prediction's loss.
     period: the window.
 
   Returns:
-    The 0-based index of that iteration, or None if it never happens.
+    The 0-based index of the plateau exit, or None if it never happens.
   """
   median = moving_median(losses, period)
   if median.size < period:
@@ -150,16 +133,10 @@ def _quantile(values: Sequence[float], q: float) -> float:
 
 def median_and_iqr(values: Sequence[Any], *, never_is_inf: bool = False
                    ) -> tuple[float | None, list[float | None] | None]:
-  """(median, [25th, 75th percentile]) of the usable values, or Nones.
+  """(median, [25th, 75th percentile]) of the numbers, or (None, None).
 
-  Args:
-    values: one number per seed; None or NaN are left out, unless
-      `never_is_inf`.
-    never_is_inf: None is an exit that never happened, ordered after every
-      step (so a median or quartile of "never" is None); for exit steps.
-
-  Returns:
-    The median and the interquartile range, or (None, None) without values.
+  With `never_is_inf`, None is an exit that never happened: it sorts after
+  every step, and a median or quartile of it is None.
   """
   nums = [math.inf if v is None and never_is_inf else float(v)
           for v in values

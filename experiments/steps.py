@@ -5,15 +5,10 @@
     out = cr_step(params, opt_state, x, y)          # a StepOutput
     params = optax.apply_updates(params, out.updates)
 
-Per step, on a batch (X, y) of B rows, with g the direction the base
-optimizer proposes from grad F:
-
-    F, grad F, curvature_fn = _value_grad_and_curvature(...)   # one pass
-    s = g . grad F,  h = g^T H g,  ||g||^2 = curvature_fn(params, g)
-    update = alpha g,  alpha the minimizer of the cubic model (eq. 37)
-
-The first line is the engine seam: every option below only changes how
-`_value_grad_and_curvature` builds `curvature_fn`.
+Per step, with g the base optimizer's direction: F, grad F and curvature_fn
+come from `_value_grad_and_curvature` (the one seam every option changes);
+s = g . grad F, h = g^T H g and ||g||^2 = curvature_fn(params, g); the update
+is alpha g, alpha the minimizer of the cubic model (eq. 37).
 """
 
 from __future__ import annotations
@@ -32,11 +27,9 @@ from lrcr import averaging as averaging_lib
 Array = jax.Array
 LossFn = Callable[[Any, Array, Array], Array]
 
-#: What `config.optimizer.curvature` may be; all exact, for any model.
-#: "engine" shares the gradient pass (`lrcr.value_grad_and_curvature`; the
-#: Gram form after SGD), "lowrank" is the engine behind its own pass
-#: (`lrcr.lowrank_curvature_fn`), "autodiff" is forward-over-forward, "hvp"
-#: is g . jvp(grad F)(g) (a baseline).
+#: What `config.optimizer.curvature` may be; all exact, for any model:
+#: the engine sharing the gradient pass, the engine in its own pass,
+#: forward-over-forward, and g . jvp(grad F)(g).
 CURVATURE_PATHS: tuple[str, ...] = ("engine", "lowrank", "autodiff", "hvp")
 
 
@@ -47,16 +40,12 @@ class CROptions:
   Attributes:
     curvature: one of `CURVATURE_PATHS`.
     granularity: "global", "layer" or "variable" (`lrcr.scale_by_cubic_step`).
-    gradient_direction: the base optimizer is plain SGD, so the engine may
-      use its Gram-matrix form.
+    gradient_direction: the base optimizer is plain SGD (the Gram form).
     curvature_batch_size: if > 0, the curvature on the first that many rows
       of the batch, the slope on all of them (Byrd et al. 2011).
     stack_layers: the engine batches equally shaped layers' products
-      (`lrcr.value_grad_and_curvature(stack_layers=...)`); same numbers up
-      to float rounding. Read by curvature="engine" without a
-      curvature_batch_size only (the other paths have no such option).
-    averaging: section 3.1's option for SGD: "batch" (the paper),
-      "mean_alpha" or "mean_alpha_g" (`lrcr.averaging`).
+      (curvature="engine" without curvature_batch_size only).
+    averaging: section 3.1's option for SGD (`lrcr.averaging`).
     sigma: the cubic weight, read by the non-"batch" averagings.
   """
   curvature: str = "engine"
@@ -101,16 +90,7 @@ class CROptions:
 
 
 class StepOutput(NamedTuple):
-  """One step's update and what it measured (also when it is not applied).
-
-  Attributes:
-    updates: the update to add to the params.
-    opt_state: the new optimizer state.
-    loss: F at the params, on the batch.
-    grads: grad F.
-    alphas: per-sample alphas [B] (section 3.1's averagings), else None.
-    alpha: their combined alpha along -grad F (averagings), else None.
-  """
+  """One step's update, new state, F and grad F (and averagings' alphas)."""
   updates: Any
   opt_state: Any
   loss: Array
@@ -145,9 +125,6 @@ def make_cr_step(model: Any, tx: optax.GradientTransformationExtraArgs,
     model: `lrcr.MLP` or any flax module mapping x to logits.
     tx: `optax.chain(base, lrcr.scale_by_cubic_step(...))`.
     options: see `CROptions`.
-
-  Returns:
-    The pure step function; jit or scan it.
   """
   loss_fn = cross_entropy_loss_fn(model)
 
@@ -178,15 +155,10 @@ def applied(step):
 
 def _value_grad_and_curvature(loss_fn: LossFn, params: Any, x: Array,
                               y: Array, options: CROptions):
-  """(F, grad F, curvature_fn) on the batch (x, y): the engine seam.
+  """(F, grad F, curvature_fn) on the batch: the one engine seam.
 
-  The one place that picks how the CR run's slope and curvature are computed.
-
-  Returns:
-    loss: F(params; x, y).
-    grads: grad F, shaped like params.
-    curvature_fn: (params, direction) -> lrcr.Directional for
-      `lrcr.scale_by_cubic_step`, at `options.granularity`.
+  curvature_fn maps (params, direction) to an `lrcr.Directional` at
+  `options.granularity`.
   """
   rows = options.curvature_batch_size or None
   if options.curvature == "engine" and not rows:
@@ -223,12 +195,7 @@ def hvp_curvature_fn(loss_fn: LossFn, grads: Any, *args: Any):
 
 
 def _full_batch_slope(curvature_fn, grads):
-  """curvature_fn with its slope replaced by the whole batch's g . grad F.
-
-  Works for every granularity: the slope tree is a prefix of params, and each
-  of its leaves gets the inner product of the direction and the gradient
-  over the part of params under it (elementwise for "variable").
-  """
+  """curvature_fn with its slope replaced by the whole batch's g . grad F."""
   def block_slope(s, g, u):
     if (not isinstance(g, (Mapping, list, tuple)) and
         jnp.shape(s) == jnp.shape(g)):

@@ -1,12 +1,9 @@
 """Summaries of base vs. base+CR runs, and the paper's claims judged on them.
 
-Each run streams one JSON record per (step, seed) to `metrics.jsonl`.
-`summarize_run` computes what the paper talks about (plateau exit, final
-loss, the CR learning rate on and after the plateau; the statistics are in
-`experiments.stats`), `qualitative_claim` judges the paper's claims on it,
-`summarize_seeds` does both over seeds, and `summary_table_markdown`
-renders the runs as one table (`experiments.report`). Non-finite values
-(JSON null, NaN, Infinity) are NaN and ignored by the statistics.
+`summarize_run` computes plateau exit, losses and the CR learning rate on and
+after the plateau, `qualitative_claim` judges the paper's claims on it,
+`summarize_seeds` does both over seeds and `summary_table_markdown` renders
+the runs. Non-finite values are NaN and ignored by the statistics.
 """
 
 from __future__ import annotations
@@ -19,29 +16,24 @@ import numpy as np
 
 from experiments import report
 from experiments import stats
-from experiments.metrics import MetricsError  # pylint: disable=unused-import
-from experiments.metrics import read_metrics  # pylint: disable=unused-import
-from experiments.metrics import to_float as _to_float
 
 #: Claim kinds understood by :func:`qualitative_claim`.
 CLAIM_KINDS: tuple[str,
                    ...] = ("plateau", "plateau_adaptive", "no_plateau", "adam")
 
-# Plateau claim: plateau learning rate must be at least this many times the
-# later median. SGD (Fig. 2: "a hundred-fold increase"): 10x. Adagrad and
-# Adadelta (Figs. 4-5: "the relative magnitudes of those increases were
-# smaller than for SGD"): a clear increase, 2x.
+# Plateau claim: the plateau learning rate over the later median must reach
+# 10x for SGD (Fig. 2: "a hundred-fold increase") and 2x for Adagrad and
+# Adadelta (Figs. 4-5: "smaller than for SGD").
 _PLATEAU_RATIO_MIN = {"plateau": 10.0, "plateau_adaptive": 2.0}
 # No-plateau claim: final losses within this relative tolerance.
 _NO_PLATEAU_TOL = 0.20
-# Adam claim: an earlier exit by more than this fraction of the steps, or a
-# final loss better by more than this fraction, counts as a gain.
+# Adam claim: an exit earlier by this fraction of the steps, or a final loss
+# better by this fraction, is a gain.
 _ADAM_EXIT_GAIN = 0.10
 _ADAM_LOSS_GAIN = 0.05
 
 # --------------------------------------------------------------------------
-# Run summaries
-# --------------------------------------------------------------------------
+# Run summaries.
 
 _fmt = functools.partial(report.fmt, spec=".4g", missing="—")
 
@@ -63,22 +55,17 @@ def summarize_run(records: stats.Records, *, num_classes: int = 10,
   """Summarizes one base-vs-CR run.
 
   Args:
-    records: per-iteration metric records (`read_metrics`), in step order.
+    records: per-iteration metric records, in step order.
     num_classes: the plateau threshold is 0.95 ln(num_classes).
-    period: the moving window (`stats.plateau_exit_step`), and how many
-      first and last iterations give the initial and final losses.
-    claim_kind: if given, one of `CLAIM_KINDS`: `qualitative_claim`'s
-      verdict is stored under "claim".
+    period: the moving window, and how many first and last iterations give
+      the initial and final losses (their finite medians).
+    claim_kind: if given, one of `CLAIM_KINDS`, judged under "claim".
 
   Returns:
-    A dict: num_steps; initial_loss_{base,cr} and final_loss_{base,cr}, the
-    medians of the finite losses of the first and last `period` iterations
-    (one spike does not move them); exit_step_{base,cr}, the step of the
-    plateau exit or None; peak_ and median_learning_rate_cr (NaN without a
-    finite rate); plateau_learning_rate_cr and
-    later_median_learning_rate_cr, the median rate before and from the CR
-    run's exit, and plateau_to_later_ratio (None where undefined);
-    nonfinite_steps_{base,cr}; claim (None without `claim_kind`).
+    num_steps, {initial,final}_loss_{base,cr}, exit_step_{base,cr} (None:
+    never), {peak,median}_learning_rate_cr, plateau_learning_rate_cr and
+    later_median_learning_rate_cr (before and from the CR exit),
+    plateau_to_later_ratio, nonfinite_steps_{base,cr} and claim.
 
   Raises:
     ValueError: if num_classes < 2.
@@ -127,8 +114,7 @@ def _median(x: Any) -> float:
 
 
 # --------------------------------------------------------------------------
-# The paper's claims
-# --------------------------------------------------------------------------
+# The paper's claims.
 
 
 def _plateau_claim(s: Mapping[str, Any], kind: str) -> tuple[bool, str]:
@@ -187,25 +173,18 @@ def _adam_claim(s: Mapping[str, Any]) -> tuple[bool, str]:
 def qualitative_claim(summary: Mapping[str, Any], kind: str) -> dict[str, Any]:
   """Checks one of the paper's qualitative claims against a run summary.
 
-  Kinds:
-    "plateau" (Figs. 2-3, SGD): the CR run exits the plateau, earlier than
-    the base run (which exits later or never), and its learning rate on the
-    plateau is at least 10x its later median.
-    "plateau_adaptive" (Figs. 4-5, Adagrad and Adadelta): the same with the
-    smaller increase the paper reports for adaptive methods: at least 2x.
-    "no_plateau" (Fig. 1): both runs descend (final loss below the initial
-    loss) and CR does not hurt: |final_cr - final_base| <= 0.2 final_base.
-    "adam" (section 4): CR gives no gain with Adam: neither an earlier exit
-    by more than 10% of the run's steps (a base run that never exits counts
-    as exiting at the end) nor a final loss lower by more than 5%.
+  Kinds: "plateau" (Figs. 2-3, SGD): CR exits the plateau earlier than the
+  base run, with a plateau learning rate >= 10x its later median;
+  "plateau_adaptive" (Figs. 4-5): the same at 2x; "no_plateau" (Fig. 1): both
+  descend and |final_cr - final_base| <= 0.2 final_base; "adam" (section 4):
+  no exit earlier by 10% of the steps and no final loss lower by 5%.
 
   Args:
-    summary: a `summarize_run` result (its "claim" is not read).
+    summary: a `summarize_run` result.
     kind: one of `CLAIM_KINDS`.
 
   Returns:
-    {"kind": kind, "holds": bool, "reason": one sentence quoting the
-    measured numbers}.
+    {"kind", "holds", "reason": a sentence quoting the measured numbers}.
 
   Raises:
     ValueError: for an unknown `kind`.
@@ -223,8 +202,7 @@ def qualitative_claim(summary: Mapping[str, Any], kind: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------
-# Seeds: each seed summarized on its own, then the median and IQR over seeds
-# --------------------------------------------------------------------------
+# Seeds: each alone, then the median and IQR over seeds.
 
 #: A claim holds for a run when it holds on at least this fraction of its
 #: seeds: 4 of 5, 3 of 3, 1 of 1.
@@ -248,23 +226,13 @@ def seeds_required(num_seeds: int) -> int:
 def summarize_seeds(records: stats.Records, *, num_classes: int = 10,
                     period: int = 100,
                     claim_kind: str | None = None) -> dict[str, Any]:
-  """Summarizes a run over its seeds: each seed alone, then across seeds.
-
-  Args:
-    records: per-(step, seed) records (`read_metrics`).
-    num_classes: as for `summarize_run`.
-    period: as for `summarize_run`.
-    claim_kind: as for `summarize_run`.
+  """Summarizes a run over its seeds (arguments as for `summarize_run`).
 
   Returns:
-    A dict: num_steps, num_seeds, seeds; per_seed (a `summarize_run` per
-    seed, with "seed"); median and iqr ([25th, 75th percentile]) over seeds
-    of every field of `SEED_FIELDS` (an exit that never happens counts as
-    later than any step; a median or quartile that is "never" is None); the
-    same medians at the top level, but nonfinite_steps_* summed over seeds;
-    and claim: None, or the claim judged on every seed, {"kind", "holds",
-    "holds_on", "num_seeds", "required", "rule", "reason"}, holding where it
-    holds on at least `seeds_required` seeds.
+    num_steps, num_seeds, seeds, per_seed (`summarize_run` per seed), median
+    and iqr over seeds of `SEED_FIELDS` ("never" exits count as latest), the
+    medians at the top level (nonfinite_steps_* summed), and claim: holding
+    on at least `seeds_required` seeds.
   """
   by_seed = stats.split_by_seed(records)
   per_seed = [{"seed": seed, **summarize_run(
@@ -304,8 +272,7 @@ def _claim_over_seeds(per_seed: Sequence[Mapping[str, Any]],
 
 
 # --------------------------------------------------------------------------
-# Table
-# --------------------------------------------------------------------------
+# Table.
 
 _TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("run", "run"), ("paper figure", "figure"), ("data", "data"),
@@ -335,18 +302,9 @@ def _cell(row: Mapping[str, Any], key: str) -> str:
 
 
 def summary_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-  """Renders run summaries as one markdown table.
+  """Renders run summaries (plus "run", "figure", "data") as markdown.
 
-  Args:
-    rows: one dict per run: the keys of `summarize_run` or
-      `summarize_seeds`, plus "run" (name), "figure" (paper figure) and
-      "data" (data set). Missing keys render as "—".
-
-  Returns:
-    The table, ending with a newline. Numbers have 4 significant digits, a
-    None exit step reads "never", the claim "yes"/"no"/"—" (with "(k/n
-    seeds)" for a claim judged over seeds); a row over several seeds shows
-    "median [25th, 75th percentile]".
+  A row over several seeds shows "median [25th, 75th percentile]".
   """
   lines = report.table([name for name, _ in _TABLE_COLUMNS],
                        [[_cell(row, key) for _, key in _TABLE_COLUMNS]

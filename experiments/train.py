@@ -4,14 +4,10 @@
         --workdir=runs/fig2 [--config.num_seeds=5] [--noprogress] \
         [--config.optimizer.sigma=1000 ...] [--allow_new_data]
 
-This file is intentionally kept short. The work happens in
-`experiments.train_lib.train_and_evaluate`; the workdir receives config.json,
-data.json, metrics.jsonl, checkpoints/, figure.png and summary.json.
-Rerunning the same command resumes from the last checkpoint, on the same data
-(`--allow_new_data` overrides that check, and the summary records it); Ctrl-C
-stops a run at once and leaves it resumable. A mistake in the command (an unknown
-config key, a missing config file, a bad value, a workdir in use by another
-run or holding another run) ends in one short message naming the key or the
+This file is intentionally kept short: the work happens in
+`experiments.train_lib.train_and_evaluate`. Rerunning the same command
+resumes from the last checkpoint; Ctrl-C stops at once and leaves the run
+resumable. A mistake in the command ends in one message naming the key or the
 file and the fix; `--verbosity=1` adds the traceback, `--verbosity=0` the INFO
 logs.
 """

@@ -3,37 +3,17 @@
     summary = train_lib.train_and_evaluate(config, workdir)
 
 Both runs start from the same parameters and see the same batches, so their
-curves differ only by the CR step length. Each of `config.num_seeds` seeds
-(seed i draws its initialization and its batch order from `config.seed + i`)
-is one more pair of runs; the seeds are vectorized (`jax.vmap`) inside the
-jitted `lax.scan` of each chunk, so they train as one program.
+curves differ only by the CR step length. The `config.num_seeds` seeds (seed
+i from `config.seed + i`) are vmapped inside each chunk's jitted `lax.scan`.
+Per step t: base x_{t+1} = x_t + g_t, CR x_{t+1} = x_t + alpha_t g_t, with g_t
+the base update of grad F (eq. 16), lr(t) = lr_0 * 0.95 ** (t / 100)
+(appendix A) and alpha_t of eq. 37 (`steps.make_cr_step`).
 
-Per iteration t, for each run with parameters x_t and batch (X_t, y_t):
-
-    F_t = F(x_t; X_t, y_t),  grad_t = dF/dx        # eq. 16, by backprop
-    g_t = base update of grad_t                    # e.g. -lr(t) grad_t (SGD)
-    base:  x_{t+1} = x_t + g_t
-    CR:    x_{t+1} = x_t + alpha_t g_t             # alpha_t of eq. 37
-
-with lr(t) = lr_0 * 0.95 ** (t / 100) (appendix A) and alpha_t from the cubic
-model of eq. 8 along g_t (`experiments.steps.make_cr_step`). The paper plots
-the CR learning rate in the base optimizer's units, alpha_t * lr(t)
-(`learning_rate_cr`).
-
-The workdir is the run's record, owned by one process at a time (an OS
-lock, `experiments.workdir`). It receives config.json; data.json, the data's
-fingerprint (a resume on other data is refused); metrics.jsonl, one record
-per step and seed (`experiments.metrics`); checkpoints/ (orbax, after every
-chunk), with checkpoints.sha256.json beside it holding the files' checksums
-and the config they were trained with (a resume or a config.json that
-disagrees is refused); figure.png (`plots.plot_run`) and summary.json
-(`summary.summarize_seeds` plus data and timings). Every check passes before
-a file is written, files are written atomically, and a workdir with no
-completed step is treated as empty.
-
-Steps run in chunks of `config.training.chunk_size` (`experiments.chunk`); a
-killed run loses at most one chunk, and a resumed run is bit-identical to an
-uninterrupted one.
+The workdir (locked, `experiments.workdir`) receives config.json, data.json
+(the data's fingerprints), metrics.jsonl, checkpoints/ (orbax, per chunk, with
+checksums and the trained config), figure.png and summary.json. Files are
+written atomically after every check; a killed run loses at most one chunk and
+resumes bit-identically.
 """
 
 from __future__ import annotations
@@ -68,6 +48,7 @@ from experiments import models
 from experiments import optimizers
 from experiments import plots
 from experiments import report
+from experiments import stats
 from experiments import steps
 from experiments import summary as summary_lib
 from experiments import workdir as workdir_lib
@@ -84,26 +65,22 @@ SUMMARY_FILE = "summary.json"
 #: What `config.training.nonfinite` may be.
 NONFINITE_POLICIES: tuple[str, ...] = ("skip", "stop")
 
-# Config keys that may change between a run and its resumption: a longer
-# num_steps extends a finished run, and the rest do not change the numbers.
-# num_devices only changes float rounding, so a run may move to another host.
+# Config keys a resume may change: num_steps extends a run, the rest do not
+# change the numbers (num_devices only the float rounding).
 RESUMABLE_CHANGES: tuple[str, ...] = ("training.num_steps",
                                       "training.progress",
                                       "training.num_devices")
 
 
 # ---------------------------------------------------------------------------
-# Config checks that nothing downstream makes (the optimizers, the transform
-# and `steps.CROptions` check their own keys).
+# Config checks (the optimizers, the transform and `steps.CROptions` check
+# their own keys).
 
 _F32 = np.finfo(np.float32)
 
-#: Numeric config keys: (integer?, low, high, why the range). The run
-#: computes in float32, so a real must also be a float32 normal number (one
-#: that rounds to 0, a subnormal or inf is refused). The ranges of the reals
-#: are sanity ranges: the paper's values sit well inside them, and beyond them
-#: a float32 step either vanishes beside the weights (float32 keeps about 7
-#: digits) or overflows.
+#: Numeric config keys: (integer?, low, high, why the range). Reals must be
+#: float32 normal numbers; beyond these sanity ranges a float32 step vanishes
+#: beside the weights or overflows.
 NUMERIC_RANGES: dict[str, tuple[bool, float, float | None, str]] = {
     "optimizer.learning_rate": (False, 1e-10, 1e4, (
         "below it lr * g vanishes beside float32 weights, above it the first "
@@ -148,15 +125,7 @@ def _range_error(key: str, value: Any, problem: str) -> ValueError:
 
 
 def check_number(key: str, value: Any) -> None:
-  """Raises ValueError unless `value` suits the numeric config key `key`.
-
-  Args:
-    key: a key of `NUMERIC_RANGES`, e.g. "optimizer.sigma".
-    value: its value.
-
-  Raises:
-    ValueError: saying why, with the valid range.
-  """
+  """Raises ValueError, with the valid range, unless `value` suits `key`."""
   is_int, low, high, _ = NUMERIC_RANGES[key]
   if isinstance(value, bool) or not isinstance(
       value, (int, np.integer) if is_int else (int, float, np.number)):
@@ -177,11 +146,7 @@ def check_number(key: str, value: Any) -> None:
 
 
 def _check_schedule(optimizer_config: Any, num_steps: int) -> None:
-  """Refuses a decay that takes lr(num_steps) out of the learning-rate range.
-
-  lr(t) = lr * decay_rate ** (t / decay_steps), appendix A; computed in logs
-  so that the check itself neither underflows nor overflows.
-  """
+  """Refuses a decay taking lr(num_steps) (appendix A, in logs) out of range."""
   lr = optimizer_config.learning_rate
   rate = optimizer_config.get("decay_rate", 0.95)
   decay_steps = optimizer_config.get("decay_steps", 100)
@@ -236,12 +201,10 @@ def validate_config(config: Any) -> tuple[
   """Every refusal a config can get before data or files are touched.
 
   Returns:
-    What the checks build: the base learning-rate schedule, the base and the
-    CR optimizer, and the CR step's `steps.CROptions`.
+    (base schedule, base optimizer, CR optimizer, `steps.CROptions`).
 
   Raises:
-    ValueError: naming the key and the fix (`check_config`, the optimizers,
-      the transform and `steps.CROptions`).
+    ValueError: naming the key and the fix.
   """
   check_config(config)
   schedule = optimizers.make_schedule(config.optimizer)
@@ -251,12 +214,7 @@ def validate_config(config: Any) -> tuple[
 
 
 def config_key_error(config: Any, key: str) -> str | None:
-  """None if `key` ("optimizer.sigma") names a config entry, else the message.
-
-  The message names the key, the closest existing ones and the flag to use,
-  e.g. "--config.optimizer.sigm: no such config key; did you mean
-  optimizer.sigma?".
-  """
+  """None if `key` names a config entry, else a message with close matches."""
   keys = sorted(_flatten(json.loads(config.to_json_best_effort())))
   if key in keys:
     return None
@@ -307,10 +265,10 @@ def save_checkpoint(ckpt: checkpoints.Checkpointer,
 def restore_checkpoint(ckpt: checkpoints.Checkpointer,
                        state: chunk_lib.TrainState, data_key: Array
                        ) -> tuple[chunk_lib.TrainState, int, Array]:
-  """(state, next step, data key(s)) from the latest verified checkpoint.
+  """(state, next step, data keys) from the latest verified checkpoint.
 
-  Returns the inputs and step 0 when there is none. Steps saved but never
-  verified (a kill during a save) are deleted, to be written again.
+  Returns the inputs and step 0 when there is none; unverified steps (a kill
+  during a save) are deleted.
 
   Raises:
     checkpoints.CheckpointError: for a corrupted checkpoint (naming the file).
@@ -347,12 +305,10 @@ def _read_json(path: str, what: str) -> Any:
 
 
 def _check_saved_run(config: Any, workdir: str) -> int | None:
-  """The last completed step of the run in `workdir`, after the config checks.
+  """The last completed step in `workdir` (None: empty), after config checks.
 
-  None when the workdir holds no completed step: it is then treated as
-  empty. Otherwise the config the checkpoints were trained with (recorded in
-  their checksum file) must match `config.json` (a hand edit is refused) and
-  `config` (but for `RESUMABLE_CHANGES`).
+  The checkpoints' trained config must match config.json and `config` (but
+  for `RESUMABLE_CHANGES`).
 
   Raises:
     ValueError: naming the file, the keys that differ and the fix.
@@ -383,11 +339,10 @@ def _check_saved_run(config: Any, workdir: str) -> int | None:
 def _check_data(workdir: str, fingerprint: dict[str, Any],
                 resume_step: int | None,
                 allow_new_data: bool) -> list[dict[str, Any]]:
-  """The data record of the run: every fingerprint it trained on, by step.
+  """Every fingerprint the run trained on, by step.
 
   Raises:
-    ValueError: for a resume on data whose fingerprint differs from the
-      last recorded one, unless `allow_new_data`; the message shows both.
+    ValueError: for a resume on other data, unless `allow_new_data`.
   """
   path = os.path.join(workdir, DATA_FILE)
   if resume_step is None:
@@ -432,12 +387,9 @@ def _in_finalizer(frame: Any) -> bool:
 class _Interrupts:
   """Ctrl-C stops the run at once, and is never lost in a finalizer.
 
-  Outside the loop a SIGINT raises KeyboardInterrupt where it lands. In the
-  loop it is held until the end of the chunk in flight (the compiled chunk
-  cannot be interrupted anyway; this keeps orbax's save threads out of it),
-  and a second Ctrl-C raises at once. A SIGINT that lands in a gc callback
-  (JAX registers one), where Python would print and ignore the exception, is
-  delivered again 50 ms later.
+  In the loop a SIGINT is held to the end of the chunk in flight (a second
+  one raises at once); one landing in a gc callback or __del__, where Python
+  ignores exceptions, is delivered again 50 ms later.
   """
 
   def __init__(self):
@@ -703,39 +655,32 @@ def train_and_evaluate(config: Any, workdir: str, *,
                        allow_new_data: bool = False) -> dict[str, Any]:
   """Trains base and base+CR side by side and writes the run's record.
 
-  Resumes from the last checkpoint of `workdir` when the config matches the
-  one its checkpoints were trained with (a longer `training.num_steps`
-  extends the run) and the data has the same fingerprint. Holds the
-  workdir's lock throughout; Ctrl-C stops at once and leaves it resumable.
+  Resumes from the last checkpoint of `workdir` when the config (but for a
+  longer `training.num_steps`) and the data match.
 
   Args:
     config: a run config (see `configs/base.py`).
     workdir: the directory of the run; created if needed.
-    allow_new_data: resume on data whose fingerprint differs from the one
-      the run trained on; `data_changes` in the summary records it.
+    allow_new_data: resume on data with another fingerprint (recorded in the
+      summary's `data_changes`).
 
   Returns:
-    The summary: `summary.summarize_seeds` of all records so far (each
-    seed's numbers under `per_seed`, medians over seeds at the top level and
-    under `median`, quartiles under `iqr`), plus `run`, `figure`, `data`,
+    `summary.summarize_seeds` of all records, plus `run`, `figure`, `data`,
     `data_source`, `data_fingerprint`, `data_changes`, `num_params`,
     `wall_time_s`, `compile_time_s`, `steps_per_s`, `resumed_from_step`,
     `already_finished` and `stopped`.
 
   Raises:
-    ValueError: for a bad config (naming the key), a batch larger than the
-      data, a workdir that is a file or holds a run with another config or
-      other data, or a corrupted checkpoint (`checkpoints.CheckpointError`,
-      naming the file).
+    ValueError: for a bad config, a batch larger than the data, a workdir
+      that is a file or holds another run or other data, or a corrupted
+      checkpoint (`checkpoints.CheckpointError`).
     input_pipeline.DataError: when the data cannot be loaded.
     workdir.WorkdirInUseError: when another process holds the workdir.
     OSError: for an I/O error in the workdir, naming the file.
     FloatingPointError: under `training.nonfinite="stop"`, at the first
       non-finite step, after the metrics and the last finite state are saved.
   """
-  # Everything that can refuse the config or the devices runs before the
-  # workdir is touched; the data and the saved run are checked under the lock
-  # before anything is written.
+  # What can refuse the config or devices runs before the workdir is touched.
   wall_start = time.perf_counter()
   txs = validate_config(config)
   training = config.training
@@ -777,7 +722,7 @@ def train_and_evaluate(config: Any, workdir: str, *,
 def _final_line(config: Any, workdir: str, result: Mapping[str, Any],
                 trained: int) -> str:
   """The one line a run ends with (stdout)."""
-  loss = lambda key: metrics_lib.to_float(result.get(key))
+  loss = lambda key: stats.as_float(result.get(key))
   losses = (f"final loss {loss('final_loss_base'):.4g} (base), "
             f"{loss('final_loss_cr'):.4g} (CR)")
   if result["already_finished"]:

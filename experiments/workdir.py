@@ -3,14 +3,10 @@
     with workdir.lock(path):                 # refuses a second process
       workdir.atomic_write(os.path.join(path, "summary.json"), payload)
 
-`lock` takes an OS file lock (`fcntl.flock`) on `<workdir>/.lock` for the
-run's whole life. The kernel releases it when the process ends, however it
-ends, so a crashed run never blocks a rerun; a second process is refused at
-once with the pid and host of the holder. Every other file of the workdir is
-written by `atomic_write` (a unique temporary file, fsynced, renamed, then
-the directory fsynced), so a kill leaves the old file or the new one, never
-a torn one; an I/O error (a full disk) names the file and says that the run
-resumes from its last checkpoint.
+`lock` holds `fcntl.flock` on `<workdir>/.lock` (released by the kernel
+however the process ends; a second process is refused with the holder's pid
+and host). `atomic_write` leaves the old file or the new one, never a torn
+one; an I/O error names the file and says that the run can resume.
 """
 
 from __future__ import annotations
@@ -106,12 +102,11 @@ def check_path(path: str) -> str:
 def lock(path: str) -> Iterator[None]:
   """Holds an exclusive lock on the workdir `path` (created if needed).
 
-  If this call created the directory and it holds nothing but the lock file
-  on exit (the run failed before writing anything), both are removed again.
+  A directory this call created that holds only the lock file on exit is
+  removed again.
 
   Raises:
-    WorkdirInUseError: at once, when another process holds the lock; the
-      message names the holder's pid and host.
+    WorkdirInUseError: at once, when another process holds the lock.
   """
   created = not os.path.exists(path)
   with io_errors(path, "creating the workdir"):

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from experiments import metrics as metrics_lib
 from experiments import summary as summary_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ def test_train_cli_with_overrides(tmp_path):
               "--config.data.source=mnist_5k", "--config.num_seeds=3",
               "--config.training.progress=true", "--noprogress")
   assert "it/s" not in proc.stderr           # issue 11, item 9: no bar
-  records = summary_lib.read_metrics(workdir / "metrics.jsonl")
+  records = metrics_lib.read_metrics(workdir / "metrics.jsonl")
   assert [(r["step"], r["seed"]) for r in records] == [
       (t, s) for t in range(20) for s in range(3)]
   with open(workdir / "summary.json", encoding="utf-8") as f:

@@ -7,7 +7,7 @@ from matplotlib.image import imread
 from configs import test as test_config
 from experiments import plots
 from experiments import stats
-from experiments import summary
+from experiments import metrics
 from experiments import train_lib
 
 
@@ -20,7 +20,7 @@ def records(tmp_path_factory):
   config.num_seeds = 3
   workdir = tmp_path_factory.mktemp("run")
   train_lib.train_and_evaluate(config, str(workdir))
-  return summary.read_metrics(workdir / train_lib.METRICS_FILE)
+  return metrics.read_metrics(workdir / train_lib.METRICS_FILE)
 
 
 def _one_seed(records):

