@@ -143,7 +143,7 @@ def averaged_sgd_update(model_or_loss: Any, params: Any, *batch: Any,
   if averaging == "mean_alpha":
     alpha = alphas.mean()
     updates = jax.tree.map(lambda gr: -alpha * gr, grads)
-  else:                                                            # E[alpha_i g_i]
+  else:                                                      # E[alpha_i g_i]
     updates = jax.tree.map(
         lambda gi: -jnp.tensordot(alphas, gi, axes=1) / size, sample_grads)
     alpha = optax.tree.vdot(updates, jax.tree.map(jnp.negative, grads)) / \

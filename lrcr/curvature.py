@@ -135,7 +135,7 @@ def _total(pairs) -> Array:
 # When the direction is c * grad F (plain SGD) and W is read by this
 # operation only, phi = c V^T Ybar, so
 #
-#     V phi = c (V V^T) Ybar,   Ybar . (dV phi) = c sum((dV V^T) * (Ybar Ybar^T))
+#     V phi = c (V V^T) Ybar,  Ybar . (dV phi) = c sum((dV V^T) * (Ybar Ybar^T))
 #
 # through N x N Gram matrices: O(N^2 d) instead of O(N d^2) (section 2's
 # low rank; the form is used where it needs fewer multiplications).
@@ -314,6 +314,12 @@ def _gradient_pass(traced: engine.Traced, params: Any,
   samples.check_separable(
       traced, "the exact Hessian diagonal (granularity 'variable')",
       "Use granularity 'layer' or 'global', exact for any loss.")
+  names = [n for n, p in zip(_path_names(params), flat_p)
+           if jnp.iscomplexobj(p)]
+  if names:
+    raise engine.UnsupportedProgramError(
+        f"the exact Hessian diagonal covers real parameters; {names[0]} is "
+        f"complex. Use granularity 'layer' or 'global'.")
   roles = _diagonal_roles(traced, params)
   head = traced.find_head()
   (loss, logits), vjp_fn, (res, aux) = jax.vjp(
@@ -415,17 +421,29 @@ def value_grad_and_curvature(
       applies to granularity "global" and "layer" (not to "variable", which
       reads the Hessian diagonal, not a sweep).
 
+    has_aux: as in `jax.value_and_grad`: loss_fn returns (loss, aux), aux
+      any pytree (a BatchNorm's new batch statistics); the curvature is the
+      loss's alone.
+
   Returns:
-    (loss, grads, curvature_fn). `curvature_fn(params, direction)` returns
+    (loss, grads, curvature_fn), or ((loss, aux), grads, curvature_fn) with
+    has_aux. grads are `jax.grad`'s (custom_vjp rules included).
+    `curvature_fn(params, direction)` returns
     `lrcr.Directional(slope, curvature, sqnorm)`, always at the params given
     here (its own `params` argument is accepted for the optax contract and
-    not read).
+    not read). For a loss with a custom_vjp the curvature is that of the
+    custom gradient (see `lrcr.engine`), by autodiff.
 
   Raises:
     lrcr.engine.UnsupportedProgramError: for an operation JAX cannot
-      differentiate twice; `autodiff_curvature_fn` is then no help either.
-    ValueError: if loss_fn does not return a real scalar, or for an unknown
-      granularity.
+      differentiate twice (`autodiff_curvature_fn` is then no help either),
+      a collective outside `shard_map(check_vma=True)`, a custom_vjp whose
+      gradient JAX cannot differentiate, or (granularity "variable") a loss
+      that is not a sum of per-sample terms; the message names it.
+    ValueError: if loss_fn does not return a real scalar (or a (loss, aux)
+      pair with has_aux), for empty params or an empty batch, or for an
+      unknown granularity.
+    TypeError: for a params leaf that is not a float array.
   """
   _check_granularity(granularity)
   traced = engine.trace(loss_fn, params, batch, has_aux)
@@ -641,7 +659,7 @@ def _reference_fn(hvp: Callable[[Any], Any], grads: Any, granularity: str):
 
 def reverse_curvature_fn(loss_fn: Callable[..., Array], *batch: Any,
                          granularity: str = "global") -> CurvatureFn:
-  """Builds `curvature_fn(params, direction)` from the gradient jax.grad returns.
+  """Builds `curvature_fn(params, direction)` on the gradient jax.grad returns.
 
   Slope g . grad F and curvature g^T d/dt grad F(params + t g), with grad F
   exactly what `jax.grad(loss_fn)` returns (the user's rules of custom_vjp
@@ -927,7 +945,7 @@ class SampleFactors(NamedTuple):
 
 def per_sample_factors(model_or_loss: Any, params: Any,
                        *batch: Any) -> SampleFactors:
-  """Every dense and convolutional weight's per-sample factors, found in the program.
+  """Every dense and convolutional weight's per-sample factors, from the loss.
 
   Reads `loss_fn(params, *batch)` (or a flax module's cross-entropy) and
   returns, for every parameter that a matmul or a convolution (grouped and
@@ -1066,7 +1084,8 @@ def _leaf_diagonal(ps: _Pass, role: tuple, ybar_r: dict, lam: Array,
         f"the exact Hessian diagonal does not cover this `{node.name}` "
         "layout; use granularity 'layer' or 'global'.")
   inputs = rows[0]                                             # [B, P, d_in]
-  adj = adj_r.reshape(adj_r.shape[:2] + (-1, rows[1].shape[-1]))  # [C, B, P, d_out]
+  # [C, B, P, d_out]
+  adj = adj_r.reshape(adj_r.shape[:2] + (-1, rows[1].shape[-1]))
   grads = jnp.einsum("bpi,rbpj->rbij", inputs, adj)
   diag = jnp.einsum("br,rbij->ij", lam, grads * grads)[None]
   return _to_kernel(diag, tuple(node.in_avals[node.weight].shape), conv)[0]
@@ -1085,13 +1104,15 @@ def hessian_diagonal(model_or_loss: Any, params: Any, *batch: Any) -> Any:
   and d(u_br . P_b)/dW is the outer product of the weight's input and the
   adjoint of the pseudo-output u_br . P_b (summed over positions): one
   backward pass per class, vectorized, and no per-sample gradient of the
-  whole model. Assumes the loss is a sum of per-sample terms of the rows
-  of P (no batch statistics).
+  whole model. The loss must be a sum of per-sample terms of the rows of P
+  (`lrcr.samples` checks it from the program).
 
   Raises:
     lrcr.engine.UnsupportedProgramError: for a smooth activation or another
-      second-order operation before the logits, or a parameter that is not a
-      dense/convolution weight or its bias; the message names it.
+      second-order operation before the logits, a parameter that is not a
+      dense/convolution weight or its bias, a loss that couples its samples
+      (a softmax, centring or batch statistics over the batch), or a
+      custom_vjp; the message names it.
   """
   traced = engine.trace(as_loss_fn(model_or_loss, *batch), params, batch)
   ps = _gradient_pass(traced, params, diagonal=True)

@@ -31,8 +31,8 @@ differentiation rule is refused by name.
 How the numbers are obtained
 ----------------------------
 1. The program is traced once (`jax.make_jaxpr`) and flattened: nested `jit`
-   calls, `custom_vjp` functions (through their primal definition: JAX has no
-   forward-mode rule for them) and `remat` are inlined. `custom_jvp`
+   calls and `remat` are inlined, and so are `custom_vjp` functions, for
+   reading only (see below). `custom_jvp`
    functions (relu, gelu, softplus, logsumexp pieces) stay whole and are
    differentiated by their own rules. `scan` bodies (`nn.RNN`, `nn.scan`) are
    read recursively, so the identity holds at every time step.
@@ -43,6 +43,35 @@ How the numbers are obtained
 3. For each direction, one tangent sweep over the stored forward values
    gives the xdot's, and (*) sums ybar_i . op_i''[xdot, xdot]. No Hessian,
    per-sample gradient, or second forward pass is formed.
+
+Programs beyond plain arrays
+----------------------------
+* `custom_vjp`. A function with a custom VJP defines the gradient that the
+  optimizer follows: lrcr returns it, the user's bwd rule applied exactly as
+  `jax.value_and_grad` applies it. The curvature is the derivative of that
+  gradient along g, g^T d/dt grad F(params + t g), with grad F the custom
+  gradient; where the rule is the true derivative (a stable softplus or
+  logsumexp) this is g^T H g. The engine reads only the primal of such a
+  function, so a loss that holds one takes autodiff of its custom gradient
+  instead of the sweep: reverse-over-reverse, or forward-over-reverse where
+  the rule has no reverse mode (`lrcr.reverse_curvature_fn` is the same,
+  standalone). Where neither runs, `UnsupportedProgramError` names the
+  function. The Hessian diagonal and the per-sample factors are read from
+  the primal program and refuse such a loss by name.
+* Complex values. A real loss may hold complex intermediates or weights:
+  adjoints pair with tangents as Re sum(ybar * ydot), without the conjugation
+  of `jnp.vdot` (JAX's VJPs are transposes), and the curvature is the real
+  d^2/dt^2 F(params + t g). A complex loss is refused.
+* Collectives. Inside `jax.shard_map` (check_vma=True, the default) the
+  offsets vary over the same mesh axes as their values, collectives are
+  linear, and each term ybar . op'' is summed over the axes along which its
+  value varies and the loss does not: the curvature of a `pmean`-ed loss is
+  global, that of a per-shard loss per shard, as `jax.jvp` gives them. Under
+  `jax.pmap` or `check_vma=False` JAX does not mark per-device values; a
+  loss holding a collective there is refused.
+* Sums over samples. The per-sample quantities (the Hessian diagonal, the
+  factors) need a loss that is a sum of per-sample terms; `lrcr.samples`
+  checks it from the program.
 
 The per-sample low-rank structure of the paper (section 2) appears where an
 operation is a matmul of a per-sample activation and a weight: see
@@ -191,8 +220,9 @@ class _Builder:
       if name in _INLINE_CALLS:
         if name.startswith("custom_vjp"):
           self.custom_vjps.append(_function_name(eqn))
-        sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr",
-                                                     eqn.params.get("fun_jaxpr")))
+        sub = next((eqn.params[k] for k in ("jaxpr", "call_jaxpr",
+                                            "fun_jaxpr") if k in eqn.params),
+                   None)
         if sub is None:
           raise UnsupportedProgramError(
               f"lrcr's engine cannot read the body of `{name}`. "
@@ -496,11 +526,12 @@ def accumulation_dtype(*dtypes: Any) -> Any:
   (slope, curvature, squared norm) is real.
   """
   dtype = jnp.result_type(jnp.float32, *dtypes)
-  return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype,
-                                                  jnp.complexfloating) else dtype
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return jnp.finfo(dtype).dtype
+  return dtype
 
 
-def pair(a: Array, b: Array, keep: frozenset = frozenset()) -> Array:
+def pair(a: Array, b: Array, keep: frozenset | None = None) -> Array:
   """Re sum(a * b): the real pairing of an adjoint and a tangent.
 
   JAX's adjoints pair with tangents without conjugation (its VJPs are
@@ -509,17 +540,20 @@ def pair(a: Array, b: Array, keep: frozenset = frozenset()) -> Array:
   Accumulated in float32 at least. Inside `jax.shard_map(check_vma=True)`
   a value that differs between shards contributes on every shard, so the
   sum is taken over the axes along which it varies and the loss (`keep`)
-  does not.
+  does not. `keep=None` (a product of directions and gradients, such as a
+  squared norm) sums on the shard alone.
   """
   dtype = jnp.result_type(jnp.float32, a.dtype, b.dtype)
   out = jnp.sum(a.astype(dtype) * b.astype(dtype))
   out = jnp.real(out) if jnp.issubdtype(dtype, jnp.complexfloating) else out
+  if keep is None:
+    return out
   axes = tuple(x for x in _varying(jax.typeof(out)) if x not in keep)
   return lax.psum(out, axes) if axes else out
 
 
 def total(terms: Sequence[tuple], dtype: Any = jnp.float32,
-          keep: frozenset = frozenset()) -> Array:
+          keep: frozenset | None = None) -> Array:
   """sum_k c_k Re<a_k, b_k> over (c, a, b) terms; a `dtype` zero if none.
 
   See `pair`; `keep`: the `shard_map` axes along which the loss varies.
@@ -532,7 +566,7 @@ def total(terms: Sequence[tuple], dtype: Any = jnp.float32,
 
 def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,
           rewrite: Callable[..., Any] | None = None,
-          dtype: Any = None, keep: frozenset = frozenset(),
+          dtype: Any = None, keep: frozenset | None = None,
           ) -> tuple[list, Array]:
   """The tangent sweep: (output tangents, sum of ybar . op''[xdot, xdot]).
 
@@ -584,7 +618,7 @@ def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,
 
 
 def _scan_sweep(node: _Node, vals: list, tans: list, res: dict, ybar: dict,
-                keep: frozenset):
+                keep: frozenset | None):
   p = node.params
   nc, nk = p["num_consts"], p["num_carry"]
   body = node.body

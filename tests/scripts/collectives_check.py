@@ -3,8 +3,8 @@
 The engine inside `jax.shard_map` (with and without check_vma, with and
 without a `pmean` in the loss), around it, and inside `jax.pmap`, against
 float64 dense Hessians of the same losses computed without any mesh. Prints
-one JSON line: for each case, [engine slope, reference slope, engine
-curvature, reference curvature] per shard, or the refusal's message.
+one JSON line: for each case, per shard, [engine, reference] pairs of the
+slope, the curvature and ||g||^2, or the refusal's message.
 """
 
 import json
@@ -31,11 +31,18 @@ def _local(p, x, y):
 
 
 def _dense(loss, params, d, *batch):
-  """(slope, curvature) by jax.hessian of the flattened loss, no mesh."""
+  """(slope, curvature, ||g||^2) by jax.hessian of the flattened loss."""
   flat, unravel = ravel_pytree(params)
   g = ravel_pytree(d)[0]
   f = lambda w: loss(unravel(w), *batch)
-  return float(g @ jax.grad(f)(flat)), float(g @ jax.hessian(f)(flat) @ g)
+  return (float(g @ jax.grad(f)(flat)), float(g @ jax.hessian(f)(flat) @ g),
+          float(g @ g))
+
+
+def _rows(got, refs):
+  """[engine, reference] pairs of slope, curvature and squared norm."""
+  return [[float(a[0]), r[0], float(a[1]), r[1], float(a[2]), r[2]]
+          for a, r in zip(got, refs)]
 
 
 def _problem():
@@ -62,7 +69,7 @@ def _shard_map_cases(mesh, params, d, x, y):
 
       def step(p, x, y, loss=loss):
         out = lrcr.value_grad_and_curvature(loss, p, x, y)[2](p, d)
-        return jnp.stack([out.slope, out.curvature])[None]
+        return jnp.stack([out.slope, out.curvature, out.sqnorm])[None]
 
       name = f"shard_map vma={vma} pmean={pmean}"
       try:
@@ -73,8 +80,7 @@ def _shard_map_cases(mesh, params, d, x, y):
         continue
       refs = ([_dense(_local, params, d, x, y)] * SHARDS if pmean else
               [_dense(_local, params, d, *part) for part in parts])
-      out[name] = [[float(a[0]), r[0], float(a[1]), r[1]]
-                   for a, r in zip(got, refs)]
+      out[name] = _rows(got, refs)
   return out
 
 
@@ -89,8 +95,8 @@ def _outer_shard_map(mesh, params, d, x, y):
                          out_specs=P())(p, x, y)
 
   got = lrcr.value_grad_and_curvature(loss, params, xs, ys)[2](params, d)
-  ref = _dense(_local, params, d, x, y)
-  return [[float(got.slope), ref[0], float(got.curvature), ref[1]]]
+  return _rows([[got.slope, got.curvature, got.sqnorm]],
+               [_dense(_local, params, d, x, y)])
 
 
 def _pmap_cases(params, d, x, y):
@@ -104,7 +110,8 @@ def _pmap_cases(params, d, x, y):
     def step(p, x, y, loss=loss):
       out = lrcr.value_grad_and_curvature(loss, p, x, y)[2](p, d)
       # The usual data-parallel step: per-device numbers, averaged after.
-      return lax.pmean(jnp.stack([out.slope, out.curvature]), "i")
+      return lax.pmean(jnp.stack([out.slope, out.curvature, out.sqnorm]),
+                       "i")
 
     name = f"pmap pmean={pmean}"
     try:
@@ -112,8 +119,7 @@ def _pmap_cases(params, d, x, y):
     except lrcr.UnsupportedProgramError as e:
       out[name] = str(e)
       continue
-    ref = _dense(_local, params, d, x, y)
-    out[name] = [[float(a[0]), ref[0], float(a[1]), ref[1]] for a in got]
+    out[name] = _rows(got, [_dense(_local, params, d, x, y)] * SHARDS)
   return out
 
 
