@@ -189,7 +189,6 @@ class _Builder:
 
   def __init__(self):
     self._ids = itertools.count()
-    self.custom_vjps: list[str] = []      # names of the custom_vjp functions
 
   def new_id(self) -> int:
     return next(self._ids)
@@ -218,8 +217,6 @@ class _Builder:
       name = eqn.primitive.name
       ins = [self._read(env, v) for v in eqn.invars]
       if name in _INLINE_CALLS:
-        if name.startswith("custom_vjp"):
-          self.custom_vjps.append(_function_name(eqn))
         sub = next((eqn.params[k] for k in ("jaxpr", "call_jaxpr",
                                             "fun_jaxpr") if k in eqn.params),
                    None)
@@ -531,6 +528,12 @@ def accumulation_dtype(*dtypes: Any) -> Any:
   return dtype
 
 
+def _explicitly_sharded(x: Array) -> bool:
+  """Whether x's type names mesh axes (`jax.sharding.AxisType.Explicit`)."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return any(s is not None for s in (spec or ()))
+
+
 def pair(a: Array, b: Array, keep: frozenset | None = None) -> Array:
   """Re sum(a * b): the real pairing of an adjoint and a tangent.
 
@@ -544,7 +547,11 @@ def pair(a: Array, b: Array, keep: frozenset | None = None) -> Array:
   squared norm) sums on the shard alone.
   """
   dtype = jnp.result_type(jnp.float32, a.dtype, b.dtype)
-  out = jnp.sum(a.astype(dtype) * b.astype(dtype))
+  a, b = a.astype(dtype), b.astype(dtype)
+  if _explicitly_sharded(a) or _explicitly_sharded(b):
+    out = jnp.sum(a * b)      # a dot over sharded axes needs an out_sharding
+  else:
+    out = jnp.dot(a.ravel(), b.ravel())                   # one dot, no conj
   out = jnp.real(out) if jnp.issubdtype(dtype, jnp.complexfloating) else out
   if keep is None:
     return out
@@ -941,15 +948,41 @@ def trace(loss_fn: Callable[..., Array], params: Any,
   closed = jax.make_jaxpr(flat_loss)(*flat_p, *flat_b)
   out = closed.out_avals
   _check_loss(out, has_aux)
-  builder = _Builder()
-  prog = builder.program(closed)
-  _check_collectives(prog)
-  carried = [_is_float(prog.avals[i]) for i in prog.invars[:len(flat_p)]]
-  carried += [False] * len(flat_b)
-  _analyze(prog, carried)
+  prog = _Builder().program(closed)
+  custom = tuple(custom_vjp_names(closed.jaxpr))
   uses = {}
-  _mark_weights(prog, {i: k for k, i in enumerate(prog.invars[:len(flat_p)])},
-                uses)
-  return Traced(prog, treedef, len(flat_p), flat_b, uses, closed,
-                tuple(builder.custom_vjps), frozenset(_varying(out[0])),
-                aux_tree[0] if has_aux else None)
+  if not custom:       # with a custom_vjp the engine reads the program only
+    _check_collectives(prog)
+    carried = [_is_float(prog.avals[i]) for i in prog.invars[:len(flat_p)]]
+    carried += [False] * len(flat_b)
+    _analyze(prog, carried)
+    _mark_weights(prog, {i: k for k, i in
+                         enumerate(prog.invars[:len(flat_p)])}, uses)
+  return Traced(prog, treedef, len(flat_p), flat_b, uses, closed, custom,
+                frozenset(_varying(out[0])), aux_tree[0] if has_aux else None)
+
+
+def _sub_jaxprs(eqn) -> list:
+  """Every jaxpr among an operation's parameters (bodies, branches)."""
+  out = []
+  for value in eqn.params.values():
+    for v in (value if isinstance(value, (tuple, list)) else (value,)):
+      if isinstance(v, jcore.ClosedJaxpr):
+        out.append(v.jaxpr)
+      elif isinstance(v, jcore.Jaxpr):
+        out.append(v)
+  return out
+
+
+def custom_vjp_names(jaxpr: jcore.Jaxpr) -> list[str]:
+  """The names of the custom_vjp functions anywhere in a program.
+
+  Nested bodies count: jit calls, scan, cond and while bodies, shard_map.
+  """
+  names = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name.startswith("custom_vjp"):
+      names.append(_function_name(eqn))
+    for sub in _sub_jaxprs(eqn):
+      names.extend(custom_vjp_names(sub))
+  return names

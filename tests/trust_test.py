@@ -82,6 +82,10 @@ class CustomMLP(nn.Module):
       h = jnp.tanh(clip_gradient(h))
     elif self.custom == "reverse_gradient":
       h = jnp.tanh(reverse_gradient(h)) + 0.3 * jnp.tanh(h)
+    elif self.custom == "cond":          # a custom_vjp inside a branch
+      h = jnp.tanh(jax.lax.cond(x.shape[0] > 1,
+                                lambda h: clip_gradient(h) * h,
+                                lambda h: h, h))
     elif self.custom in ("stable_softplus", "softplus"):
       h = (stable_softplus(h) if self.custom == "stable_softplus"
            else jax.nn.softplus(h))
@@ -127,7 +131,7 @@ def _custom_reference(loss_fn, params, batch, d):
 
 
 CUSTOM = ("straight_through", "clip_gradient", "reverse_gradient",
-          "stable_softplus", "odeint")
+          "stable_softplus", "odeint", "cond")
 
 
 def _custom_problem(name, seed):
