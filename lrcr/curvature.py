@@ -43,22 +43,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from lrcr import cubic
 from lrcr import engine
+from lrcr import reference
 from lrcr import samples
-from lrcr.mlp import cross_entropy_loss
-from lrcr.types import (GRANULARITIES, CurvatureFn, Directional,
-                        ScalableCurvatureFn, group_index)
+from lrcr.losses import cross_entropy_loss
+from lrcr.types import (CurvatureFn, Directional, ScalableCurvatureFn,
+                        group_index)
 
 Array = jax.Array
-
-
-def _check_granularity(granularity: str) -> None:
-  if granularity not in GRANULARITIES:
-    raise ValueError(f"granularity={granularity!r}: expected one of "
-                     f"{GRANULARITIES}.")
 
 
 def _check_labels(model_or_loss: Any, batch: Sequence[Any]) -> None:
@@ -99,19 +93,6 @@ def as_loss_fn(model_or_loss: Any, *batch: Any) -> Callable[..., Array]:
         f"expected loss_fn(params, *batch) -> scalar, or a flax module; got "
         f"{type(model_or_loss).__name__}.")
   return model_or_loss
-
-
-def _flat_direction(direction: Any, treedef: Any, flat_params: Sequence[Array]):
-  leaves, tree = jax.tree.flatten(direction)
-  if tree != treedef:
-    raise ValueError(
-        f"the direction's tree structure {tree} differs from params' "
-        f"{treedef}; pass updates shaped like params.")
-  for d, p in zip(leaves, flat_params):
-    if jnp.shape(d) != jnp.shape(p):
-      raise ValueError(f"a direction leaf has shape {jnp.shape(d)} where its "
-                       f"parameter has {jnp.shape(p)}.")
-  return leaves
 
 
 def _vdot(a, b) -> Array:
@@ -445,7 +426,7 @@ def value_grad_and_curvature(
       unknown granularity.
     TypeError: for a params leaf that is not a float array.
   """
-  _check_granularity(granularity)
+  reference.check_granularity(granularity)
   traced = engine.trace(loss_fn, params, batch, has_aux)
   if traced.custom_vjps:
     return _custom_vjp_path(loss_fn, params, batch, traced, granularity,
@@ -463,11 +444,6 @@ def value_grad_and_curvature(
       _global_fn(ps, gradient_direction, stack_layers))
 
 
-def _sqnorm(x: Array) -> Array:
-  """||x||^2 (|x|^2 summed for complex x), accumulated in float32 at least."""
-  return engine.pair(jnp.conj(x) if jnp.iscomplexobj(x) else x, x)
-
-
 def _global_fn(ps: _Pass, gradient_direction: bool, stack_layers: bool):
   """`fn(params, direction, log2_scale)` of granularity "global"."""
   treedef = ps.traced.params_treedef
@@ -477,7 +453,7 @@ def _global_fn(ps: _Pass, gradient_direction: bool, stack_layers: bool):
   def curvature_fn(params_unused: Any, direction: Any,
                    log2_scale: Any = None) -> Directional:
     del params_unused
-    flat_d = _flat_direction(direction, treedef, ps.flat_params)
+    flat_d = reference.flat_direction(direction, treedef, ps.flat_params)
     log2 = None if log2_scale is None else jnp.asarray(log2_scale, jnp.int32)
     unit = _unit(log2)
     # direction = scale * grad F: the Gram form, where some weight
@@ -491,19 +467,10 @@ def _global_fn(ps: _Pass, gradient_direction: bool, stack_layers: bool):
                                gram_ids)
       return Directional(slope, curv, scale * scale * gg)  # ||c grad F||^2
     slope, curv = _curvature(ps, flat_d, None, log2, stack_layers)
-    sqnorm = sum(_sqnorm(unit(d)) for d in flat_d)
+    sqnorm = sum(reference.sqnorm(unit(d)) for d in flat_d)
     return Directional(slope, curv, sqnorm)
 
   return curvature_fn
-
-
-def _per_group(params: Any, leaf_values: Sequence[Array]) -> Any:
-  """Sums per-leaf scalars into one per param group (`param_groups`)."""
-  index, gtree = group_index(params)
-  return jax.tree.unflatten(gtree, [
-      sum((v for i, v in zip(index, leaf_values) if i == j),
-          jnp.zeros((), leaf_values[0].dtype))
-      for j in range(gtree.num_leaves)])
 
 
 def _layer_fn(ps: _Pass, params: Any, stack_layers: bool) -> CurvatureFn:
@@ -512,7 +479,7 @@ def _layer_fn(ps: _Pass, params: Any, stack_layers: bool) -> CurvatureFn:
 
   def curvature_fn(params_unused: Any, direction: Any) -> Directional:
     del params_unused
-    flat_d = _flat_direction(direction, treedef, ps.flat_params)
+    flat_d = reference.flat_direction(direction, treedef, ps.flat_params)
     index, gtree = group_index(params)
 
     def masked(j):
@@ -523,10 +490,10 @@ def _layer_fn(ps: _Pass, params: Any, stack_layers: bool) -> CurvatureFn:
                                          stack=stack_layers)[1])(
                                              jnp.arange(gtree.num_leaves))
     return Directional(
-        _per_group(params, [engine.pair(d, g)
+        reference.per_group(params, [engine.pair(d, g)
                             for d, g in zip(flat_d, ps.flat_grads)]),
         jax.tree.unflatten(gtree, list(curv)),
-        _per_group(params, [_sqnorm(d) for d in flat_d]))
+        reference.per_group(params, [reference.sqnorm(d) for d in flat_d]))
 
   return curvature_fn
 
@@ -538,7 +505,7 @@ def _variable_fn(ps: _Pass) -> CurvatureFn:
 
   def curvature_fn(params_unused: Any, direction: Any) -> Directional:
     del params_unused
-    flat_d = _flat_direction(direction, treedef, ps.flat_params)
+    flat_d = reference.flat_direction(direction, treedef, ps.flat_params)
     return Directional(unf([d * g for d, g in zip(flat_d, ps.flat_grads)]),
                        unf([d * d * h for d, h in zip(flat_d, ps.diagonal)]),
                        unf([d * d for d in flat_d]))
@@ -561,46 +528,6 @@ def _refuse_custom_vjp(traced: engine.Traced, what: str, fallback: str):
         f"lrcr.value_grad_and_curvature follows the custom rule there.")
 
 
-def _loss_only(loss_fn: Callable[..., Any], has_aux: bool):
-  return (lambda p, *b: loss_fn(p, *b)[0]) if has_aux else loss_fn
-
-
-def _hvp_fn(loss_fn: Callable[..., Any], params: Any, batch: Sequence[Any],
-            names: str) -> Callable[[Any], Any]:
-  """d -> d/dt grad F(params + t d), the gradient being jax.grad's.
-
-  Reverse-over-reverse (the reference: it runs where the rule's fwd calls a
-  custom_vjp, as in `jax.experimental.ode.odeint`, which has no forward
-  mode), else forward-over-reverse (a rule whose bwd holds a `while_loop`,
-  which has no reverse mode); chosen once, when the call is traced.
-
-  Raises:
-    UnsupportedProgramError: naming the custom_vjp functions, where neither
-      runs.
-  """
-  grad_fn = jax.grad(lambda p: loss_fn(p, *batch))
-  forward = lambda d: jax.jvp(grad_fn, (params,), (d,))[1]
-
-  def reverse(d):
-    return jax.grad(lambda p: sum(engine.pair(a, b) for a, b in zip(
-        jax.tree.leaves(d), jax.tree.leaves(grad_fn(p)))))(params)
-
-  errors = []
-  for fn in (reverse, forward):
-    try:
-      jax.eval_shape(fn, params)
-      return fn
-    except Exception as e:  # pylint: disable=broad-except  # JAX refused
-      errors.append(f"{type(e).__name__}: {str(e)[:200]}")
-  raise engine.UnsupportedProgramError(
-      f"the loss holds the custom_vjp function(s) {names}; the derivative of "
-      f"its custom gradient needs JAX to differentiate the rule's fwd and "
-      f"bwd, and neither forward-over-reverse nor reverse-over-reverse "
-      f"autodiff runs on them ({'; '.join(errors)}). No exact fallback "
-      f"exists in lrcr for this program: differentiate the rule's functions "
-      f"by hand, or use a plain first-order optimizer.")
-
-
 def _custom_vjp_path(loss_fn, params, batch, traced: engine.Traced,
                      granularity: str, has_aux: bool):
   """`value_grad_and_curvature` for a loss that holds a custom_vjp.
@@ -613,87 +540,12 @@ def _custom_vjp_path(loss_fn, params, batch, traced: engine.Traced,
     _refuse_custom_vjp(traced, "the exact Hessian diagonal (granularity "
                        "'variable')", "granularity 'layer' or 'global'")
   value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *batch)
-  fn = _reference_fn(_hvp_fn(_loss_only(loss_fn, has_aux), params, batch,
-                             names), grads, granularity)
+  hvp = reference.hvp_fn(reference.loss_only(loss_fn, has_aux), params,
+                         batch, names)
+  fn = reference.directional_fn(hvp, grads, granularity)
   if granularity == "global":
     return value, grads, ScalableCurvatureFn(fn)
   return value, grads, lambda p, d: fn(p, d)
-
-
-def _reference_fn(hvp: Callable[[Any], Any], grads: Any, granularity: str):
-  """`fn(params, direction, log2_scale=None)` from a Hessian-vector product.
-
-  For granularity "global" or "layer" (vectorized over the groups).
-  """
-  flat_g, treedef = jax.tree.flatten(grads)
-
-  def directional(flat_d):
-    hd = jax.tree.leaves(hvp(jax.tree.unflatten(treedef, flat_d)))
-    return ([engine.pair(d, g) for d, g in zip(flat_d, flat_g)],
-            [engine.pair(d, h) for d, h in zip(flat_d, hd)],
-            [_sqnorm(d) for d in flat_d])
-
-  def curvature_fn(params: Any, direction: Any,
-                   log2_scale: Any = None) -> Directional:
-    flat_d = _flat_direction(direction, treedef, flat_g)
-    if log2_scale is not None:
-      log2 = jnp.asarray(log2_scale, jnp.int32)
-      flat_d = [cubic.times_pow2(d, -log2) for d in flat_d]
-    if granularity == "global":
-      return Directional(*(sum(v) for v in directional(flat_d)))
-    index, gtree = group_index(params)
-
-    def one(j):
-      masked = [jnp.where(i == j, d, jnp.zeros_like(d))
-                for i, d in zip(index, flat_d)]
-      return [sum(v) for v in directional(masked)]
-
-    out = jax.vmap(one)(jnp.arange(gtree.num_leaves))
-    slope, _, sqnorm = directional(flat_d)
-    return Directional(_per_group(params, slope),
-                       jax.tree.unflatten(gtree, list(out[1])),
-                       _per_group(params, sqnorm))
-
-  return curvature_fn
-
-
-def reverse_curvature_fn(loss_fn: Callable[..., Array], *batch: Any,
-                         granularity: str = "global") -> CurvatureFn:
-  """Builds `curvature_fn(params, direction)` on the gradient jax.grad returns.
-
-  Slope g . grad F and curvature g^T d/dt grad F(params + t g), with grad F
-  exactly what `jax.grad(loss_fn)` returns (the user's rules of custom_vjp
-  functions included), by reverse-over-reverse autodiff (forward-over-
-  reverse where reverse-over-reverse does not run). The reference and the
-  fallback for losses with a `jax.custom_vjp` (straight-through estimators,
-  gradient clipping, `jax.experimental.ode.odeint`), on which
-  forward-over-forward (`autodiff_curvature_fn`) cannot run. Costs about
-  two gradients per call.
-
-  Args:
-    loss_fn: `loss_fn(params, *batch) -> scalar`.
-    *batch: the other arguments of loss_fn.
-    granularity: "global" or "layer".
-
-  Returns:
-    `curvature_fn(params, direction) -> Directional`.
-
-  Raises:
-    ValueError: for granularity "variable" (one product per weight).
-  """
-  _check_granularity(granularity)
-  if granularity == "variable":
-    raise ValueError(
-        "reverse_curvature_fn has no 'variable' granularity: the exact "
-        "Hessian diagonal would take one Hessian-vector product per weight. "
-        "Use granularity 'layer' or 'global'.")
-
-  def curvature_fn(params: Any, direction: Any) -> Directional:
-    grads = jax.grad(loss_fn)(params, *batch)
-    hvp = _hvp_fn(loss_fn, params, batch, "in loss_fn")
-    return _reference_fn(hvp, grads, granularity)(params, direction)
-
-  return curvature_fn
 
 
 def lowrank_curvature_fn(loss_fn: Any, *batch: Any,
@@ -711,7 +563,7 @@ def lowrank_curvature_fn(loss_fn: Any, *batch: Any,
     *batch: the other arguments of loss_fn.
     granularity: "global", "layer" or "variable".
   """
-  _check_granularity(granularity)
+  reference.check_granularity(granularity)
   fn = as_loss_fn(loss_fn, *batch)
 
   def curvature_fn(params: Any, direction: Any) -> Directional:
@@ -741,59 +593,6 @@ def value_and_directional(model_or_loss: Any, params: Any,
   fn = as_loss_fn(model_or_loss, *batch)
   loss, _, curvature_fn = value_grad_and_curvature(fn, params, *batch)
   return loss, curvature_fn(params, direction)
-
-
-# ---------------------------------------------------------------------------
-# Forward-over-forward autodiff: the reference and the fallback.
-# ---------------------------------------------------------------------------
-
-def autodiff_directional(loss_fn: Callable[..., Array], params: Any,
-                         direction: Any, *args: Any) -> Directional:
-  """Slope, curvature and squared norm along g by forward-over-forward autodiff.
-
-  The inner `jax.jvp` of t -> loss_fn(params + t g, *args) gives the slope,
-  the outer one its derivative g^T H g. Works for any differentiable loss.
-  """
-  def slope_at(p):
-    return jax.jvp(lambda q: loss_fn(q, *args), (p,), (direction,))[1]
-
-  slope, curvature = jax.jvp(slope_at, (params,), (direction,))
-  return Directional(slope, curvature, optax.tree.norm(direction, squared=True))
-
-
-def autodiff_curvature_fn(loss_fn: Callable[..., Array], *args: Any,
-                          granularity: str = "global") -> CurvatureFn:
-  """Builds `curvature_fn(params, direction)` by forward-over-forward autodiff.
-
-  The fallback for a program the engine refuses. With granularity "layer" it
-  runs one forward-over-forward pass per param group (vectorized). It has no
-  "variable" granularity: the exact diagonal would take one Hessian-vector
-  product per weight.
-  """
-  _check_granularity(granularity)
-  if granularity == "variable":
-    raise ValueError(
-        "autodiff_curvature_fn has no 'variable' granularity: the exact "
-        "Hessian diagonal would take one Hessian-vector product per weight. "
-        "Use lrcr.lowrank_curvature_fn(loss_fn, *batch, "
-        "granularity='variable').")
-
-  def curvature_fn(params: Any, direction: Any) -> Directional:
-    if granularity == "global":
-      return autodiff_directional(loss_fn, params, direction, *args)
-    index, gtree = group_index(direction)
-    leaves, treedef = jax.tree.flatten(direction)
-
-    def one(j):
-      masked = [jnp.where(i == j, d, jnp.zeros_like(d))
-                for i, d in zip(index, leaves)]
-      return autodiff_directional(loss_fn, params,
-                                  jax.tree.unflatten(treedef, masked), *args)
-
-    out = jax.vmap(one)(jnp.arange(gtree.num_leaves))
-    return Directional(*(jax.tree.unflatten(gtree, list(f)) for f in out))
-
-  return curvature_fn
 
 
 # ---------------------------------------------------------------------------
