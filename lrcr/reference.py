@@ -51,7 +51,9 @@ def flat_direction(direction: Any, treedef: Any, flat_params: Sequence[Array]):
 
 def sqnorm(x: Array) -> Array:
   """||x||^2 (|x|^2 summed for complex x), accumulated in float32 at least."""
-  return engine.pair(jnp.conj(x) if jnp.iscomplexobj(x) else x, x)
+  if jnp.iscomplexobj(x):
+    return engine.pair(jnp.conj(x), x)
+  return jnp.sum(jnp.square(x.astype(engine.accumulation_dtype(x.dtype))))
 
 
 def per_group(params: Any, leaf_values: Sequence[Array]) -> Any:

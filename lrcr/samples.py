@@ -50,6 +50,10 @@ _LINEAR_IN_SUM = frozenset(
 _REDUCE_SUMS = frozenset(["reduce_sum", "psum", "psum_invariant"])
 _REDUCES = frozenset(["reduce_max", "reduce_min", "reduce_prod", "argmax",
                       "argmin", "reduce_and", "reduce_or", "reduce_xor"])
+#: Operations that only move or copy values: a sum over samples stays one.
+_SHAPE_OPS = frozenset(["broadcast_in_dim", "reshape", "squeeze",
+                        "expand_dims", "transpose", "reduce_sum", "copy",
+                        "convert_element_type"])
 _CUMULATIVE = frozenset(["cumsum", "cumprod", "cummax", "cummin",
                          "cumlogsumexp"])
 
@@ -112,14 +116,14 @@ def _dot_general(eqn, states: list) -> Any:
   if isinstance(ls, int):
     if ls in lc:
       return _SUM
-    if ls in lb:
-      raise _Coupled("dot_general", "batches samples against shared values")
+    if ls in lb:                      # row b times the shared block b
+      return list(lb).index(ls)
     return len(lb) + lfree.index(ls)
   if isinstance(rs, int):
     if rs in rc:
       return _SUM
     if rs in rb:
-      raise _Coupled("dot_general", "batches samples against shared values")
+      return list(rb).index(rs)
     return len(lb) + len(lfree) + rfree.index(rs)
   return None
 
@@ -235,6 +239,9 @@ def _rule(eqn, states: list) -> list:
         r != eqn.params["dimension"]):
       return [r]
     raise _Coupled(name, "joins values along or across the sample axis")
+  if _SUM in states and name in _SHAPE_OPS and all(
+      x in (_SUM, None) for x in states[1:]) and states[0] == _SUM:
+    return [_SUM] * n                    # a reshaped or broadcast sum
   sub = _sub_jaxpr(eqn)
   if sub is not None:
     return _walk(sub, states)

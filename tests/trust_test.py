@@ -580,3 +580,41 @@ def test_shard_map_and_pmap_are_exact_or_refused():
   for name in ("shard_map vma=False pmean=True", "pmap pmean=True"):
     assert "psum" in result[name] and "check_vma" in result[name], name
     assert "autodiff_curvature_fn" in result[name]
+
+
+def test_the_sample_axis_is_followed_through_the_program():
+  """lrcr.samples on small programs: separable ones pass, coupled are named."""
+  w = {"w": jnp.ones((4, 3)), "m": jnp.ones((6, 3, 3))}
+  x = jnp.arange(24.0).reshape(6, 4) / 24
+  y = jnp.arange(6) % 3
+
+  def coupling(loss):
+    return lrcr.samples.coupling(lrcr.engine.trace(loss, w, (x, y)))
+
+  ce = lambda z, y: optax.softmax_cross_entropy_with_integer_labels(z, y)
+  separable = {
+      "mean": lambda p, x, y: ce(x @ p["w"], y).mean(),
+      "sum of squares": lambda p, x, y: jnp.sum((x @ p["w"]) ** 2),
+      "per-row block": lambda p, x, y: ce(
+          jnp.einsum("bi,bij->bj", jnp.tanh(x @ p["w"]), p["m"]), y).mean(),
+      "transposed": lambda p, x, y: jnp.sum(jnp.tanh((x @ p["w"]).T) * 2.0),
+      "softmax over classes": lambda p, x, y: -jnp.mean(jnp.take_along_axis(
+          jax.nn.log_softmax(x @ p["w"], axis=-1), y[:, None], axis=-1)),
+  }
+  for name, loss in separable.items():
+    assert coupling(loss) is None, name
+  coupled = {
+      "softmax over the batch": (lambda p, x, y: -jnp.sum(
+          jax.nn.log_softmax((x @ p["w"])[:, 0])), "reduce_max"),
+      "square of a sum": (lambda p, x, y: jnp.sum(x @ p["w"]) ** 2,
+                          "integer_pow"),
+      "batch statistics": (lambda p, x, y: ce(
+          (x @ p["w"]) / jnp.std(x @ p["w"], axis=0), y).mean(), "sub"),
+      "sort over samples": (lambda p, x, y: jnp.sum(
+          jnp.sort((x @ p["w"])[:, 0]) * jnp.arange(6.0)), "sort"),
+      "mixing rows": (lambda p, x, y: jnp.sum(
+          jnp.tanh(p["w"].T @ x.T @ x)), "dot_general"),
+  }
+  for name, (loss, prim) in coupled.items():
+    why = coupling(loss)
+    assert why is not None and f"`{prim}`" in why, (name, why)
