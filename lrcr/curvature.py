@@ -95,10 +95,6 @@ def as_loss_fn(model_or_loss: Any, *batch: Any) -> Callable[..., Array]:
   return model_or_loss
 
 
-def _vdot(a, b) -> Array:
-  return jnp.sum(a * b)
-
-
 def _total(pairs) -> Array:
   """sum_k <a_k, b_k> over many leaves (`engine.total`)."""
   return engine.total([(1.0, a, b) for a, b in pairs])
