@@ -64,7 +64,8 @@ def _per_sample(loss_fn, params, batch, what: str):
   """
   samples.check_separable(
       engine.trace(loss_fn, params, batch), what,
-      "Use averaging='batch' (the paper's choice), exact for any loss.")
+      "Use averaging='batch' (the paper's choice), exact for any loss.",
+      strict=True)
 
   def one(*sample):
     single = [s[None] for s in sample]                # a batch of one

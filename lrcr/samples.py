@@ -298,18 +298,54 @@ def _join(a, b):
   raise _Coupled("scan", "carries values whose sample axis changes")
 
 
-def _walk(closed, states: Sequence[Any]) -> list:
+def _constant(eqn, states: list) -> list:
+  """States of an operation that the params do not reach.
+
+  Its outputs are constants of every per-sample term: a mix of samples
+  (data centred over the batch, a mask's count) is one shared constant.
+  """
+  try:
+    outs = _rule(eqn, states)
+  except _Coupled:
+    return [None] * len(eqn.outvars)
+  return [None if x in (_SUM, _MIX) else x for x in outs]
+
+
+def _walk(closed, states: Sequence[Any], deps: Sequence[bool] | None = None,
+          ) -> list:
+  """The states of a program's outputs; `deps`: which inputs params reach.
+
+  With deps None every value counts as reached by the params (the strict
+  check, and inside loop bodies).
+  """
   jaxpr = closed.jaxpr if hasattr(closed, "jaxpr") else closed
   env = dict(zip(jaxpr.invars, states))
+  reached = {v for v, d in zip(jaxpr.invars, deps or [True] * len(states))
+             if d}
   read = lambda v: None if isinstance(v, jcore.Literal) else env.get(v)
   for eqn in jaxpr.eqns:
-    outs = _rule(eqn, [read(v) for v in eqn.invars])
+    ins = [read(v) for v in eqn.invars]
+    din = [not isinstance(v, jcore.Literal) and v in reached
+           for v in eqn.invars]
+    if any(din):
+      sub = _sub_jaxpr(eqn)
+      outs = (_walk(sub, ins, din) if sub is not None and deps is not None
+              else _rule(eqn, ins))
+      reached.update(eqn.outvars)
+    else:
+      outs = _constant(eqn, ins)
     env.update(zip(eqn.outvars, outs))
   return [read(v) for v in jaxpr.outvars]
 
 
-def coupling(traced: engine.Traced) -> str | None:
+def coupling(traced: engine.Traced, strict: bool = False) -> str | None:
   """The operation that couples samples, or None if F is a sum over them.
+
+  F = sum_b f_b(params), with f_b reached by the params through sample b
+  only. Values that the params do not reach are constants of the terms, so
+  data centred over the batch or a masked mean's count of samples do not
+  couple. With `strict`, they do: f_b must also be the loss on sample b
+  alone (section 3.1's per-sample losses).
 
   The samples are the leading axis of the batch leaves whose leading size
   is the most common one among the batch leaves (a key, a scalar or model
@@ -326,8 +362,10 @@ def coupling(traced: engine.Traced) -> str | None:
   states = [None] * traced.num_params + [
       0 if np.ndim(b) and np.shape(b)[0] == size else None
       for b in traced.batch]
+  deps = None if strict else [True] * traced.num_params + [False] * len(
+      traced.batch)
   try:
-    out = _walk(traced.closed, states)[0]
+    out = _walk(traced.closed, states, deps)[0]
   except _Coupled as e:
     return str(e)
   if out in (_SUM, None):
@@ -335,13 +373,16 @@ def coupling(traced: engine.Traced) -> str | None:
   return "the loss is not a sum over the samples of per-sample values"
 
 
-def check_separable(traced: engine.Traced, what: str, fallback: str) -> None:
+def check_separable(traced: engine.Traced, what: str, fallback: str,
+                    strict: bool = False) -> None:
   """Refuses `what` for a loss that is not a sum of per-sample terms.
+
+  `strict`: see `coupling`.
 
   Raises:
     UnsupportedProgramError: naming the operation that couples samples.
   """
-  why = coupling(traced)
+  why = coupling(traced, strict)
   if why is not None:
     raise engine.UnsupportedProgramError(
         f"{what} assumes the loss is a sum of per-sample terms, but this "

@@ -618,3 +618,32 @@ def test_the_sample_axis_is_followed_through_the_program():
   for name, (loss, prim) in coupled.items():
     why = coupling(loss)
     assert why is not None and f"`{prim}`" in why, (name, why)
+
+
+def test_data_only_coupling_is_a_constant_of_the_terms():
+  """A masked mean or inputs centred over the batch: separable in params,
+  so the diagonal is exact; not the loss on one sample alone, so the
+  per-sample averagings (strict) refuse."""
+  with jax.enable_x64(True):
+    k = jax.random.split(jax.random.key(0), 3)
+    model = Scorer(3)
+    x = jax.random.normal(k[0], (6, 4), jnp.float64)
+    y = jax.random.randint(k[1], (6,), 0, 3)
+    mask = jnp.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    params = zoo._init(model, k[2], x)
+
+    def masked(p, x, y, m):
+      per = optax.softmax_cross_entropy_with_integer_labels(
+          model.apply(p, x - x.mean(axis=0)), y)
+      return jnp.sum(per * m) / jnp.sum(m)
+
+    traced = lrcr.engine.trace(masked, params, (x, y, mask))
+    assert lrcr.samples.coupling(traced) is None
+    assert lrcr.samples.coupling(traced, strict=True) is not None
+    _, hess = zoo.dense(masked, params, (x, y, mask))
+    diag = lrcr.hessian_diagonal(masked, params, x, y, mask)
+    np.testing.assert_allclose(ravel_pytree(diag)[0], jnp.diag(hess),
+                               rtol=RTOL, atol=1e-14)
+    with pytest.raises(lrcr.UnsupportedProgramError, match="couples"):
+      lrcr.averaging.averaged_sgd_update(masked, params, x, y, mask,
+                                         sigma=1.0, averaging="mean_alpha")
