@@ -28,6 +28,8 @@ import optax
 
 from lrcr import cubic
 from lrcr import curvature
+from lrcr import engine
+from lrcr import samples
 from lrcr.types import Directional
 
 Array = jax.Array
@@ -53,8 +55,18 @@ class AveragedStep(NamedTuple):
   grads: Any
 
 
-def _per_sample(loss_fn, params, batch):
-  """Per sample i: (grad f_i, Directional of f_i along -grad f_i)."""
+def _per_sample(loss_fn, params, batch, what: str):
+  """Per sample i: (grad f_i, Directional of f_i along -grad f_i).
+
+  Raises:
+    UnsupportedProgramError: if the loss is not a sum of per-sample terms
+      (then f_i on a sample alone is not its share of F).
+  """
+  samples.check_separable(
+      engine.trace(loss_fn, params, batch), what,
+      "Use averaging='batch' (the paper's choice), exact for any loss.",
+      strict=True)
+
   def one(*sample):
     single = [s[None] for s in sample]                # a batch of one
     _, grads, curvature_fn = curvature.value_grad_and_curvature(
@@ -78,9 +90,14 @@ def per_sample_own_directional(model_or_loss: Any, params: Any,
   Returns:
     `Directional` with [B] fields: s_i = -||grad f_i||^2,
     h_i = grad f_i^T (Hessian of f_i) grad f_i, ||grad f_i||^2. Exact.
+
+  Raises:
+    UnsupportedProgramError: for a loss that couples its samples (a softmax,
+      a centring or batch statistics over the batch); it names the
+      operation.
   """
   fn = curvature.as_loss_fn(model_or_loss, *batch)
-  return _per_sample(fn, params, batch)[1]
+  return _per_sample(fn, params, batch, "per_sample_own_directional")[1]
 
 
 def averaged_sgd_update(model_or_loss: Any, params: Any, *batch: Any,
@@ -104,6 +121,8 @@ def averaged_sgd_update(model_or_loss: Any, params: Any, *batch: Any,
 
   Raises:
     ValueError: for an unknown averaging.
+    UnsupportedProgramError: for "mean_alpha" or "mean_alpha_g" on a loss
+      that couples its samples (its per-sample terms do not exist).
   """
   if averaging not in AVERAGINGS:
     raise ValueError(f"averaging={averaging!r}: expected one of {AVERAGINGS}.")
@@ -118,13 +137,14 @@ def averaged_sgd_update(model_or_loss: Any, params: Any, *batch: Any,
     alpha = cubic.cubic_step_length(d.slope, d.curvature, d.sqnorm, sigma)
     return AveragedStep(jax.tree.map(lambda u: alpha * u, g), alpha,
                         jnp.full((size,), alpha), loss, grads)
-  sample_grads, own = _per_sample(fn, params, batch)
+  sample_grads, own = _per_sample(fn, params, batch,
+                                  f"averaging={averaging!r}")
   alphas = cubic.cubic_step_length(own.slope, own.curvature, own.sqnorm,
                                    sigma)                          # [B]
   if averaging == "mean_alpha":
     alpha = alphas.mean()
     updates = jax.tree.map(lambda gr: -alpha * gr, grads)
-  else:                                                            # E[alpha_i g_i]
+  else:                                                      # E[alpha_i g_i]
     updates = jax.tree.map(
         lambda gi: -jnp.tensordot(alphas, gi, axes=1) / size, sample_grads)
     alpha = optax.tree.vdot(updates, jax.tree.map(jnp.negative, grads)) / \

@@ -43,21 +43,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from lrcr import cubic
 from lrcr import engine
-from lrcr.mlp import cross_entropy_loss
-from lrcr.types import (GRANULARITIES, CurvatureFn, Directional,
-                        ScalableCurvatureFn, group_index)
+from lrcr import reference
+from lrcr import samples
+from lrcr.losses import cross_entropy_loss
+from lrcr.types import (CurvatureFn, Directional, ScalableCurvatureFn,
+                        group_index)
 
 Array = jax.Array
-
-
-def _check_granularity(granularity: str) -> None:
-  if granularity not in GRANULARITIES:
-    raise ValueError(f"granularity={granularity!r}: expected one of "
-                     f"{GRANULARITIES}.")
 
 
 def _check_labels(model_or_loss: Any, batch: Sequence[Any]) -> None:
@@ -100,23 +95,6 @@ def as_loss_fn(model_or_loss: Any, *batch: Any) -> Callable[..., Array]:
   return model_or_loss
 
 
-def _flat_direction(direction: Any, treedef: Any, flat_params: Sequence[Array]):
-  leaves, tree = jax.tree.flatten(direction)
-  if tree != treedef:
-    raise ValueError(
-        f"the direction's tree structure {tree} differs from params' "
-        f"{treedef}; pass updates shaped like params.")
-  for d, p in zip(leaves, flat_params):
-    if jnp.shape(d) != jnp.shape(p):
-      raise ValueError(f"a direction leaf has shape {jnp.shape(d)} where its "
-                       f"parameter has {jnp.shape(p)}.")
-  return leaves
-
-
-def _vdot(a, b) -> Array:
-  return jnp.sum(a * b)
-
-
 def _total(pairs) -> Array:
   """sum_k <a_k, b_k> over many leaves (`engine.total`)."""
   return engine.total([(1.0, a, b) for a, b in pairs])
@@ -134,7 +112,7 @@ def _total(pairs) -> Array:
 # When the direction is c * grad F (plain SGD) and W is read by this
 # operation only, phi = c V^T Ybar, so
 #
-#     V phi = c (V V^T) Ybar,   Ybar . (dV phi) = c sum((dV V^T) * (Ybar Ybar^T))
+#     V phi = c (V V^T) Ybar,  Ybar . (dV phi) = c sum((dV V^T) * (Ybar Ybar^T))
 #
 # through N x N Gram matrices: O(N^2 d) instead of O(N d^2) (section 2's
 # low rank; the form is used where it needs fewer multiplications).
@@ -264,8 +242,9 @@ class _WeightPlan:
         dense.append((2.0, _bmm(dv, self._phi(nodes), "lni,lij->lnj"), y))
     # The dense terms hold the raw phi: one scaling of their sum.
     dtype = jnp.result_type(*self.flat_d)
-    return (engine.total(terms, dtype)
-            + self.unit(engine.total(dense, dtype)))
+    keep = self.ps.traced.keep
+    return (engine.total(terms, dtype, keep)
+            + self.unit(engine.total(dense, dtype, keep)))
 
   def direct_params(self) -> set:
     """Flat param indices that some operation other than the plan's reads."""
@@ -291,22 +270,39 @@ class _Pass(NamedTuple):
   residuals: dict
   ybar: dict
   diagonal: list | None = None
+  aux: Any = None
 
 
-def _gradient_pass(loss_fn, params, batch, diagonal: bool = False) -> _Pass:
-  traced = engine.trace(loss_fn, params, batch)
+def _gradient_pass(traced: engine.Traced, params: Any,
+                   diagonal: bool = False) -> _Pass:
+  """The forward and backward pass of the engine on a traced loss.
+
+  With `diagonal`, also the exact Hessian diagonal (`hessian_diagonal`).
+  """
   flat_p = jax.tree.leaves(params)
   eps = engine.zero_offsets(traced.program)
   if not diagonal:
-    loss, vjp_fn, res = jax.vjp(traced.forward, flat_p, eps, has_aux=True)
+    loss, vjp_fn, (res, aux) = jax.vjp(traced.forward, flat_p, eps,
+                                       has_aux=True)
     flat_g, ybar = vjp_fn(jnp.ones_like(loss))
-    return _Pass(traced, flat_p, loss, list(flat_g), res, ybar)
+    return _Pass(traced, flat_p, loss, list(flat_g), res, ybar, aux=aux)
+  _refuse_custom_vjp(traced, "the exact Hessian diagonal (granularity "
+                     "'variable')", "granularity 'layer' or 'global'")
+  samples.check_separable(
+      traced, "the exact Hessian diagonal (granularity 'variable')",
+      "Use granularity 'layer' or 'global', exact for any loss.")
+  names = [n for n, p in zip(_path_names(params), flat_p)
+           if jnp.iscomplexobj(p)]
+  if names:
+    raise engine.UnsupportedProgramError(
+        f"the exact Hessian diagonal covers real parameters; {names[0]} is "
+        f"complex. Use granularity 'layer' or 'global'.")
   roles = _diagonal_roles(traced, params)
   head = traced.find_head()
-  (loss, logits), vjp_fn, res = jax.vjp(
+  (loss, logits), vjp_fn, (res, aux) = jax.vjp(
       lambda p, e: traced.forward_with(p, e, head), flat_p, eps, has_aux=True)
   flat_g, ybar = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(logits)))
-  ps = _Pass(traced, flat_p, loss, list(flat_g), res, ybar)
+  ps = _Pass(traced, flat_p, loss, list(flat_g), res, ybar, aux=aux)
   # Per sample b, the Hessian of F in the logits row P_b (C x C), by
   # forward-over-reverse on the head with one unit tangent per class on
   # every row at once (the rows are separate samples), then its
@@ -351,16 +347,23 @@ def _curvature(ps: _Pass, flat_d: list, scale: Array | None = None,
                                                               flat_d))
                if k in direct}
   outs, curv = engine.sweep(prog, ps.residuals, ps.ybar, in_tans, plan.rewrite,
-                           dtype=jnp.result_type(*flat_d))
-  slope = outs[0] if outs[0] is not None else jnp.zeros_like(ps.loss)
-  return slope, curv + plan.second_order()
+                           dtype=jnp.result_type(*flat_d), keep=ps.traced.keep)
+  dtype = engine.accumulation_dtype(*flat_d)
+  if any(jnp.finfo(jnp.result_type(d)).bits < 32 for d in flat_d):
+    # Low-precision params: g . grad F summed in float32 (eq. 38), not the
+    # tangent of the loss's own low-precision reduction.
+    slope = _unit(log2)(sum(engine.pair(d, g)
+                            for d, g in zip(flat_d, ps.flat_grads)))
+  else:
+    slope = outs[0] if outs[0] is not None else jnp.zeros_like(ps.loss)
+  return slope.astype(dtype), curv + plan.second_order()
 
 
 def value_grad_and_curvature(
     loss_fn: Callable[..., Array], params: Any, *batch: Any,
     granularity: str = "global", gradient_direction: bool = False,
-    stack_layers: bool = False,
-) -> tuple[Array, Any, CurvatureFn]:
+    stack_layers: bool = False, has_aux: bool = False,
+) -> tuple[Any, Any, CurvatureFn]:
   """The loss, its gradient, and the exact curvature along any direction.
 
   One forward and one backward pass (what `jax.value_and_grad` costs) give
@@ -395,78 +398,150 @@ def value_grad_and_curvature(
       applies to granularity "global" and "layer" (not to "variable", which
       reads the Hessian diagonal, not a sweep).
 
+    has_aux: as in `jax.value_and_grad`: loss_fn returns (loss, aux), aux
+      any pytree (a BatchNorm's new batch statistics); the curvature is the
+      loss's alone.
+
   Returns:
-    (loss, grads, curvature_fn). `curvature_fn(params, direction)` returns
+    (loss, grads, curvature_fn), or ((loss, aux), grads, curvature_fn) with
+    has_aux. grads are `jax.grad`'s (custom_vjp rules included).
+    `curvature_fn(params, direction)` returns
     `lrcr.Directional(slope, curvature, sqnorm)`, always at the params given
     here (its own `params` argument is accepted for the optax contract and
-    not read).
+    not read). For a loss with a custom_vjp the curvature is that of the
+    custom gradient (see `lrcr.engine`), by autodiff.
 
   Raises:
     lrcr.engine.UnsupportedProgramError: for an operation JAX cannot
-      differentiate twice; `autodiff_curvature_fn` is then no help either.
-    ValueError: if loss_fn does not return a real scalar, or for an unknown
-      granularity.
+      differentiate twice (`autodiff_curvature_fn` is then no help either),
+      a collective outside `shard_map(check_vma=True)`, a custom_vjp whose
+      gradient JAX cannot differentiate, or (granularity "variable") a loss
+      that is not a sum of per-sample terms; the message names it.
+    ValueError: if loss_fn does not return a real scalar (or a (loss, aux)
+      pair with has_aux), for empty params or an empty batch, or for an
+      unknown granularity.
+    TypeError: for a params leaf that is not a float array.
   """
-  _check_granularity(granularity)
-  ps = _gradient_pass(loss_fn, params, batch,
-                      diagonal=granularity == "variable")
-  grads = jax.tree.unflatten(ps.traced.params_treedef, ps.flat_grads)
+  reference.check_granularity(granularity)
+  traced = engine.trace(loss_fn, params, batch, has_aux)
+  if traced.custom_vjps:
+    return _custom_vjp_path(loss_fn, params, batch, traced, granularity,
+                            has_aux)
+  ps = _gradient_pass(traced, params, diagonal=granularity == "variable")
+  grads = jax.tree.unflatten(traced.params_treedef, ps.flat_grads)
+  value = (ps.loss, ps.aux) if has_aux else ps.loss
+  if granularity == "layer":
+    return value, grads, _layer_fn(ps, params, stack_layers)
+  if granularity == "variable":
+    return value, grads, _variable_fn(ps)
+  # The transform may pass the exponent of an exact power-of-two rescaling
+  # instead of rescaling the direction itself (`scale_by_cubic_step`).
+  return value, grads, ScalableCurvatureFn(
+      _global_fn(ps, gradient_direction, stack_layers))
+
+
+def _global_fn(ps: _Pass, gradient_direction: bool, stack_layers: bool):
+  """`fn(params, direction, log2_scale)` of granularity "global"."""
   treedef = ps.traced.params_treedef
-  gram_ids = (_gram_ids(ps) if gradient_direction and granularity == "global"
-              else frozenset())
+  real = not any(jnp.iscomplexobj(p) for p in ps.flat_params)
+  gram_ids = _gram_ids(ps) if gradient_direction and real else frozenset()
 
   def curvature_fn(params_unused: Any, direction: Any,
                    log2_scale: Any = None) -> Directional:
     del params_unused
-    flat_d = _flat_direction(direction, treedef, ps.flat_params)
-    if log2_scale is not None and granularity != "global":
-      raise ValueError("log2_scale is for granularity 'global' only.")
-    if granularity == "global":
-      log2 = None if log2_scale is None else jnp.asarray(log2_scale, jnp.int32)
-      unit = _unit(log2)
-      # direction = scale * grad F: the Gram form, where some weight
-      # operation gains by it (otherwise the dense sweep, which needs no
-      # ||grad F||^2 and g . grad F reductions, is the cheaper of the two).
-      if gradient_direction and gram_ids:
-        gg = _total(zip(ps.flat_grads, ps.flat_grads))
-        dg = _total(zip(flat_d, ps.flat_grads))
-        scale = unit(dg / jnp.where(gg > 0, gg, 1.0))
-        slope, curv = _curvature(ps, flat_d, scale, log2, stack_layers,
-                                 gram_ids)
-        return Directional(slope, curv, scale * scale * gg)  # ||c grad F||^2
-      slope, curv = _curvature(ps, flat_d, None, log2, stack_layers)
-      sqnorm = sum(jnp.sum(jnp.square(unit(d))) for d in flat_d)
-      return Directional(slope, curv, sqnorm)
-    if granularity == "layer":
-      sqnorms = [_vdot(d, d) for d in flat_d]
-      slopes = [_vdot(d, g) for d, g in zip(flat_d, ps.flat_grads)]
-      index, gtree = group_index(params)
-      k = gtree.num_leaves
+    flat_d = reference.flat_direction(direction, treedef, ps.flat_params)
+    log2 = None if log2_scale is None else jnp.asarray(log2_scale, jnp.int32)
+    unit = _unit(log2)
+    # direction = scale * grad F: the Gram form, where some weight
+    # operation gains by it (otherwise the dense sweep, which needs no
+    # ||grad F||^2 and g . grad F reductions, is the cheaper of the two).
+    if gram_ids:
+      gg = _total(zip(ps.flat_grads, ps.flat_grads))
+      dg = _total(zip(flat_d, ps.flat_grads))
+      scale = unit(dg / jnp.where(gg > 0, gg, 1.0))
+      slope, curv = _curvature(ps, flat_d, scale, log2, stack_layers,
+                               gram_ids)
+      return Directional(slope, curv, scale * scale * gg)  # ||c grad F||^2
+    slope, curv = _curvature(ps, flat_d, None, log2, stack_layers)
+    sqnorm = sum(reference.sqnorm(unit(d)) for d in flat_d)
+    return Directional(slope, curv, sqnorm)
 
-      def masked(j):
-        return [jnp.where(i == j, d, jnp.zeros_like(d))
-                for i, d in zip(index, flat_d)]
+  return curvature_fn
 
-      curv = jax.vmap(lambda j: _curvature(ps, masked(j),
-                                           stack=stack_layers)[1])(
-                                               jnp.arange(k))
-      per = lambda vals: jax.tree.unflatten(gtree, [
-          sum((v for i, v in zip(index, vals) if i == j),
-              jnp.zeros((), vals[0].dtype)) for j in range(k)])
-      return Directional(per(slopes), jax.tree.unflatten(gtree, list(curv)),
-                         per(sqnorms))
-    # "variable": the exact diagonal of this pass.
-    diag = ps.diagonal
-    unf = lambda leaves: jax.tree.unflatten(treedef, leaves)
+
+def _layer_fn(ps: _Pass, params: Any, stack_layers: bool) -> CurvatureFn:
+  """`curvature_fn` of granularity "layer": one g_k^T H_kk g_k per group."""
+  treedef = ps.traced.params_treedef
+
+  def curvature_fn(params_unused: Any, direction: Any) -> Directional:
+    del params_unused
+    flat_d = reference.flat_direction(direction, treedef, ps.flat_params)
+    index, gtree = group_index(params)
+
+    def masked(j):
+      return [jnp.where(i == j, d, jnp.zeros_like(d))
+              for i, d in zip(index, flat_d)]
+
+    curv = jax.vmap(lambda j: _curvature(ps, masked(j),
+                                         stack=stack_layers)[1])(
+                                             jnp.arange(gtree.num_leaves))
+    return Directional(
+        reference.per_group(params, [engine.pair(d, g)
+                            for d, g in zip(flat_d, ps.flat_grads)]),
+        jax.tree.unflatten(gtree, list(curv)),
+        reference.per_group(params, [reference.sqnorm(d) for d in flat_d]))
+
+  return curvature_fn
+
+
+def _variable_fn(ps: _Pass) -> CurvatureFn:
+  """`curvature_fn` of granularity "variable": the exact diagonal's."""
+  treedef = ps.traced.params_treedef
+  unf = lambda leaves: jax.tree.unflatten(treedef, leaves)
+
+  def curvature_fn(params_unused: Any, direction: Any) -> Directional:
+    del params_unused
+    flat_d = reference.flat_direction(direction, treedef, ps.flat_params)
     return Directional(unf([d * g for d, g in zip(flat_d, ps.flat_grads)]),
-                       unf([d * d * h for d, h in zip(flat_d, diag)]),
+                       unf([d * d * h for d, h in zip(flat_d, ps.diagonal)]),
                        unf([d * d for d in flat_d]))
 
-  # The transform may pass the exponent of an exact power-of-two rescaling
-  # instead of rescaling the direction itself (`scale_by_cubic_step`).
+  return curvature_fn
+
+
+# ---------------------------------------------------------------------------
+# custom_vjp: the derivative of the gradient that jax.grad returns.
+# ---------------------------------------------------------------------------
+
+def _refuse_custom_vjp(traced: engine.Traced, what: str, fallback: str):
+  """Raises for a quantity read from the primal program of a custom_vjp."""
+  if traced.custom_vjps:
+    names = ", ".join(f"`{n}`" for n in sorted(set(traced.custom_vjps)))
+    raise engine.UnsupportedProgramError(
+        f"{what} is read from the loss's primal program, but the loss holds "
+        f"the custom_vjp function(s) {names}, whose gradient is the user's "
+        f"rule, not the primal's derivative. Use {fallback}: "
+        f"lrcr.value_grad_and_curvature follows the custom rule there.")
+
+
+def _custom_vjp_path(loss_fn, params, batch, traced: engine.Traced,
+                     granularity: str, has_aux: bool):
+  """`value_grad_and_curvature` for a loss that holds a custom_vjp.
+
+  The loss and the gradient are `jax.value_and_grad`'s; the curvature is
+  g^T d/dt grad F(params + t g) by autodiff of that gradient (`_hvp_fn`).
+  """
+  names = ", ".join(f"`{n}`" for n in sorted(set(traced.custom_vjps)))
+  if granularity == "variable":
+    _refuse_custom_vjp(traced, "the exact Hessian diagonal (granularity "
+                       "'variable')", "granularity 'layer' or 'global'")
+  value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *batch)
+  hvp = reference.hvp_fn(reference.loss_only(loss_fn, has_aux), params,
+                         batch, names)
+  fn = reference.directional_fn(hvp, grads, granularity)
   if granularity == "global":
-    return ps.loss, grads, ScalableCurvatureFn(curvature_fn)
-  return ps.loss, grads, curvature_fn
+    return value, grads, ScalableCurvatureFn(fn)
+  return value, grads, lambda p, d: fn(p, d)
 
 
 def lowrank_curvature_fn(loss_fn: Any, *batch: Any,
@@ -484,7 +559,7 @@ def lowrank_curvature_fn(loss_fn: Any, *batch: Any,
     *batch: the other arguments of loss_fn.
     granularity: "global", "layer" or "variable".
   """
-  _check_granularity(granularity)
+  reference.check_granularity(granularity)
   fn = as_loss_fn(loss_fn, *batch)
 
   def curvature_fn(params: Any, direction: Any) -> Directional:
@@ -517,59 +592,6 @@ def value_and_directional(model_or_loss: Any, params: Any,
 
 
 # ---------------------------------------------------------------------------
-# Forward-over-forward autodiff: the reference and the fallback.
-# ---------------------------------------------------------------------------
-
-def autodiff_directional(loss_fn: Callable[..., Array], params: Any,
-                         direction: Any, *args: Any) -> Directional:
-  """Slope, curvature and squared norm along g by forward-over-forward autodiff.
-
-  The inner `jax.jvp` of t -> loss_fn(params + t g, *args) gives the slope,
-  the outer one its derivative g^T H g. Works for any differentiable loss.
-  """
-  def slope_at(p):
-    return jax.jvp(lambda q: loss_fn(q, *args), (p,), (direction,))[1]
-
-  slope, curvature = jax.jvp(slope_at, (params,), (direction,))
-  return Directional(slope, curvature, optax.tree.norm(direction, squared=True))
-
-
-def autodiff_curvature_fn(loss_fn: Callable[..., Array], *args: Any,
-                          granularity: str = "global") -> CurvatureFn:
-  """Builds `curvature_fn(params, direction)` by forward-over-forward autodiff.
-
-  The fallback for a program the engine refuses. With granularity "layer" it
-  runs one forward-over-forward pass per param group (vectorized). It has no
-  "variable" granularity: the exact diagonal would take one Hessian-vector
-  product per weight.
-  """
-  _check_granularity(granularity)
-  if granularity == "variable":
-    raise ValueError(
-        "autodiff_curvature_fn has no 'variable' granularity: the exact "
-        "Hessian diagonal would take one Hessian-vector product per weight. "
-        "Use lrcr.lowrank_curvature_fn(loss_fn, *batch, "
-        "granularity='variable').")
-
-  def curvature_fn(params: Any, direction: Any) -> Directional:
-    if granularity == "global":
-      return autodiff_directional(loss_fn, params, direction, *args)
-    index, gtree = group_index(direction)
-    leaves, treedef = jax.tree.flatten(direction)
-
-    def one(j):
-      masked = [jnp.where(i == j, d, jnp.zeros_like(d))
-                for i, d in zip(index, leaves)]
-      return autodiff_directional(loss_fn, params,
-                                  jax.tree.unflatten(treedef, masked), *args)
-
-    out = jax.vmap(one)(jnp.arange(gtree.num_leaves))
-    return Directional(*(jax.tree.unflatten(gtree, list(f)) for f in out))
-
-  return curvature_fn
-
-
-# ---------------------------------------------------------------------------
 # Per-sample factors and the Hessian diagonal.
 # ---------------------------------------------------------------------------
 
@@ -593,16 +615,30 @@ class WeightFactors(NamedTuple):
     conv: whether the weight is a convolution kernel (its d_in is the
       patch, ordered (C_in, *window)); else d_in and d_out are the weight's
       contracted and free axes, flattened.
+    groups: a grouped convolution's feature_group_count G (depthwise: G =
+      C_in). Input channels and output channels then split into G equal
+      groups, and group g's outputs read group g's inputs only: its block
+      of the kernel is the product of the g-th parts of inputs and adjoints.
   """
   inputs: Array
   adjoints: Array
   kernel_shape: tuple
   conv: bool = False
+  groups: int = 1
 
   def sample_gradients(self) -> Array:
     """[B, *kernel_shape]: each sample's term of dF/dW, sum_p in^T adj."""
-    g = jnp.einsum("bpi,bpj->bij", self.inputs, self.adjoints)
-    return _to_kernel(g, self.kernel_shape, self.conv)
+    if self.groups == 1:
+      g = jnp.einsum("bpi,bpj->bij", self.inputs, self.adjoints)
+      return _to_kernel(g, self.kernel_shape, self.conv)
+    b, p, n = self.inputs.shape[0], self.inputs.shape[1], self.groups
+    g = jnp.einsum("bpgi,bpgj->bgij",                      # [B, G, Cg K, Co/G]
+                   self.inputs.reshape(b, p, n, -1),
+                   self.adjoints.reshape(b, p, n, -1))
+    *spatial, c_in, c_out = self.kernel_shape             # HWIO, I = C_in/G
+    g = g.reshape((b, n, c_in, *spatial, c_out // n))
+    g = jnp.moveaxis(jnp.moveaxis(g, 2, -2), 1, -2)      # [B, *sp, Cg, G, Co/G]
+    return g.reshape((b, *spatial, c_in, c_out))
 
 
 def _to_kernel(g: Array, kernel_shape: tuple, conv: bool) -> Array:
@@ -643,7 +679,11 @@ def _node_values(ps: _Pass, node, outer: tuple):
 
 
 def _rows(node, operand: Array, adjoint: Array, depth: int):
-  """Per-sample [B, P, d_in] inputs and [B, P, d_out] adjoints of one operation."""
+  """Per-sample [B, P, d_in] inputs and [B, P, d_out] adjoints of one operation.
+
+  None for a layout that is not factored; a grouped convolution's inputs and
+  adjoints hold its groups one after the other (`WeightFactors.groups`).
+  """
   b = operand.shape[0]
   if node.name == "dot_general":
     # z = V W contracting V's trailing axes with W's leading ones (flax
@@ -659,11 +699,12 @@ def _rows(node, operand: Array, adjoint: Array, depth: int):
     m = int(np.prod(w_aval.shape[nc:]))
     return operand.reshape(b, -1, k), adjoint.reshape(b, -1, m)
   p = node.params
-  if node.weight != 1 or tuple(p["dimension_numbers"].lhs_spec) != (
-      0, len(node.in_avals[0].shape) - 1) + tuple(
-          range(1, len(node.in_avals[0].shape) - 1)) or p[
-              "feature_group_count"] != 1 or p["batch_group_count"] != 1:
-    return None
+  nd = len(node.in_avals[0].shape)
+  dn = p["dimension_numbers"]
+  if (node.weight != 1 or p["batch_group_count"] != 1
+      or tuple(dn.lhs_spec) != (0, nd - 1) + tuple(range(1, nd - 1))
+      or tuple(dn.rhs_spec) != (nd - 1, nd - 2) + tuple(range(nd - 2))):
+    return None                                    # not NHWC / HWIO
   lead = operand.shape[:depth + 1]
   flat = operand.reshape((-1,) + operand.shape[depth + 1:])
   rhs = node.in_avals[1]
@@ -682,37 +723,88 @@ def _filter_shape(dn, rhs_shape) -> tuple:
   return tuple(rhs_shape[i] for i in spec[2:])
 
 
+class SampleFactors(NamedTuple):
+  """What `per_sample_factors` found: the factors, and every leaf without.
+
+  Attributes:
+    factors: {param path: [WeightFactors, ...]}, one entry per matmul or
+      convolution that multiplies the parameter with a per-sample operand.
+    unfactored: {param path: why} for every other params leaf (biases,
+      normalisation scales, embedding tables read by a gather, a weight
+      read through a transpose as in a tied embedding, a layout that is not
+      factored). Their per-sample gradients are not in `factors`.
+  """
+  factors: dict
+  unfactored: dict
+
+
 def per_sample_factors(model_or_loss: Any, params: Any,
-                       *batch: Any) -> dict[str, list[WeightFactors]]:
-  """Every dense and convolutional weight's per-sample factors, found in the program.
+                       *batch: Any) -> SampleFactors:
+  """Every dense and convolutional weight's per-sample factors, from the loss.
 
   Reads `loss_fn(params, *batch)` (or a flax module's cross-entropy) and
-  returns, for every parameter that a matmul or a convolution multiplies
-  with a per-sample operand, its `WeightFactors`: inputs and output
-  adjoints per sample and position, from one forward/backward pass. These
-  are the per-sample gradients of the paper (eqs. 27-28, appendix B.2)
-  without forming them: `WeightFactors.sample_gradients()` rebuilds them.
+  returns, for every parameter that a matmul or a convolution (grouped and
+  depthwise included) multiplies with a per-sample operand, its
+  `WeightFactors`: inputs and output adjoints per sample and position,
+  from one forward/backward pass. These are the per-sample gradients of the
+  paper (eqs. 27-28, appendix B.2) without forming them:
+  `WeightFactors.sample_gradients()` rebuilds them. Every other params leaf
+  is named, with the reason, in `unfactored`.
 
   The batch axis is the leading axis of the operand (of each scan step's
   operand inside `scan`). A parameter read by several operations (weight
   sharing) has one entry per operation; their gradients add up.
 
   Returns:
-    {param path ("params/Dense_0/kernel"): [WeightFactors, ...]}.
+    `SampleFactors(factors, unfactored)`, keyed by param path
+    ("params/Dense_0/kernel").
+
+  Raises:
+    UnsupportedProgramError: for a loss that is not a sum of per-sample
+      terms (samples coupled by a softmax, centring or batch statistics
+      over the batch), or one with a custom_vjp; the message names it.
   """
-  ps = _gradient_pass(as_loss_fn(model_or_loss, *batch), params, batch)
+  traced = engine.trace(as_loss_fn(model_or_loss, *batch), params, batch)
+  what = "per_sample_factors"
+  _refuse_custom_vjp(traced, what, "jax.vmap(jax.grad(loss_fn)) over "
+                     "single samples")
+  samples.check_separable(
+      traced, what, "Per-sample gradients do not exist for such a loss.")
+  ps = _gradient_pass(traced, params)
   names = _path_names(params)
   out: dict[str, list[WeightFactors]] = {}
-  for node, outer in ps.traced.weight_nodes():
+  unfactored: dict[str, str] = {}
+  for node, outer in traced.weight_nodes():
     operand, adjoint = _node_values(ps, node, outer)
     rows = _rows(node, operand, adjoint, len(outer))
     if rows is None:
+      unfactored[names[node.param]] = (
+          f"read by a `{node.name}` whose layout is not factored (factored: "
+          f"dense layers contracting their input's trailing axes, NHWC/HWIO "
+          f"convolutions)")
       continue
+    groups = node.params.get("feature_group_count", 1)
     out.setdefault(names[node.param], []).append(
         WeightFactors(rows[0], rows[1],
                       tuple(node.in_avals[node.weight].shape),
-                      node.name != "dot_general"))
-  return out
+                      node.name != "dot_general", groups))
+  for k, name in enumerate(names):
+    if name in unfactored:
+      continue
+    if name not in out:
+      unfactored[name] = (
+          "not multiplied by a per-sample operand in a matmul or convolution "
+          "(a bias, a normalisation scale, an embedding table, or a weight "
+          "read through another operation such as a transpose)")
+    elif traced.uses.get(k, 0) > len(out[name]):
+      unfactored[name] = (
+          "partly factored: also read by operations other than its matmuls "
+          "or convolutions (a transpose, a gather, a regularizer), whose "
+          "gradient terms are not in its factors")
+  for name in set(out) & set(unfactored):
+    if not unfactored[name].startswith("partly"):
+      unfactored[name] = "partly factored: " + unfactored[name]
+  return SampleFactors(out, unfactored)
 
 
 _PASS_THROUGH = ("broadcast_in_dim", "reshape", "convert_element_type")
@@ -782,12 +874,13 @@ def _leaf_diagonal(ps: _Pass, role: tuple, ybar_r: dict, lam: Array,
                       jnp.einsum("br,rbj->bj", lam, adj_r * adj_r))
   rows = _rows(node, operand, adj_r[0], 0)
   conv = node.name != "dot_general"
-  if rows is None:
+  if rows is None or node.params.get("feature_group_count", 1) != 1:
     raise engine.UnsupportedProgramError(
         f"the exact Hessian diagonal does not cover this `{node.name}` "
         "layout; use granularity 'layer' or 'global'.")
   inputs = rows[0]                                             # [B, P, d_in]
-  adj = adj_r.reshape(adj_r.shape[:2] + (-1, rows[1].shape[-1]))  # [C, B, P, d_out]
+  # [C, B, P, d_out]
+  adj = adj_r.reshape(adj_r.shape[:2] + (-1, rows[1].shape[-1]))
   grads = jnp.einsum("bpi,rbpj->rbij", inputs, adj)
   diag = jnp.einsum("br,rbij->ij", lam, grads * grads)[None]
   return _to_kernel(diag, tuple(node.in_avals[node.weight].shape), conv)[0]
@@ -806,14 +899,16 @@ def hessian_diagonal(model_or_loss: Any, params: Any, *batch: Any) -> Any:
   and d(u_br . P_b)/dW is the outer product of the weight's input and the
   adjoint of the pseudo-output u_br . P_b (summed over positions): one
   backward pass per class, vectorized, and no per-sample gradient of the
-  whole model. Assumes the loss is a sum of per-sample terms of the rows
-  of P (no batch statistics).
+  whole model. The loss must be a sum of per-sample terms of the rows of P
+  (`lrcr.samples` checks it from the program).
 
   Raises:
     lrcr.engine.UnsupportedProgramError: for a smooth activation or another
-      second-order operation before the logits, or a parameter that is not a
-      dense/convolution weight or its bias; the message names it.
+      second-order operation before the logits, a parameter that is not a
+      dense/convolution weight or its bias, a loss that couples its samples
+      (a softmax, centring or batch statistics over the batch), or a
+      custom_vjp; the message names it.
   """
-  ps = _gradient_pass(as_loss_fn(model_or_loss, *batch), params, batch,
-                      diagonal=True)
-  return jax.tree.unflatten(ps.traced.params_treedef, ps.diagonal)
+  traced = engine.trace(as_loss_fn(model_or_loss, *batch), params, batch)
+  ps = _gradient_pass(traced, params, diagonal=True)
+  return jax.tree.unflatten(traced.params_treedef, ps.diagonal)

@@ -31,8 +31,8 @@ differentiation rule is refused by name.
 How the numbers are obtained
 ----------------------------
 1. The program is traced once (`jax.make_jaxpr`) and flattened: nested `jit`
-   calls, `custom_vjp` functions (through their primal definition: JAX has no
-   forward-mode rule for them) and `remat` are inlined. `custom_jvp`
+   calls and `remat` are inlined, and so are `custom_vjp` functions, for
+   reading only (see below). `custom_jvp`
    functions (relu, gelu, softplus, logsumexp pieces) stay whole and are
    differentiated by their own rules. `scan` bodies (`nn.RNN`, `nn.scan`) are
    read recursively, so the identity holds at every time step.
@@ -43,6 +43,35 @@ How the numbers are obtained
 3. For each direction, one tangent sweep over the stored forward values
    gives the xdot's, and (*) sums ybar_i . op_i''[xdot, xdot]. No Hessian,
    per-sample gradient, or second forward pass is formed.
+
+Programs beyond plain arrays
+----------------------------
+* `custom_vjp`. A function with a custom VJP defines the gradient that the
+  optimizer follows: lrcr returns it, the user's bwd rule applied exactly as
+  `jax.value_and_grad` applies it. The curvature is the derivative of that
+  gradient along g, g^T d/dt grad F(params + t g), with grad F the custom
+  gradient; where the rule is the true derivative (a stable softplus or
+  logsumexp) this is g^T H g. The engine reads only the primal of such a
+  function, so a loss that holds one takes autodiff of its custom gradient
+  instead of the sweep: reverse-over-reverse, or forward-over-reverse where
+  the rule has no reverse mode (`lrcr.reverse_curvature_fn` is the same,
+  standalone). Where neither runs, `UnsupportedProgramError` names the
+  function. The Hessian diagonal and the per-sample factors are read from
+  the primal program and refuse such a loss by name.
+* Complex values. A real loss may hold complex intermediates or weights:
+  adjoints pair with tangents as Re sum(ybar * ydot), without the conjugation
+  of `jnp.vdot` (JAX's VJPs are transposes), and the curvature is the real
+  d^2/dt^2 F(params + t g). A complex loss is refused.
+* Collectives. Inside `jax.shard_map` (check_vma=True, the default) the
+  offsets vary over the same mesh axes as their values, collectives are
+  linear, and each term ybar . op'' is summed over the axes along which its
+  value varies and the loss does not: the curvature of a `pmean`-ed loss is
+  global, that of a per-shard loss per shard, as `jax.jvp` gives them. Under
+  `jax.pmap` or `check_vma=False` JAX does not mark per-device values; a
+  loss holding a collective there is refused.
+* Sums over samples. The per-sample quantities (the Hessian diagonal, the
+  factors) need a loss that is a sum of per-sample terms; `lrcr.samples`
+  checks it from the program.
 
 The per-sample low-rank structure of the paper (section 2) appears where an
 operation is a matmul of a per-sample activation and a weight: see
@@ -70,6 +99,14 @@ _INLINE_CALLS = ("jit", "pjit", "closed_call", "core_call", "remat",
                  "checkpoint", "custom_vjp_call", "custom_vjp_call_jaxpr")
 #: Primitives whose output never carries a tangent.
 _NO_TANGENT = ("stop_gradient",)
+#: Collectives that are linear in their input (zero second-order term). They
+#: are classified here rather than traced: their rules need the
+#: `jax.shard_map` context in which the loss is traced.
+_LINEAR_COLLECTIVES = ("psum", "psum_invariant", "pvary", "all_gather",
+                       "all_gather_invariant", "all_to_all", "ppermute",
+                       "reduce_scatter", "pbroadcast")
+#: Every collective: a loss that holds one outside `check_vma` is refused.
+_COLLECTIVES = _LINEAR_COLLECTIVES + ("pmax", "pmin", "ragged_all_to_all")
 
 UNSUPPORTED_HINT = (
     "Use lrcr.autodiff_curvature_fn(loss_fn, *batch) for this model "
@@ -180,8 +217,9 @@ class _Builder:
       name = eqn.primitive.name
       ins = [self._read(env, v) for v in eqn.invars]
       if name in _INLINE_CALLS:
-        sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr",
-                                                     eqn.params.get("fun_jaxpr")))
+        sub = next((eqn.params[k] for k in ("jaxpr", "call_jaxpr",
+                                            "fun_jaxpr") if k in eqn.params),
+                   None)
         if sub is None:
           raise UnsupportedProgramError(
               f"lrcr's engine cannot read the body of `{name}`. "
@@ -210,6 +248,14 @@ class _Builder:
       prog.nodes.append(node)
       env.update(zip(eqn.outvars, outs))
     return [self._read(env, v) for v in jaxpr.outvars]
+
+
+def _function_name(eqn) -> str:
+  """The Python name of a custom_vjp function, from its traced body."""
+  sub = eqn.params.get("call_jaxpr", eqn.params.get("fun_jaxpr"))
+  info = getattr(getattr(sub, "jaxpr", sub), "debug_info", None)
+  src = getattr(info, "func_src_info", None) or ""
+  return src.split(" ")[0] or str(eqn.params.get("name", "?"))
 
 
 def _split(node: _Node, vals: Sequence[Any], tans: Sequence[Any]):
@@ -289,6 +335,11 @@ def _classify(node: _Node) -> None:
   if node.name in _NO_TANGENT:
     node.kind, node.cout = "const", (False,) * len(node.outs)
     node.second = node.offsets = (False,) * len(node.outs)
+    return
+  if node.name in _LINEAR_COLLECTIVES:
+    node.cout = tuple(_is_float(a) for a in node.out_avals)
+    node.second = node.offsets = (False,) * len(node.outs)
+    node.kind = "linear"
     return
   key = _signature(node)
   if key is not None and key in _CLASSES:
@@ -378,13 +429,31 @@ def _analyze_scan(node: _Node) -> None:
 # Evaluating it: the forward pass with offsets, and the tangent sweep.
 # ---------------------------------------------------------------------------
 
+def _varying(aval) -> tuple:
+  """The `jax.shard_map` axes along which a value differs between shards."""
+  mat = getattr(aval, "mat", None)
+  return tuple(sorted(getattr(mat, "varying", ()) or ()))
+
+
+def _zeros(aval, prefix: tuple = ()) -> Array:
+  """Zeros of an aval's shape and dtype, varying where the aval does.
+
+  Inside `jax.shard_map(check_vma=True)` an offset must vary over the same
+  axes as the value it is added to: an invariant one would be broadcast, and
+  its adjoint would be the sum of the value's adjoints over the shards.
+  """
+  z = jnp.zeros(prefix + tuple(aval.shape), aval.dtype)
+  axes = _varying(aval)
+  return lax.pcast(z, axes, to="varying") if axes else z
+
+
 def zero_offsets(prog: _Program, prefix: tuple = ()) -> dict:
   """Zero offsets for every second-order node (stacked over scan lengths)."""
   eps = {}
   for node in prog.nodes:
     if any(node.offsets):
       eps[node.id] = tuple(
-          jnp.zeros(prefix + tuple(a.shape), a.dtype) if o else None
+          _zeros(a, prefix) if o else None
           for a, o in zip(node.out_avals, node.offsets))
     elif node.kind == "scan":
       eps[node.id] = zero_offsets(node.body, prefix + (node.params["length"],))
@@ -447,23 +516,70 @@ def _scan_forward(node: _Node, vals: list, eps: dict):
   return list(carry) + list(ys), res
 
 
-def total(terms: Sequence[tuple], dtype: Any = jnp.float32) -> Array:
-  """sum_k c_k <a_k, b_k> over (c, a, b) terms; a `dtype` zero if none."""
+def accumulation_dtype(*dtypes: Any) -> Any:
+  """The dtype of a sum that lrcr adds: float32 at least (bf16/fp16 leaves).
+
+  Complex operands give their real counterpart: every sum lrcr returns
+  (slope, curvature, squared norm) is real.
+  """
+  dtype = jnp.result_type(jnp.float32, *dtypes)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return jnp.finfo(dtype).dtype
+  return dtype
+
+
+def _explicitly_sharded(x: Array) -> bool:
+  """Whether x's type names mesh axes (`jax.sharding.AxisType.Explicit`)."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return any(s is not None for s in (spec or ()))
+
+
+def pair(a: Array, b: Array, keep: frozenset | None = None) -> Array:
+  """Re sum(a * b): the real pairing of an adjoint and a tangent.
+
+  JAX's adjoints pair with tangents without conjugation (its VJPs are
+  transposes, not adjoints): for a real loss F of a complex value z with
+  adjoint zbar, dF = Re sum(zbar * dz). `jnp.vdot` would conjugate zbar.
+  Accumulated in float32 at least. Inside `jax.shard_map(check_vma=True)`
+  a value that differs between shards contributes on every shard, so the
+  sum is taken over the axes along which it varies and the loss (`keep`)
+  does not. `keep=None` (a product of directions and gradients, such as a
+  squared norm) sums on the shard alone.
+  """
+  dtype = jnp.result_type(jnp.float32, a.dtype, b.dtype)
+  a, b = a.astype(dtype), b.astype(dtype)
+  if _explicitly_sharded(a) or _explicitly_sharded(b):
+    out = jnp.sum(a * b)      # a dot over sharded axes needs an out_sharding
+  else:
+    out = jnp.dot(a.ravel(), b.ravel())                   # one dot, no conj
+  out = jnp.real(out) if jnp.issubdtype(dtype, jnp.complexfloating) else out
+  if keep is None:
+    return out
+  axes = tuple(x for x in _varying(jax.typeof(out)) if x not in keep)
+  return lax.psum(out, axes) if axes else out
+
+
+def total(terms: Sequence[tuple], dtype: Any = jnp.float32,
+          keep: frozenset | None = None) -> Array:
+  """sum_k c_k Re<a_k, b_k> over (c, a, b) terms; a `dtype` zero if none.
+
+  See `pair`; `keep`: the `shard_map` axes along which the loss varies.
+  """
   terms = list(terms)
   if not terms:
-    return jnp.zeros((), dtype)
-  dtype = jnp.result_type(*[a.dtype for _, a, _ in terms])
-  return sum(c * jnp.vdot(a.astype(dtype), b.astype(dtype))
-             for c, a, b in terms)
+    return jnp.zeros((), accumulation_dtype(dtype))
+  return sum(c * pair(a, b, keep) for c, a, b in terms)
 
 
 def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,
           rewrite: Callable[..., Any] | None = None,
-          dtype: Any = None) -> tuple[list, Array]:
+          dtype: Any = None, keep: frozenset | None = None,
+          ) -> tuple[list, Array]:
   """The tangent sweep: (output tangents, sum of ybar . op''[xdot, xdot]).
 
   `dtype`: that of the sum where no operation contributes to it (default:
   the input tangents'), so that a float64 program's curvature stays float64.
+  `keep`: the `shard_map` axes along which the loss varies (see `pair`).
 
   `rewrite(node, vals, tans)`, if given, may return the output tangents of
   a node of `prog` (not of a scan's body), replacing the generic evaluation
@@ -495,20 +611,21 @@ def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,
           terms.append((1.0, yb, s))
     else:
       outs, a = _scan_sweep(node, vals, tans, res[-1 - node.id],
-                            ybar[node.id])
+                            ybar[node.id], keep)
       acc.append(a)
     for o, c, t in zip(node.outs, node.cout, outs):
       if c:
         tan[o] = t
   if dtype is None:
     dtype = (jnp.result_type(*in_tans.values()) if in_tans else jnp.float32)
-  out = total(terms, dtype)
+  out = total(terms, dtype, keep)
   for a in acc:
     out = out + a
   return [tan.get(x) if isinstance(x, int) else None for x in prog.outvars], out
 
 
-def _scan_sweep(node: _Node, vals: list, tans: list, res: dict, ybar: dict):
+def _scan_sweep(node: _Node, vals: list, tans: list, res: dict, ybar: dict,
+                keep: frozenset | None):
   p = node.params
   nc, nk = p["num_consts"], p["num_carry"]
   body = node.body
@@ -526,7 +643,8 @@ def _scan_sweep(node: _Node, vals: list, tans: list, res: dict, ybar: dict):
   carry_ids = [i for i, c in zip(body.invars[nc:nc + nk], node.cin[nc:nc + nk])
                if c]
   xs_ids = [i for i, c in zip(body.invars[nc + nk:], node.cin[nc + nk:]) if c]
-  dtype = jnp.result_type(*[jnp.asarray(t).dtype for t in tans if t is not None])
+  dtype = accumulation_dtype(*[jnp.asarray(t).dtype for t in tans
+                               if t is not None])
 
   def step(carry, x):
     ctan, acc = carry
@@ -536,7 +654,7 @@ def _scan_sweep(node: _Node, vals: list, tans: list, res: dict, ybar: dict):
     in_tans = dict(const_tans)
     in_tans.update(zip(carry_ids, ctan))
     in_tans.update(zip(xs_ids, xt))
-    out_tans, a = sweep(body, env, ybar_t, in_tans)
+    out_tans, a = sweep(body, env, ybar_t, in_tans, keep=keep)
     new = []
     for k, (c, t) in enumerate(zip(node.cin[nc:nc + nk], out_tans[:nk])):
       if c:
@@ -599,6 +717,10 @@ class Traced:
   num_params: int
   batch: list                            # the flat batch leaves
   uses: dict                             # flat param index -> operations
+  closed: Any = None                     # the ClosedJaxpr that was read
+  custom_vjps: tuple = ()                # names of its custom_vjp functions
+  keep: frozenset = frozenset()          # shard_map axes the loss varies on
+  aux_tree: Any = None                   # has_aux: the aux output's treedef
 
   def weight_nodes(self) -> list[tuple[_Node, tuple]]:
     """Every weight operation, with the scan nodes that enclose it."""
@@ -615,15 +737,22 @@ class Traced:
     return out
 
   def forward(self, flat_params: Sequence[Array], eps: dict):
+    """(loss, (residuals, aux)); aux is None without has_aux."""
     outs, res = forward(self.program, list(flat_params) + list(self.batch),
                         eps)
-    return outs[0], res
+    return outs[0], (res, self.aux(outs))
+
+  def aux(self, outs: Sequence[Any]) -> Any:
+    """The aux output of `loss_fn` (has_aux) from the program's outputs."""
+    if self.aux_tree is None:
+      return None
+    return jax.tree.unflatten(self.aux_tree, list(outs[1:]))
 
   def forward_with(self, flat_params: Sequence[Array], eps: dict, head: int):
-    """(loss, the value `head`) and the residuals."""
+    """((loss, the value `head`), (residuals, aux))."""
     outs, res = forward(self.program, list(flat_params) + list(self.batch),
                         eps, extra=(head,))
-    return tuple(outs), res
+    return (outs[0], outs[-1]), (res, self.aux(outs[:-1]))
 
   def head_fn(self, res: dict, head: int) -> Callable[[Array], Array]:
     """The loss as a function of the value `head`, other values fixed."""
@@ -685,34 +814,175 @@ def _reaches(prog: _Program, sources: set, target: Any, block: int) -> bool:
   return isinstance(target, int) and target in live
 
 
-def trace(loss_fn: Callable[..., Array], params: Any,
-          batch: Sequence[Any]) -> Traced:
-  """Reads `loss_fn(params, *batch)`'s program and classifies its operations.
+def _leaf_names(tree: Any, prefix: str) -> list[str]:
+  return [prefix + jax.tree_util.keystr(path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def check_inputs(params: Any, batch: Sequence[Any]) -> None:
+  """Refuses params that `jax.grad` refuses, and an empty batch.
 
   Raises:
-    UnsupportedProgramError: for an operation with no differentiation rule.
-    ValueError: if the loss is not a real scalar.
+    ValueError: for params with no leaves, or a batch argument whose leading
+      (sample) axis has size 0.
+    TypeError: for a params leaf that is not a float array, named by path.
   """
+  leaves = jax.tree.leaves(params)
+  if not leaves:
+    raise ValueError(
+        "params has no arrays: there is nothing to differentiate. Pass the "
+        "model's parameters (e.g. model.init(key, x)).")
+  for name, leaf in zip(_leaf_names(params, "params"), leaves):
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"{name} has dtype {dtype}; like jax.grad, lrcr differentiates "
+          f"float (or complex) params only. Move integer state out of params "
+          f"(pass it as a batch argument or close over it).")
+  for k, arg in enumerate(batch):
+    for name, leaf in zip(_leaf_names(arg, f"batch[{k}]"),
+                          jax.tree.leaves(arg)):
+      if jnp.ndim(leaf) and jnp.shape(leaf)[0] == 0:
+        raise ValueError(
+            f"{name} has shape {jnp.shape(leaf)}: a batch of 0 samples has "
+            f"no loss (a mean over it is NaN). Pass at least one sample.")
+
+
+def _check_loss(out: Sequence[Any], has_aux: bool) -> None:
+  """The loss must be one real scalar (and aux outputs follow it)."""
+  loss = out[0] if out else None
+  if (loss is not None and loss.shape == () and _is_float(loss)
+      and not jnp.issubdtype(loss.dtype, jnp.complexfloating)):
+    if has_aux or len(out) == 1:
+      return
+  got = ", ".join(str(a) for a in out)
+  if has_aux:
+    raise ValueError(
+        f"with has_aux=True, loss_fn(params, *batch) must return "
+        f"(loss, aux) with loss a real scalar; its outputs are {got}.")
+  if len(out) > 1 and loss is not None and loss.shape == ():
+    raise ValueError(
+        f"loss_fn(params, *batch) returns several values ({got}). If it "
+        f"returns (loss, aux), pass has_aux=True, as to jax.value_and_grad.")
+  if loss is not None and jnp.issubdtype(loss.dtype, jnp.complexfloating):
+    raise ValueError(
+        f"loss_fn(params, *batch) returns a complex value ({got}); the "
+        f"curvature is defined for a real loss. Return a real scalar, e.g. "
+        f"the squared magnitude jnp.abs(z) ** 2.")
+  raise ValueError(
+      f"loss_fn(params, *batch) must return a real scalar; it returns "
+      f"{got}. Reduce the per-sample losses (e.g. .mean()) inside loss_fn.")
+
+
+def _check_collectives(prog: _Program) -> None:
+  """Collectives are exact only where JAX marks per-shard values (check_vma).
+
+  Raises:
+    UnsupportedProgramError: naming the collective, for a loss traced under
+      `jax.pmap` or `jax.shard_map(check_vma=False)`.
+  """
+  names, varying = set(), False
+
+  def walk(p):
+    nonlocal varying
+    for node in p.nodes:
+      if node.name in _COLLECTIVES:
+        names.add(node.name)
+      varying = varying or any(_varying(a) for a in node.out_avals)
+      if node.body is not None:
+        walk(node.body)
+
+  walk(prog)
+  if names and not varying:
+    raise UnsupportedProgramError(
+        f"the loss holds the collective(s) {sorted(names)} but JAX does not "
+        f"mark which of its values differ between devices (jax.pmap, or "
+        f"jax.shard_map with check_vma=False), so the engine cannot tell "
+        f"how to sum its terms over the devices. Use jax.shard_map with "
+        f"check_vma=True (the default), compute the loss per device and "
+        f"average grads and curvature after lrcr's call, or use "
+        f"lrcr.autodiff_curvature_fn(loss_fn, *batch) (forward-over-forward "
+        f"autodiff, exact here).")
+
+
+def trace(loss_fn: Callable[..., Array], params: Any,
+          batch: Sequence[Any], has_aux: bool = False) -> Traced:
+  """Reads `loss_fn(params, *batch)`'s program and classifies its operations.
+
+  Args:
+    loss_fn: `loss_fn(params, *batch) -> loss`, or `-> (loss, aux)` with
+      `has_aux`.
+    params: the point (a pytree of float arrays).
+    batch: the other arguments.
+    has_aux: whether loss_fn returns (loss, aux), as in `jax.value_and_grad`.
+
+  Returns:
+    The analysed program (`Traced`).
+
+  Raises:
+    UnsupportedProgramError: for an operation with no differentiation rule,
+      or collectives whose per-device values JAX does not mark.
+    ValueError: if the loss is not a real scalar, for empty params or an
+      empty batch.
+    TypeError: for a params leaf that is not a float array.
+  """
+  check_inputs(params, batch)
   flat_p, treedef = jax.tree.flatten(params)
   flat_b, btree = jax.tree.flatten(list(batch))
+  aux_tree = []
 
   def flat_loss(*leaves):
     p = jax.tree.unflatten(treedef, leaves[:len(flat_p)])
     b = jax.tree.unflatten(btree, leaves[len(flat_p):])
-    return loss_fn(p, *b)
+    out = loss_fn(p, *b)
+    if not has_aux:
+      return out
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+      raise ValueError(
+          f"with has_aux=True, loss_fn must return a pair (loss, aux); it "
+          f"returns {type(out).__name__}.")
+    aux_leaves, tree = jax.tree.flatten(out[1])
+    aux_tree.append(tree)
+    return (out[0], *aux_leaves)
 
   closed = jax.make_jaxpr(flat_loss)(*flat_p, *flat_b)
   out = closed.out_avals
-  if len(out) != 1 or out[0].shape != () or not _is_float(out[0]):
-    raise ValueError(
-        f"loss_fn(params, *batch) must return a real scalar; it returns "
-        f"{', '.join(str(a) for a in out)}. Reduce the per-sample losses "
-        f"(e.g. .mean()) inside loss_fn.")
+  _check_loss(out, has_aux)
   prog = _Builder().program(closed)
-  carried = [_is_float(prog.avals[i]) for i in prog.invars[:len(flat_p)]]
-  carried += [False] * len(flat_b)
-  _analyze(prog, carried)
+  custom = tuple(custom_vjp_names(closed.jaxpr))
   uses = {}
-  _mark_weights(prog, {i: k for k, i in enumerate(prog.invars[:len(flat_p)])},
-                uses)
-  return Traced(prog, treedef, len(flat_p), flat_b, uses)
+  if not custom:       # with a custom_vjp the engine reads the program only
+    _check_collectives(prog)
+    carried = [_is_float(prog.avals[i]) for i in prog.invars[:len(flat_p)]]
+    carried += [False] * len(flat_b)
+    _analyze(prog, carried)
+    _mark_weights(prog, {i: k for k, i in
+                         enumerate(prog.invars[:len(flat_p)])}, uses)
+  return Traced(prog, treedef, len(flat_p), flat_b, uses, closed, custom,
+                frozenset(_varying(out[0])), aux_tree[0] if has_aux else None)
+
+
+def _sub_jaxprs(eqn) -> list:
+  """Every jaxpr among an operation's parameters (bodies, branches)."""
+  out = []
+  for value in eqn.params.values():
+    for v in (value if isinstance(value, (tuple, list)) else (value,)):
+      if isinstance(v, jcore.ClosedJaxpr):
+        out.append(v.jaxpr)
+      elif isinstance(v, jcore.Jaxpr):
+        out.append(v)
+  return out
+
+
+def custom_vjp_names(jaxpr: jcore.Jaxpr) -> list[str]:
+  """The names of the custom_vjp functions anywhere in a program.
+
+  Nested bodies count: jit calls, scan, cond and while bodies, shard_map.
+  """
+  names = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name.startswith("custom_vjp"):
+      names.append(_function_name(eqn))
+    for sub in _sub_jaxprs(eqn):
+      names.extend(custom_vjp_names(sub))
+  return names

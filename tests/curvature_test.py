@@ -28,7 +28,7 @@ def test_factors_rebuild_per_sample_gradients(name):
   with jax.enable_x64(True):
     loss_fn, params, batch = zoo.make(name, 1)
     size = batch[0].shape[0]
-    factors = lrcr.per_sample_factors(loss_fn, params, *batch)
+    factors = lrcr.per_sample_factors(loss_fn, params, *batch).factors
     ref = _per_sample_grads(loss_fn, params, batch, size)
     flat_ref = dict(zip(
         ["/".join(str(getattr(k, "key", k)) for k in path)
@@ -62,7 +62,7 @@ class _WideConv(nn.Module):
 def test_dense_factors_are_rank_one_and_conv_factors_rank_bounded():
   with jax.enable_x64(True):
     loss_fn, params, batch = zoo.make("cnn", 0)
-    factors = lrcr.per_sample_factors(loss_fn, params, *batch)
+    factors = lrcr.per_sample_factors(loss_fn, params, *batch).factors
     for path, (f,) in factors.items():
       g = f.sample_gradients()
       positions = f.inputs.shape[1]
@@ -81,7 +81,7 @@ def test_dense_factors_are_rank_one_and_conv_factors_rank_bounded():
     y = jnp.arange(3)
     params = model.init(jax.random.key(1), x)
     loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
-    (f,) = lrcr.per_sample_factors(loss_fn, params, x, y)[
+    (f,) = lrcr.per_sample_factors(loss_fn, params, x, y).factors[
         "params/Conv_0/kernel"]
     ref = _per_sample_grads(loss_fn, params, (x, y), 3)
     ref = ref["params"]["Conv_0"]["kernel"]             # [B, 2, 2, 8, 16]
@@ -97,7 +97,7 @@ def test_recurrent_factors_run_over_time():
   """Inside nn.RNN's scan the factors are stacked over the time steps."""
   with jax.enable_x64(True):
     loss_fn, params, batch = zoo.make("gru", 0)
-    factors = lrcr.per_sample_factors(loss_fn, params, *batch)
+    factors = lrcr.per_sample_factors(loss_fn, params, *batch).factors
     steps = batch[0].shape[1]
     cell = [p for p in factors if "GRUCell" in p or "RNN" in p]
     assert cell
@@ -110,8 +110,8 @@ def test_model_form_for_the_paper_mlp():
   with jax.enable_x64(True):
     loss_fn, params, (x, y) = zoo.make("paper_mlp", 2)
     model = lrcr.MLP((6, 5, 4), 3)
-    a = lrcr.per_sample_factors(model, params, x, y)
-    b = lrcr.per_sample_factors(loss_fn, params, x, y)
+    a = lrcr.per_sample_factors(model, params, x, y).factors
+    b = lrcr.per_sample_factors(loss_fn, params, x, y).factors
     assert list(a) == ["params/hidden_0/kernel", "params/hidden_1/kernel",
                        "params/hidden_2/kernel", "params/output/kernel"]
     for k in a:

@@ -103,7 +103,7 @@ def test_gram_form_for_gradient_directions(name, batch_size):
     loss_fn, params, batch = zoo.make(name, 2)
     batch = tuple(b[:batch_size] for b in batch)
     if batch_size == 1:     # some weight operation takes the Gram form
-      ps = curvature._gradient_pass(loss_fn, params, batch)
+      ps = curvature._gradient_pass(lrcr.engine.trace(loss_fn, params, batch), params)
       assert curvature._gram_ids(ps), name
     _, hess = zoo.dense(loss_fn, params, batch)
     _, grads, cf = lrcr.value_grad_and_curvature(loss_fn, params, *batch,
@@ -131,7 +131,7 @@ def test_gram_products_against_the_dense_hessian(seed, act):
     loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(
         model.apply({"params": p}, x), y)
     # Every weight operation takes the Gram form here.
-    ps = curvature._gradient_pass(loss_fn, params, (x, y))
+    ps = curvature._gradient_pass(lrcr.engine.trace(loss_fn, params, (x, y)), params)
     assert len(curvature._gram_ids(ps)) == 3
     grads, hess = zoo.dense(loss_fn, params, (x, y))
     _, g_tree, cf = lrcr.value_grad_and_curvature(loss_fn, params, x, y,
@@ -169,7 +169,7 @@ def test_stacked_layers_against_the_dense_hessian(batch, granularity):
     # hidden_1..3 (16 x 16, each reading a tangent) form one stacked group.
     # pylint: disable=g-import-not-at-top,protected-access
     from lrcr import curvature
-    ps = curvature._gradient_pass(loss_fn, params, (x, y))
+    ps = curvature._gradient_pass(lrcr.engine.trace(loss_fn, params, (x, y)), params)
     flat = jax.tree.leaves(params)
     sizes = sorted(len(g) for g in curvature._WeightPlan(
         ps, flat, None, stack=True).groups)
