@@ -134,7 +134,7 @@ def _total(pairs) -> Array:
 # When the direction is c * grad F (plain SGD) and W is read by this
 # operation only, phi = c V^T Ybar, so
 #
-#     V phi = c (V V^T) Ybar,   Ybar . (dV phi) = c sum((dV V^T) * (Ybar Ybar^T))
+#     V phi = c (V V^T) Ybar,   Ybar . (dV phi) = c dV . ((Ybar Ybar^T) V)
 #
 # through N x N Gram matrices: O(N^2 d) instead of O(N d^2) (section 2's
 # low rank; the form is used where it needs fewer multiplications).
@@ -257,9 +257,9 @@ class _WeightPlan:
         continue                                              # dV = 0
       dv = (self.dv[nodes[0].id][None] if len(nodes) == 1 else
             jnp.stack([self.dv[n.id] for n in nodes]))        # [L, N, d_in]
-      if gram:
-        terms.append((2 * self.scale, _bmm(dv, v, "lni,lmi->lnm"),
-                      _bmm(y, y, "lnj,lmj->lnm")))
+      if gram:                  # c dV . ((Ybar Ybar^T) V), [L, N, d_in]
+        terms.append((2 * self.scale, dv,
+                      _bmm(_bmm(y, y, "lnj,lmj->lnm"), v, "lnm,lmi->lni")))
       else:
         dense.append((2.0, _bmm(dv, self._phi(nodes), "lni,lij->lnj"), y))
     # The dense terms hold the raw phi: one scaling of their sum.
