@@ -179,6 +179,16 @@ def _unit(log2: Array | None) -> Callable[[Array], Array]:
   return lambda x: cubic.times_pow2(x, -log2)
 
 
+def _stack(xs: Sequence[Array]) -> Array:
+  """[L, ...]: equally shaped arrays in one buffer (one copy).
+
+  Concatenated along their leading axis and reshaped: `jnp.stack` would
+  reshape each to [1, ...] first, and XLA then fuses each array's producer
+  (a ReLU, a scaling) into that reshape, so the producer runs twice.
+  """
+  return jnp.concatenate(list(xs)).reshape((len(xs),) + xs[0].shape)
+
+
 def _bmm(a: Array, b: Array, spec: str) -> Array:
   """einsum over a leading layer axis; a plain 2-D product when L = 1."""
   if a.shape[0] == 1:
@@ -218,7 +228,7 @@ class _WeightPlan:
     self.sources, self.parts, self.dv = [], [], {}
     for nodes in self.groups:
       # [L, N, d_in] operands and [L, N, d_out] adjoints (L = 1: no copy).
-      stacked = (lambda xs: xs[0][None]) if len(nodes) == 1 else jnp.stack
+      stacked = (lambda xs: xs[0][None]) if len(nodes) == 1 else _stack
       pairs = [_node_values(ps, n, ()) for n in nodes]
       v = stacked([x.reshape(-1, n.in_avals[0].shape[-1])
                    for (x, _), n in zip(pairs, nodes)])
@@ -236,7 +246,7 @@ class _WeightPlan:
     """The direction on the group's weights, [L, d_in, d_out]."""
     if len(nodes) == 1:
       return self.flat_d[nodes[0].param][None]
-    return jnp.stack([self.flat_d[n.param] for n in nodes])
+    return _stack([self.flat_d[n.param] for n in nodes])
 
   def rewrite(self, node, vals, tans):
     if node.id not in self.slot:
@@ -256,7 +266,7 @@ class _WeightPlan:
       if nodes[0].id not in self.dv:
         continue                                              # dV = 0
       dv = (self.dv[nodes[0].id][None] if len(nodes) == 1 else
-            jnp.stack([self.dv[n.id] for n in nodes]))        # [L, N, d_in]
+            _stack([self.dv[n.id] for n in nodes]))           # [L, N, d_in]
       if gram:                  # c dV . ((Ybar Ybar^T) V), [L, N, d_in]
         terms.append((2 * self.scale, dv,
                       _bmm(_bmm(y, y, "lnj,lmj->lnm"), v, "lnm,lmi->lni")))
