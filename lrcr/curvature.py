@@ -26,11 +26,11 @@ The Gram form (section 2). When the direction is a
 multiple of the gradient (plain SGD), each weight's direction is itself a sum
 of per-sample outer products, phi = c V^T Ybar with V the operand of the weight
 and Ybar the adjoint of its output. Then V phi = c (V V^T) Ybar and
-Ybar . (dV phi) = c sum((dV V^T) * (Ybar Ybar^T)) cost O(N^2 d) through N x N
+Ybar . (dV phi) = c dV . ((Ybar Ybar^T) V) cost O(N^2 d) through N x N
 Gram matrices instead of O(N d^2): `gradient_direction=True` uses them for
 every weight operation where that is cheaper, and where no operation gains
-it runs the plain sweep (the Gram form needs ||grad F||^2 and g . grad F
-first, two more reductions over every leaf).
+it runs the plain sweep (the Gram form needs c = g . grad F / ||grad F||^2
+first, one more reduction over every leaf).
 """
 
 from __future__ import annotations
@@ -117,9 +117,31 @@ def _vdot(a, b) -> Array:
   return jnp.sum(a * b)
 
 
-def _total(pairs) -> Array:
-  """sum_k <a_k, b_k> over many leaves (`engine.total`)."""
-  return engine.total([(1.0, a, b) for a, b in pairs])
+def _flat(leaves: Sequence[Array], dtype: Any) -> Array:
+  """The leaves, flattened and concatenated into one vector of `dtype`."""
+  if len(leaves) == 1:
+    return jnp.ravel(leaves[0]).astype(dtype)
+  return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+
+
+def _total(a: Sequence[Array], b: Sequence[Array],
+           unit: Callable[[Array], Array] = lambda x: x,
+           concat: bool = True) -> Array:
+  """sum_k <unit(a_k), b_k> over many leaves.
+
+  XLA:CPU reduces every leaf in a kernel of its own (two for a large one).
+  With `concat`, the leaves are flattened into one vector per side, one copy
+  each, for a single reduction: the cheaper form where the leaves are
+  computed anyway. Where a leaf is not (a direction -lr grad F read by
+  nothing else), XLA computes it a second time, in a kernel of its own, to
+  copy it; per leaf, it fuses into that leaf's reduction instead. `unit`
+  (an exact rescaling) fuses into the reduction.
+  """
+  dtype = jnp.result_type(*a, *b)
+  if not concat:
+    return sum(jnp.sum(unit(x.astype(dtype)) * y.astype(dtype))
+               for x, y in zip(a, b))
+  return jnp.dot(unit(_flat(a, dtype)), _flat(b, dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -434,19 +456,22 @@ def value_grad_and_curvature(
     if granularity == "global":
       log2 = None if log2_scale is None else jnp.asarray(log2_scale, jnp.int32)
       unit = _unit(log2)
-      # direction = scale * grad F: the Gram form, where some weight
-      # operation gains by it (otherwise the dense sweep, which needs no
-      # ||grad F||^2 and g . grad F reductions, is the cheaper of the two).
+      # direction = c grad F: the Gram form, where some weight operation
+      # gains by it (otherwise the dense sweep is the cheaper of the two).
+      # The sweep then runs along grad F itself, so that its slope is
+      # ||grad F||^2 (eq. 38 along grad F) and needs no reduction over the
+      # leaves; with c = g . grad F / ||grad F||^2 (g the direction, 2^-log2
+      # included), slope = c ||grad F||^2, curvature = c^2 grad F^T H grad F
+      # (eq. 39) and ||g||^2 = c^2 ||grad F||^2 (eq. 40).
       if gradient_direction and gram_ids:
-        gg = _total(zip(ps.flat_grads, ps.flat_grads))
-        dg = _total(zip(flat_d, ps.flat_grads))
-        scale = unit(dg / jnp.where(gg > 0, gg, 1.0))
-        slope, curv = _curvature(ps, flat_d, scale, log2, stack_layers,
-                                 gram_ids)
-        return Directional(slope, curv, scale * scale * gg)  # ||c grad F||^2
+        gg, curv = _curvature(ps, ps.flat_grads, 1.0, None, stack_layers,
+                              gram_ids)
+        dg = _total(flat_d, ps.flat_grads, unit, concat=False)
+        c = dg / jnp.where(gg > 0, gg, 1.0)
+        return Directional(dg, c * c * curv, c * dg)
       slope, curv = _curvature(ps, flat_d, None, log2, stack_layers)
-      sqnorm = sum(jnp.sum(jnp.square(unit(d))) for d in flat_d)
-      return Directional(slope, curv, sqnorm)
+      flat = unit(_flat(flat_d, jnp.result_type(*flat_d)))
+      return Directional(slope, curv, jnp.dot(flat, flat))
     if granularity == "layer":
       sqnorms = [_vdot(d, d) for d in flat_d]
       slopes = [_vdot(d, g) for d, g in zip(flat_d, ps.flat_grads)]
