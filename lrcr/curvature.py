@@ -218,23 +218,39 @@ def _bmm(a: Array, b: Array, spec: str) -> Array:
   return jnp.einsum(spec, a, b)
 
 
+def _stack_pays(size: int, gram: bool, tangent: bool) -> bool:
+  """Whether stacking `size` equal weight operations launches fewer kernels.
+
+  Per operation, the Gram form launches V V^T and (V V^T) Ybar, the dense
+  form V phi, and both launch the second-order term where the operand
+  carries a tangent dV. Stacked, each of these launches once for the group,
+  after one copy per stacked operand (V and Ybar, or V and phi; then dV,
+  and for the dense form Ybar).
+  """
+  t = int(tangent)
+  per, stacked = (2 + t, 4 + 2 * t) if gram else (1 + t, 3 + 3 * t)
+  return size * per > stacked
+
+
 class _WeightPlan:
   """The weight operations of one sweep, each in the dense or the Gram form.
 
-  With `stack`, operations of equal shapes (the paper's eleven 128 x 128
-  hidden layers) are evaluated together: V phi before the sweep and dV phi
-  after it are one batched matmul over a stacked layer axis L each, at the
-  price of copying the stacked operands. Only the chain dV W stays per
-  layer. The numbers are the same up to float rounding (the order of some
-  sums changes).
+  Operations of equal shapes (the paper's eleven 128 x 128 hidden layers)
+  are evaluated together where that launches fewer kernels
+  (`_stack_pays`; with `stack`, every such group): V phi before the sweep
+  and dV phi after it are one batched matmul over a stacked layer axis L
+  each, at the price of copying the stacked operands. Only the chain dV W
+  stays per layer. The numbers are the same up to float rounding (the
+  order of some sums changes).
   """
 
   def __init__(self, ps: _Pass, flat_d: list, scale: Array | None,
                log2: Array | None = None, stack: bool = False,
                gram_ids: frozenset = frozenset()):
     # `log2`: flat_d is the raw direction and the sweep runs along
-    # flat_d 2^-log2 (exact): the dense products V phi and dV phi are taken
-    # with the raw phi and scaled afterwards, so phi itself is never copied.
+    # flat_d 2^-log2 (exact): the dense products V phi and dV phi of a
+    # single operation are taken with the raw phi and scaled afterwards, so
+    # phi itself is not copied; a stacked phi is scaled as it is copied.
     self.ps, self.flat_d, self.scale = ps, flat_d, scale
     self.unit = _unit(log2)
     groups: dict[tuple, list] = {}
@@ -243,8 +259,14 @@ class _WeightPlan:
              node.in_avals[0].dtype, node.in_avals[1].dtype,
              node.out_avals[0].dtype, jnp.result_type(flat_d[node.param]),
              node.cin[0], node.id in gram_ids)
-      groups.setdefault(key if stack else key + (node.id,), []).append(node)
-    self.groups = list(groups.values())
+      groups.setdefault(key, []).append(node)
+    self.groups = []
+    for key, nodes in groups.items():
+      if len(nodes) > 1 and (stack or _stack_pays(len(nodes), key[-1],
+                                                  key[-2])):
+        self.groups.append(nodes)
+      else:
+        self.groups.extend([n] for n in nodes)
     self.slot = {n.id: (g, k) for g, nodes in enumerate(self.groups)
                  for k, n in enumerate(nodes)}
     self.sources, self.parts, self.dv = [], [], {}
@@ -258,17 +280,16 @@ class _WeightPlan:
                    for (_, a), n in zip(pairs, nodes)])
       gram = nodes[0].id in gram_ids
       if gram:                                                # c (V V^T) Ybar
+        phi = None
         src = scale * _bmm(_bmm(v, v, "lni,lmi->lnm"), y, "lnm,lmj->lnj")
-      else:                                                   # V phi
-        src = self.unit(_bmm(v, self._phi(nodes), "lni,lij->lnj"))
+      elif len(nodes) == 1:                 # V phi, phi raw, scaled after
+        phi = self.flat_d[nodes[0].param][None]
+        src = self.unit(_bmm(v, phi, "lni,lij->lnj"))
+      else:                         # V phi, phi scaled as it is stacked
+        phi = self.unit(_stack([self.flat_d[n.param] for n in nodes]))
+        src = _bmm(v, phi, "lni,lij->lnj")
       self.sources.append(src)
-      self.parts.append((gram, v, y))
-
-  def _phi(self, nodes) -> Array:
-    """The direction on the group's weights, [L, d_in, d_out]."""
-    if len(nodes) == 1:
-      return self.flat_d[nodes[0].param][None]
-    return _stack([self.flat_d[n.param] for n in nodes])
+      self.parts.append((gram, v, y, phi))
 
   def rewrite(self, node, vals, tans):
     if node.id not in self.slot:
@@ -283,8 +304,8 @@ class _WeightPlan:
 
   def second_order(self) -> Array:
     """sum over weight operations of Ybar . (2 dV phi)."""
-    terms, dense = [], []
-    for nodes, (gram, v, y) in zip(self.groups, self.parts):
+    terms, raw = [], []
+    for nodes, (gram, v, y, phi) in zip(self.groups, self.parts):
       if nodes[0].id not in self.dv:
         continue                                              # dV = 0
       dv = (self.dv[nodes[0].id][None] if len(nodes) == 1 else
@@ -293,11 +314,11 @@ class _WeightPlan:
         terms.append((2 * self.scale, dv,
                       _bmm(_bmm(y, y, "lnj,lmj->lnm"), v, "lnm,lmi->lni")))
       else:
-        dense.append((2.0, _bmm(dv, self._phi(nodes), "lni,lij->lnj"), y))
-    # The dense terms hold the raw phi: one scaling of their sum.
+        (raw if len(nodes) == 1 else terms).append(
+            (2.0, _bmm(dv, phi, "lni,lij->lnj"), y))
+    # The terms of a raw (unstacked) phi: one scaling of their sum.
     dtype = jnp.result_type(*self.flat_d)
-    return (engine.total(terms, dtype)
-            + self.unit(engine.total(dense, dtype)))
+    return engine.total(terms, dtype) + self.unit(engine.total(raw, dtype))
 
   def direct_params(self) -> set:
     """Flat param indices that some operation other than the plan's reads."""
@@ -418,14 +439,14 @@ def value_grad_and_curvature(
       Used by granularity "global" (the others ignore it).
     stack_layers: evaluate the sweep's products that do not depend on its
       sequential chain (V phi before it, dV phi after it) as one batched
-      matmul per group of equally shaped weight operations, instead of one
-      small matmul per layer. Fewer, larger kernels at the price of copying
-      the stacked operands: on the 2-core CPU it measured slower, so it is
-      off by default; it is meant for accelerators, where a step of small
-      matmuls is bound by kernel launches (`experiments.device_check`
-      measures both). The numbers are the same up to float rounding. It
-      applies to granularity "global" and "layer" (not to "variable", which
-      reads the Hessian diagonal, not a sweep).
+      matmul for every group of equally shaped weight operations, instead
+      of one small matmul per layer. By default (False) a group is stacked
+      where that launches fewer kernels: from 3 operations in the Gram
+      form, from 4 in the dense one (the paper's eleven 128 x 128 hidden
+      layers are one group). Stacking copies the stacked operands once.
+      The numbers are the same up to float rounding. It applies to
+      granularity "global" and "layer" (not to "variable", which reads the
+      Hessian diagonal, not a sweep).
 
   Returns:
     (loss, grads, curvature_fn). `curvature_fn(params, direction)` returns
