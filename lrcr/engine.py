@@ -448,13 +448,24 @@ def _scan_forward(node: _Node, vals: list, eps: dict):
 
 
 def total(terms: Sequence[tuple], dtype: Any = jnp.float32) -> Array:
-  """sum_k c_k <a_k, b_k> over (c, a, b) terms; a `dtype` zero if none."""
+  """sum_k c_k <a_k, b_k> over (c, a, b) terms; a `dtype` zero if none.
+
+  Terms of one shape and one c are summed elementwise and reduced once:
+  XLA:CPU launches a kernel (two for a large one) per reduction, and more
+  where a reduction follows a reshape (`jnp.vdot` flattens).
+  """
   terms = list(terms)
   if not terms:
     return jnp.zeros((), dtype)
   dtype = jnp.result_type(*[a.dtype for _, a, _ in terms])
-  return sum(c * jnp.vdot(a.astype(dtype), b.astype(dtype))
-             for c, a, b in terms)
+  groups: dict[tuple, list] = {}
+  for c, a, b in terms:
+    a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    if a.shape != b.shape:
+      a, b = a.ravel(), b.ravel()
+    key = (a.shape, c if isinstance(c, (int, float)) else id(c))
+    groups.setdefault(key, [c]).append(a * b)
+  return sum(c * jnp.sum(sum(prods)) for c, *prods in groups.values())
 
 
 def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,
