@@ -117,31 +117,33 @@ def _vdot(a, b) -> Array:
   return jnp.sum(a * b)
 
 
-def _flat(leaves: Sequence[Array], dtype: Any) -> Array:
-  """The leaves, flattened and concatenated into one vector of `dtype`."""
-  if len(leaves) == 1:
-    return jnp.ravel(leaves[0]).astype(dtype)
-  return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+def _blocks(leaves: Sequence[Array], dtype: Any) -> list[Array]:
+  """The leaves in `dtype`, those of equal trailing shape concatenated.
+
+  Along the leading axis, without a reshape: XLA:CPU fuses an elementwise
+  producer (the direction -lr grad F) into a reshape that feeds a copy, and
+  so computes it a second time; a leaf computed anyway is copied as is.
+  """
+  groups: dict[tuple, list] = {}
+  for x in leaves:
+    x = jnp.atleast_1d(jnp.asarray(x, dtype))
+    groups.setdefault(x.shape[1:], []).append(x)
+  return [xs[0] if len(xs) == 1 else jnp.concatenate(xs)
+          for xs in groups.values()]
 
 
 def _total(a: Sequence[Array], b: Sequence[Array],
-           unit: Callable[[Array], Array] = lambda x: x,
-           concat: bool = True) -> Array:
-  """sum_k <unit(a_k), b_k> over many leaves.
+           unit: Callable[[Array], Array] = lambda x: x) -> Array:
+  """sum_k <unit(a_k), b_k> over many leaves, one reduction per leaf.
 
-  XLA:CPU reduces every leaf in a kernel of its own (two for a large one).
-  With `concat`, the leaves are flattened into one vector per side, one copy
-  each, for a single reduction: the cheaper form where the leaves are
-  computed anyway. Where a leaf is not (a direction -lr grad F read by
-  nothing else), XLA computes it a second time, in a kernel of its own, to
-  copy it; per leaf, it fuses into that leaf's reduction instead. `unit`
-  (an exact rescaling) fuses into the reduction.
+  Where a leaf is not computed anyway (a direction -lr grad F that nothing
+  else reads), XLA fuses its producer and `unit` (an exact rescaling) into
+  that leaf's reduction; concatenated, it would compute each leaf again in
+  a kernel of its own to copy it.
   """
   dtype = jnp.result_type(*a, *b)
-  if not concat:
-    return sum(jnp.sum(unit(x.astype(dtype)) * y.astype(dtype))
-               for x, y in zip(a, b))
-  return jnp.dot(unit(_flat(a, dtype)), _flat(b, dtype))
+  return sum(jnp.sum(unit(x.astype(dtype)) * y.astype(dtype))
+             for x, y in zip(a, b))
 
 
 # ---------------------------------------------------------------------------
@@ -490,12 +492,15 @@ def value_grad_and_curvature(
       if gradient_direction and gram_ids:
         gg, curv = _curvature(ps, ps.flat_grads, 1.0, None, stack_layers,
                               gram_ids)
-        dg = _total(flat_d, ps.flat_grads, unit, concat=False)
+        dg = _total(flat_d, ps.flat_grads, unit)
         c = dg / jnp.where(gg > 0, gg, 1.0)
         return Directional(dg, c * c * curv, c * dg)
       slope, curv = _curvature(ps, flat_d, None, log2, stack_layers)
-      flat = unit(_flat(flat_d, jnp.result_type(*flat_d)))
-      return Directional(slope, curv, jnp.dot(flat, flat))
+      # The direction's leaves are computed anyway (for the products V phi):
+      # one reduction per block of equal trailing shape.
+      sqnorm = sum(jnp.sum(jnp.square(unit(b)))
+                   for b in _blocks(flat_d, jnp.result_type(*flat_d)))
+      return Directional(slope, curv, sqnorm)
     if granularity == "layer":
       sqnorms = [_vdot(d, d) for d in flat_d]
       slopes = [_vdot(d, g) for d, g in zip(flat_d, ps.flat_grads)]
