@@ -487,8 +487,9 @@ def value_grad_and_curvature(
       # The sweep then runs along grad F itself, so that its slope is
       # ||grad F||^2 (eq. 38 along grad F) and needs no reduction over the
       # leaves; with c = g . grad F / ||grad F||^2 (g the direction, 2^-log2
-      # included), slope = c ||grad F||^2, curvature = c^2 grad F^T H grad F
-      # (eq. 39) and ||g||^2 = c^2 ||grad F||^2 (eq. 40).
+      # included), slope = c ||grad F||^2 = g . grad F (eq. 38), curvature
+      # = c^2 grad F^T H grad F (eq. 39) and ||g||^2 = c^2 ||grad F||^2
+      # (eq. 40).
       if gradient_direction and gram_ids:
         gg, curv = _curvature(ps, ps.flat_grads, 1.0, None, stack_layers,
                               gram_ids)
