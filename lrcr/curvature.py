@@ -118,18 +118,23 @@ def _vdot(a, b) -> Array:
 
 
 def _blocks(leaves: Sequence[Array], dtype: Any) -> list[Array]:
-  """The leaves in `dtype`, those of equal trailing shape concatenated.
+  """The leaves in `dtype` as few arrays: one reduction each.
 
-  Along the leading axis, without a reshape: XLA:CPU fuses an elementwise
-  producer (the direction -lr grad F) into a reshape that feeds a copy, and
-  so computes it a second time; a leaf computed anyway is copied as is.
+  Leaves of equal trailing shape are concatenated along the leading axis,
+  without a reshape: XLA:CPU fuses an elementwise producer (the direction
+  -lr grad F) into a reshape that feeds a copy, and so computes it a second
+  time, where a leaf computed anyway is copied as is. The other leaves are
+  flattened into one vector.
   """
   groups: dict[tuple, list] = {}
   for x in leaves:
     x = jnp.atleast_1d(jnp.asarray(x, dtype))
     groups.setdefault(x.shape[1:], []).append(x)
-  return [xs[0] if len(xs) == 1 else jnp.concatenate(xs)
-          for xs in groups.values()]
+  blocks = [jnp.concatenate(xs) for xs in groups.values() if len(xs) > 1]
+  singles = [xs[0].ravel() for xs in groups.values() if len(xs) == 1]
+  if singles:
+    blocks.append(jnp.concatenate(singles))
+  return blocks
 
 
 def _total(a: Sequence[Array], b: Sequence[Array],
