@@ -26,11 +26,11 @@ The Gram form (section 2). When the direction is a
 multiple of the gradient (plain SGD), each weight's direction is itself a sum
 of per-sample outer products, phi = c V^T Ybar with V the operand of the weight
 and Ybar the adjoint of its output. Then V phi = c (V V^T) Ybar and
-Ybar . (dV phi) = c sum((dV V^T) * (Ybar Ybar^T)) cost O(N^2 d) through N x N
+Ybar . (dV phi) = c dV . ((Ybar Ybar^T) V) cost O(N^2 d) through N x N
 Gram matrices instead of O(N d^2): `gradient_direction=True` uses them for
 every weight operation where that is cheaper, and where no operation gains
-it runs the plain sweep (the Gram form needs ||grad F||^2 and g . grad F
-first, two more reductions over every leaf).
+it runs the plain sweep (the Gram form needs c = g . grad F / ||grad F||^2
+first, one more reduction over every leaf).
 """
 
 from __future__ import annotations
@@ -95,9 +95,39 @@ def as_loss_fn(model_or_loss: Any, *batch: Any) -> Callable[..., Array]:
   return model_or_loss
 
 
-def _total(pairs) -> Array:
-  """sum_k <a_k, b_k> over many leaves (`engine.total`)."""
-  return engine.total([(1.0, a, b) for a, b in pairs])
+def _blocks(leaves: Sequence[Array], dtype: Any) -> list[Array]:
+  """The leaves in `dtype` as few arrays: one reduction each.
+
+  Leaves of equal trailing shape are concatenated along the leading axis,
+  without a reshape: XLA:CPU fuses an elementwise producer (the direction
+  -lr grad F) into a reshape that feeds a copy, and so computes it a second
+  time, where a leaf computed anyway is copied as is. The other leaves are
+  flattened into one vector.
+  """
+  groups: dict[tuple, list] = {}
+  for x in leaves:
+    x = jnp.atleast_1d(jnp.asarray(x, dtype))
+    groups.setdefault(x.shape[1:], []).append(x)
+  blocks = [jnp.concatenate(xs) for xs in groups.values() if len(xs) > 1]
+  singles = [xs[0].ravel() for xs in groups.values() if len(xs) == 1]
+  if singles:
+    blocks.append(jnp.concatenate(singles))
+  return blocks
+
+
+def _total(a: Sequence[Array], b: Sequence[Array],
+           unit: Callable[[Array], Array] = lambda x: x) -> Array:
+  """sum_k <unit(a_k), b_k> over many leaves, one reduction per leaf.
+
+  Where a leaf is not computed anyway (a direction -lr grad F that nothing
+  else reads), XLA fuses its producer and `unit` (an exact rescaling) into
+  that leaf's reduction; concatenated, it would compute each leaf again in
+  a kernel of its own to copy it.
+  """
+  dtype = jnp.result_type(jnp.float32, *a, *b)      # float32 at least
+  out = sum(jnp.sum(unit(x.astype(dtype)) * y.astype(dtype))
+            for x, y in zip(a, b))
+  return jnp.real(out) if jnp.iscomplexobj(out) else out     # no conjugate
 
 
 # ---------------------------------------------------------------------------
@@ -112,7 +142,7 @@ def _total(pairs) -> Array:
 # When the direction is c * grad F (plain SGD) and W is read by this
 # operation only, phi = c V^T Ybar, so
 #
-#     V phi = c (V V^T) Ybar,  Ybar . (dV phi) = c sum((dV V^T) * (Ybar Ybar^T))
+#     V phi = c (V V^T) Ybar,   Ybar . (dV phi) = c dV . ((Ybar Ybar^T) V)
 #
 # through N x N Gram matrices: O(N^2 d) instead of O(N d^2) (section 2's
 # low rank; the form is used where it needs fewer multiplications).
@@ -157,6 +187,16 @@ def _unit(log2: Array | None) -> Callable[[Array], Array]:
   return lambda x: cubic.times_pow2(x, -log2)
 
 
+def _stack(xs: Sequence[Array]) -> Array:
+  """[L, ...]: equally shaped arrays in one buffer (one copy).
+
+  Concatenated along their leading axis and reshaped: `jnp.stack` would
+  reshape each to [1, ...] first, and XLA then fuses each array's producer
+  (a ReLU, a scaling) into that reshape, so the producer runs twice.
+  """
+  return jnp.concatenate(list(xs)).reshape((len(xs),) + xs[0].shape)
+
+
 def _bmm(a: Array, b: Array, spec: str) -> Array:
   """einsum over a leading layer axis; a plain 2-D product when L = 1."""
   if a.shape[0] == 1:
@@ -164,23 +204,42 @@ def _bmm(a: Array, b: Array, spec: str) -> Array:
   return jnp.einsum(spec, a, b)
 
 
+def _stack_pays(size: int, gram: bool, tangent: bool) -> bool:
+  """Whether stacking `size` equal weight operations launches fewer kernels.
+
+  Per operation, the Gram form launches V V^T, (V V^T) Ybar and, where the
+  operand carries a tangent dV, the second-order term; stacked, each of
+  these launches once for the group, after one copy per stacked operand
+  (V, Ybar, dV). The dense form is not stacked by default: XLA:CPU fuses
+  its per-operation products so that stacking the paper's eleven hidden
+  layers saved 5 kernels of 217 and measured slower (the copies of V, phi,
+  dV and Ybar).
+  """
+  if not gram:
+    return False
+  t = int(tangent)
+  return size * (2 + t) > 4 + 2 * t
+
+
 class _WeightPlan:
   """The weight operations of one sweep, each in the dense or the Gram form.
 
-  With `stack`, operations of equal shapes (the paper's eleven 128 x 128
-  hidden layers) are evaluated together: V phi before the sweep and dV phi
-  after it are one batched matmul over a stacked layer axis L each, at the
-  price of copying the stacked operands. Only the chain dV W stays per
-  layer. The numbers are the same up to float rounding (the order of some
-  sums changes).
+  Operations of equal shapes (the paper's eleven 128 x 128 hidden layers)
+  are evaluated together where that launches fewer kernels
+  (`_stack_pays`; with `stack`, every such group): V phi before the sweep
+  and dV phi after it are one batched matmul over a stacked layer axis L
+  each, at the price of copying the stacked operands. Only the chain dV W
+  stays per layer. The numbers are the same up to float rounding (the
+  order of some sums changes).
   """
 
   def __init__(self, ps: _Pass, flat_d: list, scale: Array | None,
                log2: Array | None = None, stack: bool = False,
                gram_ids: frozenset = frozenset()):
     # `log2`: flat_d is the raw direction and the sweep runs along
-    # flat_d 2^-log2 (exact): the dense products V phi and dV phi are taken
-    # with the raw phi and scaled afterwards, so phi itself is never copied.
+    # flat_d 2^-log2 (exact): the dense products V phi and dV phi of a
+    # single operation are taken with the raw phi and scaled afterwards, so
+    # phi itself is not copied; a stacked phi is scaled as it is copied.
     self.ps, self.flat_d, self.scale = ps, flat_d, scale
     self.unit = _unit(log2)
     groups: dict[tuple, list] = {}
@@ -189,14 +248,20 @@ class _WeightPlan:
              node.in_avals[0].dtype, node.in_avals[1].dtype,
              node.out_avals[0].dtype, jnp.result_type(flat_d[node.param]),
              node.cin[0], node.id in gram_ids)
-      groups.setdefault(key if stack else key + (node.id,), []).append(node)
-    self.groups = list(groups.values())
+      groups.setdefault(key, []).append(node)
+    self.groups = []
+    for key, nodes in groups.items():
+      if len(nodes) > 1 and (stack or _stack_pays(len(nodes), key[-1],
+                                                  key[-2])):
+        self.groups.append(nodes)
+      else:
+        self.groups.extend([n] for n in nodes)
     self.slot = {n.id: (g, k) for g, nodes in enumerate(self.groups)
                  for k, n in enumerate(nodes)}
     self.sources, self.parts, self.dv = [], [], {}
     for nodes in self.groups:
       # [L, N, d_in] operands and [L, N, d_out] adjoints (L = 1: no copy).
-      stacked = (lambda xs: xs[0][None]) if len(nodes) == 1 else jnp.stack
+      stacked = (lambda xs: xs[0][None]) if len(nodes) == 1 else _stack
       pairs = [_node_values(ps, n, ()) for n in nodes]
       v = stacked([x.reshape(-1, n.in_avals[0].shape[-1])
                    for (x, _), n in zip(pairs, nodes)])
@@ -204,17 +269,16 @@ class _WeightPlan:
                    for (_, a), n in zip(pairs, nodes)])
       gram = nodes[0].id in gram_ids
       if gram:                                                # c (V V^T) Ybar
+        phi = None
         src = scale * _bmm(_bmm(v, v, "lni,lmi->lnm"), y, "lnm,lmj->lnj")
-      else:                                                   # V phi
-        src = self.unit(_bmm(v, self._phi(nodes), "lni,lij->lnj"))
+      elif len(nodes) == 1:                 # V phi, phi raw, scaled after
+        phi = self.flat_d[nodes[0].param][None]
+        src = self.unit(_bmm(v, phi, "lni,lij->lnj"))
+      else:                         # V phi, phi scaled as it is stacked
+        phi = self.unit(_stack([self.flat_d[n.param] for n in nodes]))
+        src = _bmm(v, phi, "lni,lij->lnj")
       self.sources.append(src)
-      self.parts.append((gram, v, y))
-
-  def _phi(self, nodes) -> Array:
-    """The direction on the group's weights, [L, d_in, d_out]."""
-    if len(nodes) == 1:
-      return self.flat_d[nodes[0].param][None]
-    return jnp.stack([self.flat_d[n.param] for n in nodes])
+      self.parts.append((gram, v, y, phi))
 
   def rewrite(self, node, vals, tans):
     if node.id not in self.slot:
@@ -229,22 +293,23 @@ class _WeightPlan:
 
   def second_order(self) -> Array:
     """sum over weight operations of Ybar . (2 dV phi)."""
-    terms, dense = [], []
-    for nodes, (gram, v, y) in zip(self.groups, self.parts):
+    terms, raw = [], []
+    for nodes, (gram, v, y, phi) in zip(self.groups, self.parts):
       if nodes[0].id not in self.dv:
         continue                                              # dV = 0
       dv = (self.dv[nodes[0].id][None] if len(nodes) == 1 else
-            jnp.stack([self.dv[n.id] for n in nodes]))        # [L, N, d_in]
-      if gram:
-        terms.append((2 * self.scale, _bmm(dv, v, "lni,lmi->lnm"),
-                      _bmm(y, y, "lnj,lmj->lnm")))
+            _stack([self.dv[n.id] for n in nodes]))           # [L, N, d_in]
+      if gram:                  # c dV . ((Ybar Ybar^T) V), [L, N, d_in]
+        terms.append((2 * self.scale, dv,
+                      _bmm(_bmm(y, y, "lnj,lmj->lnm"), v, "lnm,lmi->lni")))
       else:
-        dense.append((2.0, _bmm(dv, self._phi(nodes), "lni,lij->lnj"), y))
-    # The dense terms hold the raw phi: one scaling of their sum.
+        (raw if len(nodes) == 1 else terms).append(
+            (2.0, _bmm(dv, phi, "lni,lij->lnj"), y))
+    # The terms of a raw (unstacked) phi: one scaling of their sum.
     dtype = jnp.result_type(*self.flat_d)
     keep = self.ps.traced.keep
     return (engine.total(terms, dtype, keep)
-            + self.unit(engine.total(dense, dtype, keep)))
+            + self.unit(engine.total(raw, dtype, keep)))
 
   def direct_params(self) -> set:
     """Flat param indices that some operation other than the plan's reads."""
@@ -389,14 +454,14 @@ def value_grad_and_curvature(
       Used by granularity "global" (the others ignore it).
     stack_layers: evaluate the sweep's products that do not depend on its
       sequential chain (V phi before it, dV phi after it) as one batched
-      matmul per group of equally shaped weight operations, instead of one
-      small matmul per layer. Fewer, larger kernels at the price of copying
-      the stacked operands: on the 2-core CPU it measured slower, so it is
-      off by default; it is meant for accelerators, where a step of small
-      matmuls is bound by kernel launches (`experiments.device_check`
-      measures both). The numbers are the same up to float rounding. It
-      applies to granularity "global" and "layer" (not to "variable", which
-      reads the Hessian diagonal, not a sweep).
+      matmul for every group of equally shaped weight operations, instead
+      of one small matmul per layer. By default (False) a group is stacked
+      where that launches fewer kernels: from 3 operations in the Gram
+      form (the paper's eleven 128 x 128 hidden layers are one group), not
+      in the dense one. Stacking copies the stacked operands once.
+      The numbers are the same up to float rounding. It applies to
+      granularity "global" and "layer" (not to "variable", which reads the
+      Hessian diagonal, not a sweep).
 
     has_aux: as in `jax.value_and_grad`: loss_fn returns (loss, aux), aux
       any pytree (a BatchNorm's new batch statistics); the curvature is the
@@ -443,8 +508,13 @@ def value_grad_and_curvature(
 def _global_fn(ps: _Pass, gradient_direction: bool, stack_layers: bool):
   """`fn(params, direction, log2_scale)` of granularity "global"."""
   treedef = ps.traced.params_treedef
-  real = not any(jnp.iscomplexobj(p) for p in ps.flat_params)
-  gram_ids = _gram_ids(ps) if gradient_direction and real else frozenset()
+  # The Gram form reads ||grad F||^2 off the loss's tangent: not for complex
+  # params, nor where the loss or the gradient differs between shard_map
+  # shards (the tangent and g . grad F would then sum over other shards).
+  plain = not (any(jnp.iscomplexobj(p) for p in ps.flat_params)
+               or ps.traced.keep
+               or any(engine.varying_axes(g) for g in ps.flat_grads))
+  gram_ids = _gram_ids(ps) if gradient_direction and plain else frozenset()
 
   def curvature_fn(params_unused: Any, direction: Any,
                    log2_scale: Any = None) -> Directional:
@@ -452,18 +522,25 @@ def _global_fn(ps: _Pass, gradient_direction: bool, stack_layers: bool):
     flat_d = reference.flat_direction(direction, treedef, ps.flat_params)
     log2 = None if log2_scale is None else jnp.asarray(log2_scale, jnp.int32)
     unit = _unit(log2)
-    # direction = scale * grad F: the Gram form, where some weight
-    # operation gains by it (otherwise the dense sweep, which needs no
-    # ||grad F||^2 and g . grad F reductions, is the cheaper of the two).
+    # direction = c grad F: the Gram form, where some weight operation gains
+    # by it (otherwise the dense sweep is the cheaper of the two). The sweep
+    # then runs along grad F itself, so that its slope is ||grad F||^2
+    # (eq. 38 along grad F) and needs no reduction over the leaves; with
+    # c = g . grad F / ||grad F||^2 (g the direction, 2^-log2 included),
+    # slope = c ||grad F||^2 = g . grad F (eq. 38), curvature
+    # = c^2 grad F^T H grad F (eq. 39) and ||g||^2 = c^2 ||grad F||^2
+    # (eq. 40).
     if gram_ids:
-      gg = _total(zip(ps.flat_grads, ps.flat_grads))
-      dg = _total(zip(flat_d, ps.flat_grads))
-      scale = unit(dg / jnp.where(gg > 0, gg, 1.0))
-      slope, curv = _curvature(ps, flat_d, scale, log2, stack_layers,
-                               gram_ids)
-      return Directional(slope, curv, scale * scale * gg)  # ||c grad F||^2
+      gg, curv = _curvature(ps, ps.flat_grads, 1.0, None, stack_layers,
+                            gram_ids)
+      dg = _total(flat_d, ps.flat_grads, unit)
+      c = dg / jnp.where(gg > 0, gg, 1.0)
+      return Directional(dg, c * c * curv, c * dg)
     slope, curv = _curvature(ps, flat_d, None, log2, stack_layers)
-    sqnorm = sum(reference.sqnorm(unit(d)) for d in flat_d)
+    # The direction's leaves are computed anyway (for the products V phi):
+    # one reduction per block of equal trailing shape.
+    sqnorm = sum(reference.sqnorm(unit(b))
+                 for b in _blocks(flat_d, jnp.result_type(*flat_d)))
     return Directional(slope, curv, sqnorm)
 
   return curvature_fn

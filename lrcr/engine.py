@@ -435,6 +435,11 @@ def _varying(aval) -> tuple:
   return tuple(sorted(getattr(mat, "varying", ()) or ()))
 
 
+def varying_axes(x: Array) -> tuple:
+  """The `jax.shard_map` axes along which the array x differs between shards."""
+  return _varying(jax.typeof(x))
+
+
 def _zeros(aval, prefix: tuple = ()) -> Array:
   """Zeros of an aval's shape and dtype, varying where the aval does.
 
@@ -563,12 +568,35 @@ def total(terms: Sequence[tuple], dtype: Any = jnp.float32,
           keep: frozenset | None = None) -> Array:
   """sum_k c_k Re<a_k, b_k> over (c, a, b) terms; a `dtype` zero if none.
 
-  See `pair`; `keep`: the `shard_map` axes along which the loss varies.
+  Each pairing is `pair`'s (no conjugation, float32 at least, summed over
+  the `shard_map` axes along which it varies and the loss (`keep`) does
+  not). Terms of one shape, dtype, coefficient and set of varying axes are
+  summed elementwise and reduced once: XLA:CPU launches a kernel (two for a
+  large one) per reduction, and more where a reduction follows a reshape.
   """
   terms = list(terms)
   if not terms:
     return jnp.zeros((), accumulation_dtype(dtype))
-  return sum(c * pair(a, b, keep) for c, a, b in terms)
+  groups: dict[tuple, list] = {}
+  for c, a, b in terms:
+    dt = jnp.result_type(jnp.float32, a.dtype, b.dtype)
+    a, b = jnp.asarray(a, dt), jnp.asarray(b, dt)
+    if a.shape != b.shape:
+      a, b = a.ravel(), b.ravel()
+    prod = a * b
+    key = (a.shape, dt, c if isinstance(c, (int, float)) else id(c),
+           _varying(jax.typeof(prod)))
+    groups.setdefault(key, [c]).append(prod)
+  out = []
+  for c, *prods in groups.values():
+    acc = jnp.sum(sum(prods))
+    if jnp.issubdtype(acc.dtype, jnp.complexfloating):
+      acc = jnp.real(acc)
+    if keep is not None:
+      axes = tuple(x for x in _varying(jax.typeof(acc)) if x not in keep)
+      acc = lax.psum(acc, axes) if axes else acc
+    out.append(c * acc)
+  return sum(out)
 
 
 def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,

@@ -208,6 +208,58 @@ def test_stacked_layers_against_the_dense_hessian(batch, granularity):
                                    rtol=RTOL)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("batch", [2, 30])      # Gram form / dense form
+def test_default_stacking_against_the_dense_hessian(batch, seed):
+  """By default, groups of equal weight operations that pay are stacked."""
+  # pylint: disable=g-import-not-at-top,protected-access
+  from lrcr import curvature
+  with jax.enable_x64(True):
+    model = lrcr.MLP((8,) * 5, 4, kernel_init=lrcr.uniform_init(0.7),
+                     use_bias=bool(seed))
+    k = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(k[0], (batch, 6), jnp.float64)
+    y = jax.random.randint(k[1], (batch,), 0, 4)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                          model.init(k[2], x))["params"]
+    loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(
+        model.apply({"params": p}, x), y)
+    grads, hess = zoo.dense(loss_fn, params, (x, y))
+    ps = curvature._gradient_pass(
+        lrcr.engine.trace(loss_fn, params, (x, y)), params)
+    flat = jax.tree.leaves(params)
+    gram_ids = curvature._gram_ids(ps)
+    # hidden_1..4 (8 x 8, each reading a tangent): one stacked group of 4 in
+    # the Gram form; the first and the output layer stay single. The dense
+    # form stacks nothing by default.
+    assert len(gram_ids) == (6 if batch == 2 else 0), gram_ids
+    sizes = sorted(len(g) for g in curvature._WeightPlan(
+        ps, flat, 1.0, gram_ids=gram_ids).groups)
+    assert sizes == ([1, 1, 4] if gram_ids else [1] * 6), sizes
+    for gd in (False, True):
+      _, g_tree, cf = lrcr.value_grad_and_curvature(loss_fn, params, x, y,
+                                                    gradient_direction=gd)
+      d = (jax.tree.map(lambda g: -0.4 * g, g_tree) if gd
+           else zoo.random_like(params, batch + seed))
+      g = ravel_pytree(d)[0]
+      for e in (None, -5, 9):         # the transform's power-of-two hand-off
+        out = cf(params, d) if e is None else cf.fn(params, d, e)
+        f = 1.0 if e is None else 2.0 ** -e
+        np.testing.assert_allclose(out.slope, g @ grads * f, rtol=RTOL)
+        np.testing.assert_allclose(out.curvature, g @ hess @ g * f * f,
+                                   rtol=RTOL)
+        np.testing.assert_allclose(out.sqnorm, g @ g * f * f, rtol=RTOL)
+
+
+def test_stacking_pays_from_three_gram_operations():
+  # pylint: disable=g-import-not-at-top,protected-access
+  from lrcr import curvature
+  pays = curvature._stack_pays
+  assert [pays(n, True, True) for n in (2, 3)] == [False, True]
+  assert [pays(n, True, False) for n in (2, 3)] == [False, True]
+  assert not any(pays(n, False, t) for n in (2, 4, 11) for t in (0, 1))
+
+
 @pytest.mark.parametrize("batch", [1, 6])   # 1: the Gram form would pay
 def test_weight_sharing_and_a_parameter_used_twice(batch):
   """A tied weight (used by two matmuls) and an elementwise parameter."""

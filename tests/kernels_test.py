@@ -1,0 +1,83 @@
+"""The engine's compiled CR step, counted in XLA kernels (no timing).
+
+Kernels (`experiments.bench.count_kernels`) and XLA's flop count are
+deterministic for a given jax/XLA version on a given backend: the levels
+below are those of jax 0.10.2 on the CPU, where the engine launched 118
+(Gram form, batch 4) and 102 (dense sweep, batch 64) kernels before the
+kernel count was made a target, against 91 and 97 for forward-over-forward. A new XLA may fuse
+differently: then measure again (`python -m experiments.bench_parts`) and
+set the levels to what it gives, if the comparisons still hold.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import lrcr
+from experiments import bench
+
+#: (batch, gradient_direction) -> most kernels of the engine's CR step on the
+#: six-layer net below: the Gram form at batch 4 (gradient_direction=True),
+#: the dense sweep otherwise.
+LEVELS = {(4, True): 71, (4, False): 83, (64, True): 95, (64, False): 95}
+
+
+def _net(batch):
+  model = lrcr.MLP((16,) * 6, 5, kernel_init=lrcr.uniform_init(0.3))
+  k = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(k[0], (batch, 12), jnp.float32)
+  y = jax.random.randint(k[1], (batch,), 0, 5)
+  params = model.init(k[2], x)["params"]
+  loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(
+      model.apply({"params": p}, x), y)
+  return loss_fn, params, x, y
+
+
+def _compiled(fn, *args):
+  compiled = jax.jit(fn).lower(*args).compile()
+  return bench.count_kernels(compiled.as_text()), bench.flops(compiled)
+
+
+def _steps(loss_fn, gradient_direction):
+  """(engine, forward-over-forward): loss, gradient, and the three scalars
+  along -0.1 grad F, as the CR step needs them."""
+
+  def engine(p, x, y):
+    loss, g, curvature_fn = lrcr.value_grad_and_curvature(
+        loss_fn, p, x, y, gradient_direction=gradient_direction)
+    return loss, g, curvature_fn(p, jax.tree.map(lambda a: -0.1 * a, g))
+
+  def fwd_over_fwd(p, x, y):
+    loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+    return loss, g, lrcr.autodiff_directional(
+        lambda q: loss_fn(q, x, y), p, jax.tree.map(lambda a: -0.1 * a, g))
+
+  return engine, fwd_over_fwd
+
+
+@pytest.mark.parametrize("batch,gradient_direction", sorted(LEVELS))
+def test_engine_kernels_stay_at_their_level(batch, gradient_direction):
+  loss_fn, params, x, y = _net(batch)
+  engine, _ = _steps(loss_fn, gradient_direction)
+  kernels, _ = _compiled(engine, params, x, y)
+  level = LEVELS[batch, gradient_direction]
+  assert kernels <= level, (
+      f"the engine's CR step launches {kernels} kernels, more than the "
+      f"{level} it reached (batch {batch}, gradient_direction="
+      f"{gradient_direction}); see `python -m experiments.bench_parts`.")
+
+
+@pytest.mark.parametrize("batch", [4, 64])
+def test_engine_launches_fewer_kernels_than_forward_over_forward(batch):
+  loss_fn, params, x, y = _net(batch)
+  engine, fwd_over_fwd = _steps(loss_fn, True)
+  grad = lambda p, x, y: jax.value_and_grad(loss_fn)(p, x, y)
+  base, base_flops = _compiled(grad, params, x, y)
+  ours, our_flops = _compiled(engine, params, x, y)
+  theirs, their_flops = _compiled(fwd_over_fwd, params, x, y)
+  # Fewer kernels and no more flops; in the Gram form (batch 4), beyond the
+  # gradient pass that both share, at most 0.6 of the kernels.
+  assert ours < theirs, (ours, theirs)
+  if batch == 4:
+    assert ours - base <= 0.6 * (theirs - base), (ours, theirs, base)
+  assert our_flops <= their_flops, (our_flops, their_flops)
