@@ -390,25 +390,25 @@ def _loop(report):
       f"{loop['bare_steps_per_s']:.1f} it/s: {r:.2f}x"))
 
 
-_I19, _CR = "issue 19", "CR-SGD time / SGD, 12x128, batch"
+_PERF, _CR = "performance target", "CR-SGD time / SGD, 12x128, batch"
 GOALS = (
-    (Goal(f"{_CR} 32", "<=", 1.75, 1.6, _I19), _at(32, _time)),
-    (Goal(f"{_CR} 256", "<=", 1.9, None, _I19), _at(256, _time)),
+    (Goal(f"{_CR} 32", "<=", 1.75, 1.6, _PERF), _at(32, _time)),
+    (Goal(f"{_CR} 256", "<=", 1.9, None, _PERF), _at(256, _time)),
     (Goal("CR-SGD time ratio / its flop ratio, 12x128, batch 256", "<=",
-          None, 1.0, _I19), _at(256, _time_over_flops)),
+          None, 1.0, _PERF), _at(256, _time_over_flops)),
     (Goal(f"{_CR} 1024", "<=", 1.8), _at(1024, _time)),
     *((Goal(f"CR-SGD compiled step's kernels / SGD's, 12x128, batch {b}",
-            "<=", 1.6, 1.3, _I19), _at(b, _kernels)) for b in (32, 256)),
+            "<=", 1.6, 1.3, _PERF), _at(b, _kernels)) for b in (32, 256)),
     (Goal("engine CR step's kernels / forward-over-forward's, 12x128, "
-          "batches 32 and 256 (worst)", "<", 1.0, 0.6, _I19, "<="),
+          "batches 32 and 256 (worst)", "<", 1.0, 0.6, _PERF, "<="),
      _engine_over_fof),
     (Goal("scale_by_cubic_step update with a stub curvature_fn, kernels",
-          "<=", 20, 13, _I19), _transform),
+          "<=", 20, 13, _PERF), _transform),
     *((Goal(f"engine CR step's flops / SGD's, 12x128, batch {b} (no "
-            "increase)", "<=", limit, None, _I19), _at(b, _flops))
+            "increase)", "<=", limit, None, _PERF), _at(b, _flops))
       for b, limit in ((32, 1.57), (256, 1.87))),
     (Goal("CR/SGD time ratio at depth 48 over depth 12, minus 1, batch 32",
-          "<=", 0.10, 0.03, _I19), _depth_growth),
+          "<=", 0.10, 0.03, _PERF), _depth_growth),
     *((Goal(f"speed-up of {name} over forward-over-forward, every 12x128 "
             "batch (worst)", ">=", 1.25), _speedup(which))
       for name, which in (("the best lrcr variant", "best"),

@@ -187,14 +187,24 @@ def reverse_curvature_fn(loss_fn: Callable[..., Array], *batch: Any,
 
 
 def autodiff_directional(loss_fn: Callable[..., Array], params: Any,
-                         direction: Any, *args: Any) -> Directional:
+                         *args: Any) -> Directional:
   """Slope, curvature and squared norm along g by forward-over-forward autodiff.
 
-  The inner `jax.jvp` of t -> loss_fn(params + t g, *args) gives the slope,
-  the outer one its derivative g^T H g. Works for any differentiable loss.
+  `autodiff_directional(loss_fn, params, *batch, direction)`: the arguments
+  of `lrcr.directional`, the direction g last. The inner `jax.jvp` of
+  t -> loss_fn(params + t g, *batch) gives the slope, the outer one its
+  derivative g^T H g. Works for any differentiable loss.
+
+  Raises:
+    TypeError: if no direction is given.
   """
+  if not args:
+    raise TypeError("autodiff_directional(loss_fn, params, *batch, "
+                    "direction) needs a direction, its last argument.")
+  *batch, direction = args
+
   def slope_at(p):
-    return jax.jvp(lambda q: loss_fn(q, *args), (p,), (direction,))[1]
+    return jax.jvp(lambda q: loss_fn(q, *batch), (p,), (direction,))[1]
 
   slope, curvature = jax.jvp(slope_at, (params,), (direction,))
   return Directional(slope, curvature, optax.tree.norm(direction, squared=True))
@@ -219,15 +229,15 @@ def autodiff_curvature_fn(loss_fn: Callable[..., Array], *args: Any,
 
   def curvature_fn(params: Any, direction: Any) -> Directional:
     if granularity == "global":
-      return autodiff_directional(loss_fn, params, direction, *args)
+      return autodiff_directional(loss_fn, params, *args, direction)
     index, gtree = group_index(direction)
     leaves, treedef = jax.tree.flatten(direction)
 
     def one(j):
       masked = [jnp.where(i == j, d, jnp.zeros_like(d))
                 for i, d in zip(index, leaves)]
-      return autodiff_directional(loss_fn, params,
-                                  jax.tree.unflatten(treedef, masked), *args)
+      return autodiff_directional(loss_fn, params, *args,
+                                  jax.tree.unflatten(treedef, masked))
 
     out = jax.vmap(one)(jnp.arange(gtree.num_leaves))
     return Directional(*(jax.tree.unflatten(gtree, list(f)) for f in out))

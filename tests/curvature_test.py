@@ -116,3 +116,21 @@ def test_model_form_for_the_paper_mlp():
                        "params/hidden_2/kernel", "params/output/kernel"]
     for k in a:
       np.testing.assert_allclose(a[k][0].adjoints, b[k][0].adjoints)
+
+
+@pytest.mark.parametrize("name,seed", [("paper_mlp", 0), ("cnn", 1)])
+def test_directional_and_autodiff_directional_share_one_argument_order(
+    name, seed):
+  """(loss_fn, params, *batch, direction) for both, against the dense Hessian."""
+  with jax.enable_x64(True):
+    loss_fn, params, batch = zoo.make(name, seed)
+    d = zoo.random_like(params, seed + 7)
+    grads, hess = zoo.dense(loss_fn, params, batch)
+    g = jax.flatten_util.ravel_pytree(d)[0]
+    for fn in (lrcr.directional, lrcr.autodiff_directional):
+      out = fn(loss_fn, params, *batch, d)
+      np.testing.assert_allclose(out.slope, g @ grads, rtol=1e-10)
+      np.testing.assert_allclose(out.curvature, g @ hess @ g, rtol=1e-10)
+      np.testing.assert_allclose(out.sqnorm, g @ g, rtol=1e-10)
+    with pytest.raises(TypeError, match="needs a direction"):
+      lrcr.autodiff_directional(loss_fn, params)
