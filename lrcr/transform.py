@@ -27,10 +27,11 @@ overflow inside `curvature_fn`. A `lrcr.types.ScalableCurvatureFn` (what
 as `curvature_fn.fn(params, g, e)` instead and applies 2^-e inside its own
 products, which saves writing a scaled copy of g every step.
 
-Cost: for granularity "global" the direction is read as one flat buffer per
-dtype, its largest entry found in one reduction, and eq. 37 solved in a
-few scalar kernels (`lrcr.cubic.solve`); the rest fuses into the writes of
-the update, one per leaf, as for `optax.sgd`.
+Cost: the direction's largest entry takes one reduction per leaf (a copy of
+the leaves into one flat buffer would take one reduction in all, but it
+doubles the step's temporary memory: an extra copy of the direction), eq.
+37 is solved in a few scalar kernels (`lrcr.cubic.solve`), and the rest
+fuses into the writes of the update, one per leaf, as for `optax.sgd`.
 """
 
 from __future__ import annotations
@@ -161,36 +162,6 @@ def _max_abs(tree: Any) -> Array:
   dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
   return functools.reduce(jnp.maximum, [
       jnp.max(jnp.abs(x)).astype(dtype) for x in leaves])
-
-
-def _as_flat_buffers(tree: Any) -> tuple[Any, Array]:
-  """tree with its leaves read back from one flat buffer per dtype, and the
-  largest |entry| of all (at least float32), reduced from those buffers.
-
-  The same values. XLA then fuses the direction's producers into the
-  buffer's copy, and every later reader (the curvature_fn, the update)
-  reads the buffer: one kernel for the copy where the producers would
-  otherwise be a kernel per leaf, and one reduction where a reduction per
-  leaf is one or two kernels each. The reduction is written as max(x, -x),
-  which XLA does not split back into a reduction per leaf as it does
-  max |x| of a concatenation.
-  """
-  leaves, treedef = jax.tree.flatten(tree)
-  if not leaves:
-    return tree, jnp.zeros((), jnp.float32)
-  out = list(leaves)
-  dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-  maxima = []
-  for leaf_dtype in {jnp.result_type(x) for x in leaves}:
-    idx = [i for i, x in enumerate(leaves)
-           if jnp.result_type(x) == leaf_dtype]
-    flat = jnp.concatenate([jnp.ravel(leaves[i]) for i in idx])
-    maxima.append(jnp.max(jnp.maximum(flat, -flat), initial=0).astype(dtype))
-    ends = np.cumsum([int(np.size(leaves[i])) for i in idx])[:-1]
-    for i, part in zip(idx, jnp.split(flat, ends)):
-      out[i] = part.reshape(jnp.shape(leaves[i]))
-  return jax.tree.unflatten(treedef, out), functools.reduce(jnp.maximum,
-                                                            maxima)
 
 
 def _block_exponents(granularity: str, updates: Any) -> Any:
@@ -419,8 +390,7 @@ def _update(c: _Settings, updates: Any, state: CubicStepState, params: Any,
   # g' = g 2^-e per block, max |g'| in [0.5, 1): curvature_fn sees a
   # unit-sized direction, and alpha' along g' is alpha 2^e.
   if c.granularity == "global":
-    updates, max_abs = _as_flat_buffers(updates)
-    exps = _exponent(max_abs)
+    exps = _exponent(_max_abs(updates))
   else:
     exps = _block_exponents(c.granularity, updates)
   # An engine-built curvature_fn (`lrcr.value_grad_and_curvature`) takes
