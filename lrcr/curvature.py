@@ -95,26 +95,6 @@ def as_loss_fn(model_or_loss: Any, *batch: Any) -> Callable[..., Array]:
   return model_or_loss
 
 
-def _blocks(leaves: Sequence[Array], dtype: Any) -> list[Array]:
-  """The leaves in `dtype` as few arrays: one reduction each.
-
-  Leaves of equal trailing shape are concatenated along the leading axis,
-  without a reshape: XLA:CPU fuses an elementwise producer (the direction
-  -lr grad F) into a reshape that feeds a copy, and so computes it a second
-  time, where a leaf computed anyway is copied as is. The other leaves are
-  flattened into one vector.
-  """
-  groups: dict[tuple, list] = {}
-  for x in leaves:
-    x = jnp.atleast_1d(jnp.asarray(x, dtype))
-    groups.setdefault(x.shape[1:], []).append(x)
-  blocks = [jnp.concatenate(xs) for xs in groups.values() if len(xs) > 1]
-  singles = [xs[0].ravel() for xs in groups.values() if len(xs) == 1]
-  if singles:
-    blocks.append(jnp.concatenate(singles))
-  return blocks
-
-
 def _total(a: Sequence[Array], b: Sequence[Array],
            unit: Callable[[Array], Array] = lambda x: x) -> Array:
   """sum_k <unit(a_k), b_k> over many leaves, one reduction per leaf.
@@ -537,10 +517,9 @@ def _global_fn(ps: _Pass, gradient_direction: bool, stack_layers: bool):
       c = dg / jnp.where(gg > 0, gg, 1.0)
       return Directional(dg, c * c * curv, c * dg)
     slope, curv = _curvature(ps, flat_d, None, log2, stack_layers)
-    # The direction's leaves are computed anyway (for the products V phi):
-    # one reduction per block of equal trailing shape.
-    sqnorm = sum(reference.sqnorm(unit(b))
-                 for b in _blocks(flat_d, jnp.result_type(*flat_d)))
+    # One reduction per leaf: concatenating the leaves into fewer blocks
+    # saves kernels but writes a copy of the whole direction.
+    sqnorm = sum(reference.sqnorm(unit(d)) for d in flat_d)
     return Directional(slope, curv, sqnorm)
 
   return curvature_fn
