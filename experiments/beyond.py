@@ -17,6 +17,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import numpy as np
 
 from configs import beyond
@@ -125,6 +126,8 @@ def _merged_grid(fresh, previous):
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  if not flags.FLAGS["verbosity"].present:   # orbax logs INFO per checkpoint
+    logging.set_verbosity(logging.WARNING)
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   previous = _previous(workdir)

@@ -128,6 +128,8 @@ def _table_row(row: dict[str, Any]) -> dict[str, Any]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  if not flags.FLAGS["verbosity"].present:   # orbax logs INFO per checkpoint
+    logging.set_verbosity(logging.WARNING)
   unknown = sorted(set(_ONLY.value) - set(PAPER_RUNS))
   if unknown:
     raise app.UsageError(f"--only: unknown run(s) {', '.join(unknown)}; "
