@@ -185,5 +185,6 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
   """
   lines = parse_lines(path)
   complete = check_metrics(lines, path)
-  seeds = len(lines) // complete if complete else 1
+  # check_metrics passed: the step-0 records are the first, one per seed.
+  seeds = sum(1 for _, rec in lines if rec.get("step") == 0)
   return [rec for _, rec in lines[:complete * seeds]]

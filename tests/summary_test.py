@@ -358,6 +358,10 @@ def test_read_metrics_checks_every_seed(tmp_path):
   # A kill while a chunk was written: the incomplete last step is left out.
   path.write_text(_seed_lines(range(3), [0, 1, 2]) + _seed_lines([3], [0]))
   assert len(metrics.read_metrics(path)) == 9
+  # One complete step of 2 seeds and half of the next: 2 records, not 3.
+  path.write_text(_seed_lines([0], [0, 1]) + _seed_lines([1], [0]))
+  assert [(r["step"], r["seed"]) for r in metrics.read_metrics(path)] == [
+      (0, 0), (0, 1)]
   text = _seed_lines(range(3), [0, 1, 2]).splitlines(keepends=True)
   path.write_text("".join(text[:4] + text[5:]))       # step 1, seed 1 lost
   with pytest.raises(metrics.MetricsError, match="expected step 1, seed 1"):
