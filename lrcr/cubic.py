@@ -272,7 +272,7 @@ def _solve_primal(s, h, n2, sig):
   """(alpha, predicted decrease, ok) of eq. 37 and the policy; see `solve`.
 
   s, h, n2, sig: arrays of one float dtype, broadcast together. Written so
-  that XLA fuses it into one kernel: no value that depends on two inputs is
+  that XLA fuses it into a few kernels: no value that depends on two inputs is
   multiplied by itself (XLA does not duplicate such a value into a consumer
   that reads it twice, and keeps it as a kernel of its own).
   """
@@ -407,7 +407,7 @@ def solve(slope, curvature, sqnorm, sigma) -> CubicSolution:
   derivative of the side it took (0 on the no-step side). Where alpha
   overflowed (`finite` False) both derivatives are 0, and where only the
   decrease did, the decrease's. The derivative is evaluated in the input
-  dtype without the rescaling of the solve itself, so it is exact where
+  dtype (at least float32) without the rescaling of the solve itself, so it is exact where
   sigma ||g||^3 alpha and its tangents stay in the float range (as along
   the unit-sized direction that `lrcr.scale_by_cubic_step` solves on).
 

@@ -585,7 +585,7 @@ def _custom_vjp_path(loss_fn, params, batch, traced: engine.Traced,
   """`value_grad_and_curvature` for a loss that holds a custom_vjp.
 
   The loss and the gradient are `jax.value_and_grad`'s; the curvature is
-  g^T d/dt grad F(params + t g) by autodiff of that gradient (`_hvp_fn`).
+  g^T d/dt grad F(params + t g) by autodiff of that gradient (`reference.hvp_fn`).
   """
   names = ", ".join(f"`{n}`" for n in sorted(set(traced.custom_vjps)))
   if granularity == "variable":

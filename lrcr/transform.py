@@ -27,10 +27,10 @@ overflow inside `curvature_fn`. A `lrcr.types.ScalableCurvatureFn` (what
 as `curvature_fn.fn(params, g, e)` instead and applies 2^-e inside its own
 products, which saves writing a scaled copy of g every step.
 
-Cost: the direction's largest entry takes one reduction per leaf (a copy of
-the leaves into one flat buffer would take one reduction in all, but it
-doubles the step's temporary memory: an extra copy of the direction), eq.
-37 is solved in a few scalar kernels (`lrcr.cubic.solve`), and the rest
+Cost (granularity "global"): the direction's largest entry takes one
+reduction per leaf (a copy of the leaves into one flat buffer would take
+one reduction in all, but it doubles the step's temporary memory: an extra
+copy of the direction), eq. 37 is solved in a few scalar kernels (`lrcr.cubic.solve`), and the rest
 fuses into the writes of the update, one per leaf, as for `optax.sgd`.
 """
 

@@ -329,8 +329,9 @@ def test_grad_of_step_length_and_decrease_match_finite_differences(case):
 
 
 def test_grad_is_exactly_zero_where_no_step_is_taken():
-  """s >= 0 and h >= 0: alpha = 0 on an open set, so its derivative is 0;
-  and a float32 grad is the float64 one rounded."""
+  """s >= 0 with h >= 0, or no minimum below m(0): alpha = 0 on an open
+  set, so its derivative is 0; and a float32 grad is the float64 one
+  rounded."""
   with jax.enable_x64(True):
     for case in [(0.5, 2.0, 1.0, 1.0), (1.0, -0.1, 1.0, 1.0)]:  # 2nd: no min
       x = np.array(case)
