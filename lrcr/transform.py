@@ -30,8 +30,9 @@ products, which saves writing a scaled copy of g every step.
 Cost (granularity "global"): the direction's largest entry takes one
 reduction per leaf (a copy of the leaves into one flat buffer would take
 one reduction in all, but it doubles the step's temporary memory: an extra
-copy of the direction), eq. 37 is solved in a few scalar kernels (`lrcr.cubic.solve`), and the rest
-fuses into the writes of the update, one per leaf, as for `optax.sgd`.
+copy of the direction), eq. 37 is solved in a few scalar kernels
+(`lrcr.cubic.solve`), and the rest fuses into the writes of the update, one
+per leaf, as for `optax.sgd`.
 """
 
 from __future__ import annotations
@@ -172,6 +173,16 @@ def _block_exponents(granularity: str, updates: Any) -> Any:
   return jax.tree.map(
       lambda u: _exponent(jnp.abs(u).astype(
           jnp.promote_types(u.dtype, jnp.float32))), updates)
+
+
+def _finite_blocks(granularity: str, updates: Any) -> Any:
+  """Whether the direction is finite, per block (a tree like `alpha`)."""
+  if granularity == "global":
+    return jnp.isfinite(_max_abs(updates))
+  if granularity == "layer":
+    return jax.tree.map(lambda _, sub: jnp.isfinite(_max_abs(sub)),
+                        param_groups(updates), updates)
+  return jax.tree.map(jnp.isfinite, updates)
 
 
 def _per_block(fn, blocks: Any, tree: Any) -> Any:
@@ -409,8 +420,12 @@ def _update(c: _Settings, updates: Any, state: CubicStepState, params: Any,
 
   def reuse(_):
     alpha = state.learning_rate
+    # The kept alpha applies to this step's direction: a block whose
+    # direction is not finite gets no step here either.
+    finite = jax.tree.map(jnp.logical_and, state.info.finite,
+                          _finite_blocks(c.granularity, updates))
     return _Step(jax.tree.map(cubic.times_pow2, alpha, exps), alpha,
-                 state.info)
+                 state.info._replace(finite=finite))
 
   if c.curvature_every == 1:
     step = fresh(None)

@@ -657,6 +657,31 @@ def test_a_nan_direction_gives_a_zero_update_not_nan(engine):
   assert all(bool(jnp.all(leaf == 0)) for leaf in jax.tree.leaves(u))
 
 
+@pytest.mark.parametrize("granularity", ["global", "layer"])
+def test_a_nan_direction_on_a_reused_step_gives_a_zero_update(granularity):
+  """curvature_every=3: step 1 keeps step 0's alpha; a NaN direction there
+  is still no step (finite False, update 0), and a finite one is alpha g."""
+  model, params, x, y = _small()
+  loss = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
+  grads, bad = _mlp_direction_with_nan(model, params, x, y)
+  fn = lrcr.value_grad_and_curvature(loss, params, x, y,
+                                     granularity=granularity)[2]
+  tx = lrcr.scale_by_cubic_step(10.0, curvature_every=3,
+                                granularity=granularity)
+  _, state = tx.update(grads, tx.init(params), params, curvature_fn=fn)
+  assert all(bool(f) for f in jax.tree.leaves(state.info.finite))
+  u, reused = tx.update(bad, state, params, curvature_fn=fn)
+  assert not bool(jax.tree.leaves(reused.info.finite)[0])
+  assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(u))
+  np.testing.assert_array_equal(jax.tree.leaves(u)[0], 0.0)
+  u, kept = tx.update(grads, state, params, curvature_fn=fn)
+  assert all(bool(f) for f in jax.tree.leaves(kept.info.finite))
+  if granularity == "global":
+    for a, g in zip(jax.tree.leaves(u), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(a, float(state.learning_rate) * g,
+                                 rtol=1e-6)
+
+
 def test_a_nan_in_one_layer_zeroes_that_layer_only():
   model, params, x, y = _small()
   loss = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
