@@ -8,11 +8,12 @@ and the paper's network. The engine (`lrcr.engine`) reads the loss's own JAX
 program, so it serves any model, not only the paper's.
 
 Modules, in dependency order: `types` (shared types), `cubic` (the step
-length), `engine` (the second-order adjoint of a program), `samples`
-(whether a loss is a sum of per-sample terms), `losses` (the paper's
-loss), `mlp` (the paper's network), `reference` (autodiff references and
-fallbacks), `curvature` (the public engine API), `transform`
-(the optax transformation), `averaging` (section 3.1's options).
+length), `engine` (a program's second-order adjoint: reading, forward
+pass), `sweep` (its tangent sweep and rules), `samples` (whether a loss is
+a sum of per-sample terms), `losses` (the paper's loss), `mlp` (the
+paper's network), `reference` (autodiff references and fallbacks),
+`curvature` (the public engine API), `transform` (the optax
+transformation), `averaging` (section 3.1's options).
 """
 
 from lrcr.types import CurvatureFn, Directional, param_groups

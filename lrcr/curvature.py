@@ -10,8 +10,9 @@ g shaped like params, the cubic step of eq. 37 needs
 
 `value_grad_and_curvature` computes the loss and the gradient in one forward
 and backward pass and returns a `curvature_fn` that contracts any direction
-against the second-order adjoint of that same pass (`lrcr.engine`): the fast
-path, exact to float rounding, for any model. `lowrank_curvature_fn` is the
+against the second-order adjoint of that same pass: the fast path, exact to
+float rounding, for any model. `lrcr.engine` reads the program and runs the
+pass; each evaluation is one call of `lrcr.sweep.curvature`. `lowrank_curvature_fn` is the
 same engine behind the signature of `autodiff_curvature_fn`.
 
 Granularity (section 4's future work; appendix B's Table 2):
@@ -28,8 +29,8 @@ of per-sample outer products, phi = c V^T Ybar with V the operand of the weight
 and Ybar the adjoint of its output. Then V phi = c (V V^T) Ybar and
 Ybar . (dV phi) = c dV . ((Ybar Ybar^T) V) cost O(N^2 d) through N x N
 Gram matrices instead of O(N d^2): `gradient_direction=True` uses them for
-every weight operation where that is cheaper, and where no operation gains
-it runs the plain sweep (the Gram form needs c = g . grad F / ||grad F||^2
+every weight operation where that is cheaper (`lrcr.sweep`), and where no
+operation gains it runs the plain sweep (the Gram form needs c = g . grad F / ||grad F||^2
 first, one more reduction over every leaf).
 """
 
@@ -44,10 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrcr import cubic
 from lrcr import engine
 from lrcr import reference
 from lrcr import samples
+from lrcr import sweep
 from lrcr.losses import cross_entropy_loss
 from lrcr.types import (CurvatureFn, Directional, ScalableCurvatureFn,
                         group_index)
@@ -95,231 +96,12 @@ def as_loss_fn(model_or_loss: Any, *batch: Any) -> Callable[..., Array]:
   return model_or_loss
 
 
-def _total(a: Sequence[Array], b: Sequence[Array],
-           unit: Callable[[Array], Array] = lambda x: x) -> Array:
-  """sum_k <unit(a_k), b_k> over many leaves, one reduction per leaf.
-
-  Where a leaf is not computed anyway (a direction -lr grad F that nothing
-  else reads), XLA fuses its producer and `unit` (an exact rescaling) into
-  that leaf's reduction; concatenated, it would compute each leaf again in
-  a kernel of its own to copy it.
-  """
-  dtype = jnp.result_type(jnp.float32, *a, *b)      # float32 at least
-  out = sum(jnp.sum(unit(x.astype(dtype)) * y.astype(dtype))
-            for x, y in zip(a, b))
-  return jnp.real(out) if jnp.iscomplexobj(out) else out     # no conjugate
-
-
-# ---------------------------------------------------------------------------
-# Weight operations, evaluated in groups (and in the Gram form for SGD).
-# ---------------------------------------------------------------------------
-#
-# For a weight operation z = V W (V [N, d_in] the operand, N = batch x
-# positions; W [d_in, d_out]; phi the direction on W; Ybar = dF/dz) the
-# sweep needs the tangent dz = dV W + V phi and the second-order term
-# Ybar . (2 dV phi) (eq. 36). V phi does not depend on the sequential chain
-# and is taken before the sweep; the second-order terms are summed after it.
-# When the direction is c * grad F (plain SGD) and W is read by this
-# operation only, phi = c V^T Ybar, so
-#
-#     V phi = c (V V^T) Ybar,   Ybar . (dV phi) = c dV . ((Ybar Ybar^T) V)
-#
-# through N x N Gram matrices: O(N^2 d) instead of O(N d^2) (section 2's
-# low rank; the form is used where it needs fewer multiplications).
-
-
-def _dense_2d(node) -> bool:
-  """z = V W with V [..., d_in] and a 2-D W on the right."""
-  if node.name != "dot_general" or node.weight != 1:
-    return False
-  (lc, rc), (lb, rb) = node.params["dimension_numbers"]
-  lhs, rhs = node.in_avals
-  return (not lb and not rb and rhs.ndim == 2 and tuple(rc) == (0,)
-          and tuple(lc) == (lhs.ndim - 1,))
-
-
-def _weight_nodes(ps: _Pass) -> dict:
-  """id -> node of the 2-D dense weight operations that have an adjoint."""
-  return {n.id: n for n in ps.traced.program.nodes
-          if n.weight >= 0 and _dense_2d(n) and n.id in ps.ybar}
-
-
-def _gram_ids(ps: _Pass) -> frozenset:
-  """Weight operations where the Gram form needs fewer multiplications.
-
-  N (d_in + d_out) < d_in d_out, and the weight is read by this operation
-  only (so its gradient is V^T Ybar alone).
-  """
-  out = set()
-  for node in _weight_nodes(ps).values():
-    n = math.prod(node.in_avals[0].shape[:-1])
-    d_in, d_out = node.in_avals[1].shape
-    sole = ps.traced.uses.get(node.param) == 1
-    if sole and n * (d_in + d_out) < d_in * d_out:
-      out.add(node.id)
-  return frozenset(out)
-
-
-def _unit(log2: Array | None) -> Callable[[Array], Array]:
-  """x -> x 2^-log2 (exact), or the identity without an exponent."""
-  if log2 is None:
-    return lambda x: x
-  return lambda x: cubic.times_pow2(x, -log2)
-
-
-def _stack(xs: Sequence[Array]) -> Array:
-  """[L, ...]: equally shaped arrays in one buffer (one copy).
-
-  Concatenated along their leading axis and reshaped: `jnp.stack` would
-  reshape each to [1, ...] first, and XLA then fuses each array's producer
-  (a ReLU, a scaling) into that reshape, so the producer runs twice.
-  """
-  return jnp.concatenate(list(xs)).reshape((len(xs),) + xs[0].shape)
-
-
-def _bmm(a: Array, b: Array, spec: str) -> Array:
-  """einsum over a leading layer axis; a plain 2-D product when L = 1."""
-  if a.shape[0] == 1:
-    return jnp.einsum(spec.replace("l", ""), a[0], b[0])[None]
-  return jnp.einsum(spec, a, b)
-
-
-def _stack_pays(size: int, gram: bool, tangent: bool) -> bool:
-  """Whether stacking `size` equal weight operations launches fewer kernels.
-
-  Per operation, the Gram form launches V V^T, (V V^T) Ybar and, where the
-  operand carries a tangent dV, the second-order term; stacked, each of
-  these launches once for the group, after one copy per stacked operand
-  (V, Ybar, dV). The dense form is not stacked by default: XLA:CPU fuses
-  its per-operation products so that stacking the paper's eleven hidden
-  layers saved 5 kernels of 217 and measured slower (the copies of V, phi,
-  dV and Ybar).
-  """
-  if not gram:
-    return False
-  t = int(tangent)
-  return size * (2 + t) > 4 + 2 * t
-
-
-class _WeightPlan:
-  """The weight operations of one sweep, each in the dense or the Gram form.
-
-  Operations of equal shapes (the paper's eleven 128 x 128 hidden layers)
-  are evaluated together where that launches fewer kernels
-  (`_stack_pays`; with `stack`, every such group): V phi before the sweep
-  and dV phi after it are one batched matmul over a stacked layer axis L
-  each, at the price of copying the stacked operands. Only the chain dV W
-  stays per layer. The numbers are the same up to float rounding (the
-  order of some sums changes).
-  """
-
-  def __init__(self, ps: _Pass, flat_d: list, scale: Array | None,
-               log2: Array | None = None, stack: bool = False,
-               gram_ids: frozenset = frozenset()):
-    # `log2`: flat_d is the raw direction and the sweep runs along
-    # flat_d 2^-log2 (exact): the dense products V phi and dV phi of a
-    # single operation are taken with the raw phi and scaled afterwards, so
-    # phi itself is not copied; a stacked phi is scaled as it is copied.
-    self.ps, self.flat_d, self.scale = ps, flat_d, scale
-    self.unit = _unit(log2)
-    groups: dict[tuple, list] = {}
-    for node in _weight_nodes(ps).values():
-      key = (node.in_avals[0].shape, node.in_avals[1].shape,
-             node.in_avals[0].dtype, node.in_avals[1].dtype,
-             node.out_avals[0].dtype, jnp.result_type(flat_d[node.param]),
-             node.cin[0], node.id in gram_ids)
-      groups.setdefault(key, []).append(node)
-    self.groups = []
-    for key, nodes in groups.items():
-      if len(nodes) > 1 and (stack or _stack_pays(len(nodes), key[-1],
-                                                  key[-2])):
-        self.groups.append(nodes)
-      else:
-        self.groups.extend([n] for n in nodes)
-    self.slot = {n.id: (g, k) for g, nodes in enumerate(self.groups)
-                 for k, n in enumerate(nodes)}
-    self.sources, self.parts, self.dv = [], [], {}
-    for nodes in self.groups:
-      # [L, N, d_in] operands and [L, N, d_out] adjoints (L = 1: no copy).
-      stacked = (lambda xs: xs[0][None]) if len(nodes) == 1 else _stack
-      pairs = [_node_values(ps, n, ()) for n in nodes]
-      v = stacked([x.reshape(-1, n.in_avals[0].shape[-1])
-                   for (x, _), n in zip(pairs, nodes)])
-      y = stacked([a.reshape(-1, n.out_avals[0].shape[-1])
-                   for (_, a), n in zip(pairs, nodes)])
-      gram = nodes[0].id in gram_ids
-      if gram:                                                # c (V V^T) Ybar
-        phi = None
-        src = scale * _bmm(_bmm(v, v, "lni,lmi->lnm"), y, "lnm,lmj->lnj")
-      elif len(nodes) == 1:                 # V phi, phi raw, scaled after
-        phi = self.flat_d[nodes[0].param][None]
-        src = self.unit(_bmm(v, phi, "lni,lij->lnj"))
-      else:                         # V phi, phi scaled as it is stacked
-        phi = self.unit(_stack([self.flat_d[n.param] for n in nodes]))
-        src = _bmm(v, phi, "lni,lij->lnj")
-      self.sources.append(src)
-      self.parts.append((gram, v, y, phi))
-
-  def rewrite(self, node, vals, tans):
-    if node.id not in self.slot:
-      return None
-    g, k = self.slot[node.id]
-    out = self.sources[g][k]                                  # [N, d_out]
-    if node.cin[0]:
-      dv = tans[0].reshape(-1, vals[0].shape[-1])             # [N, d_in]
-      self.dv[node.id] = dv
-      out = out + dv @ vals[1]                                # + dV W
-    return [out.reshape(node.out_avals[0].shape)]
-
-  def second_order(self) -> Array:
-    """sum over weight operations of Ybar . (2 dV phi)."""
-    terms, raw = [], []
-    for nodes, (gram, v, y, phi) in zip(self.groups, self.parts):
-      if nodes[0].id not in self.dv:
-        continue                                              # dV = 0
-      dv = (self.dv[nodes[0].id][None] if len(nodes) == 1 else
-            _stack([self.dv[n.id] for n in nodes]))           # [L, N, d_in]
-      if gram:                  # c dV . ((Ybar Ybar^T) V), [L, N, d_in]
-        terms.append((2 * self.scale, dv,
-                      _bmm(_bmm(y, y, "lnj,lmj->lnm"), v, "lnm,lmi->lni")))
-      else:
-        (raw if len(nodes) == 1 else terms).append(
-            (2.0, _bmm(dv, phi, "lni,lij->lnj"), y))
-    # The terms of a raw (unstacked) phi: one scaling of their sum.
-    dtype = jnp.result_type(*self.flat_d)
-    keep = self.ps.traced.keep
-    return (engine.total(terms, dtype, keep)
-            + self.unit(engine.total(raw, dtype, keep)))
-
-  def direct_params(self) -> set:
-    """Flat param indices that some operation other than the plan's reads."""
-    prog = self.ps.traced.program
-    ids = {i: k for k, i in enumerate(prog.invars[:self.ps.traced.num_params])}
-    out = set()
-    for node in prog.nodes:
-      if node.id in self.slot:
-        continue
-      out.update(ids[x] for x in node.ins if isinstance(x, int) and x in ids)
-    return out
-
-
 # ---------------------------------------------------------------------------
 # The fast path.
 # ---------------------------------------------------------------------------
 
-class _Pass(NamedTuple):
-  traced: engine.Traced
-  flat_params: list
-  loss: Array
-  flat_grads: list
-  residuals: dict
-  ybar: dict
-  diagonal: list | None = None
-  aux: Any = None
-
-
 def _gradient_pass(traced: engine.Traced, params: Any,
-                   diagonal: bool = False) -> _Pass:
+                   diagonal: bool = False) -> engine.Pass:
   """The forward and backward pass of the engine on a traced loss.
 
   With `diagonal`, also the exact Hessian diagonal (`hessian_diagonal`).
@@ -330,7 +112,7 @@ def _gradient_pass(traced: engine.Traced, params: Any,
     loss, vjp_fn, (res, aux) = jax.vjp(traced.forward, flat_p, eps,
                                        has_aux=True)
     flat_g, ybar = vjp_fn(jnp.ones_like(loss))
-    return _Pass(traced, flat_p, loss, list(flat_g), res, ybar, aux=aux)
+    return engine.Pass(traced, flat_p, loss, list(flat_g), res, ybar, aux=aux)
   _refuse_custom_vjp(traced, "the exact Hessian diagonal (granularity "
                      "'variable')", "granularity 'layer' or 'global'")
   samples.check_separable(
@@ -347,7 +129,7 @@ def _gradient_pass(traced: engine.Traced, params: Any,
   (loss, logits), vjp_fn, (res, aux) = jax.vjp(
       lambda p, e: traced.forward_with(p, e, head), flat_p, eps, has_aux=True)
   flat_g, ybar = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(logits)))
-  ps = _Pass(traced, flat_p, loss, list(flat_g), res, ybar, aux=aux)
+  ps = engine.Pass(traced, flat_p, loss, list(flat_g), res, ybar, aux=aux)
   # Per sample b, the Hessian of F in the logits row P_b (C x C), by
   # forward-over-reverse on the head with one unit tangent per class on
   # every row at once (the rows are separate samples), then its
@@ -369,39 +151,6 @@ def _gradient_pass(traced: engine.Traced, params: Any,
   diag = [_leaf_diagonal(ps, role, ybar_r, lam, jnp.shape(p))
           for role, p in zip(roles, flat_p)]
   return ps._replace(diagonal=diag)
-
-
-def _curvature(ps: _Pass, flat_d: list, scale: Array | None = None,
-               log2: Array | None = None, stack: bool = False,
-               gram_ids: frozenset = frozenset()) -> tuple[Array, Array]:
-  """(slope, curvature) along the flat direction, from one tangent sweep.
-
-  `scale`: the direction is `scale` * grad F (with `log2`, scale is already
-  that of the scaled direction); `gram_ids` (`_gram_ids`): the weight
-  operations that then take the Gram form.
-  `log2`: the sweep runs along flat_d 2^-log2 (see `_WeightPlan`).
-  `stack`: batch equally shaped weight operations (see `_WeightPlan`).
-  """
-  prog = ps.traced.program
-  plan = _WeightPlan(ps, flat_d, scale, log2, stack, gram_ids)
-  if log2 is None:
-    in_tans = dict(zip(prog.invars, flat_d))
-  else:           # only the leaves other operations read are scaled here
-    direct = plan.direct_params()
-    in_tans = {i: plan.unit(d) for k, (i, d) in enumerate(zip(prog.invars,
-                                                              flat_d))
-               if k in direct}
-  outs, curv = engine.sweep(prog, ps.residuals, ps.ybar, in_tans, plan.rewrite,
-                           dtype=jnp.result_type(*flat_d), keep=ps.traced.keep)
-  dtype = engine.accumulation_dtype(*flat_d)
-  if any(jnp.finfo(jnp.result_type(d)).bits < 32 for d in flat_d):
-    # Low-precision params: g . grad F summed in float32 (eq. 38), not the
-    # tangent of the loss's own low-precision reduction.
-    slope = _unit(log2)(sum(engine.pair(d, g)
-                            for d, g in zip(flat_d, ps.flat_grads)))
-  else:
-    slope = outs[0] if outs[0] is not None else jnp.zeros_like(ps.loss)
-  return slope.astype(dtype), curv + plan.second_order()
 
 
 def value_grad_and_curvature(
@@ -485,7 +234,7 @@ def value_grad_and_curvature(
       _global_fn(ps, gradient_direction, stack_layers))
 
 
-def _global_fn(ps: _Pass, gradient_direction: bool, stack_layers: bool):
+def _global_fn(ps: engine.Pass, gradient_direction: bool, stack_layers: bool):
   """`fn(params, direction, log2_scale)` of granularity "global"."""
   treedef = ps.traced.params_treedef
   # The Gram form reads ||grad F||^2 off the loss's tangent: not for complex
@@ -494,14 +243,15 @@ def _global_fn(ps: _Pass, gradient_direction: bool, stack_layers: bool):
   plain = not (any(jnp.iscomplexobj(p) for p in ps.flat_params)
                or ps.traced.keep
                or any(engine.varying_axes(g) for g in ps.flat_grads))
-  gram_ids = _gram_ids(ps) if gradient_direction and plain else frozenset()
+  gram_ids = (sweep.gram_operations(ps) if gradient_direction and plain
+              else frozenset())
 
   def curvature_fn(params_unused: Any, direction: Any,
                    log2_scale: Any = None) -> Directional:
     del params_unused
     flat_d = reference.flat_direction(direction, treedef, ps.flat_params)
     log2 = None if log2_scale is None else jnp.asarray(log2_scale, jnp.int32)
-    unit = _unit(log2)
+    unit = sweep.unit(log2)
     # direction = c grad F: the Gram form, where some weight operation gains
     # by it (otherwise the dense sweep is the cheaper of the two). The sweep
     # then runs along grad F itself, so that its slope is ||grad F||^2
@@ -511,12 +261,12 @@ def _global_fn(ps: _Pass, gradient_direction: bool, stack_layers: bool):
     # = c^2 grad F^T H grad F (eq. 39) and ||g||^2 = c^2 ||grad F||^2
     # (eq. 40).
     if gram_ids:
-      gg, curv = _curvature(ps, ps.flat_grads, 1.0, None, stack_layers,
-                            gram_ids)
-      dg = _total(flat_d, ps.flat_grads, unit)
+      gg, curv = sweep.curvature(ps, ps.flat_grads, 1.0, None, stack_layers,
+                                 gram_ids)
+      dg = sweep.inner(flat_d, ps.flat_grads, unit)
       c = dg / jnp.where(gg > 0, gg, 1.0)
       return Directional(dg, c * c * curv, c * dg)
-    slope, curv = _curvature(ps, flat_d, None, log2, stack_layers)
+    slope, curv = sweep.curvature(ps, flat_d, None, log2, stack_layers)
     # One reduction per leaf: concatenating the leaves into fewer blocks
     # saves kernels but writes a copy of the whole direction.
     sqnorm = sum(reference.sqnorm(unit(d)) for d in flat_d)
@@ -525,7 +275,7 @@ def _global_fn(ps: _Pass, gradient_direction: bool, stack_layers: bool):
   return curvature_fn
 
 
-def _layer_fn(ps: _Pass, params: Any, stack_layers: bool) -> CurvatureFn:
+def _layer_fn(ps: engine.Pass, params: Any, stack_layers: bool) -> CurvatureFn:
   """`curvature_fn` of granularity "layer": one g_k^T H_kk g_k per group."""
   treedef = ps.traced.params_treedef
 
@@ -538,9 +288,9 @@ def _layer_fn(ps: _Pass, params: Any, stack_layers: bool) -> CurvatureFn:
       return [jnp.where(i == j, d, jnp.zeros_like(d))
               for i, d in zip(index, flat_d)]
 
-    curv = jax.vmap(lambda j: _curvature(ps, masked(j),
-                                         stack=stack_layers)[1])(
-                                             jnp.arange(gtree.num_leaves))
+    curv = jax.vmap(lambda j: sweep.curvature(ps, masked(j),
+                                              stack=stack_layers)[1])(
+                                                  jnp.arange(gtree.num_leaves))
     return Directional(
         reference.per_group(params, [engine.pair(d, g)
                             for d, g in zip(flat_d, ps.flat_grads)]),
@@ -550,7 +300,7 @@ def _layer_fn(ps: _Pass, params: Any, stack_layers: bool) -> CurvatureFn:
   return curvature_fn
 
 
-def _variable_fn(ps: _Pass) -> CurvatureFn:
+def _variable_fn(ps: engine.Pass) -> CurvatureFn:
   """`curvature_fn` of granularity "variable": the exact diagonal's."""
   treedef = ps.traced.params_treedef
   unf = lambda leaves: jax.tree.unflatten(treedef, leaves)
@@ -716,24 +466,6 @@ def _path_names(params: Any) -> list[str]:
           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
-def _node_values(ps: _Pass, node, outer: tuple):
-  """(operand, adjoint) of a weight operation, batch axis first.
-
-  Inside scans the values are stacked over iterations: [T, B, ...] becomes
-  [B, T, ...].
-  """
-  res, ybar = ps.residuals, ps.ybar
-  for scan in outer:
-    res, ybar = res[-1 - scan.id], ybar[scan.id]
-  x = node.ins[1 - node.weight]
-  operand = engine.value_of(res, x)
-  adjoint = ybar[node.id][0]
-  for _ in outer:
-    operand = jnp.moveaxis(operand, 0, 1)
-    adjoint = jnp.moveaxis(adjoint, 0, 1)
-  return operand, adjoint
-
-
 def _rows(node, operand: Array, adjoint: Array, depth: int):
   """Per-sample [B, P, d_in] inputs and [B, P, d_out] adjoints of one operation.
 
@@ -831,7 +563,7 @@ def per_sample_factors(model_or_loss: Any, params: Any,
   out: dict[str, list[WeightFactors]] = {}
   unfactored: dict[str, str] = {}
   for node, outer in traced.weight_nodes():
-    operand, adjoint = _node_values(ps, node, outer)
+    operand, adjoint = ps.weight_values(node, outer)
     rows = _rows(node, operand, adjoint, len(outer))
     if rows is None:
       unfactored[names[node.param]] = (
@@ -908,7 +640,7 @@ def _diagonal_roles(traced: engine.Traced, params: Any) -> list[tuple]:
   return roles
 
 
-def _leaf_diagonal(ps: _Pass, role: tuple, ybar_r: dict, lam: Array,
+def _leaf_diagonal(ps: engine.Pass, role: tuple, ybar_r: dict, lam: Array,
                    shape: tuple) -> Array:
   """d2F/dw^2 = sum_{b,r} lam_br (d s_br / dw)^2 for every entry w of a leaf.
 
@@ -921,7 +653,7 @@ def _leaf_diagonal(ps: _Pass, role: tuple, ybar_r: dict, lam: Array,
     size = math.prod(shape)
     per = adj_r.reshape(adj_r.shape[:2] + (-1, size)).sum(2)   # [C, B, size]
     return jnp.einsum("br,rbj->j", lam, per * per).reshape(shape)
-  operand, _ = _node_values(ps, node, ())
+  operand, _ = ps.weight_values(node, ())
   if (node.name == "dot_general" and operand.ndim == 2 and node.weight == 1
       and len(node.in_avals[1].shape) == 2):
     # A 2-D weight, one position per sample:

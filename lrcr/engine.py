@@ -73,17 +73,26 @@ Programs beyond plain arrays
   factors) need a loss that is a sum of per-sample terms; `lrcr.samples`
   checks it from the program.
 
-The per-sample low-rank structure of the paper (section 2) appears where an
-operation is a matmul of a per-sample activation and a weight: see
-`lrcr.curvature` for the Gram form and the per-sample factors built on it.
+What this module owns
+---------------------
+Reading the program (`trace`), classifying its operations (`Kind`), and its
+forward pass with offsets (`forward`). Higher-order primitives (a loop
+with a body program) go through one table, `NESTED_RULES`: a `NestedRule`
+per primitive, registered once, that every generic pass asks, as JAX keeps
+one JVP rule per primitive in `primitive_jvps`. `lrcr.sweep` owns the
+tangent sweep, the weight operations' dense and Gram forms (section 2's low
+rank), and the rule of `scan`; `lrcr.curvature` builds the public API on
+them.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import enum
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -94,9 +103,12 @@ from jax._src.interpreters import partial_eval as pe  # dce_jaxpr
 
 Array = jax.Array
 
-#: Call-like primitives whose body is inlined into the program.
-_INLINE_CALLS = ("jit", "pjit", "closed_call", "core_call", "remat",
-                 "checkpoint", "custom_vjp_call", "custom_vjp_call_jaxpr")
+#: Call-like primitives: the operation is its body, a jaxpr in its params.
+_CALLS = ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint",
+          "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_jvp_call")
+#: Calls that the engine keeps whole (differentiated by their own rules);
+#: it inlines the others.
+_KEPT_CALLS = ("custom_jvp_call",)
 #: Primitives whose output never carries a tangent.
 _NO_TANGENT = ("stop_gradient",)
 #: Collectives that are linear in their input (zero second-order term). They
@@ -118,23 +130,26 @@ class UnsupportedProgramError(NotImplementedError):
   """The loss program holds an operation the engine cannot differentiate."""
 
 
+class Kind(enum.Enum):
+  """How the tangent sweep treats an operation."""
+  CONST = "const"        # no input carries a tangent: skipped
+  LINEAR = "linear"      # zero second-order term: its tangent only
+  SECOND = "second"      # a second-order term, contracted with its adjoint
+  NESTED = "nested"      # a body program: evaluated by its `NestedRule`
+
+
 @dataclasses.dataclass(frozen=True)
-class _Lit:
+class Lit:
   """A constant of the program (a literal or a closed-over array)."""
   val: Any
 
 
-Atom = Any  # int (a value id) or _Lit
+Atom = Any  # int (a value id) or Lit
 
 
 @dataclasses.dataclass
-class _Node:
-  """One operation of the flattened program.
-
-  kind: "const" (no tangent-carrying input), "linear" (zero second-order
-  term), "second" (a second-order term to contract with its adjoint) or
-  "scan" (a loop whose body is a `_Program` of its own).
-  """
+class Node:
+  """One operation of the flattened program."""
   id: int
   prim: Any
   params: dict
@@ -142,8 +157,9 @@ class _Node:
   outs: list
   in_avals: list
   out_avals: list
-  body: Any = None                      # _Program, for scan
-  kind: str = "const"
+  rule: NestedRule | None = None        # a higher-order primitive's
+  body: Program | None = None           # its body, read by `rule`
+  kind: Kind = Kind.CONST
   cin: tuple = ()                       # which ins carry a tangent
   cout: tuple = ()                      # which outs carry a tangent
   second: tuple = ()                    # which outs have op'' != 0
@@ -159,9 +175,37 @@ class _Node:
     out = self.prim.bind(*vals, **self.params)
     return list(out) if self.prim.multiple_results else [out]
 
+  def _split(self, vals: Sequence[Any]):
+    """f(carried inputs) -> outputs, closing over the other inputs."""
+    vals = list(vals)
+    where = [k for k, c in enumerate(self.cin) if c]
+
+    def f(*carried):
+      full = list(vals)
+      for k, v in zip(where, carried):
+        full[k] = v
+      return self.apply(full)
+
+    return f, tuple(vals[k] for k in where)
+
+  def jvp(self, vals: Sequence[Any], tans: Sequence[Any]) -> list:
+    """The output tangents, from the tangents of the carried inputs."""
+    f, primals = self._split(vals)
+    return jax.jvp(f, primals, tuple(tans))[1]
+
+  def jvp2(self, vals: Sequence[Any], tans: Sequence[Any]) -> tuple:
+    """(output tangents, second-order terms op''[xdot, xdot])."""
+    f, primals = self._split(vals)
+    tans = tuple(tans)
+
+    def tangent(*p):
+      return jax.jvp(f, p, tans)[1]
+
+    return jax.jvp(tangent, primals, tans)
+
 
 @dataclasses.dataclass
-class _Program:
+class Program:
   """A flattened jaxpr: value ids, nodes in order, outputs."""
   invars: list
   nodes: list
@@ -170,7 +214,73 @@ class _Program:
   needed: set = dataclasses.field(default_factory=set)
 
 
-def _is_float(aval) -> bool:
+class Residuals(NamedTuple):
+  """The forward values that the tangent sweep reads.
+
+  Attributes:
+    values: value id -> its value.
+    bodies: id of a `Kind.NESTED` node -> its body's `Residuals`, stacked
+      over the iterations along a leading axis.
+  """
+  values: dict
+  bodies: dict
+
+
+class NestedRule(abc.ABC):
+  """How the engine evaluates a higher-order primitive (one with a body).
+
+  One instance per primitive, registered once in `NESTED_RULES` by
+  `register`; every generic pass (reading, analysis, offsets, forward,
+  tangent sweep, weight marking) asks the rule of a node that has one. A
+  primitive without a rule is an ordinary operation, differentiated whole
+  by its own JVP rule. A body's offsets, residuals and adjoints are stacked
+  over its iterations along a leading axis.
+  """
+
+  @abc.abstractmethod
+  def body(self, params: dict) -> jcore.ClosedJaxpr:
+    """The body program, from the operation's params."""
+
+  @abc.abstractmethod
+  def analyze(self, node: Node) -> None:
+    """Sets node.cin and node.cout, analysing node.body (`analyze`)."""
+
+  @abc.abstractmethod
+  def invariants(self, node: Node) -> list[tuple[int, int]]:
+    """(input index, body value id) of inputs the body reads unchanged.
+
+    Their uses are counted where the body reads them (`_mark_weights`).
+    """
+
+  @abc.abstractmethod
+  def zero_offsets(self, node: Node, prefix: tuple) -> dict:
+    """The body's zero offsets (`zero_offsets`), stacked over iterations."""
+
+  @abc.abstractmethod
+  def forward(self, node: Node, vals: list, eps: dict,
+              ) -> tuple[list, Residuals]:
+    """(outputs, the body's stacked `Residuals`), with offsets `eps`."""
+
+  @abc.abstractmethod
+  def sweep(self, node: Node, vals: list, tans: list, res: Residuals,
+            ybar: dict, keep: frozenset | None) -> tuple[list, Array]:
+    """(output tangents, sum of ybar . op''[xdot, xdot] over the body).
+
+    `tans`: those of the carried inputs (None where it is zero).
+    """
+
+
+#: Higher-order primitive name -> its rule.
+NESTED_RULES: dict[str, NestedRule] = {}
+
+
+def register(name: str, rule: NestedRule) -> None:
+  """Registers the rule of the higher-order primitive `name`."""
+  NESTED_RULES[name] = rule
+
+
+def is_float(aval) -> bool:
+  """Whether a value is a float (or complex) array that carries tangents."""
   dtype = getattr(aval, "dtype", None)
   return (dtype is not None and not jax.dtypes.issubdtype(
       dtype, jax.dtypes.extended) and jnp.issubdtype(dtype, jnp.inexact))
@@ -184,8 +294,28 @@ def _sds(aval):
 # Reading the program.
 # ---------------------------------------------------------------------------
 
+def call_body(eqn) -> Any:
+  """The body of a call-like operation (jit, remat, custom_jvp/vjp), or None.
+
+  Returns:
+    The `ClosedJaxpr` or `Jaxpr` among its params, or None for a primitive
+    that is not call-like.
+
+  Raises:
+    UnsupportedProgramError: for a call-like primitive with no body found.
+  """
+  name = eqn.primitive.name
+  if name not in _CALLS:
+    return None
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    if key in eqn.params:
+      return eqn.params[key]
+  raise UnsupportedProgramError(
+      f"lrcr's engine cannot read the body of `{name}`. " + UNSUPPORTED_HINT)
+
+
 class _Builder:
-  """Flattens a jaxpr into a `_Program`, inlining calls."""
+  """Flattens a jaxpr into a `Program`, inlining calls."""
 
   def __init__(self):
     self._ids = itertools.count()
@@ -193,9 +323,9 @@ class _Builder:
   def new_id(self) -> int:
     return next(self._ids)
 
-  def program(self, closed: jcore.ClosedJaxpr) -> _Program:
+  def program(self, closed: jcore.ClosedJaxpr) -> Program:
     jaxpr = closed.jaxpr
-    prog = _Program(invars=[], nodes=[], outvars=[], avals={})
+    prog = Program(invars=[], nodes=[], outvars=[], avals={})
     env = {}
     for v in jaxpr.invars:
       i = self.new_id()
@@ -203,32 +333,26 @@ class _Builder:
       prog.avals[i] = v.aval
       env[v] = i
     for v, c in zip(jaxpr.constvars, closed.consts):
-      env[v] = _Lit(c)
+      env[v] = Lit(c)
     prog.outvars = self._inline(prog, jaxpr, env)
     return prog
 
   def _read(self, env, v) -> Atom:
     if isinstance(v, jcore.Literal):
-      return _Lit(v.val)
+      return Lit(v.val)
     return env[v]
 
-  def _inline(self, prog: _Program, jaxpr: jcore.Jaxpr, env: dict) -> list:
+  def _inline(self, prog: Program, jaxpr: jcore.Jaxpr, env: dict) -> list:
     for eqn in jaxpr.eqns:
       name = eqn.primitive.name
       ins = [self._read(env, v) for v in eqn.invars]
-      if name in _INLINE_CALLS:
-        sub = next((eqn.params[k] for k in ("jaxpr", "call_jaxpr",
-                                            "fun_jaxpr") if k in eqn.params),
-                   None)
-        if sub is None:
-          raise UnsupportedProgramError(
-              f"lrcr's engine cannot read the body of `{name}`. "
-              + UNSUPPORTED_HINT)
+      sub = None if name in _KEPT_CALLS else call_body(eqn)
+      if sub is not None:
         if isinstance(sub, jcore.ClosedJaxpr):
           sub_jaxpr, consts = sub.jaxpr, sub.consts
         else:
           sub_jaxpr, consts = sub, ()
-        sub_env = {v: _Lit(c) for v, c in zip(sub_jaxpr.constvars, consts)}
+        sub_env = {v: Lit(c) for v, c in zip(sub_jaxpr.constvars, consts)}
         sub_env.update(zip(sub_jaxpr.invars, ins))
         outs = self._inline(prog, sub_jaxpr, sub_env)
         env.update(zip(eqn.outvars, outs))
@@ -238,54 +362,17 @@ class _Builder:
         i = self.new_id()
         prog.avals[i] = v.aval
         outs.append(i)
-      node = _Node(
+      node = Node(
           id=outs[0] if outs else self.new_id(), prim=eqn.primitive,
           params=eqn.primitive.get_bind_params(eqn.params), ins=ins,
           outs=outs, in_avals=[v.aval for v in eqn.invars],
-          out_avals=[v.aval for v in eqn.outvars])
-      if name == "scan":
-        node.body = self.program(eqn.params["jaxpr"])
+          out_avals=[v.aval for v in eqn.outvars],
+          rule=NESTED_RULES.get(name))
+      if node.rule is not None:
+        node.body = self.program(node.rule.body(eqn.params))
       prog.nodes.append(node)
       env.update(zip(eqn.outvars, outs))
     return [self._read(env, v) for v in jaxpr.outvars]
-
-
-def _function_name(eqn) -> str:
-  """The Python name of a custom_vjp function, from its traced body."""
-  sub = eqn.params.get("call_jaxpr", eqn.params.get("fun_jaxpr"))
-  info = getattr(getattr(sub, "jaxpr", sub), "debug_info", None)
-  src = getattr(info, "func_src_info", None) or ""
-  return src.split(" ")[0] or str(eqn.params.get("name", "?"))
-
-
-def _split(node: _Node, vals: Sequence[Any], tans: Sequence[Any]):
-  """f(carried inputs) -> outputs, closing over the other inputs."""
-  vals = list(vals)
-  where = [k for k, c in enumerate(node.cin) if c]
-
-  def f(*carried):
-    full = list(vals)
-    for k, v in zip(where, carried):
-      full[k] = v
-    return node.apply(full)
-
-  return f, tuple(vals[k] for k in where), tuple(tans)
-
-
-def _jvp1(node: _Node, vals, tans) -> list:
-  """The output tangents of one operation."""
-  f, primals, tans = _split(node, vals, tans)
-  return jax.jvp(f, primals, tans)[1]
-
-
-def _jvp2(node: _Node, vals, tans) -> tuple[list, list]:
-  """(output tangents, second-order terms op''[xdot, xdot]) of one operation."""
-  f, primals, tans = _split(node, vals, tans)
-
-  def tangent(*p):
-    return jax.jvp(f, p, tans)[1]
-
-  return jax.jvp(tangent, primals, tans)
 
 
 def _constant_zero(jaxpr: jcore.Jaxpr, consts, index: int) -> bool:
@@ -313,11 +400,11 @@ _CLASSES: dict = {}          # signature -> (cout, second); see `_classify`
 _MAX_KEY_CONSTANT = 64
 
 
-def _signature(node: _Node):
+def _signature(node: Node):
   """A hashable key of what decides a node's class, or None."""
   try:
     consts = [(k, np.asarray(x.val)) for k, x in enumerate(node.ins)
-              if isinstance(x, _Lit)]
+              if isinstance(x, Lit)]
     if any(v.size > _MAX_KEY_CONSTANT for _, v in consts):
       return None
     lits = tuple((k, v.tobytes(), str(v.dtype)) for k, v in consts)
@@ -330,31 +417,31 @@ def _signature(node: _Node):
     return None      # unhashable params (e.g. a closure over a tracer)
 
 
-def _classify(node: _Node) -> None:
+def _classify(node: Node) -> None:
   """Sets node.kind / cout / offsets from JAX's own rules for the operation."""
   if node.name in _NO_TANGENT:
-    node.kind, node.cout = "const", (False,) * len(node.outs)
+    node.kind, node.cout = Kind.CONST, (False,) * len(node.outs)
     node.second = node.offsets = (False,) * len(node.outs)
     return
   if node.name in _LINEAR_COLLECTIVES:
-    node.cout = tuple(_is_float(a) for a in node.out_avals)
+    node.cout = tuple(is_float(a) for a in node.out_avals)
     node.second = node.offsets = (False,) * len(node.outs)
-    node.kind = "linear"
+    node.kind = Kind.LINEAR
     return
   key = _signature(node)
   if key is not None and key in _CLASSES:
     node.cout, node.second = _CLASSES[key]
     node.offsets = node.second
-    node.kind = "second" if any(node.second) else "linear"
+    node.kind = Kind.SECOND if any(node.second) else Kind.LINEAR
     return
-  lit = [isinstance(x, _Lit) for x in node.ins]
+  lit = [isinstance(x, Lit) for x in node.ins]
   tan_avals = [jax.ShapeDtypeStruct(a.shape, jax.dtypes.float0
-                                    if not _is_float(a) else a.dtype)
+                                    if not is_float(a) else a.dtype)
                for a, c in zip(node.in_avals, node.cin) if c]
 
   def both(vals, tans):
     full = [x.val if l else v for x, l, v in zip(node.ins, lit, vals)]
-    return _jvp2(node, full, tans)
+    return node.jvp2(full, tans)
 
   # Constants are closed over in `both`; their argument slots are dummies.
   args = [jax.ShapeDtypeStruct((), jnp.float32) if l else _sds(a)
@@ -369,7 +456,7 @@ def _classify(node: _Node) -> None:
         f"twice along a direction ({type(e).__name__}: {e}). "
         + UNSUPPORTED_HINT) from e
   n = len(node.outs)
-  floats = [_is_float(a) for a in node.out_avals]
+  floats = [is_float(a) for a in node.out_avals]
   tangent_zero = [_constant_zero(closed.jaxpr, closed.consts, k)
                   for k in range(n)]
   second_zero = [_constant_zero(closed.jaxpr, closed.consts, n + k)
@@ -377,14 +464,14 @@ def _classify(node: _Node) -> None:
   node.cout = tuple(f and not z for f, z in zip(floats, tangent_zero))
   node.second = tuple(f and not z for f, z in zip(floats, second_zero))
   node.offsets = node.second
-  node.kind = "second" if any(node.second) else "linear"
+  node.kind = Kind.SECOND if any(node.second) else Kind.LINEAR
   if key is not None:
     if len(_CLASSES) > 4096:
       _CLASSES.clear()
     _CLASSES[key] = (node.cout, node.second)
 
 
-def _analyze(prog: _Program, carried_in: Sequence[bool]) -> list[bool]:
+def analyze(prog: Program, carried_in: Sequence[bool]) -> list[bool]:
   """Marks which values carry tangents and classifies every node.
 
   Returns which outputs of `prog` carry a tangent.
@@ -394,39 +481,22 @@ def _analyze(prog: _Program, carried_in: Sequence[bool]) -> list[bool]:
   for node in prog.nodes:
     node.cin = tuple(isinstance(x, int) and x in carried for x in node.ins)
     if not any(node.cin):
-      node.kind, node.cout = "const", (False,) * len(node.outs)
+      node.kind, node.cout = Kind.CONST, (False,) * len(node.outs)
       node.second = node.offsets = (False,) * len(node.outs)
       continue
-    if node.name == "scan":
-      _analyze_scan(node)
+    if node.rule is not None:
+      node.rule.analyze(node)
+      node.kind = Kind.NESTED
     else:
       _classify(node)
-    if node.kind != "const":
+    if node.kind is not Kind.CONST:
       prog.needed.update(x for x in node.ins if isinstance(x, int))
     carried.update(o for o, c in zip(node.outs, node.cout) if c)
   return [isinstance(x, int) and x in carried for x in prog.outvars]
 
 
-def _analyze_scan(node: _Node) -> None:
-  p = node.params
-  nc, nk = p["num_consts"], p["num_carry"]
-  cin = list(node.cin)
-  for k in range(nc + nk, len(cin)):
-    cin[k] = cin[k] and _is_float(node.in_avals[k])
-  carry = cin[nc:nc + nk]
-  while True:
-    out = _analyze(node.body, cin[:nc] + carry + cin[nc + nk:])
-    new = [a or b for a, b in zip(carry, out[:nk])]
-    if new == carry:
-      break
-    carry = new
-  node.cin = tuple(cin[:nc] + carry + cin[nc + nk:])
-  node.cout = tuple(carry + out[nk:])
-  node.kind = "scan"
-
-
 # ---------------------------------------------------------------------------
-# Evaluating it: the forward pass with offsets, and the tangent sweep.
+# Evaluating it: the forward pass with offsets.
 # ---------------------------------------------------------------------------
 
 def _varying(aval) -> tuple:
@@ -452,43 +522,39 @@ def _zeros(aval, prefix: tuple = ()) -> Array:
   return lax.pcast(z, axes, to="varying") if axes else z
 
 
-def zero_offsets(prog: _Program, prefix: tuple = ()) -> dict:
-  """Zero offsets for every second-order node (stacked over scan lengths)."""
+def zero_offsets(prog: Program, prefix: tuple = ()) -> dict:
+  """Zero offsets for every second-order node (a body's: stacked)."""
   eps = {}
   for node in prog.nodes:
     if any(node.offsets):
       eps[node.id] = tuple(
           _zeros(a, prefix) if o else None
           for a, o in zip(node.out_avals, node.offsets))
-    elif node.kind == "scan":
-      eps[node.id] = zero_offsets(node.body, prefix + (node.params["length"],))
+    elif node.kind is Kind.NESTED:
+      eps[node.id] = node.rule.zero_offsets(node, prefix)
   return eps
-
-
-def _read(env: dict, x: Atom) -> Any:
-  return x.val if isinstance(x, _Lit) else env[x]
 
 
 def value_of(values: dict, atom: Atom) -> Any:
   """The value of an operation's input: a constant, or one of `values`."""
-  return _read(values, atom)
+  return atom.val if isinstance(atom, Lit) else values[atom]
 
 
-def forward(prog: _Program, args: Sequence[Any], eps: dict,
+def forward(prog: Program, args: Sequence[Any], eps: dict,
             skip: frozenset = frozenset(), extra: Sequence[int] = (),
-            ) -> tuple[list, dict]:
+            ) -> tuple[list, Residuals]:
   """Evaluates the program with offsets; returns (outputs, residuals).
 
   The residuals are the forward values the tangent sweep reads (those in
-  `prog.needed`, except the ids in `skip`), and for each scan node its body's
-  residuals stacked over the iterations.
+  `prog.needed`, except the ids in `skip`), and the `Residuals` of each
+  nested node's body, from its rule.
   """
   env = dict(zip(prog.invars, args))
-  res = {}
+  res = Residuals({}, {})
   for node in prog.nodes:
-    vals = [_read(env, x) for x in node.ins]
-    if node.kind == "scan":
-      outs, res[-1 - node.id] = _scan_forward(node, vals, eps[node.id])
+    vals = [value_of(env, x) for x in node.ins]
+    if node.kind is Kind.NESTED:
+      outs, res.bodies[node.id] = node.rule.forward(node, vals, eps[node.id])
     else:
       outs = node.apply(vals)
       if any(node.offsets):
@@ -497,28 +563,9 @@ def forward(prog: _Program, args: Sequence[Any], eps: dict,
     env.update(zip(node.outs, outs))
   for i in prog.needed:
     if i not in skip:
-      res[i] = env[i]
-  outs = [_read(env, x) for x in prog.outvars] + [env[i] for i in extra]
+      res.values[i] = env[i]
+  outs = [value_of(env, x) for x in prog.outvars] + [env[i] for i in extra]
   return outs, res
-
-
-def _scan_forward(node: _Node, vals: list, eps: dict):
-  p = node.params
-  nc, nk = p["num_consts"], p["num_carry"]
-  consts, init, xs = vals[:nc], vals[nc:nc + nk], vals[nc + nk:]
-  body = node.body
-  skip = frozenset(body.invars[:nc])
-
-  def step(carry, x):
-    x_t, eps_t = x
-    outs, res_t = forward(body, list(consts) + list(carry) + list(x_t), eps_t,
-                          skip)
-    return outs[:nk], (outs[nk:], res_t)
-
-  carry, (ys, res) = lax.scan(step, list(init), (list(xs), eps),
-                              length=p["length"], reverse=p["reverse"],
-                              unroll=p["unroll"])
-  return list(carry) + list(ys), res
 
 
 def accumulation_dtype(*dtypes: Any) -> Any:
@@ -564,140 +611,6 @@ def pair(a: Array, b: Array, keep: frozenset | None = None) -> Array:
   return lax.psum(out, axes) if axes else out
 
 
-def total(terms: Sequence[tuple], dtype: Any = jnp.float32,
-          keep: frozenset | None = None) -> Array:
-  """sum_k c_k Re<a_k, b_k> over (c, a, b) terms; a `dtype` zero if none.
-
-  Each pairing is `pair`'s (no conjugation, float32 at least, summed over
-  the `shard_map` axes along which it varies and the loss (`keep`) does
-  not). Terms of one shape, dtype, coefficient and set of varying axes are
-  summed elementwise and reduced once: XLA:CPU launches a kernel (two for a
-  large one) per reduction, and more where a reduction follows a reshape.
-  """
-  terms = list(terms)
-  if not terms:
-    return jnp.zeros((), accumulation_dtype(dtype))
-  groups: dict[tuple, list] = {}
-  for c, a, b in terms:
-    dt = jnp.result_type(jnp.float32, a.dtype, b.dtype)
-    a, b = jnp.asarray(a, dt), jnp.asarray(b, dt)
-    if a.shape != b.shape:
-      a, b = a.ravel(), b.ravel()
-    prod = a * b
-    key = (a.shape, dt, c if isinstance(c, (int, float)) else id(c),
-           _varying(jax.typeof(prod)))
-    groups.setdefault(key, [c]).append(prod)
-  out = []
-  for c, *prods in groups.values():
-    acc = jnp.sum(sum(prods))
-    if jnp.issubdtype(acc.dtype, jnp.complexfloating):
-      acc = jnp.real(acc)
-    if keep is not None:
-      axes = tuple(x for x in _varying(jax.typeof(acc)) if x not in keep)
-      acc = lax.psum(acc, axes) if axes else acc
-    out.append(c * acc)
-  return sum(out)
-
-
-def sweep(prog: _Program, res: dict, ybar: dict, in_tans: dict,
-          rewrite: Callable[..., Any] | None = None,
-          dtype: Any = None, keep: frozenset | None = None,
-          ) -> tuple[list, Array]:
-  """The tangent sweep: (output tangents, sum of ybar . op''[xdot, xdot]).
-
-  `dtype`: that of the sum where no operation contributes to it (default:
-  the input tangents'), so that a float64 program's curvature stays float64.
-  `keep`: the `shard_map` axes along which the loss varies (see `pair`).
-
-  `rewrite(node, vals, tans)`, if given, may return the output tangents of
-  a node of `prog` (not of a scan's body), replacing the generic evaluation
-  by an equivalent cheaper one (the Gram form), or None to keep it; the
-  second-order terms of a rewritten node are then the caller's to add.
-  """
-  tan = dict(in_tans)
-  acc, terms = [], []
-  for node in prog.nodes:
-    if node.kind == "const":
-      continue
-    vals = [_read(res, x) for x in node.ins]
-    tans = [tan.get(x) for x, c in zip(node.ins, node.cin) if c]
-    if node.kind != "scan":   # a carried input without a tangent: zero
-      tans = [t if t is not None else jnp.zeros_like(_read(res, x))
-              for t, x in zip(tans, [x for x, c in zip(node.ins, node.cin)
-                                     if c])]
-    outs = None
-    if rewrite is not None and node.kind != "scan":
-      outs = rewrite(node, vals, tans)
-    if outs is not None:
-      pass                                    # evaluated by `rewrite`
-    elif node.kind == "linear":
-      outs = _jvp1(node, vals, tans)
-    elif node.kind == "second":
-      outs, second = _jvp2(node, vals, tans)
-      for o, s, yb in zip(node.second, second, ybar[node.id]):
-        if o:
-          terms.append((1.0, yb, s))
-    else:
-      outs, a = _scan_sweep(node, vals, tans, res[-1 - node.id],
-                            ybar[node.id], keep)
-      acc.append(a)
-    for o, c, t in zip(node.outs, node.cout, outs):
-      if c:
-        tan[o] = t
-  if dtype is None:
-    dtype = (jnp.result_type(*in_tans.values()) if in_tans else jnp.float32)
-  out = total(terms, dtype, keep)
-  for a in acc:
-    out = out + a
-  return [tan.get(x) if isinstance(x, int) else None for x in prog.outvars], out
-
-
-def _scan_sweep(node: _Node, vals: list, tans: list, res: dict, ybar: dict,
-                keep: frozenset | None):
-  p = node.params
-  nc, nk = p["num_consts"], p["num_carry"]
-  body = node.body
-  it = iter(tans)
-  full_tans = [next(it) if c else None for c in node.cin]
-  const_env = dict(zip(body.invars[:nc], vals[:nc]))
-  const_tans = {i: t for i, t in zip(body.invars[:nc], full_tans[:nc])
-                if t is not None}
-  init = []
-  for k in range(nc, nc + nk):
-    if node.cin[k]:
-      t = full_tans[k]
-      init.append(t if t is not None else jnp.zeros_like(vals[k]))
-  xs_tans = [t for t, c in zip(full_tans[nc + nk:], node.cin[nc + nk:]) if c]
-  carry_ids = [i for i, c in zip(body.invars[nc:nc + nk], node.cin[nc:nc + nk])
-               if c]
-  xs_ids = [i for i, c in zip(body.invars[nc + nk:], node.cin[nc + nk:]) if c]
-  dtype = accumulation_dtype(*[jnp.asarray(t).dtype for t in tans
-                               if t is not None])
-
-  def step(carry, x):
-    ctan, acc = carry
-    res_t, ybar_t, xt = x
-    env = dict(const_env)
-    env.update(res_t)
-    in_tans = dict(const_tans)
-    in_tans.update(zip(carry_ids, ctan))
-    in_tans.update(zip(xs_ids, xt))
-    out_tans, a = sweep(body, env, ybar_t, in_tans, keep=keep)
-    new = []
-    for k, (c, t) in enumerate(zip(node.cin[nc:nc + nk], out_tans[:nk])):
-      if c:
-        new.append(t if t is not None else jnp.zeros_like(ctan[len(new)]))
-    ys = [t for t, c in zip(out_tans[nk:], node.cout[nk:]) if c]
-    return (new, acc + a.astype(acc.dtype)), ys
-
-  (ctan, acc), ys = lax.scan(step, (init, jnp.zeros((), dtype)),
-                             (res, ybar, xs_tans), length=p["length"],
-                             reverse=p["reverse"], unroll=p["unroll"])
-  out = list(ctan) + list(ys)
-  it = iter(out)
-  return [next(it) if c else None for c in node.cout], acc
-
-
 # ---------------------------------------------------------------------------
 # The traced loss.
 # ---------------------------------------------------------------------------
@@ -705,7 +618,7 @@ def _scan_sweep(node: _Node, vals: list, tans: list, res: dict, ybar: dict,
 _WEIGHT_OPS = ("dot_general", "conv_general_dilated")
 
 
-def _mark_weights(prog: _Program, param_ids: dict, uses: dict) -> None:
+def _mark_weights(prog: Program, param_ids: dict, uses: dict) -> None:
   """Marks the weight operations: a matmul or convolution of a parameter.
 
   A weight operation gets an offset on its output, so that its adjoint
@@ -713,24 +626,22 @@ def _mark_weights(prog: _Program, param_ids: dict, uses: dict) -> None:
   `uses` counts, per flat parameter index, the operations that read it.
   """
   for node in prog.nodes:
-    # A scan's consts are counted where its body reads them; its carries
-    # and scanned inputs are read by the scan itself.
-    reads = (node.ins[node.params["num_consts"]:] if node.name == "scan"
-             else node.ins)
-    for x in reads:
-      if isinstance(x, int) and x in param_ids:
+    # A body's invariant inputs (a scan's consts) are counted where the body
+    # reads them; its other inputs are read by the operation itself.
+    through = node.rule.invariants(node) if node.rule is not None else []
+    own = {k for k, _ in through}
+    for k, x in enumerate(node.ins):
+      if k not in own and isinstance(x, int) and x in param_ids:
         uses[param_ids[x]] = uses.get(param_ids[x], 0) + 1
-    if node.name == "scan":
-      nc = node.params["num_consts"]
-      inner = {b: param_ids[x] for b, x in zip(node.body.invars[:nc],
-                                               node.ins[:nc])
-               if isinstance(x, int) and x in param_ids}
+    if node.rule is not None:
+      inner = {b: param_ids[node.ins[k]] for k, b in through
+               if isinstance(node.ins[k], int) and node.ins[k] in param_ids}
       _mark_weights(node.body, inner, uses)
       continue
-    if node.name not in _WEIGHT_OPS or node.kind == "const":
+    if node.name not in _WEIGHT_OPS or node.kind is Kind.CONST:
       continue
     is_param = [isinstance(x, int) and x in param_ids for x in node.ins[:2]]
-    if is_param.count(True) != 1 or not _is_float(node.out_avals[0]):
+    if is_param.count(True) != 1 or not is_float(node.out_avals[0]):
       continue
     node.weight = is_param.index(True)
     node.param = param_ids[node.ins[node.weight]]
@@ -740,7 +651,7 @@ def _mark_weights(prog: _Program, param_ids: dict, uses: dict) -> None:
 @dataclasses.dataclass
 class Traced:
   """A loss function's program, analysed for directions on its params."""
-  program: _Program
+  program: Program
   params_treedef: Any
   num_params: int
   batch: list                            # the flat batch leaves
@@ -750,15 +661,15 @@ class Traced:
   keep: frozenset = frozenset()          # shard_map axes the loss varies on
   aux_tree: Any = None                   # has_aux: the aux output's treedef
 
-  def weight_nodes(self) -> list[tuple[_Node, tuple]]:
-    """Every weight operation, with the scan nodes that enclose it."""
+  def weight_nodes(self) -> list[tuple[Node, tuple]]:
+    """Every weight operation, with the nested nodes that enclose it."""
     out = []
 
     def walk(prog, outer):
       for node in prog.nodes:
         if node.weight >= 0:
           out.append((node, outer))
-        if node.kind == "scan":
+        if node.kind is Kind.NESTED:
           walk(node.body, outer + (node,))
 
     walk(self.program, ())
@@ -782,20 +693,20 @@ class Traced:
                         eps, extra=(head,))
     return (outs[0], outs[-1]), (res, self.aux(outs[:-1]))
 
-  def head_fn(self, res: dict, head: int) -> Callable[[Array], Array]:
+  def head_fn(self, res: Residuals, head: int) -> Callable[[Array], Array]:
     """The loss as a function of the value `head`, other values fixed."""
     prog = self.program
     start = next(k for k, n in enumerate(prog.nodes) if head in n.outs) + 1
 
     def fn(value):
-      env = dict(res)
+      env = dict(res.values)
       env[head] = value
       for node in prog.nodes[start:]:
-        if node.kind == "const":
+        if node.kind is Kind.CONST:
           continue
-        outs = node.apply([_read(env, x) for x in node.ins])
+        outs = node.apply([value_of(env, x) for x in node.ins])
         env.update(zip(node.outs, outs))
-      return _read(env, prog.outvars[0])
+      return value_of(env, prog.outvars[0])
 
     return fn
 
@@ -813,7 +724,8 @@ class Traced:
     prog = self.program
     nodes = prog.nodes
     bad = next((k for k, n in enumerate(nodes)
-                if (n.kind == "second" and n.weight < 0) or n.kind == "scan"),
+                if (n.kind is Kind.SECOND and n.weight < 0)
+                or n.kind is Kind.NESTED),
                None)
     if bad is None:
       raise UnsupportedProgramError(
@@ -833,7 +745,48 @@ class Traced:
         f"through. Use granularity 'layer' or 'global'.")
 
 
-def _reaches(prog: _Program, sources: set, target: Any, block: int) -> bool:
+class Pass(NamedTuple):
+  """The engine's forward and backward pass at one point.
+
+  Attributes:
+    traced: the analysed loss.
+    flat_params: the params' leaves.
+    loss: F.
+    flat_grads: the gradient's leaves.
+    residuals: the forward values (`Residuals`).
+    ybar: the adjoints of the offsets: node id -> a tuple per output (a
+      nested node's: its body's, stacked).
+    diagonal: the Hessian diagonal's leaves, where computed.
+    aux: loss_fn's aux output (has_aux).
+  """
+  traced: Traced
+  flat_params: list
+  loss: Array
+  flat_grads: list
+  residuals: Residuals
+  ybar: dict
+  diagonal: list | None = None
+  aux: Any = None
+
+  def weight_values(self, node: Node, outer: tuple) -> tuple[Array, Array]:
+    """(operand, adjoint) of a weight operation, batch axis first.
+
+    `outer`: the nested nodes that enclose it (`Traced.weight_nodes`),
+    whose values are stacked over iterations: [T, B, ...] becomes
+    [B, T, ...].
+    """
+    res, ybar = self.residuals, self.ybar
+    for nest in outer:
+      res, ybar = res.bodies[nest.id], ybar[nest.id]
+    operand = value_of(res.values, node.ins[1 - node.weight])
+    adjoint = ybar[node.id][0]
+    for _ in outer:
+      operand = jnp.moveaxis(operand, 0, 1)
+      adjoint = jnp.moveaxis(adjoint, 0, 1)
+    return operand, adjoint
+
+
+def _reaches(prog: Program, sources: set, target: Any, block: int) -> bool:
   """Whether `target` depends on `sources` when the value `block` is cut."""
   live = set(sources) - {block}
   for node in prog.nodes:
@@ -879,7 +832,7 @@ def check_inputs(params: Any, batch: Sequence[Any]) -> None:
 def _check_loss(out: Sequence[Any], has_aux: bool) -> None:
   """The loss must be one real scalar (and aux outputs follow it)."""
   loss = out[0] if out else None
-  if (loss is not None and loss.shape == () and _is_float(loss)
+  if (loss is not None and loss.shape == () and is_float(loss)
       and not jnp.issubdtype(loss.dtype, jnp.complexfloating)):
     if has_aux or len(out) == 1:
       return
@@ -902,7 +855,7 @@ def _check_loss(out: Sequence[Any], has_aux: bool) -> None:
       f"{got}. Reduce the per-sample losses (e.g. .mean()) inside loss_fn.")
 
 
-def _check_collectives(prog: _Program) -> None:
+def _check_collectives(prog: Program) -> None:
   """Collectives are exact only where JAX marks per-shard values (check_vma).
 
   Raises:
@@ -981,9 +934,9 @@ def trace(loss_fn: Callable[..., Array], params: Any,
   uses = {}
   if not custom:       # with a custom_vjp the engine reads the program only
     _check_collectives(prog)
-    carried = [_is_float(prog.avals[i]) for i in prog.invars[:len(flat_p)]]
+    carried = [is_float(prog.avals[i]) for i in prog.invars[:len(flat_p)]]
     carried += [False] * len(flat_b)
-    _analyze(prog, carried)
+    analyze(prog, carried)
     _mark_weights(prog, {i: k for k, i in
                          enumerate(prog.invars[:len(flat_p)])}, uses)
   return Traced(prog, treedef, len(flat_p), flat_b, uses, closed, custom,
@@ -1014,3 +967,11 @@ def custom_vjp_names(jaxpr: jcore.Jaxpr) -> list[str]:
     for sub in _sub_jaxprs(eqn):
       names.extend(custom_vjp_names(sub))
   return names
+
+
+def _function_name(eqn) -> str:
+  """The Python name of a custom_vjp function, from its traced body."""
+  sub = call_body(eqn)
+  info = getattr(getattr(sub, "jaxpr", sub), "debug_info", None)
+  src = getattr(info, "func_src_info", None) or ""
+  return src.split(" ")[0] or str(eqn.params.get("name", "?"))

@@ -227,26 +227,14 @@ def _rule(eqn, states: list) -> list:
     return [None] * n
   if name in _ELEMENTWISE:
     return [_elementwise(name, states)] * n
-  if name == "dot_general":
-    return [_dot_general(eqn, states)]
-  if name == "conv_general_dilated":
-    return [_conv(eqn, states)]
-  if name == "gather":
-    return [_gather(eqn, states)]
-  if name == "concatenate":
-    rows = {s for s in states if s is not None}
-    if len(rows) == 1 and isinstance(r := rows.pop(), int) and (
-        r != eqn.params["dimension"]):
-      return [r]
-    raise _Coupled(name, "joins values along or across the sample axis")
+  if name in _RULES:
+    return _RULES[name](eqn, states)
   if _SUM in states and name in _SHAPE_OPS and all(
       x in (_SUM, None) for x in states[1:]) and states[0] == _SUM:
     return [_SUM] * n                    # a reshaped or broadcast sum
-  sub = _sub_jaxpr(eqn)
+  sub = engine.call_body(eqn)
   if sub is not None:
     return _walk(sub, states)
-  if name == "scan":
-    return _scan(eqn, states)
   live = [s for s in states if s is not None]
   if len(states) >= 1 and all(isinstance(s, int) for s in live) and (
       states[0] is not None):
@@ -258,17 +246,12 @@ def _rule(eqn, states: list) -> list:
                  "per-sample values")
 
 
-def _sub_jaxpr(eqn):
-  """The body of a call-like operation (custom_jvp, jit, remat), or None."""
-  if eqn.primitive.name not in ("custom_jvp_call", "pjit", "jit",
-                                "closed_call", "remat", "checkpoint",
-                                "custom_vjp_call", "core_call"):
-    return None
-  for key in ("call_jaxpr", "jaxpr", "fun_jaxpr"):
-    sub = eqn.params.get(key)
-    if sub is not None:
-      return sub
-  return None
+def _concatenate(eqn, states: list) -> list:
+  rows = {s for s in states if s is not None}
+  if len(rows) == 1 and isinstance(r := rows.pop(), int) and (
+      r != eqn.params["dimension"]):
+    return [r]
+  raise _Coupled("concatenate", "joins values along or across the sample axis")
 
 
 def _scan(eqn, states: list) -> list:
@@ -296,6 +279,17 @@ def _join(a, b):
   if b is None or a == b:
     return a
   raise _Coupled("scan", "carries values whose sample axis changes")
+
+
+#: Rules of the primitives that need their params: (eqn, input states) ->
+#: output states.
+_RULES = {
+    "dot_general": lambda eqn, states: [_dot_general(eqn, states)],
+    "conv_general_dilated": lambda eqn, states: [_conv(eqn, states)],
+    "gather": lambda eqn, states: [_gather(eqn, states)],
+    "concatenate": _concatenate,
+    "scan": _scan,
+}
 
 
 def _constant(eqn, states: list) -> list:
@@ -328,7 +322,7 @@ def _walk(closed, states: Sequence[Any], deps: Sequence[bool] | None = None,
     din = [not isinstance(v, jcore.Literal) and v in reached
            for v in eqn.invars]
     if any(din):
-      sub = _sub_jaxpr(eqn)
+      sub = engine.call_body(eqn)
       outs = (_walk(sub, ins, din) if sub is not None and deps is not None
               else _rule(eqn, ins))
       reached.update(eqn.outvars)

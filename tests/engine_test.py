@@ -98,13 +98,13 @@ def test_diagonal_refuses_what_it_cannot_compute_exactly(name):
                                   "attention", "gru"])
 def test_gram_form_for_gradient_directions(name, batch_size):
   # pylint: disable=g-import-not-at-top,protected-access
-  from lrcr import curvature
+  from lrcr import curvature, sweep
   with jax.enable_x64(True):
     loss_fn, params, batch = zoo.make(name, 2)
     batch = tuple(b[:batch_size] for b in batch)
     if batch_size == 1:     # some weight operation takes the Gram form
       ps = curvature._gradient_pass(lrcr.engine.trace(loss_fn, params, batch), params)
-      assert curvature._gram_ids(ps), name
+      assert sweep.gram_operations(ps), name
     _, hess = zoo.dense(loss_fn, params, batch)
     _, grads, cf = lrcr.value_grad_and_curvature(loss_fn, params, *batch,
                                                  gradient_direction=True)
@@ -119,7 +119,7 @@ def test_gram_form_for_gradient_directions(name, batch_size):
 def test_gram_products_against_the_dense_hessian(seed, act):
   """Batch smaller than the widths: the weights go through the Gram form."""
   # pylint: disable=g-import-not-at-top,protected-access
-  from lrcr import curvature
+  from lrcr import curvature, sweep
   with jax.enable_x64(True):
     model = lrcr.MLP((16, 12), 5, activation=getattr(jax.nn, act),
                      kernel_init=lrcr.uniform_init(0.6), use_bias=True)
@@ -132,7 +132,7 @@ def test_gram_products_against_the_dense_hessian(seed, act):
         model.apply({"params": p}, x), y)
     # Every weight operation takes the Gram form here.
     ps = curvature._gradient_pass(lrcr.engine.trace(loss_fn, params, (x, y)), params)
-    assert len(curvature._gram_ids(ps)) == 3
+    assert len(sweep.gram_operations(ps)) == 3
     grads, hess = zoo.dense(loss_fn, params, (x, y))
     _, g_tree, cf = lrcr.value_grad_and_curvature(loss_fn, params, x, y,
                                                   gradient_direction=True)
@@ -168,10 +168,10 @@ def test_stacked_layers_against_the_dense_hessian(batch, granularity):
     grads, hess = zoo.dense(loss_fn, params, (x, y))
     # hidden_1..3 (16 x 16, each reading a tangent) form one stacked group.
     # pylint: disable=g-import-not-at-top,protected-access
-    from lrcr import curvature
+    from lrcr import curvature, sweep
     ps = curvature._gradient_pass(lrcr.engine.trace(loss_fn, params, (x, y)), params)
     flat = jax.tree.leaves(params)
-    sizes = sorted(len(g) for g in curvature._WeightPlan(
+    sizes = sorted(len(g) for g in sweep._WeightPlan(
         ps, flat, None, stack=True).groups)
     assert sizes == [1, 1, 3], sizes
     for gd in (False, True):
@@ -213,7 +213,7 @@ def test_stacked_layers_against_the_dense_hessian(batch, granularity):
 def test_default_stacking_against_the_dense_hessian(batch, seed):
   """By default, groups of equal weight operations that pay are stacked."""
   # pylint: disable=g-import-not-at-top,protected-access
-  from lrcr import curvature
+  from lrcr import curvature, sweep
   with jax.enable_x64(True):
     model = lrcr.MLP((8,) * 5, 4, kernel_init=lrcr.uniform_init(0.7),
                      use_bias=bool(seed))
@@ -228,12 +228,12 @@ def test_default_stacking_against_the_dense_hessian(batch, seed):
     ps = curvature._gradient_pass(
         lrcr.engine.trace(loss_fn, params, (x, y)), params)
     flat = jax.tree.leaves(params)
-    gram_ids = curvature._gram_ids(ps)
+    gram_ids = sweep.gram_operations(ps)
     # hidden_1..4 (8 x 8, each reading a tangent): one stacked group of 4 in
     # the Gram form; the first and the output layer stay single. The dense
     # form stacks nothing by default.
     assert len(gram_ids) == (6 if batch == 2 else 0), gram_ids
-    sizes = sorted(len(g) for g in curvature._WeightPlan(
+    sizes = sorted(len(g) for g in sweep._WeightPlan(
         ps, flat, 1.0, gram_ids=gram_ids).groups)
     assert sizes == ([1, 1, 4] if gram_ids else [1] * 6), sizes
     for gd in (False, True):
@@ -253,8 +253,8 @@ def test_default_stacking_against_the_dense_hessian(batch, seed):
 
 def test_stacking_pays_from_three_gram_operations():
   # pylint: disable=g-import-not-at-top,protected-access
-  from lrcr import curvature
-  pays = curvature._stack_pays
+  from lrcr import sweep
+  pays = sweep._stack_pays
   assert [pays(n, True, True) for n in (2, 3)] == [False, True]
   assert [pays(n, True, False) for n in (2, 3)] == [False, True]
   assert not any(pays(n, False, t) for n in (2, 4, 11) for t in (0, 1))
