@@ -127,7 +127,7 @@ def _gradient_pass(traced: engine.Traced, params: Any,
   roles = _diagonal_roles(traced, params)
   head = traced.find_head()
   (loss, logits), vjp_fn, (res, aux) = jax.vjp(
-      lambda p, e: traced.forward_with(p, e, head), flat_p, eps, has_aux=True)
+      lambda p, e: traced.forward(p, e, head), flat_p, eps, has_aux=True)
   flat_g, ybar = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(logits)))
   ps = engine.Pass(traced, flat_p, loss, list(flat_g), res, ybar, aux=aux)
   # Per sample b, the Hessian of F in the logits row P_b (C x C), by

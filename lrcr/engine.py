@@ -73,16 +73,11 @@ Programs beyond plain arrays
   factors) need a loss that is a sum of per-sample terms; `lrcr.samples`
   checks it from the program.
 
-What this module owns
----------------------
-Reading the program (`trace`), classifying its operations (`Kind`), and its
-forward pass with offsets (`forward`). Higher-order primitives (a loop
-with a body program) go through one table, `NESTED_RULES`: a `NestedRule`
-per primitive, registered once, that every generic pass asks, as JAX keeps
-one JVP rule per primitive in `primitive_jvps`. `lrcr.sweep` owns the
-tangent sweep, the weight operations' dense and Gram forms (section 2's low
-rank), and the rule of `scan`; `lrcr.curvature` builds the public API on
-them.
+This module reads the program (`trace`), classifies its operations (`Kind`)
+and runs its forward pass (`forward`). A higher-order primitive (a loop with
+a body) is one `NestedRule` in `NESTED_RULES`, which every generic pass asks,
+as JAX keeps its JVP rules in `primitive_jvps`. `lrcr.sweep` owns step 3:
+the tangent sweep, the weight operations' forms, and the rule of `scan`.
 """
 
 from __future__ import annotations
@@ -91,7 +86,7 @@ import abc
 import dataclasses
 import enum
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -229,12 +224,12 @@ class Residuals(NamedTuple):
 class NestedRule(abc.ABC):
   """How the engine evaluates a higher-order primitive (one with a body).
 
-  One instance per primitive, registered once in `NESTED_RULES` by
-  `register`; every generic pass (reading, analysis, offsets, forward,
-  tangent sweep, weight marking) asks the rule of a node that has one. A
-  primitive without a rule is an ordinary operation, differentiated whole
-  by its own JVP rule. A body's offsets, residuals and adjoints are stacked
-  over its iterations along a leading axis.
+  One instance per primitive, registered once in `NESTED_RULES`; every
+  generic pass (reading, analysis, offsets, forward, tangent sweep, weight
+  marking) asks the rule of a node that has one. A primitive without a rule
+  is an ordinary operation, differentiated whole by its own JVP rule. A
+  body's offsets, residuals and adjoints are stacked over its iterations
+  along a leading axis.
   """
 
   @abc.abstractmethod
@@ -270,13 +265,16 @@ class NestedRule(abc.ABC):
     """
 
 
-#: Higher-order primitive name -> its rule.
+#: Higher-order primitive name -> its rule, registered once.
 NESTED_RULES: dict[str, NestedRule] = {}
 
 
-def register(name: str, rule: NestedRule) -> None:
-  """Registers the rule of the higher-order primitive `name`."""
-  NESTED_RULES[name] = rule
+def walk(prog: Program, outer: tuple = ()):
+  """Yields (node, the nodes whose bodies enclose it) over a program."""
+  for node in prog.nodes:
+    yield node, outer
+    if node.body is not None:
+      yield from walk(node.body, outer + (node,))
 
 
 def is_float(aval) -> bool:
@@ -284,10 +282,6 @@ def is_float(aval) -> bool:
   dtype = getattr(aval, "dtype", None)
   return (dtype is not None and not jax.dtypes.issubdtype(
       dtype, jax.dtypes.extended) and jnp.issubdtype(dtype, jnp.inexact))
-
-
-def _sds(aval):
-  return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -314,65 +308,49 @@ def call_body(eqn) -> Any:
       f"lrcr's engine cannot read the body of `{name}`. " + UNSUPPORTED_HINT)
 
 
-class _Builder:
-  """Flattens a jaxpr into a `Program`, inlining calls."""
+def _program(closed: jcore.ClosedJaxpr, ids: Iterator[int]) -> Program:
+  """Flattens a jaxpr into a `Program`; `ids` numbers its values."""
+  prog = Program(invars=[], nodes=[], outvars=[], avals={})
+  env = {}
+  for v in closed.jaxpr.invars:
+    env[v] = i = next(ids)
+    prog.invars.append(i)
+    prog.avals[i] = v.aval
+  prog.outvars = _inline(prog, closed.jaxpr, closed.consts, env, ids)
+  return prog
 
-  def __init__(self):
-    self._ids = itertools.count()
 
-  def new_id(self) -> int:
-    return next(self._ids)
+def _inline(prog: Program, jaxpr: jcore.Jaxpr, consts: Sequence[Any],
+            env: dict, ids: Iterator[int]) -> list:
+  """Appends jaxpr's operations to prog; returns the atoms of its outputs.
 
-  def program(self, closed: jcore.ClosedJaxpr) -> Program:
-    jaxpr = closed.jaxpr
-    prog = Program(invars=[], nodes=[], outvars=[], avals={})
-    env = {}
-    for v in jaxpr.invars:
-      i = self.new_id()
-      prog.invars.append(i)
-      prog.avals[i] = v.aval
-      env[v] = i
-    for v, c in zip(jaxpr.constvars, closed.consts):
-      env[v] = Lit(c)
-    prog.outvars = self._inline(prog, jaxpr, env)
-    return prog
-
-  def _read(self, env, v) -> Atom:
-    if isinstance(v, jcore.Literal):
-      return Lit(v.val)
-    return env[v]
-
-  def _inline(self, prog: Program, jaxpr: jcore.Jaxpr, env: dict) -> list:
-    for eqn in jaxpr.eqns:
-      name = eqn.primitive.name
-      ins = [self._read(env, v) for v in eqn.invars]
-      sub = None if name in _KEPT_CALLS else call_body(eqn)
-      if sub is not None:
-        if isinstance(sub, jcore.ClosedJaxpr):
-          sub_jaxpr, consts = sub.jaxpr, sub.consts
-        else:
-          sub_jaxpr, consts = sub, ()
-        sub_env = {v: Lit(c) for v, c in zip(sub_jaxpr.constvars, consts)}
-        sub_env.update(zip(sub_jaxpr.invars, ins))
-        outs = self._inline(prog, sub_jaxpr, sub_env)
-        env.update(zip(eqn.outvars, outs))
-        continue
-      outs = []
-      for v in eqn.outvars:
-        i = self.new_id()
-        prog.avals[i] = v.aval
-        outs.append(i)
-      node = Node(
-          id=outs[0] if outs else self.new_id(), prim=eqn.primitive,
-          params=eqn.primitive.get_bind_params(eqn.params), ins=ins,
-          outs=outs, in_avals=[v.aval for v in eqn.invars],
-          out_avals=[v.aval for v in eqn.outvars],
-          rule=NESTED_RULES.get(name))
-      if node.rule is not None:
-        node.body = self.program(node.rule.body(eqn.params))
-      prog.nodes.append(node)
+  `env` maps the jaxpr's inputs to atoms. Calls are inlined, and the body of
+  a primitive with a rule (`NESTED_RULES`) is read as a program of its own.
+  """
+  env.update((v, Lit(c)) for v, c in zip(jaxpr.constvars, consts))
+  read = lambda v: Lit(v.val) if isinstance(v, jcore.Literal) else env[v]
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    sub = None if eqn.primitive.name in _KEPT_CALLS else call_body(eqn)
+    if sub is not None:
+      sub, sub_consts = ((sub.jaxpr, sub.consts)
+                         if isinstance(sub, jcore.ClosedJaxpr) else (sub, ()))
+      outs = _inline(prog, sub, sub_consts, dict(zip(sub.invars, ins)), ids)
       env.update(zip(eqn.outvars, outs))
-    return [self._read(env, v) for v in jaxpr.outvars]
+      continue
+    outs = [next(ids) for _ in eqn.outvars]
+    prog.avals.update(zip(outs, (v.aval for v in eqn.outvars)))
+    node = Node(
+        id=outs[0] if outs else next(ids), prim=eqn.primitive,
+        params=eqn.primitive.get_bind_params(eqn.params), ins=ins,
+        outs=outs, in_avals=[v.aval for v in eqn.invars],
+        out_avals=[v.aval for v in eqn.outvars],
+        rule=NESTED_RULES.get(eqn.primitive.name))
+    if node.rule is not None:
+      node.body = _program(node.rule.body(eqn.params), ids)
+    prog.nodes.append(node)
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
 
 
 def _constant_zero(jaxpr: jcore.Jaxpr, consts, index: int) -> bool:
@@ -417,23 +395,24 @@ def _signature(node: Node):
     return None      # unhashable params (e.g. a closure over a tracer)
 
 
+def _set_class(node: Node, cout: Sequence[bool], second: Sequence[bool],
+               kind: Kind | None = None) -> None:
+  """Sets which outputs carry a tangent, have op'' != 0 and an offset."""
+  node.cout, node.second = tuple(cout), tuple(second)
+  node.offsets = node.second
+  node.kind = kind or (Kind.SECOND if any(node.second) else Kind.LINEAR)
+
+
 def _classify(node: Node) -> None:
   """Sets node.kind / cout / offsets from JAX's own rules for the operation."""
+  none = (False,) * len(node.outs)
   if node.name in _NO_TANGENT:
-    node.kind, node.cout = Kind.CONST, (False,) * len(node.outs)
-    node.second = node.offsets = (False,) * len(node.outs)
-    return
+    return _set_class(node, none, none, Kind.CONST)
   if node.name in _LINEAR_COLLECTIVES:
-    node.cout = tuple(is_float(a) for a in node.out_avals)
-    node.second = node.offsets = (False,) * len(node.outs)
-    node.kind = Kind.LINEAR
-    return
+    return _set_class(node, [is_float(a) for a in node.out_avals], none)
   key = _signature(node)
   if key is not None and key in _CLASSES:
-    node.cout, node.second = _CLASSES[key]
-    node.offsets = node.second
-    node.kind = Kind.SECOND if any(node.second) else Kind.LINEAR
-    return
+    return _set_class(node, *_CLASSES[key])
   lit = [isinstance(x, Lit) for x in node.ins]
   tan_avals = [jax.ShapeDtypeStruct(a.shape, jax.dtypes.float0
                                     if not is_float(a) else a.dtype)
@@ -444,7 +423,8 @@ def _classify(node: Node) -> None:
     return node.jvp2(full, tans)
 
   # Constants are closed over in `both`; their argument slots are dummies.
-  args = [jax.ShapeDtypeStruct((), jnp.float32) if l else _sds(a)
+  args = [jax.ShapeDtypeStruct((), jnp.float32) if l else
+          jax.ShapeDtypeStruct(a.shape, a.dtype)
           for a, l in zip(node.in_avals, lit)]
   try:
     closed = jax.make_jaxpr(both)(args, tan_avals)
@@ -461,10 +441,8 @@ def _classify(node: Node) -> None:
                   for k in range(n)]
   second_zero = [_constant_zero(closed.jaxpr, closed.consts, n + k)
                  for k in range(n)]
-  node.cout = tuple(f and not z for f, z in zip(floats, tangent_zero))
-  node.second = tuple(f and not z for f, z in zip(floats, second_zero))
-  node.offsets = node.second
-  node.kind = Kind.SECOND if any(node.second) else Kind.LINEAR
+  _set_class(node, [f and not z for f, z in zip(floats, tangent_zero)],
+             [f and not z for f, z in zip(floats, second_zero)])
   if key is not None:
     if len(_CLASSES) > 4096:
       _CLASSES.clear()
@@ -481,8 +459,8 @@ def analyze(prog: Program, carried_in: Sequence[bool]) -> list[bool]:
   for node in prog.nodes:
     node.cin = tuple(isinstance(x, int) and x in carried for x in node.ins)
     if not any(node.cin):
-      node.kind, node.cout = Kind.CONST, (False,) * len(node.outs)
-      node.second = node.offsets = (False,) * len(node.outs)
+      _set_class(node, (False,) * len(node.outs), (False,) * len(node.outs),
+                 Kind.CONST)
       continue
     if node.rule is not None:
       node.rule.analyze(node)
@@ -663,35 +641,20 @@ class Traced:
 
   def weight_nodes(self) -> list[tuple[Node, tuple]]:
     """Every weight operation, with the nested nodes that enclose it."""
-    out = []
+    return [(n, outer) for n, outer in walk(self.program) if n.weight >= 0]
 
-    def walk(prog, outer):
-      for node in prog.nodes:
-        if node.weight >= 0:
-          out.append((node, outer))
-        if node.kind is Kind.NESTED:
-          walk(node.body, outer + (node,))
+  def forward(self, flat_params: Sequence[Array], eps: dict,
+              head: int | None = None):
+    """(loss, (residuals, aux)), aux None without has_aux.
 
-    walk(self.program, ())
-    return out
-
-  def forward(self, flat_params: Sequence[Array], eps: dict):
-    """(loss, (residuals, aux)); aux is None without has_aux."""
+    With `head`, ((loss, the value `head`), (residuals, aux)).
+    """
+    extra = () if head is None else (head,)
     outs, res = forward(self.program, list(flat_params) + list(self.batch),
-                        eps)
-    return outs[0], (res, self.aux(outs))
-
-  def aux(self, outs: Sequence[Any]) -> Any:
-    """The aux output of `loss_fn` (has_aux) from the program's outputs."""
-    if self.aux_tree is None:
-      return None
-    return jax.tree.unflatten(self.aux_tree, list(outs[1:]))
-
-  def forward_with(self, flat_params: Sequence[Array], eps: dict, head: int):
-    """((loss, the value `head`), (residuals, aux))."""
-    outs, res = forward(self.program, list(flat_params) + list(self.batch),
-                        eps, extra=(head,))
-    return (outs[0], outs[-1]), (res, self.aux(outs[:-1]))
+                        eps, extra=extra)
+    aux = (None if self.aux_tree is None else jax.tree.unflatten(
+        self.aux_tree, list(outs[1:len(outs) - len(extra)])))
+    return (outs[0] if head is None else (outs[0], outs[-1])), (res, aux)
 
   def head_fn(self, res: Residuals, head: int) -> Callable[[Array], Array]:
     """The loss as a function of the value `head`, other values fixed."""
@@ -746,27 +709,15 @@ class Traced:
 
 
 class Pass(NamedTuple):
-  """The engine's forward and backward pass at one point.
-
-  Attributes:
-    traced: the analysed loss.
-    flat_params: the params' leaves.
-    loss: F.
-    flat_grads: the gradient's leaves.
-    residuals: the forward values (`Residuals`).
-    ybar: the adjoints of the offsets: node id -> a tuple per output (a
-      nested node's: its body's, stacked).
-    diagonal: the Hessian diagonal's leaves, where computed.
-    aux: loss_fn's aux output (has_aux).
-  """
+  """The engine's forward and backward pass (step 2) at one point."""
   traced: Traced
   flat_params: list
   loss: Array
   flat_grads: list
   residuals: Residuals
-  ybar: dict
-  diagonal: list | None = None
-  aux: Any = None
+  ybar: dict                      # node id -> the adjoints of its offsets
+  diagonal: list | None = None    # the Hessian diagonal's leaves, if asked
+  aux: Any = None                 # loss_fn's aux output (has_aux)
 
   def weight_values(self, node: Node, outer: tuple) -> tuple[Array, Array]:
     """(operand, adjoint) of a weight operation, batch axis first.
@@ -862,19 +813,9 @@ def _check_collectives(prog: Program) -> None:
     UnsupportedProgramError: naming the collective, for a loss traced under
       `jax.pmap` or `jax.shard_map(check_vma=False)`.
   """
-  names, varying = set(), False
-
-  def walk(p):
-    nonlocal varying
-    for node in p.nodes:
-      if node.name in _COLLECTIVES:
-        names.add(node.name)
-      varying = varying or any(_varying(a) for a in node.out_avals)
-      if node.body is not None:
-        walk(node.body)
-
-  walk(prog)
-  if names and not varying:
+  nodes = [n for n, _ in walk(prog)]
+  names = {n.name for n in nodes if n.name in _COLLECTIVES}
+  if names and not any(_varying(a) for n in nodes for a in n.out_avals):
     raise UnsupportedProgramError(
         f"the loss holds the collective(s) {sorted(names)} but JAX does not "
         f"mark which of its values differ between devices (jax.pmap, or "
@@ -929,7 +870,7 @@ def trace(loss_fn: Callable[..., Array], params: Any,
   closed = jax.make_jaxpr(flat_loss)(*flat_p, *flat_b)
   out = closed.out_avals
   _check_loss(out, has_aux)
-  prog = _Builder().program(closed)
+  prog = _program(closed, itertools.count())
   custom = tuple(custom_vjp_names(closed.jaxpr))
   uses = {}
   if not custom:       # with a custom_vjp the engine reads the program only

@@ -2,16 +2,12 @@
 
 For a direction g, one sweep over the forward values that `lrcr.engine`
 stored propagates the tangents xdot along g and sums ybar . op''[xdot, xdot]
-over the operations (the identity (*) of `lrcr.engine`). This module owns
-
-* `sweep`, the generic pass over a program;
-* the rule of `scan` (an `engine.NestedRule`, registered once): its body is
-  read, evaluated and swept at every iteration;
-* the weight operations' plans: each dense layer's tangent and second-order
-  term (eq. 36) in the dense form, or in the Gram form of section 2 for a
-  direction that is a multiple of the gradient;
-* `curvature`: the (slope, curvature) of one direction, what
-  `lrcr.curvature` calls once per evaluation.
+(the identity (*) of `lrcr.engine`). This module owns the generic `sweep`,
+the rule of `scan` (an `engine.NestedRule`), and the weight operations'
+plans: a dense layer's tangent and second-order term (eq. 36) in the dense
+form, or in section 2's Gram form for a multiple of the gradient.
+`curvature` gives one direction's (slope, curvature): `lrcr.curvature`
+calls it once per evaluation.
 """
 
 from __future__ import annotations
@@ -187,22 +183,15 @@ class _ScanRule(engine.NestedRule):
     p = node.params
     nc, nk = p["num_consts"], p["num_carry"]
     body = node.body
-    it = iter(tans)
-    full_tans = [next(it) if c else None for c in node.cin]
+    where = [k for k, c in enumerate(node.cin) if c]      # tans' inputs
     const_env = dict(zip(body.invars[:nc], vals[:nc]))
-    const_tans = {i: t for i, t in zip(body.invars[:nc], full_tans[:nc])
-                  if t is not None}
-    init = []
-    for k in range(nc, nc + nk):
-      if node.cin[k]:
-        t = full_tans[k]
-        init.append(t if t is not None else jnp.zeros_like(vals[k]))
-    xs_tans = [t for t, c in zip(full_tans[nc + nk:], node.cin[nc + nk:])
-               if c]
-    carry_ids = [i for i, c in zip(body.invars[nc:nc + nk],
-                                   node.cin[nc:nc + nk]) if c]
-    xs_ids = [i for i, c in zip(body.invars[nc + nk:], node.cin[nc + nk:])
-              if c]
+    const_tans = {body.invars[k]: t for k, t in zip(where, tans)
+                  if k < nc and t is not None}
+    init = [t if t is not None else jnp.zeros_like(vals[k])
+            for k, t in zip(where, tans) if nc <= k < nc + nk]
+    xs_tans = [t for k, t in zip(where, tans) if k >= nc + nk]
+    carry_ids = [body.invars[k] for k in where if nc <= k < nc + nk]
+    xs_ids = [body.invars[k] for k in where if k >= nc + nk]
     dtype = engine.accumulation_dtype(*[jnp.asarray(t).dtype for t in tans
                                         if t is not None])
 
@@ -228,7 +217,7 @@ class _ScanRule(engine.NestedRule):
     return [next(it) if c else None for c in node.cout], acc
 
 
-engine.register("scan", _ScanRule())
+engine.NESTED_RULES["scan"] = _ScanRule()
 
 
 # ---------------------------------------------------------------------------
@@ -429,11 +418,18 @@ def curvature(ps: Pass, flat_d: list, scale: Array | None = None,
               gram_ids: frozenset = frozenset()) -> tuple[Array, Array]:
   """(slope, curvature) along the flat direction, from one tangent sweep.
 
-  `scale`: the direction is `scale` * grad F (with `log2`, scale is already
-  that of the scaled direction); `gram_ids` (`gram_operations`): the weight
-  operations that then take the Gram form.
-  `log2`: the sweep runs along flat_d 2^-log2 (see `_WeightPlan`).
-  `stack`: batch equally shaped weight operations (see `_WeightPlan`).
+  Args:
+    ps: the engine's pass at the point.
+    flat_d: the direction's leaves.
+    scale: the direction is `scale` * grad F (with `log2`, scale is already
+      that of the scaled direction), for the Gram form.
+    log2: the sweep runs along flat_d 2^-log2 (see `_WeightPlan`).
+    stack: batch every group of equally shaped weight operations.
+    gram_ids: the weight operations that take the Gram form
+      (`gram_operations`; needs `scale`).
+
+  Returns:
+    (g . grad F (eq. 38), g^T H g (eq. 39)) along g = flat_d 2^-log2.
   """
   prog = ps.traced.program
   plan = _WeightPlan(ps, flat_d, scale, log2, stack, gram_ids)

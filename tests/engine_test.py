@@ -309,6 +309,38 @@ def test_a_parameter_read_by_a_scan_and_a_matmul(batch):
       np.testing.assert_allclose(out.curvature, g @ hess @ g, rtol=RTOL)
 
 
+def test_scan_is_one_rule_of_the_table():
+  """The scan rule reads its body; without it a scan is one operation.
+
+  With the rule (`engine.NESTED_RULES`), the GRU's weights are found inside
+  the scan's body. Without it, the scan is an ordinary operation that JAX's
+  own rule differentiates whole: the same exact numbers, no weight inside.
+  """
+  # pylint: disable=g-import-not-at-top
+  from lrcr import engine
+  with jax.enable_x64(True):
+    loss_fn, params, batch = zoo.make("gru", 1)
+    grad_ref, hess = zoo.dense(loss_fn, params, batch)
+    d = zoo.random_like(params, 5)
+    g = ravel_pytree(d)[0]
+    inner = lambda t: [n.name for n, outer in t.weight_nodes() if outer]
+    nested = lambda t: [n for n, _ in engine.walk(t.program)
+                        if n.kind is engine.Kind.NESTED]
+    traced = engine.trace(loss_fn, params, batch)
+    assert inner(traced) and [n.name for n in nested(traced)] == ["scan"]
+    rule = engine.NESTED_RULES.pop("scan")
+    try:
+      traced = engine.trace(loss_fn, params, batch)
+      assert not inner(traced) and not nested(traced)
+      without = lrcr.directional(loss_fn, params, *batch, d)
+    finally:
+      engine.NESTED_RULES["scan"] = rule
+    with_rule = lrcr.directional(loss_fn, params, *batch, d)
+    for out in (without, with_rule):
+      np.testing.assert_allclose(out.slope, g @ grad_ref, rtol=RTOL)
+      np.testing.assert_allclose(out.curvature, g @ hess @ g, rtol=RTOL)
+
+
 def test_float64_curvature_where_only_weight_products_are_second_order():
   """No second-order operation outside the weights' (or outside a scan)."""
   with jax.enable_x64(True):
