@@ -301,9 +301,8 @@ def _stack_pays(size: int, gram: bool, tangent: bool) -> bool:
   operand carries a tangent dV, the second-order term; stacked, each of
   these launches once for the group, after one copy per stacked operand
   (V, Ybar, dV). The dense form is not stacked by default: XLA:CPU fuses
-  its per-operation products so that stacking the paper's eleven hidden
-  layers saved 5 kernels of 217 and measured slower (the copies of V, phi,
-  dV and Ybar).
+  its per-operation products, so that stacking saves few kernels and costs
+  the copies of V, phi, dV and Ybar.
   """
   if not gram:
     return False
