@@ -12,8 +12,9 @@ g shaped like params, the cubic step of eq. 37 needs
 and backward pass and returns a `curvature_fn` that contracts any direction
 against the second-order adjoint of that same pass: the fast path, exact to
 float rounding, for any model. `lrcr.engine` reads the program and runs the
-pass; each evaluation is one call of `lrcr.sweep.curvature`. `lowrank_curvature_fn` is the
-same engine behind the signature of `autodiff_curvature_fn`.
+pass; each evaluation is one call of `lrcr.sweep.curvature`.
+`lowrank_curvature_fn` is the same engine behind the signature of
+`autodiff_curvature_fn`.
 
 Granularity (section 4's future work; appendix B's Table 2):
 
@@ -30,8 +31,8 @@ and Ybar the adjoint of its output. Then V phi = c (V V^T) Ybar and
 Ybar . (dV phi) = c dV . ((Ybar Ybar^T) V) cost O(N^2 d) through N x N
 Gram matrices instead of O(N d^2): `gradient_direction=True` uses them for
 every weight operation where that is cheaper (`lrcr.sweep`), and where no
-operation gains it runs the plain sweep (the Gram form needs c = g . grad F / ||grad F||^2
-first, one more reduction over every leaf).
+operation gains it runs the plain sweep (the Gram form needs
+c = g . grad F / ||grad F||^2 first, one more reduction over every leaf).
 """
 
 from __future__ import annotations
