@@ -8,6 +8,7 @@ them.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -49,8 +50,12 @@ def finite_median(x: Any) -> float | None:
   return float(np.median(x)) if x.size else None
 
 
-def _windows(x: Iterable[float], period: int) -> np.ndarray:
-  """[n, period] trailing windows of x, padded with NaN before the start."""
+def _moving(statistic: Any, x: Iterable[float], period: int) -> np.ndarray:
+  """`statistic` of each trailing window of `period` finite values or fewer.
+
+  Each window is reduced on its own, so one huge value only moves the windows
+  that hold it; a window with no finite value gives NaN.
+  """
   if int(period) != period or period < 1:
     raise ValueError(f"period must be a positive integer, got {period!r}")
   arr = np.asarray(x, dtype=np.float64)
@@ -58,34 +63,20 @@ def _windows(x: Iterable[float], period: int) -> np.ndarray:
     raise ValueError(f"x must be 1-D, got shape {arr.shape}")
   arr = np.where(np.isfinite(arr), arr, np.nan)
   padded = np.concatenate([np.full(int(period) - 1, np.nan), arr])
-  return np.lib.stride_tricks.sliding_window_view(padded, int(period))
+  windows = np.lib.stride_tricks.sliding_window_view(padded, int(period))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN windows
+    return statistic(windows, axis=1)
 
 
 def moving_average(x: Iterable[float], period: int = 100) -> np.ndarray:
-  """Trailing, NaN-aware moving average (NaN for a window with no value).
-
-  Each window is summed on its own, so one huge value only moves the windows
-  that hold it.
-
-  Raises:
-    ValueError: if `period < 1` or `x` is not 1-D.
-  """
-  windows = _windows(x, period)
-  counts = np.isfinite(windows).sum(axis=1)
-  sums = np.nansum(windows, axis=1)
-  out = np.full(len(windows), np.nan)
-  ok = counts > 0
-  out[ok] = sums[ok] / counts[ok]
-  return out
+  """Trailing, NaN-aware moving average (see `_moving`)."""
+  return _moving(np.nanmean, x, period)
 
 
 def moving_median(x: Iterable[float], period: int = 100) -> np.ndarray:
-  """Trailing, NaN-aware moving median (as `moving_average`)."""
-  windows = _windows(x, period)
-  out = np.full(len(windows), np.nan)
-  ok = np.isfinite(windows).any(axis=1)
-  out[ok] = np.nanmedian(windows[ok], axis=1)
-  return out
+  """Trailing, NaN-aware moving median (see `_moving`)."""
+  return _moving(np.nanmedian, x, period)
 
 
 def plateau_exit_step(losses: Iterable[float],
@@ -93,15 +84,9 @@ def plateau_exit_step(losses: Iterable[float],
                       period: int = 100) -> int | None:
   """The first index i >= period - 1 whose moving median is below threshold.
 
-  A median, so that one diverging step neither hides nor invents an exit.
-
-  Args:
-    losses: per-iteration losses (non-finite values are ignored).
-    threshold: by default 95% of ln(10), a uniform 10-class prediction's loss.
-    period: the window.
-
-  Returns:
-    The 0-based index of the plateau exit, or None if it never happens.
+  A median, so that one diverging step neither hides nor invents an exit. The
+  default threshold is 95% of ln(10), a uniform 10-class prediction's loss.
+  Returns None if the loss never gets there.
   """
   median = moving_median(losses, period)
   if median.size < period:

@@ -1,9 +1,6 @@
-"""Summaries of base vs. base+CR runs, and the paper's claims judged on them.
+"""Summaries of base vs. base+CR runs over seeds, and the paper's claims.
 
-`summarize_run` computes plateau exit, losses and the CR learning rate on and
-after the plateau, `qualitative_claim` judges the paper's claims on it,
-`summarize_seeds` does both over seeds and `summary_table_markdown` renders
-the runs. Non-finite values are NaN and ignored by the statistics.
+Non-finite values are NaN and ignored by the statistics.
 """
 
 from __future__ import annotations
@@ -17,23 +14,23 @@ import numpy as np
 from experiments import report
 from experiments import stats
 
-#: Claim kinds understood by :func:`qualitative_claim`.
-CLAIM_KINDS: tuple[str,
-                   ...] = ("plateau", "plateau_adaptive", "no_plateau", "adam")
-
-# Plateau claim: the plateau learning rate over the later median must reach
-# 10x for SGD (Fig. 2: "a hundred-fold increase") and 2x for Adagrad and
-# Adadelta (Figs. 4-5: "smaller than for SGD").
+CLAIM_KINDS = ("plateau", "plateau_adaptive", "no_plateau", "adam")
+# The plateau/later learning-rate ratio a plateau claim needs: Fig. 2's "a
+# hundred-fold increase" for SGD, "smaller than for SGD" for Figs. 4-5.
 _PLATEAU_RATIO_MIN = {"plateau": 10.0, "plateau_adaptive": 2.0}
-# No-plateau claim: final losses within this relative tolerance.
-_NO_PLATEAU_TOL = 0.20
-# Adam claim: an exit earlier by this fraction of the steps, or a final loss
-# better by this fraction, is a gain.
-_ADAM_EXIT_GAIN = 0.10
-_ADAM_LOSS_GAIN = 0.05
-
-# --------------------------------------------------------------------------
-# Run summaries.
+_NO_PLATEAU_TOL = 0.20   # no_plateau: final losses within 20%
+_ADAM_EXIT_GAIN = 0.10   # adam: an exit earlier by 10% of the steps is a gain,
+_ADAM_LOSS_GAIN = 0.05   # and so is a final loss lower by 5%
+# A claim holds for a run when it holds on 80% of its seeds: 4 of 5, 3 of 3.
+CLAIM_SEED_FRACTION = 0.8
+# Summary fields aggregated over seeds (median and interquartile range).
+SEED_FIELDS = (
+    "initial_loss_base", "initial_loss_cr", "final_loss_base",
+    "final_loss_cr", "exit_step_base", "exit_step_cr",
+    "peak_learning_rate_cr", "median_learning_rate_cr",
+    "plateau_learning_rate_cr", "later_median_learning_rate_cr",
+    "plateau_to_later_ratio", "nonfinite_steps_base", "nonfinite_steps_cr")
+_EXIT_FIELDS = ("exit_step_base", "exit_step_cr")
 
 _fmt = functools.partial(report.fmt, spec=".4g", missing="—")
 
@@ -42,11 +39,9 @@ def _fmt_exit(x: Any) -> str:
   return "never" if x is None else _fmt(x)
 
 
-def _skipped(records, key: str, losses: np.ndarray) -> int:
-  """Steps the loop skipped (a non-finite loss or update), else NaN losses."""
-  if records and key in records[0]:
-    return int(sum(int(r.get(key) or 0) for r in records))
-  return int(np.count_nonzero(~np.isfinite(losses)))
+def _median(x: Any) -> float:
+  median = stats.finite_median(x)
+  return math.nan if median is None else median
 
 
 def summarize_run(records: stats.Records, *, num_classes: int = 10,
@@ -62,13 +57,9 @@ def summarize_run(records: stats.Records, *, num_classes: int = 10,
     claim_kind: if given, one of `CLAIM_KINDS`, judged under "claim".
 
   Returns:
-    num_steps, {initial,final}_loss_{base,cr}, exit_step_{base,cr} (None:
-    never), {peak,median}_learning_rate_cr, plateau_learning_rate_cr and
-    later_median_learning_rate_cr (before and from the CR exit),
-    plateau_to_later_ratio, nonfinite_steps_{base,cr} and claim.
-
-  Raises:
-    ValueError: if num_classes < 2.
+    num_steps, `SEED_FIELDS` and claim. Exits are steps (None: never); the
+    plateau learning rate is the median before the CR exit, the later one
+    the median from it.
   """
   if num_classes < 2:
     raise ValueError(f"num_classes must be >= 2, got {num_classes}")
@@ -99,22 +90,15 @@ def summarize_run(records: stats.Records, *, num_classes: int = 10,
       plateau_learning_rate_cr=plateau, later_median_learning_rate_cr=later,
       plateau_to_later_ratio=(plateau / later if plateau is not None and
                               later is not None and later > 0 else None))
-  for k in loss:
-    summary[f"nonfinite_steps_{k}"] = _skipped(records, f"skipped_{k}",
-                                               loss[k])
+  for k in loss:  # the steps the loop skipped, else the NaN losses
+    key = f"skipped_{k}"
+    summary[f"nonfinite_steps_{k}"] = (
+        int(sum(int(r.get(key) or 0) for r in records))
+        if records and key in records[0]
+        else int(np.count_nonzero(~np.isfinite(loss[k]))))
   summary["claim"] = (None if claim_kind is None
                       else qualitative_claim(summary, claim_kind))
   return summary
-
-
-def _median(x: Any) -> float:
-  """The median of the finite entries; NaN if there are none."""
-  median = stats.finite_median(x)
-  return math.nan if median is None else median
-
-
-# --------------------------------------------------------------------------
-# The paper's claims.
 
 
 def _plateau_claim(s: Mapping[str, Any], kind: str) -> tuple[bool, str]:
@@ -171,7 +155,7 @@ def _adam_claim(s: Mapping[str, Any]) -> tuple[bool, str]:
 
 
 def qualitative_claim(summary: Mapping[str, Any], kind: str) -> dict[str, Any]:
-  """Checks one of the paper's qualitative claims against a run summary.
+  """Judges one of the paper's claims on a `summarize_run` result.
 
   Kinds: "plateau" (Figs. 2-3, SGD): CR exits the plateau earlier than the
   base run, with a plateau learning rate >= 10x its later median;
@@ -179,43 +163,18 @@ def qualitative_claim(summary: Mapping[str, Any], kind: str) -> dict[str, Any]:
   descend and |final_cr - final_base| <= 0.2 final_base; "adam" (section 4):
   no exit earlier by 10% of the steps and no final loss lower by 5%.
 
-  Args:
-    summary: a `summarize_run` result.
-    kind: one of `CLAIM_KINDS`.
-
   Returns:
     {"kind", "holds", "reason": a sentence quoting the measured numbers}.
-
-  Raises:
-    ValueError: for an unknown `kind`.
   """
   if kind not in CLAIM_KINDS:
     raise ValueError(
         f"unknown claim kind {kind!r}; expected one of {CLAIM_KINDS}")
   if kind in _PLATEAU_RATIO_MIN:
     holds, reason = _plateau_claim(summary, kind)
-  elif kind == "no_plateau":
-    holds, reason = _no_plateau_claim(summary)
   else:
-    holds, reason = _adam_claim(summary)
+    holds, reason = (_no_plateau_claim if kind == "no_plateau"
+                     else _adam_claim)(summary)
   return {"kind": kind, "holds": holds, "reason": reason}
-
-
-# --------------------------------------------------------------------------
-# Seeds: each alone, then the median and IQR over seeds.
-
-#: A claim holds for a run when it holds on at least this fraction of its
-#: seeds: 4 of 5, 3 of 3, 1 of 1.
-CLAIM_SEED_FRACTION: float = 0.8
-
-#: Summary fields aggregated over seeds (median and interquartile range).
-SEED_FIELDS: tuple[str, ...] = (
-    "initial_loss_base", "initial_loss_cr", "final_loss_base",
-    "final_loss_cr", "exit_step_base", "exit_step_cr",
-    "peak_learning_rate_cr", "median_learning_rate_cr",
-    "plateau_learning_rate_cr", "later_median_learning_rate_cr",
-    "plateau_to_later_ratio", "nonfinite_steps_base", "nonfinite_steps_cr")
-_EXIT_FIELDS = ("exit_step_base", "exit_step_cr")
 
 
 def seeds_required(num_seeds: int) -> int:
@@ -253,28 +212,22 @@ def summarize_seeds(records: stats.Records, *, num_classes: int = 10,
     result[key] = int(sum(s[key] for s in per_seed))
   result["claim"] = None
   if claim_kind is not None and per_seed:
-    result["claim"] = _claim_over_seeds(per_seed, claim_kind)
+    n, need = len(per_seed), seeds_required(len(per_seed))
+    holding = [s["seed"] for s in per_seed if s["claim"]["holds"]]
+    shown = next((s for s in per_seed if not s["claim"]["holds"]),
+                 per_seed[0])
+    result["claim"] = {
+        "kind": claim_kind, "holds": len(holding) >= need,
+        "holds_on": len(holding), "num_seeds": n, "required": need,
+        "rule": f"holds on at least {need} of {n} seeds",
+        "reason": f"Holds on {len(holding)} of {n} seeds (rule: at least "
+                  f"{need} of {n}). Seed {shown['seed']}: "
+                  f"{shown['claim']['reason']}"}
   result["per_seed"] = per_seed
   return result
 
 
-def _claim_over_seeds(per_seed: Sequence[Mapping[str, Any]],
-                      kind: str) -> dict[str, Any]:
-  n = len(per_seed)
-  need = seeds_required(n)
-  holding = [s["seed"] for s in per_seed if s["claim"]["holds"]]
-  shown = next((s for s in per_seed if not s["claim"]["holds"]), per_seed[0])
-  reason = (f"Holds on {len(holding)} of {n} seeds (rule: at least {need} of "
-            f"{n}). Seed {shown['seed']}: {shown['claim']['reason']}")
-  return {"kind": kind, "holds": len(holding) >= need,
-          "holds_on": len(holding), "num_seeds": n, "required": need,
-          "rule": f"holds on at least {need} of {n} seeds", "reason": reason}
-
-
-# --------------------------------------------------------------------------
-# Table.
-
-_TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+_TABLE_COLUMNS = (
     ("run", "run"), ("paper figure", "figure"), ("data", "data"),
     ("steps", "num_steps"), ("final loss base", "final_loss_base"),
     ("final loss CR", "final_loss_cr"), ("exit base", "exit_step_base"),
@@ -284,7 +237,7 @@ _TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("claim holds", "claim"))
 
 
-def _cell(row: Mapping[str, Any], key: str) -> str:
+def cell(row: Mapping[str, Any], key: str) -> str:
   """A cell; over several seeds, "median [25th, 75th percentile]"."""
   value = row.get(key)
   if key == "claim":
@@ -293,20 +246,16 @@ def _cell(row: Mapping[str, Any], key: str) -> str:
     seeds = (f" ({value['holds_on']}/{value['num_seeds']} seeds)"
              if "holds_on" in value else "")
     return ("yes" if value.get("holds") else "no") + seeds
-  cell = _fmt_exit if key in _EXIT_FIELDS else (
+  fmt = _fmt_exit if key in _EXIT_FIELDS else (
       lambda x: "—" if x == "" else _fmt(x))
   iqr = (row.get("iqr") or {}).get(key, "absent")
   if iqr == "absent" or (row.get("num_seeds") or 1) < 2:
-    return cell(value)
-  return report.with_iqr(value, iqr or (None, None), cell)
+    return fmt(value)
+  return report.with_iqr(value, iqr or (None, None), fmt)
 
 
 def summary_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-  """Renders run summaries (plus "run", "figure", "data") as markdown.
-
-  A row over several seeds shows "median [25th, 75th percentile]".
-  """
-  lines = report.table([name for name, _ in _TABLE_COLUMNS],
-                       [[_cell(row, key) for _, key in _TABLE_COLUMNS]
-                        for row in rows])
-  return "\n".join(lines) + "\n"
+  """Run summaries (plus "run", "figure", "data") as a markdown table."""
+  return "\n".join(report.table(
+      [name for name, _ in _TABLE_COLUMNS],
+      [[cell(row, key) for _, key in _TABLE_COLUMNS] for row in rows])) + "\n"
