@@ -21,33 +21,23 @@ from experiments import workdir as workdir_lib
 from experiments.report import jsonable
 from experiments.stats import as_float
 
-#: The keys of every record, in file order.
-METRIC_KEYS: tuple[str, ...] = (
+METRIC_KEYS = (
     "step", "seed", "loss_base", "loss_cr", "alpha", "base_learning_rate",
     "learning_rate_cr", "slope", "curvature", "sqnorm", "predicted_decrease",
     "grad_norm_base", "grad_norm_cr", "skipped_base", "skipped_cr", "sigma",
     "alpha_cv", "accepted")
-
-#: The integer keys; every other key holds a float (NaN when not finite).
-INT_FIELDS: tuple[str, ...] = ("step", "seed", "skipped_base", "skipped_cr",
-                               "accepted")
-
-#: Record fields holding floating-point values.
-FLOAT_FIELDS: tuple[str, ...] = tuple(
-    k for k in METRIC_KEYS if k not in INT_FIELDS)
-
-#: What to do with a damaged metrics file.
-RECOVER_METRICS = (
-    "The metrics cannot be rebuilt from a checkpoint: restore the file from a "
-    "copy, or train again in a new --workdir.")
+INT_FIELDS = ("step", "seed", "skipped_base", "skipped_cr", "accepted")
+FLOAT_FIELDS = tuple(k for k in METRIC_KEYS if k not in INT_FIELDS)
 
 
 class MetricsError(ValueError):
   """A damaged metrics file; the message names the file and the way out."""
 
 
-# ---------------------------------------------------------------------------
-# Writing.
+def _damaged(where: Any, problem: str) -> MetricsError:
+  return MetricsError(
+      f"{where}: {problem}. The metrics cannot be rebuilt from a checkpoint: "
+      "restore the file from a copy, or train again in a new --workdir.")
 
 
 def to_records(metrics: Mapping[str, np.ndarray],
@@ -68,11 +58,7 @@ def _lines(records: Sequence[Mapping[str, Any]]) -> str:
 
 
 def append(path: str, records: Sequence[Mapping[str, Any]]) -> None:
-  """Appends records to `path` and fsyncs it.
-
-  Raises:
-    OSError: naming the file, and that the run resumes from its checkpoint.
-  """
+  """Appends records to `path` and fsyncs it (OSError: says to resume)."""
   with workdir_lib.io_errors(path):
     with open(path, "a", encoding="utf-8") as f:
       f.write(_lines(records))
@@ -81,34 +67,21 @@ def append(path: str, records: Sequence[Mapping[str, Any]]) -> None:
 
 
 def truncate(path: str, step: int, seeds: Sequence[int]) -> None:
-  """Keeps the records of steps < `step` (atomically), checking them whole.
-
-  Raises:
-    MetricsError: naming the file, the problem and the way out.
-  """
+  """Keeps the records of steps < `step` (atomically), checking them whole."""
   if not os.path.exists(path):
     if step:
-      raise MetricsError(f"{path} is missing, but the checkpoint is at step "
-                         f"{step}. {RECOVER_METRICS}")
+      raise _damaged(path, f"missing, but the checkpoint is at step {step}")
     lines = []
   else:
-    lines = [(n, r) for n, r in parse_lines(path)
+    lines = [(n, r) for n, r in _parse(path)
              if not (isinstance(r.get("step"), int) and r["step"] >= step)]
-    check_metrics(lines, path, seeds=seeds, num_steps=step)
+    _check(lines, path, seeds=seeds, num_steps=step)
   workdir_lib.atomic_write(
       path, _lines([r for _, r in lines]).encode("utf-8"))
 
 
-# ---------------------------------------------------------------------------
-# Reading.
-
-
-def parse_lines(path: Any) -> list[tuple[int, dict[str, Any]]]:
-  """(line number, record) of every line; drops a torn last line.
-
-  Raises:
-    MetricsError: for a line other than the last that is not a JSON object.
-  """
+def _parse(path: Any) -> list[tuple[int, dict[str, Any]]]:
+  """(line number, record) of every line but a torn last one."""
   with open(path, "r", encoding="utf-8") as f:
     lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
   out = []
@@ -118,11 +91,9 @@ def parse_lines(path: Any) -> list[tuple[int, dict[str, Any]]]:
     except json.JSONDecodeError as e:
       if k == len(lines) - 1 and not line.endswith("\n"):
         break  # a run killed in the middle of writing its last line
-      raise MetricsError(f"{path}:{lineno}: invalid JSON ({e}). "
-                         f"{RECOVER_METRICS}") from e
+      raise _damaged(f"{path}:{lineno}", f"invalid JSON ({e})") from e
     if not isinstance(rec, dict):
-      raise MetricsError(f"{path}:{lineno}: expected a JSON object. "
-                         f"{RECOVER_METRICS}")
+      raise _damaged(f"{path}:{lineno}", "expected a JSON object")
     for key in FLOAT_FIELDS:
       if key in rec:
         rec[key] = as_float(rec[key])
@@ -130,9 +101,9 @@ def parse_lines(path: Any) -> list[tuple[int, dict[str, Any]]]:
   return out
 
 
-def check_metrics(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any,
-                  *, seeds: Sequence[int] | None = None,
-                  num_steps: int | None = None) -> int:
+def _check(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any, *,
+           seeds: Sequence[int] | None = None,
+           num_steps: int | None = None) -> int:
   """Checks that records are steps 0, 1, ..., each once per seed in order.
 
   Args:
@@ -143,9 +114,6 @@ def check_metrics(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any,
 
   Returns:
     The number of complete steps (an incomplete last one does not count).
-
-  Raises:
-    MetricsError: naming the file, the line and how to recover.
   """
   if seeds is None:
     seeds = []
@@ -153,38 +121,34 @@ def check_metrics(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any,
       if rec.get("step") != 0 or rec.get("seed", 0) in seeds:
         break
       seeds.append(rec.get("seed", 0))
-    seeds = seeds or [0]
-  seeds = list(seeds)
+  seeds = list(seeds) or [0]
   for k, (lineno, rec) in enumerate(lines):
     step, seed = divmod(k, len(seeds))
     found = (rec.get("step"), rec.get("seed", 0))
     if found != (step, seeds[seed]):
-      raise MetricsError(
-          f"{path}:{lineno}: expected step {step}, seed {seeds[seed]}, found "
-          f"step {found[0]}, seed {found[1]}: the file is damaged (a line "
-          f"lost, repeated, moved or edited). {RECOVER_METRICS}")
+      raise _damaged(f"{path}:{lineno}", f"expected step {step}, seed "
+                     f"{seeds[seed]}, found step {found[0]}, seed {found[1]}: "
+                     "the file is damaged (a line lost, repeated, moved or "
+                     "edited)")
   complete = len(lines) // len(seeds)
   if num_steps is not None and (complete != num_steps or
                                 len(lines) % len(seeds)):
-    raise MetricsError(
-        f"{path}: holds {len(lines)} records, {complete} complete steps of "
-        f"{len(seeds)} seed(s), where the checkpoint is at step {num_steps}: "
-        f"the file is damaged or from another run. {RECOVER_METRICS}")
+    raise _damaged(path, f"holds {len(lines)} records, {complete} complete "
+                   f"steps of {len(seeds)} seed(s), where the checkpoint is "
+                   f"at step {num_steps}: the file is damaged or from another "
+                   "run")
   return complete
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """The records of a `metrics.jsonl` file, checked whole (`check_metrics`).
+  """The records of a `metrics.jsonl` file, checked whole.
 
   A torn last line and an incomplete last step are dropped; non-numeric float
-  fields become NaN.
-
-  Raises:
-    MetricsError: for invalid JSON before the last line, a line that is not
-      an object, or a step missing, repeated or out of order (file and line).
+  fields become NaN. A step missing, repeated or out of order, or a bad line
+  before the last, raises MetricsError naming the file and line.
   """
-  lines = parse_lines(path)
-  complete = check_metrics(lines, path)
-  # check_metrics passed: the step-0 records are the first, one per seed.
+  lines = _parse(path)
+  complete = _check(lines, path)
+  # _check passed: the step-0 records are the first, one per seed.
   seeds = sum(1 for _, rec in lines if rec.get("step") == 0)
   return [rec for _, rec in lines[:complete * seeds]]

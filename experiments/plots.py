@@ -1,8 +1,7 @@
 """Figures in the paper's layout for base vs. base+CR runs, over seeds.
 
-Every curve is the median over seeds with the interquartile range as a band.
-Figures are built on an Agg canvas without pyplot (no global state touched)
-and released after saving.
+Every curve is the median over seeds, with the interquartile range as a band.
+Figures use an Agg canvas, not pyplot, so no global state is touched.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -19,22 +18,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from experiments import workdir
-from experiments.stats import extract_series, extract_steps, moving_average
-from experiments.stats import split_by_seed
+from experiments.stats import Records, extract_series, extract_steps
+from experiments.stats import moving_average, split_by_seed
 
-#: Colours used in the paper.
-BASE_COLOR = "blue"
-CR_COLOR = "red"
-AVERAGE_COLOR = "green"
-BASE_LR_COLOR = "black"
-
-#: Opacity of the interquartile bands.
-BAND_ALPHA = 0.25
-
-#: Resolution of saved PNGs.
+# The paper's colours: base, CR, moving average, base learning rate.
+BASE_COLOR, CR_COLOR, AVERAGE_COLOR, BASE_LR_COLOR = (
+    "blue", "red", "green", "black")
+BAND_ALPHA = 0.25  # opacity of the interquartile bands
 DPI = 120
-
-Records = Sequence[Mapping[str, Any]]
 
 
 def by_seed(records: Records, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -48,21 +39,16 @@ def by_seed(records: Records, key: str) -> tuple[np.ndarray, np.ndarray]:
   return steps, values
 
 
-def median_and_quartiles(values: np.ndarray, *, positive: bool = False):
-  """Median, 25th and 75th percentile over seeds (axis 0) of the finite values
-  (and, if `positive`, of the values > 0); NaN where a step has none."""
+def _band(ax: Axes, steps: np.ndarray, values: np.ndarray, *, color: str,
+          label: str, positive: bool = False, linewidth: float = 0.8,
+          band: bool = True) -> None:
+  """The median line over seeds of the finite (if `positive`, > 0) values,
+  and for several seeds the IQR band."""
   v = np.where(np.isfinite(values) & ((values > 0) if positive else True),
                values, np.nan)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN steps
-    return tuple(np.nanpercentile(v, q, axis=0) for q in (50, 25, 75))
-
-
-def _band(ax: Axes, steps: np.ndarray, values: np.ndarray, *, color: str,
-          label: str, positive: bool = False, linewidth: float = 0.8,
-          band: bool = True) -> None:
-  """The median line over seeds and, for several seeds, the IQR band."""
-  median, lo, hi = median_and_quartiles(values, positive=positive)
+    median, lo, hi = (np.nanpercentile(v, q, axis=0) for q in (50, 25, 75))
   keep = np.isfinite(median)
   ax.plot(steps[keep], median[keep], color=color, linewidth=linewidth,
           label=label)
@@ -77,7 +63,7 @@ def _seeds_label(records: Records) -> str:
 
 
 def _finish_axes(ax: Axes, ylabel: str, legend: str | None) -> None:
-  """Labels the axes; a legend at `legend` (a matplotlib loc) if given."""
+  """Labels the axes; a legend at loc `legend` if given."""
   ax.set_xlabel("iteration")
   ax.set_ylabel(ylabel)
   if legend:
@@ -117,7 +103,7 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
-  """Writes the PNG atomically (`workdir.atomic_write`): whole or not at all."""
+  """Writes the PNG atomically: whole or not at all."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   png = io.BytesIO()
@@ -130,20 +116,12 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
 
 def make_run_figure(records: Records, *, title: str, base_name: str = "SGD",
                     period: int = 100) -> Figure:
-  """The paper's two-panel figure of one run.
+  """The paper's two-panel figure of one run (Agg canvas, not pyplot).
 
   Panel (a): the losses of base (blue) and base+CR (red); panel (b), log
-  scale: the CR learning rate (red), its moving average (green) and the base
-  learning rate (black). Non-finite values and non-positive rates are masked.
-
-  Args:
-    records: per-(iteration, seed) metric records.
-    title: the figure's title; should name the configuration and the data.
-    base_name: the base optimizer's name, for legends and captions.
-    period: the moving-average window of panel (b).
-
-  Returns:
-    The figure (Agg canvas, not registered with pyplot), with two axes.
+  scale: the CR learning rate (red), its period-`period` moving average
+  (green) and the base learning rate (black). Non-finite values and
+  non-positive rates are masked.
   """
   fig = _new_figure((13.0, 4.8))
   ax_loss, ax_lr = fig.subplots(1, 2)
@@ -163,25 +141,16 @@ def make_run_figure(records: Records, *, title: str, base_name: str = "SGD",
 
 def plot_run(records: Records, path: str | os.PathLike[str], *, title: str,
              base_name: str = "SGD", period: int = 100) -> None:
-  """Saves `make_run_figure` as a PNG at `path` (parents created)."""
+  """Saves `make_run_figure` as a PNG at `path`."""
   _save(make_run_figure(records, title=title, base_name=base_name,
                         period=period), path)
 
 
 def make_overview_figure(runs: Sequence[tuple[str, Records]], *, title: str,
                          period: int = 100) -> Figure:
-  """A grid of several runs: one column each, losses above, rates below.
+  """A grid of (name, records) runs: a column each, losses above, rates below.
 
-  Args:
-    runs: (name, records) pairs.
-    title: the figure's title.
-    period: the moving-average window of the learning-rate row.
-
-  Returns:
-    The figure, with 2 * len(runs) axes (all loss axes, then all rate axes).
-
-  Raises:
-    ValueError: if `runs` is empty.
+  Its 2 * len(runs) axes are all loss axes, then all rate axes.
   """
   if not runs:
     raise ValueError("plot_overview needs at least one run")
@@ -203,5 +172,5 @@ def make_overview_figure(runs: Sequence[tuple[str, Records]], *, title: str,
 def plot_overview(runs: Sequence[tuple[str, Records]],
                   path: str | os.PathLike[str], *, title: str,
                   period: int = 100) -> None:
-  """Saves `make_overview_figure` as a PNG at `path` (parents created)."""
+  """Saves `make_overview_figure` as a PNG at `path`."""
   _save(make_overview_figure(runs, title=title, period=period), path)
