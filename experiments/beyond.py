@@ -99,24 +99,6 @@ def _table(rows, cv=False):
       + ["median CV of per-sample alpha"] * cv, lines))
 
 
-def _previous(workdir):
-  """An earlier beyond.json of the workdir, or {}."""
-  path = os.path.join(workdir, "beyond.json")
-  if not os.path.exists(path):
-    return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def _merged_grid(fresh, previous):
-  """The fresh grid rows with the earlier rows of the other variants."""
-  names = {r["run"] for r in fresh}
-  grid = [r for r in previous.get("grid", []) if r["run"] not in names]
-  order = [f"{run},{v}" for run in beyond.RUNS for v in beyond.VARIANTS]
-  return sorted(grid + fresh, key=lambda r: order.index(r["run"])
-                if r["run"] in order else len(order))
-
-
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
@@ -124,20 +106,26 @@ def main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
-  previous = _previous(workdir)
+  previous = {}   # an earlier beyond.json: rows of the parts not run now
+  if os.path.exists(os.path.join(workdir, "beyond.json")):
+    with open(os.path.join(workdir, "beyond.json"), encoding="utf-8") as f:
+      previous = json.load(f)
   start = time.perf_counter()
   variants = _VARIANTS.value or beyond.VARIANTS
   grid = ([_run(f"{run},{variant}", workdir) for run in beyond.RUNS
            for variant in variants] if _GRID.value else [])
-  if grid and _VARIANTS.value:
-    grid = _merged_grid(grid, previous)
+  if grid and _VARIANTS.value:   # with the earlier rows of other variants
+    order = [f"{run},{v}" for run in beyond.RUNS for v in beyond.VARIANTS]
+    grid = sorted([r for r in previous.get("grid", []) if r["run"] not in
+                   {g["run"] for g in grid}] + grid,
+                  key=lambda r: order.index(r["run"]) if r["run"] in order
+                  else len(order))
   sweep = ([_run(f"mnist_sgd_plateau,sigma{s}", workdir) for s in _SIGMAS]
            if _SWEEP.value else [])
   averaging = ([_run("mnist_sgd_plateau,global", workdir)] +
                [_run(f"mnist_sgd_plateau,{a}", workdir)
                 for a in beyond.AVERAGINGS] if _AVERAGING.value else [])
   wall = time.perf_counter() - start
-  # Parts not run this time keep their rows from an earlier beyond.json.
   grid = grid or previous.get("grid", [])
   sweep = sweep or previous.get("sweep", [])
   averaging = averaging or previous.get("averaging", [])

@@ -1,11 +1,7 @@
-"""The metrics of a run: its schema and its JSON-lines file.
+"""The metrics of a run: its schema and its JSON-lines file, metrics.jsonl.
 
-    records = to_records(chunk_metrics, seeds)     # [length, S] arrays -> dicts
-    append(path, records)                          # after each chunk, fsynced
-    records = read_metrics(path)                   # checked whole
-
-`metrics.jsonl` holds one JSON object per (step, seed), step-major, keys in
-`METRIC_KEYS` order; non-finite floats are written as null, read as NaN.
+One JSON object per (step, seed), step-major, keys in `METRIC_KEYS` order;
+non-finite floats are written as null and read as NaN.
 """
 
 from __future__ import annotations
@@ -104,16 +100,10 @@ def _parse(path: Any) -> list[tuple[int, dict[str, Any]]]:
 def _check(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any, *,
            seeds: Sequence[int] | None = None,
            num_steps: int | None = None) -> int:
-  """Checks that records are steps 0, 1, ..., each once per seed in order.
+  """The number of complete steps in (line number, record) pairs.
 
-  Args:
-    lines: (line number, record) pairs in file order.
-    path: the file, for the message.
-    seeds: the expected seeds; by default those of step 0.
-    num_steps: if given, the file must hold exactly this many steps.
-
-  Returns:
-    The number of complete steps (an incomplete last one does not count).
+  Checks that they are steps 0, 1, ... (exactly `num_steps` if given), each
+  once per seed in order (by default the seeds of step 0).
   """
   if seeds is None:
     seeds = []
@@ -141,11 +131,9 @@ def _check(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any, *,
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """The records of a `metrics.jsonl` file, checked whole.
+  """The records of a metrics file, checked whole (MetricsError otherwise).
 
-  A torn last line and an incomplete last step are dropped; non-numeric float
-  fields become NaN. A step missing, repeated or out of order, or a bad line
-  before the last, raises MetricsError naming the file and line.
+  A torn last line and an incomplete last step are dropped.
   """
   lines = _parse(path)
   complete = _check(lines, path)

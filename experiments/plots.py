@@ -10,7 +10,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -21,10 +21,6 @@ from experiments import workdir
 from experiments.stats import Records, extract_series, extract_steps
 from experiments.stats import moving_average, split_by_seed
 
-# The paper's colours: base, CR, moving average, base learning rate.
-BASE_COLOR, CR_COLOR, AVERAGE_COLOR, BASE_LR_COLOR = (
-    "blue", "red", "green", "black")
-BAND_ALPHA = 0.25  # opacity of the interquartile bands
 DPI = 120
 
 
@@ -54,7 +50,7 @@ def _band(ax: Axes, steps: np.ndarray, values: np.ndarray, *, color: str,
           label=label)
   if band and len(values) > 1:
     ax.fill_between(steps[keep], lo[keep], hi[keep], color=color,
-                    alpha=BAND_ALPHA, linewidth=0)
+                    alpha=0.25, linewidth=0)
 
 
 def _seeds_label(records: Records) -> str:
@@ -72,8 +68,8 @@ def _finish_axes(ax: Axes, ylabel: str, legend: str | None) -> None:
 
 def _plot_losses(ax: Axes, records: Records, base_name: str, *,
                  legend: bool) -> None:
-  for key, color, label in (("loss_base", BASE_COLOR, base_name),
-                            ("loss_cr", CR_COLOR, f"{base_name} with CR")):
+  for key, color, label in (("loss_base", "blue", base_name),  # the paper's
+                            ("loss_cr", "red", f"{base_name} with CR")):
     steps, values = by_seed(records, key)
     _band(ax, steps, values, color=color, label=label)
   _finish_axes(ax, "error (loss)", legend and "lower left")
@@ -82,24 +78,18 @@ def _plot_losses(ax: Axes, records: Records, base_name: str, *,
 def _plot_learning_rate(ax: Axes, records: Records, period: int, *,
                         legend: bool, base_name: str = "base") -> None:
   steps, lr = by_seed(records, "learning_rate_cr")
-  _band(ax, steps, lr, color=CR_COLOR, label="calculated rate",
+  _band(ax, steps, lr, color="red", label="calculated rate",
         positive=True, linewidth=0.5, band=False)
   # The paper's moving average, per seed (non-positive rates left out).
   average = np.stack([moving_average(np.where(row > 0, row, np.nan), period)
                       for row in lr]) if len(lr) else lr
-  _band(ax, steps, average, color=AVERAGE_COLOR, positive=True,
+  _band(ax, steps, average, color="green", positive=True,
         linewidth=1.2, label=f"period-{period} moving average")
   steps_b, base_lr = by_seed(records, "base_learning_rate")
-  _band(ax, steps_b, base_lr, color=BASE_LR_COLOR, positive=True,
+  _band(ax, steps_b, base_lr, color="black", positive=True,
         linewidth=1.0, band=False, label=f"{base_name}'s own learning rate")
   ax.set_yscale("log")
   _finish_axes(ax, "learning rate", legend and "upper right")
-
-
-def _new_figure(figsize: tuple[float, float]) -> Figure:
-  fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")
-  FigureCanvasAgg(fig)
-  return fig
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
@@ -123,7 +113,8 @@ def make_run_figure(records: Records, *, title: str, base_name: str = "SGD",
   (green) and the base learning rate (black). Non-finite values and
   non-positive rates are masked.
   """
-  fig = _new_figure((13.0, 4.8))
+  fig = Figure(figsize=(13.0, 4.8), dpi=DPI, layout="constrained")
+  FigureCanvasAgg(fig)
   ax_loss, ax_lr = fig.subplots(1, 2)
   seeds = _seeds_label(records)
   _plot_losses(ax_loss, records, base_name, legend=True)
@@ -139,11 +130,10 @@ def make_run_figure(records: Records, *, title: str, base_name: str = "SGD",
   return fig
 
 
-def plot_run(records: Records, path: str | os.PathLike[str], *, title: str,
-             base_name: str = "SGD", period: int = 100) -> None:
-  """Saves `make_run_figure` as a PNG at `path`."""
-  _save(make_run_figure(records, title=title, base_name=base_name,
-                        period=period), path)
+def plot_run(records: Records, path: str | os.PathLike[str],
+             **kwargs: Any) -> None:
+  """Saves `make_run_figure(records, **kwargs)` as a PNG at `path`."""
+  _save(make_run_figure(records, **kwargs), path)
 
 
 def make_overview_figure(runs: Sequence[tuple[str, Records]], *, title: str,
@@ -155,7 +145,9 @@ def make_overview_figure(runs: Sequence[tuple[str, Records]], *, title: str,
   if not runs:
     raise ValueError("plot_overview needs at least one run")
   n = len(runs)
-  fig = _new_figure((max(4.0, 3.4 * n + 0.6), 6.4))
+  fig = Figure(figsize=(max(4.0, 3.4 * n + 0.6), 6.4), dpi=DPI,
+               layout="constrained")
+  FigureCanvasAgg(fig)
   axes = np.asarray(fig.subplots(2, n, squeeze=False))
   for j, (name, records) in enumerate(runs):
     _plot_losses(axes[0, j], records, "base", legend=(j == 0))
@@ -170,7 +162,6 @@ def make_overview_figure(runs: Sequence[tuple[str, Records]], *, title: str,
 
 
 def plot_overview(runs: Sequence[tuple[str, Records]],
-                  path: str | os.PathLike[str], *, title: str,
-                  period: int = 100) -> None:
-  """Saves `make_overview_figure` as a PNG at `path`."""
-  _save(make_overview_figure(runs, title=title, period=period), path)
+                  path: str | os.PathLike[str], **kwargs: Any) -> None:
+  """Saves `make_overview_figure(runs, **kwargs)` as a PNG at `path`."""
+  _save(make_overview_figure(runs, **kwargs), path)

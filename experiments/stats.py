@@ -1,8 +1,5 @@
-"""Statistics of metric records: series, moving windows, plateau exits, seeds.
-
-Records are the dicts of `metrics.jsonl`, one per (step, seed). Non-finite
-values (JSON null, NaN, Infinity) are NaN here and every statistic ignores
-them.
+"""Statistics of metric records (one dict per step and seed): series,
+moving windows, plateau exits, seeds. Non-finite values are NaN and ignored.
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ def extract_series(records: Records, key: str) -> np.ndarray:
 
 
 def extract_steps(records: Records) -> np.ndarray:
-  """The records' `step` fields, or their positions where missing."""
+  """The `step` fields, or the positions where missing."""
   steps = extract_series(records, "step")
   return np.where(np.isfinite(steps), steps,
                   np.arange(len(records), dtype=np.float64))
@@ -51,10 +48,9 @@ def finite_median(x: Any) -> float | None:
 
 
 def _moving(statistic: Any, x: Iterable[float], period: int) -> np.ndarray:
-  """`statistic` of each trailing window of `period` finite values or fewer.
+  """`statistic` of each trailing window's finite values (NaN for none).
 
-  Each window is reduced on its own, so one huge value only moves the windows
-  that hold it; a window with no finite value gives NaN.
+  Each window is reduced on its own, so one huge value moves only its own.
   """
   if int(period) != period or period < 1:
     raise ValueError(f"period must be a positive integer, got {period!r}")
@@ -82,11 +78,10 @@ def moving_median(x: Iterable[float], period: int = 100) -> np.ndarray:
 def plateau_exit_step(losses: Iterable[float],
                       threshold: float = 0.95 * math.log(10.0),
                       period: int = 100) -> int | None:
-  """The first index i >= period - 1 whose moving median is below threshold.
+  """The first index >= period - 1 whose moving median is below threshold.
 
-  A median, so that one diverging step neither hides nor invents an exit. The
-  default threshold is 95% of ln(10), a uniform 10-class prediction's loss.
-  Returns None if the loss never gets there.
+  A median, so that one diverging step neither hides nor invents an exit;
+  None if there is none. The default is 95% of a uniform guess's ln(10).
   """
   median = moving_median(losses, period)
   if median.size < period:
@@ -120,8 +115,8 @@ def median_and_iqr(values: Sequence[Any], *, never_is_inf: bool = False
                    ) -> tuple[float | None, list[float | None] | None]:
   """(median, [25th, 75th percentile]) of the numbers, or (None, None).
 
-  With `never_is_inf`, None is an exit that never happened: it sorts after
-  every step, and a median or quartile of it is None.
+  With `never_is_inf`, None (an exit that never happened) sorts last, and a
+  median or quartile of it is None.
   """
   nums = [math.inf if v is None and never_is_inf else float(v)
           for v in values

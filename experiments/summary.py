@@ -1,7 +1,4 @@
-"""Summaries of base vs. base+CR runs over seeds, and the paper's claims.
-
-Non-finite values are NaN and ignored by the statistics.
-"""
+"""Summaries of base vs. base+CR runs over seeds, and the paper's claims."""
 
 from __future__ import annotations
 
@@ -47,19 +44,12 @@ def _median(x: Any) -> float:
 def summarize_run(records: stats.Records, *, num_classes: int = 10,
                   period: int = 100,
                   claim_kind: str | None = None) -> dict[str, Any]:
-  """Summarizes one base-vs-CR run.
+  """num_steps, `SEED_FIELDS` and the claim of one run's records.
 
-  Args:
-    records: per-iteration metric records, in step order.
-    num_classes: the plateau threshold is 0.95 ln(num_classes).
-    period: the moving window, and how many first and last iterations give
-      the initial and final losses (their finite medians).
-    claim_kind: if given, one of `CLAIM_KINDS`, judged under "claim".
-
-  Returns:
-    num_steps, `SEED_FIELDS` and claim. Exits are steps (None: never); the
-    plateau learning rate is the median before the CR exit, the later one
-    the median from it.
+  The plateau threshold is 0.95 ln(num_classes); `period` is the moving
+  window and how many first and last steps give the initial and final losses
+  (finite medians). Exits are steps (None: never); the plateau learning rate
+  is the median before the CR exit, the later one the median from it.
   """
   if num_classes < 2:
     raise ValueError(f"num_classes must be >= 2, got {num_classes}")
@@ -155,16 +145,12 @@ def _adam_claim(s: Mapping[str, Any]) -> tuple[bool, str]:
 
 
 def qualitative_claim(summary: Mapping[str, Any], kind: str) -> dict[str, Any]:
-  """Judges one of the paper's claims on a `summarize_run` result.
+  """{"kind", "holds", "reason"} of a claim on a `summarize_run` result.
 
-  Kinds: "plateau" (Figs. 2-3, SGD): CR exits the plateau earlier than the
-  base run, with a plateau learning rate >= 10x its later median;
-  "plateau_adaptive" (Figs. 4-5): the same at 2x; "no_plateau" (Fig. 1): both
-  descend and |final_cr - final_base| <= 0.2 final_base; "adam" (section 4):
-  no exit earlier by 10% of the steps and no final loss lower by 5%.
-
-  Returns:
-    {"kind", "holds", "reason": a sentence quoting the measured numbers}.
+  "plateau" (Figs. 2-3) and "plateau_adaptive" (Figs. 4-5): CR exits the
+  plateau first, its learning rate there a multiple of its later median;
+  "no_plateau" (Fig. 1): both descend to close final losses; "adam"
+  (section 4): CR gives no gain. The reason quotes the measured numbers.
   """
   if kind not in CLAIM_KINDS:
     raise ValueError(
@@ -185,13 +171,10 @@ def seeds_required(num_seeds: int) -> int:
 def summarize_seeds(records: stats.Records, *, num_classes: int = 10,
                     period: int = 100,
                     claim_kind: str | None = None) -> dict[str, Any]:
-  """Summarizes a run over its seeds (arguments as for `summarize_run`).
+  """`summarize_run` per seed, and the median and IQR over seeds.
 
-  Returns:
-    num_steps, num_seeds, seeds, per_seed (`summarize_run` per seed), median
-    and iqr over seeds of `SEED_FIELDS` ("never" exits count as latest), the
-    medians at the top level (nonfinite_steps_* summed), and claim: holding
-    on at least `seeds_required` seeds.
+  "Never" exits count as latest; the medians are also at the top level
+  (nonfinite_steps_* summed); the claim must hold on `seeds_required` seeds.
   """
   by_seed = stats.split_by_seed(records)
   per_seed = [{"seed": seed, **summarize_run(

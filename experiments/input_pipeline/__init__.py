@@ -19,17 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.input_pipeline import files
-from experiments.input_pipeline import mnist_5k
-from experiments.input_pipeline import tfds_source
-from experiments.input_pipeline.dataset import DataError
-from experiments.input_pipeline.dataset import Dataset
-from experiments.input_pipeline.dataset import NAMES
-from experiments.input_pipeline.dataset import SPECS
-from experiments.input_pipeline.dataset import SPLITS
-from experiments.input_pipeline.dataset import TfdsUnavailable
-from experiments.input_pipeline.dataset import error
-from experiments.input_pipeline.dataset import require_directory
+from experiments.input_pipeline import files, mnist_5k, tfds_source
+from experiments.input_pipeline.dataset import (
+    NAMES, SPECS, SPLITS, DataError, Dataset, TfdsUnavailable, error,
+    require_directory)
 
 SOURCES = ("auto", "tfds", "files", "mnist_5k")
 
@@ -64,11 +57,11 @@ def load_dataset(name: str, source: str = "auto", path: str | None = None,
   spec = SPECS[_canonical(name, NAMES, "dataset name", "name", "-_")]
   source = _canonical(source, SOURCES, "data source", "source")
   path = None if path is None else os.path.abspath(os.path.expanduser(path))
+  if source == "files" and path is None:
+    raise error("source='files'", f"needs the directory holding the "
+                f"{spec.title} files", "set path "
+                "(--config.data.path=/path/to/dir)")
   if source == "files":
-    if path is None:
-      raise error("source='files'", f"needs the directory holding the "
-                  f"{spec.title} files", "set path "
-                  "(--config.data.path=/path/to/dir)")
     dataset = files.load(spec, path, split)
   elif source == "tfds":
     dataset = tfds_source.load(spec, split, path, download)
@@ -102,30 +95,27 @@ def _tfds_else_mnist_5k(spec, split: str, path: str | None,
 
 def validate_batch_size(dataset: Dataset, batch_size: int) -> None:
   """Raises DataError unless batch_size is an integer in [1, num_examples]."""
-  n = dataset.num_examples
   if isinstance(batch_size, bool) or not isinstance(batch_size,
                                                     (int, np.integer)):
     raise error(f"batch_size={batch_size!r}", "must be an integer (data: "
                 f"{dataset.description})")
-  if not 1 <= batch_size <= n:
+  if not 1 <= batch_size <= dataset.num_examples:
     raise error(f"batch_size={batch_size}", "must be between 1 and the "
-                f"number of examples {n} (data: {dataset.description})",
-                "change the batch size or the data")
+                f"number of examples {dataset.num_examples} (data: "
+                f"{dataset.description})", "change the batch size or the data")
 
 
-# The sampler. Epoch e is the permutation of the N example indices drawn from
-# (key, e), cut into N // B batches of B (the last N mod B indices are left
-# out that epoch). The batch of step t is slice t mod (N // B) of epoch
-# t // (N // B): a function of t alone, so a resumed run sees the batches an
-# uninterrupted one would.
+# The sampler: epoch e is the permutation of the N indices drawn from (key, e)
+# cut into N // B batches (the last N mod B left out), so the batch of step t
+# is a function of t alone and a resumed run sees an uninterrupted one's.
 
 
 def batch_indices(data_key: Any, step: Any, num_examples: int,
                   batch_size: int) -> Any:
   """The example indices [B] of the batch of `step` (a Python or traced int)."""
   epoch, offset = epoch_and_offset(step, num_examples, batch_size)
-  perm = permutation(data_key, epoch, num_examples)
-  return jax.lax.dynamic_slice_in_dim(perm, offset, batch_size)
+  return jax.lax.dynamic_slice_in_dim(
+      permutation(data_key, epoch, num_examples), offset, batch_size)
 
 
 def epoch_and_offset(step: Any, num_examples: int, batch_size: int):
