@@ -39,10 +39,9 @@ def _damaged(where: Any, problem: str) -> MetricsError:
 def to_records(metrics: Mapping[str, np.ndarray],
                seeds: Sequence[int]) -> list[dict[str, Any]]:
   """[length, S] arrays -> one JSON-ready dict per (step, seed), step-major."""
-  def value(key, x):
-    return int(x) if key in INT_FIELDS else jsonable(float(x))
   return [{"step": int(metrics["step"][i, j]), "seed": seed,
-           **{key: value(key, metrics[key][i, j])
+           **{key: int(metrics[key][i, j]) if key in INT_FIELDS
+              else jsonable(float(metrics[key][i, j]))
               for key in METRIC_KEYS[2:]}}
           for i in range(len(metrics["step"]))
           for j, seed in enumerate(seeds)]
@@ -64,14 +63,11 @@ def append(path: str, records: Sequence[Mapping[str, Any]]) -> None:
 
 def truncate(path: str, step: int, seeds: Sequence[int]) -> None:
   """Keeps the records of steps < `step` (atomically), checking them whole."""
-  if not os.path.exists(path):
-    if step:
-      raise _damaged(path, f"missing, but the checkpoint is at step {step}")
-    lines = []
-  else:
-    lines = [(n, r) for n, r in _parse(path)
-             if not (isinstance(r.get("step"), int) and r["step"] >= step)]
-    _check(lines, path, seeds=seeds, num_steps=step)
+  if not os.path.exists(path) and step:
+    raise _damaged(path, f"missing, but the checkpoint is at step {step}")
+  lines = [(n, r) for n, r in (_parse(path) if os.path.exists(path) else [])
+           if not (isinstance(r.get("step"), int) and r["step"] >= step)]
+  _check(lines, path, seeds=seeds, num_steps=step)
   workdir_lib.atomic_write(
       path, _lines([r for _, r in lines]).encode("utf-8"))
 

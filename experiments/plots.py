@@ -18,8 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from experiments import workdir
-from experiments.stats import Records, extract_series, extract_steps
-from experiments.stats import moving_average, split_by_seed
+from experiments.stats import Records, extract_series, moving_average
+from experiments.stats import split_by_seed
 
 DPI = 120
 
@@ -27,11 +27,12 @@ DPI = 120
 def by_seed(records: Records, key: str) -> tuple[np.ndarray, np.ndarray]:
   """(steps [T], values [S, T]): one row per seed, NaN where a seed has none."""
   runs = list(split_by_seed(records).values())
-  steps = np.unique(np.concatenate([extract_steps(r) for r in runs])) \
+  steps = np.unique(np.concatenate([extract_series(r, "step") for r in runs])) \
       if runs else np.zeros(0)
   values = np.full((len(runs), len(steps)), np.nan)
   for row, run in zip(values, runs):
-    row[np.searchsorted(steps, extract_steps(run))] = extract_series(run, key)
+    row[np.searchsorted(steps, extract_series(run, "step"))] = (
+        extract_series(run, key))
   return steps, values
 
 

@@ -70,9 +70,8 @@ def _load_config(name: str) -> ml_collections.ConfigDict:
   config.data.path = (_CIFAR10_PATH if cifar else _DATA_PATH).value
   for item in _SET.value:
     key, sep, text = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--set={item!r}: expected key=value.")
-    message = train.config_key_error(config, key.strip())
+    message = (train.config_key_error(config, key.strip()) if sep else
+               f"--set={item!r}: expected key=value.")
     if message:
       raise app.UsageError(_as_flags(message))
     try:
@@ -119,19 +118,18 @@ def main(argv: Sequence[str]) -> None:
   if unknown:
     raise app.UsageError(f"--only: unknown run(s) {', '.join(unknown)}; "
                          f"choose among {', '.join(PAPER_RUNS)}.")
-  names = [name for name in PAPER_RUNS if name in _ONLY.value]
-  configs = {}
-  for name in names:            # every config mistake, before any training
-    configs[name] = _load_config(name)
+  configs = {name: _load_config(name) for name in PAPER_RUNS
+             if name in _ONLY.value}
+  for name, config in configs.items():  # every mistake, before any training
     try:
-      train.validate_config(configs[name])
+      train.validate_config(config)
     except ValueError as err:
       raise app.UsageError(f"{name}: {_as_flags(str(err))}") from err
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
   date = report_lib.now()
-  rows = [_run_one(name, configs[name], workdir) for name in names]
+  rows = [_run_one(name, config, workdir) for name, config in configs.items()]
   wall_time = time.perf_counter() - start
   command = report_lib.command_line("experiments.reproduce")
   data_used = sorted({row["data"] for row in rows if row["status"] == "ok"})
@@ -148,23 +146,20 @@ def main(argv: Sequence[str]) -> None:
       summary_lib.summary_table_markdown([  # a run not run: no exits ("—")
           row if row["status"] == "ok" else
           dict(row, exit_step_base="—", exit_step_cr="—") for row in rows]),
-  ]
-  for row in rows:
-    if row["status"] != "ok":
-      lines.append(f"- {row['run']} ({row['figure']}) {row['status']}: "
-                   f"{row['reason']}")
-    elif row.get("claim"):
-      lines.append(f"- {row['run']} ({row['figure']}): "
-                   f"{row['claim']['reason']}")
+  ] + [f"- {r['run']} ({r['figure']}) {r['status']}: {r['reason']}"
+        if r["status"] != "ok" else
+        f"- {r['run']} ({r['figure']}): {r['claim']['reason']}"
+        for r in rows if r["status"] != "ok" or r.get("claim")]
   report_lib.write(workdir, "summary", {
       "command": command, "date": date, "wall_time_s": wall_time,
       "environment": env, "num_seeds": _NUM_SEEDS.value, "data": data_used,
       "runs": rows}, "\n".join(lines))
-  runs = [(f"{row['figure']} {row['run']}".strip(), metrics_lib.read_metrics(
-      os.path.join(workdir, row["run"], train.METRICS_FILE)))
-          for row in rows if row["status"] == "ok"]
-  if runs:
-    plots.plot_overview(runs, os.path.join(workdir, "overview.png"),
+  if data_used:
+    plots.plot_overview([(f"{row['figure']} {row['run']}".strip(),
+                          metrics_lib.read_metrics(os.path.join(
+                              workdir, row["run"], train.METRICS_FILE)))
+                         for row in rows if row["status"] == "ok"],
+                        os.path.join(workdir, "overview.png"),
                         title=f"base (blue) vs base+CR (red), median of "
                         f"{_NUM_SEEDS.value} seeds with IQR bands; data: "
                         f"{'; '.join(data_used)}")

@@ -33,18 +33,11 @@ def extract_series(records: Records, key: str) -> np.ndarray:
   return np.array([as_float(r.get(key)) for r in records], dtype=np.float64)
 
 
-def extract_steps(records: Records) -> np.ndarray:
-  """The `step` fields, or the positions where missing."""
-  steps = extract_series(records, "step")
-  return np.where(np.isfinite(steps), steps,
-                  np.arange(len(records), dtype=np.float64))
-
-
-def finite_median(x: Any) -> float | None:
-  """The median of the finite entries of `x`, or None if there are none."""
+def finite_median(x: Any, default: Any = None) -> Any:
+  """The median of the finite entries of `x`, or `default` if there are none."""
   x = np.asarray(x, dtype=np.float64)
   x = x[np.isfinite(x)]
-  return float(np.median(x)) if x.size else None
+  return float(np.median(x)) if x.size else default
 
 
 def _moving(statistic: Any, x: Iterable[float], period: int) -> np.ndarray:

@@ -11,10 +11,6 @@ import numpy as np
 from experiments import report
 from experiments import stats
 
-CLAIM_KINDS = ("plateau", "plateau_adaptive", "no_plateau", "adam")
-# The plateau/later learning-rate ratio a plateau claim needs: Fig. 2's "a
-# hundred-fold increase" for SGD, "smaller than for SGD" for Figs. 4-5.
-_PLATEAU_RATIO_MIN = {"plateau": 10.0, "plateau_adaptive": 2.0}
 _NO_PLATEAU_TOL = 0.20   # no_plateau: final losses within 20%
 _ADAM_EXIT_GAIN = 0.10   # adam: an exit earlier by 10% of the steps is a gain,
 _ADAM_LOSS_GAIN = 0.05   # and so is a final loss lower by 5%
@@ -36,11 +32,6 @@ def _fmt_exit(x: Any) -> str:
   return "never" if x is None else _fmt(x)
 
 
-def _median(x: Any) -> float:
-  median = stats.finite_median(x)
-  return math.nan if median is None else median
-
-
 def summarize_run(records: stats.Records, *, num_classes: int = 10,
                   period: int = 100,
                   claim_kind: str | None = None) -> dict[str, Any]:
@@ -53,33 +44,28 @@ def summarize_run(records: stats.Records, *, num_classes: int = 10,
   """
   if num_classes < 2:
     raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-  steps = stats.extract_steps(records)
+  steps = stats.extract_series(records, "step")
   loss = {k: stats.extract_series(records, f"loss_{k}") for k in ("base",
                                                                    "cr")}
-  lr_cr = stats.extract_series(records, "learning_rate_cr")
-  lr_finite = lr_cr[np.isfinite(lr_cr)]
-  exits = {k: stats.plateau_exit_step(
-      series, threshold=0.95 * math.log(num_classes), period=period)
-           for k, series in loss.items()}
+  lr = stats.extract_series(records, "learning_rate_cr")
+  exits = {k: stats.plateau_exit_step(v, 0.95 * math.log(num_classes), period)
+           for k, v in loss.items()}
   summary: dict[str, Any] = {"num_steps": len(records)}
-  for key, part in (("initial_loss", slice(None, period)),
-                    ("final_loss", slice(-period, None))):
-    for k, series in loss.items():
-      summary[f"{key}_{k}"] = _median(series[part])
-  for k in loss:
-    summary[f"exit_step_{k}"] = (None if exits[k] is None
-                                 else int(steps[exits[k]]))
-  summary["peak_learning_rate_cr"] = (float(lr_finite.max())
-                                      if lr_finite.size else math.nan)
-  summary["median_learning_rate_cr"] = _median(lr_finite)
-  plateau = later = None
-  if exits["cr"] is not None:
-    plateau = stats.finite_median(lr_cr[:exits["cr"]])
-    later = stats.finite_median(lr_cr[exits["cr"]:])
+  for key, part in (("initial", slice(None, period)),
+                    ("final", slice(-period, None))):
+    summary.update({f"{key}_loss_{k}": stats.finite_median(v[part], math.nan)
+                    for k, v in loss.items()})
+  summary.update({f"exit_step_{k}": None if e is None else int(steps[e])
+                  for k, e in exits.items()})
+  finite, e = lr[np.isfinite(lr)], exits["cr"]
+  plateau, later = ((None, None) if e is None else
+                    (stats.finite_median(lr[:e]), stats.finite_median(lr[e:])))
   summary.update(
+      peak_learning_rate_cr=float(finite.max()) if finite.size else math.nan,
+      median_learning_rate_cr=stats.finite_median(finite, math.nan),
       plateau_learning_rate_cr=plateau, later_median_learning_rate_cr=later,
       plateau_to_later_ratio=(plateau / later if plateau is not None and
-                              later is not None and later > 0 else None))
+                              (later or 0) > 0 else None))
   for k in loss:  # the steps the loop skipped, else the NaN losses
     key = f"skipped_{k}"
     summary[f"nonfinite_steps_{k}"] = (
@@ -91,10 +77,9 @@ def summarize_run(records: stats.Records, *, num_classes: int = 10,
   return summary
 
 
-def _plateau_claim(s: Mapping[str, Any], kind: str) -> tuple[bool, str]:
+def _plateau_claim(s: Mapping[str, Any], threshold: float) -> tuple[bool, str]:
   exit_base, exit_cr = s.get("exit_step_base"), s.get("exit_step_cr")
   ratio = s.get("plateau_to_later_ratio")
-  threshold = _PLATEAU_RATIO_MIN[kind]
   earlier = exit_cr is not None and (exit_base is None or exit_cr < exit_base)
   big_lr = ratio is not None and stats.is_number(ratio) and ratio >= threshold
   return bool(earlier and big_lr), (
@@ -155,12 +140,17 @@ def qualitative_claim(summary: Mapping[str, Any], kind: str) -> dict[str, Any]:
   if kind not in CLAIM_KINDS:
     raise ValueError(
         f"unknown claim kind {kind!r}; expected one of {CLAIM_KINDS}")
-  if kind in _PLATEAU_RATIO_MIN:
-    holds, reason = _plateau_claim(summary, kind)
-  else:
-    holds, reason = (_no_plateau_claim if kind == "no_plateau"
-                     else _adam_claim)(summary)
+  holds, reason = _CLAIMS[kind](summary)
   return {"kind": kind, "holds": holds, "reason": reason}
+
+
+# The plateau claims' least plateau/later learning-rate ratio: Fig. 2's "a
+# hundred-fold increase" for SGD, "smaller than for SGD" for Figs. 4-5.
+_CLAIMS = {"plateau": functools.partial(_plateau_claim, threshold=10.0),
+           "plateau_adaptive": functools.partial(_plateau_claim,
+                                                 threshold=2.0),
+           "no_plateau": _no_plateau_claim, "adam": _adam_claim}
+CLAIM_KINDS = tuple(_CLAIMS)
 
 
 def seeds_required(num_seeds: int) -> int:

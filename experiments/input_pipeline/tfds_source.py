@@ -49,8 +49,14 @@ def load(spec: ds.Spec, split: str, data_dir: str | None,
   except Exception as err:  # pylint: disable=broad-except
     failure = (f"tfds.data_source({spec.name!r}, split={split!r}, "
                f"data_dir={data_dir!r}) failed: {type(err).__name__}: {err}")
-    builder = _builder(tfds, spec, data_dir, failure)
-    if builder.is_prepared():
+    try:
+      builder = tfds.builder(spec.name, data_dir=data_dir)
+      prepared = builder.is_prepared()
+    except Exception as err2:  # pylint: disable=broad-except
+      raise _unavailable(f"tfds {spec.name}", f"{failure}; tfds.builder("
+                         f"{spec.name!r}, data_dir={data_dir!r}) also "
+                         f"failed: {type(err2).__name__}: {err2}") from err2
+    if prepared:
       return _load_not_random_access(tfds, builder, spec, split, data_dir,
                                      failure)
     source = _prepare(tfds, builder, spec, split, data_dir, download)
@@ -70,18 +76,6 @@ def load(spec: ds.Spec, split: str, data_dir: str | None,
 
 def _what(spec: ds.Spec, split: str, data_dir: str | None) -> str:
   return f"tfds {spec.name}:{split}" + (f" from {data_dir}" if data_dir else "")
-
-
-def _builder(tfds: Any, spec: ds.Spec, data_dir: str | None,
-             failure: str) -> Any:
-  try:
-    builder = tfds.builder(spec.name, data_dir=data_dir)
-    builder.is_prepared()
-  except Exception as err:  # pylint: disable=broad-except
-    raise _unavailable(f"tfds {spec.name}", f"{failure}; tfds.builder("
-                       f"{spec.name!r}, data_dir={data_dir!r}) also failed: "
-                       f"{type(err).__name__}: {err}") from err
-  return builder
 
 
 def _load_not_random_access(tfds: Any, builder: Any, spec: ds.Spec,
