@@ -125,12 +125,11 @@ def check_labels(labels: np.ndarray, num_images: int, where: Any,
                 "the file is corrupt or not this dataset")
 
 
-def check_split(split: str, source: str) -> str:
+def check_split(split: str, source: str) -> None:
   if split not in SPLITS:
     raise error(f"split={split!r}", f"not available from source={source!r}",
                 f"use one of {', '.join(SPLITS)} (split strings such as "
                 "'train[:10%]' need source='tfds')")
-  return split
 
 
 def require_directory(path: str, what: str) -> None:

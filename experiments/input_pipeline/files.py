@@ -1,9 +1,6 @@
-"""source="files": the original distribution files in a directory.
+"""source="files": MNIST IDX files or CIFAR-10 python batches in a directory.
 
-MNIST's `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`, or CIFAR-10's
-python batches `data_batch_1..5` / `test_batch` (in the directory or in its
-`cifar-10-batches-py/`), unpickled admitting numpy arrays only. A missing
-split falls back to the other one, and the description says so.
+A missing split falls back to the other one, and the description says so.
 """
 
 from __future__ import annotations
@@ -32,11 +29,9 @@ _CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)),
 # `filenames` entry, an empty array) as a call to `__builtin__.bytes()`.
 _PICKLE_ALLOWED = frozenset(
     [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")] +
-    [(f"numpy.{core}.{module}", name)
-     for core in ("core", "_core")
-     for module, name in (("multiarray", "_reconstruct"),
-                          ("multiarray", "scalar"),
-                          ("numeric", "_frombuffer"))])
+    [(f"numpy.{core}.{module}", name) for core in ("core", "_core")
+     for module, name in (("multiarray", "_reconstruct"), ("multiarray",
+                          "scalar"), ("numeric", "_frombuffer"))])
 _PICKLE_BYTES = frozenset({("__builtin__", "bytes"), ("builtins", "bytes")})
 
 
@@ -56,13 +51,14 @@ def load(spec: ds.Spec, path: str, split: str) -> ds.Dataset:
     logging.warning("No %s split found (%s absent): falling back to the %s "
                     "split.", split, absent, used)
     note = f"; {absent} absent"
+  paths = found[used]
   if mnist:
-    images, labels = _read_mnist(*found[used])
-    names, where = f"{_MNIST_PREFIX[used]}-*", " and ".join(found[used])
+    images = _parse_idx(paths[0], 2051, 3)[..., None]
+    labels = _parse_idx(paths[1], 2049, 1)
+    names, where = f"{_MNIST_PREFIX[used]}-*", " and ".join(paths)
   else:
-    images, labels = _read_cifar(found[used])
-    names = ", ".join(os.path.basename(f) for f in found[used])
-    where = found[used][-1]
+    images, labels = _read_cifar(paths)
+    names, where = ", ".join(map(os.path.basename, paths)), paths[-1]
   return ds.to_dataset(spec, images, labels, where, f"files {directory} "
                        f"({names}: {labels.shape[0]} examples{note})",
                        "files", directory)
@@ -95,9 +91,6 @@ def _not_found(spec: ds.Spec, path: str) -> ds.DataError:
                   "test_batch")
 
 
-# MNIST: IDX files.
-
-
 def _mnist_pairs(directory: str, strict: bool = True) -> dict[str, list]:
   """{split: [images path, labels path]}; a half pair raises if `strict`."""
   pairs = {}
@@ -114,12 +107,6 @@ def _mnist_pairs(directory: str, strict: bool = True) -> dict[str, list]:
     if found[0] or found[1]:
       pairs[split] = found
   return pairs
-
-
-def _read_mnist(images_path: str,
-                labels_path: str) -> tuple[np.ndarray, np.ndarray]:
-  images = _parse_idx(images_path, 2051, 3)[..., None]
-  return images, _parse_idx(labels_path, 2049, 1)
 
 
 def _read_file(path: str) -> bytes:
@@ -164,9 +151,6 @@ def _parse_idx(path: str, magic: int, ndim: int) -> np.ndarray:
                    f"{expected} bytes of data, but the file holds {payload}",
                    ds.AGAIN)
   return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
-
-
-# CIFAR-10: python pickles.
 
 
 def _cifar(path: str) -> tuple[str, dict[str, list[str]]]:
