@@ -1,7 +1,6 @@
-"""The metrics of a run: its schema and its JSON-lines file, metrics.jsonl.
+"""The metrics of a run: its schema and its file, metrics.jsonl.
 
-One JSON object per (step, seed), step-major, keys in `METRIC_KEYS` order;
-non-finite floats are written as null and read as NaN.
+One JSON object per (step, seed), step-major; non-finite floats are null.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""Figures in the paper's layout for base vs. base+CR runs, over seeds.
+"""The paper's figures of base vs. base+CR runs: medians over seeds, IQR bands.
 
-Every curve is the median over seeds, with the interquartile range as a band.
 Figures use an Agg canvas, not pyplot, so no global state is touched.
 """
 

@@ -1,6 +1,4 @@
-"""Statistics of metric records (one dict per step and seed): series,
-moving windows, plateau exits, seeds. Non-finite values are NaN and ignored.
-"""
+"""Statistics of metric records; non-finite values are NaN and ignored."""
 
 from __future__ import annotations
 
@@ -63,11 +61,6 @@ def moving_average(x: Iterable[float], period: int = 100) -> np.ndarray:
   return _moving(np.nanmean, x, period)
 
 
-def moving_median(x: Iterable[float], period: int = 100) -> np.ndarray:
-  """Trailing, NaN-aware moving median (see `_moving`)."""
-  return _moving(np.nanmedian, x, period)
-
-
 def plateau_exit_step(losses: Iterable[float],
                       threshold: float = 0.95 * math.log(10.0),
                       period: int = 100) -> int | None:
@@ -76,7 +69,7 @@ def plateau_exit_step(losses: Iterable[float],
   A median, so that one diverging step neither hides nor invents an exit;
   None if there is none. The default is 95% of a uniform guess's ln(10).
   """
-  median = moving_median(losses, period)
+  median = _moving(np.nanmedian, losses, period)
   if median.size < period:
     return None
   with np.errstate(invalid="ignore"):

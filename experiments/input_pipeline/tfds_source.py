@@ -1,8 +1,7 @@
-"""source="tfds": tensorflow-datasets `mnist` / `cifar10`, no TensorFlow.
+"""source="tfds": tensorflow-datasets through `tfds.data_source`, no TensorFlow.
 
-Read through `tfds.data_source` (array_record) from the TFDS data_dir, so a
-prepared data_dir copied onto an air-gapped machine works; tfrecord data needs
-TensorFlow. Unprepared data is downloaded only if the host answers in time.
+A prepared data_dir copied onto an air-gapped machine works; tfrecord data
+needs TensorFlow; unprepared data is downloaded if the host answers in time.
 """
 
 from __future__ import annotations
