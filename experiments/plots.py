@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,8 +37,7 @@ def by_seed(records: Records, key: str) -> tuple[np.ndarray, np.ndarray]:
 def _band(ax: Axes, steps: np.ndarray, values: np.ndarray, *, color: str,
           label: str, positive: bool = False, linewidth: float = 0.8,
           band: bool = True) -> None:
-  """The median line over seeds of the finite (if `positive`, > 0) values,
-  and for several seeds the IQR band."""
+  """Median over seeds of the finite (if `positive`, > 0) values; IQR band."""
   v = np.where(np.isfinite(values) & ((values > 0) if positive else True),
                values, np.nan)
   with warnings.catch_warnings():
@@ -94,8 +92,7 @@ def _plot_learning_rate(ax: Axes, records: Records, period: int, *,
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
   """Writes the PNG atomically: whole or not at all."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   png = io.BytesIO()
   try:
     fig.savefig(png, format="png", dpi=DPI)
