@@ -60,23 +60,18 @@ def load_dataset(name: str, source: str = "auto", path: str | None = None,
   spec = SPECS[_canonical(name, NAMES, "dataset name", "name", "-_")]
   source = _canonical(source, SOURCES, "data source", "source")
   path = None if path is None else os.path.abspath(os.path.expanduser(path))
-  if source == "files" and path is None:
-    raise error("source='files'", f"needs the directory holding the "
-                f"{spec.title} files", "set path "
-                "(--config.data.path=/path/to/dir)")
-  if source == "files":
+  files_in_path = (source == "auto" and path is not None and
+                   files.holds_files(require_directory(path, "data path")))
+  if source == "files" or files_in_path:
     dataset = files.load(spec, path, split)
-  elif source == "tfds":
-    dataset = tfds_source.load(spec, split, path, download)
   elif source == "mnist_5k":
     dataset = _load_mnist_5k(spec, split)
-  elif path is not None and files.holds_files(
-      require_directory(path, "data path")):
-    dataset = files.load(spec, path, split)
   else:
     try:
       dataset = tfds_source.load(spec, split, path, download)
     except TfdsUnavailable as err:
+      if source == "tfds":
+        raise
       if spec.name != "mnist":
         raise error(f"No {spec.title} data found", f"TFDS: {err}", "pass "
                     "--config.data.source=files --config.data.path=/path/to/"

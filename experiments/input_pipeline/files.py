@@ -35,8 +35,12 @@ _PICKLE_ALLOWED = frozenset(
 _PICKLE_BYTES = frozenset({("__builtin__", "bytes"), ("builtins", "bytes")})
 
 
-def load(spec: ds.Spec, path: str, split: str) -> ds.Dataset:
+def load(spec: ds.Spec, path: str | None, split: str) -> ds.Dataset:
   """A split of `spec`'s dataset from the distribution files in `path`."""
+  if path is None:
+    raise ds.error("source='files'", f"needs the directory holding the "
+                   f"{spec.title} files", "set path "
+                   "(--config.data.path=/path/to/dir)")
   ds.check_split(split, "files")
   ds.require_directory(path, f"{spec.title} files directory")
   mnist = spec.name == "mnist"
