@@ -95,11 +95,8 @@ def _parse(path: Any) -> list[tuple[int, dict[str, Any]]]:
 def _check(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any, *,
            seeds: Sequence[int] | None = None,
            num_steps: int | None = None) -> int:
-  """The number of complete steps in (line number, record) pairs.
-
-  Checks that they are steps 0, 1, ... (exactly `num_steps` if given), each
-  once per seed in order (by default the seeds of step 0).
-  """
+  """The complete steps in (line, record) pairs, checked to be steps 0, 1, ...
+  (`num_steps` of them if given), each once per seed (default: step 0's)."""
   if seeds is None:
     seeds = []
     for _, rec in lines:

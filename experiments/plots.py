@@ -103,12 +103,10 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
 
 def make_run_figure(records: Records, *, title: str, base_name: str = "SGD",
                     period: int = 100) -> Figure:
-  """The paper's two-panel figure of one run (Agg canvas, not pyplot).
+  """The paper's two-panel figure of one run.
 
-  Panel (a): the losses of base (blue) and base+CR (red); panel (b), log
-  scale: the CR learning rate (red), its period-`period` moving average
-  (green) and the base learning rate (black). Non-finite values and
-  non-positive rates are masked.
+  (a) The losses of base and base+CR; (b), log scale: the CR learning rate,
+  its moving average and the base learning rate (rates > 0 only).
   """
   fig = Figure(figsize=(13.0, 4.8), dpi=DPI, layout="constrained")
   FigureCanvasAgg(fig)

@@ -6,9 +6,8 @@
         [--only=mnist_sgd_plateau,...] [--set=model.depth=2 ...]
 
 Each run of `configs/paper.py` trains into `workdir/<name>/` (a rerun
-resumes), then the workdir receives summary.{md,json} and overview.png:
-medians over seeds with their IQR, and the claims judged on 4 of 5 seeds. A
-CIFAR-10 run without data is listed as not run.
+resumes); summary.{md,json} and overview.png hold medians over seeds with
+their IQR and the claims. A CIFAR-10 run without data is listed as not run.
 """
 
 import ast

@@ -39,10 +39,8 @@ def finite_median(x: Any, default: Any = None) -> Any:
 
 
 def _moving(statistic: Any, x: Iterable[float], period: int) -> np.ndarray:
-  """`statistic` of each trailing window's finite values (NaN for none).
-
-  Each window is reduced on its own, so one huge value moves only its own.
-  """
+  """`statistic` of each trailing window's finite values, window by window
+  (one huge value moves only its own windows); NaN for none."""
   if int(period) != period or period < 1:
     raise ValueError(f"period must be a positive integer, got {period!r}")
   arr = np.asarray(x, dtype=np.float64)
@@ -101,8 +99,7 @@ def median_and_iqr(values: Sequence[Any], *, never_is_inf: bool = False
                    ) -> tuple[float | None, list[float | None] | None]:
   """(median, [25th, 75th percentile]) of the numbers, or (None, None).
 
-  With `never_is_inf`, None (an exit that never happened) sorts last, and a
-  median or quartile of it is None.
+  With `never_is_inf`, None (a "never" exit) sorts last and stays None.
   """
   nums = [math.inf if v is None and never_is_inf else float(v)
           for v in values

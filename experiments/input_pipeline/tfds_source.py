@@ -131,8 +131,7 @@ def _prepare(tfds: Any, builder: Any, spec: ds.Spec, split: str,
 def network_problem(host: str) -> str | None:
   """Why host:443 (or the HTTPS proxy) is unreachable; None if it answers.
 
-  DNS lookups ignore socket timeouts, so the probe runs in a daemon thread,
-  abandoned after NETWORK_PROBE_TIMEOUT_S seconds.
+  DNS ignores socket timeouts, so the probe is a thread abandoned in time.
   """
   address = (host, 443)
   proxy = os.environ.get("https_proxy") or os.environ.get("HTTPS_PROXY")
