@@ -42,6 +42,7 @@ def load(spec: ds.Spec, split: str, data_dir: str | None,
   except ImportError as err:
     raise _unavailable("tensorflow-datasets", "not installed",
                        "pip install tensorflow-datasets") from err
+  what = f"tfds {spec.name}:{split}" + (f" from {data_dir}" if data_dir else "")
   try:
     source = tfds.data_source(spec.name, split=split, data_dir=data_dir,
                               download=False)
@@ -57,9 +58,8 @@ def load(spec: ds.Spec, split: str, data_dir: str | None,
                          f"failed: {type(err2).__name__}: {err2}") from err2
     if prepared:
       return _load_not_random_access(tfds, builder, spec, split, data_dir,
-                                     failure)
+                                     what, failure)
     source = _prepare(tfds, builder, spec, split, data_dir, download)
-  what = _what(spec, split, data_dir)
   n = len(source)
   if n == 0:
     raise ds.error(what, "the split is empty")
@@ -73,12 +73,8 @@ def load(spec: ds.Spec, split: str, data_dir: str | None,
                        "tfds", data_dir or "")
 
 
-def _what(spec: ds.Spec, split: str, data_dir: str | None) -> str:
-  return f"tfds {spec.name}:{split}" + (f" from {data_dir}" if data_dir else "")
-
-
 def _load_not_random_access(tfds: Any, builder: Any, spec: ds.Spec,
-                            split: str, data_dir: str | None,
+                            split: str, data_dir: str | None, what: str,
                             failure: str) -> ds.Dataset:
   """Prepared data that data_source cannot read: via TensorFlow, or an error."""
   where = str(builder.data_dir)
@@ -87,7 +83,6 @@ def _load_not_random_access(tfds: Any, builder: Any, spec: ds.Spec,
     # Readable without TF, so the request itself is bad (e.g. unknown split).
     raise ds.error(where, failure)
   if importlib.util.find_spec("tensorflow") is not None:   # tfrecord data
-    what = _what(spec, split, data_dir)
     arrays = tfds.as_numpy(tfds.load(spec.name, split=split, batch_size=-1,
                                      data_dir=data_dir, download=False))
     return ds.to_dataset(spec, np.asarray(arrays["image"]),
