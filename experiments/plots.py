@@ -56,38 +56,30 @@ def _seeds_label(records: Records) -> str:
   return f"median of {n} seeds, IQR band" if n > 1 else "one seed"
 
 
-def _finish_axes(ax: Axes, ylabel: str, legend: str | None) -> None:
-  """Labels the axes; a legend at loc `legend` if given."""
-  ax.set_xlabel("iteration")
-  ax.set_ylabel(ylabel)
-  if legend:
-    ax.legend(loc=legend, fontsize="small")
-
-
-def _plot_losses(ax: Axes, records: Records, base_name: str, *,
-                 legend: bool) -> None:
+def _plot(ax_loss: Axes, ax_lr: Axes, records: Records, base_name: str,
+          period: int, legend: bool) -> None:
+  """The losses on `ax_loss`; the rates on `ax_lr`, log scale."""
   for key, color, label in (("loss_base", "blue", base_name),  # the paper's
                             ("loss_cr", "red", f"{base_name} with CR")):
-    steps, values = by_seed(records, key)
-    _band(ax, steps, values, color=color, label=label)
-  _finish_axes(ax, "error (loss)", legend and "lower left")
-
-
-def _plot_learning_rate(ax: Axes, records: Records, period: int, *,
-                        legend: bool, base_name: str = "base") -> None:
+    _band(ax_loss, *by_seed(records, key), color=color, label=label)
   steps, lr = by_seed(records, "learning_rate_cr")
-  _band(ax, steps, lr, color="red", label="calculated rate",
+  _band(ax_lr, steps, lr, color="red", label="calculated rate",
         positive=True, linewidth=0.5, band=False)
   # The paper's moving average, per seed (non-positive rates left out).
   average = np.stack([moving_average(np.where(row > 0, row, np.nan), period)
                       for row in lr]) if len(lr) else lr
-  _band(ax, steps, average, color="green", positive=True,
+  _band(ax_lr, steps, average, color="green", positive=True,
         linewidth=1.2, label=f"period-{period} moving average")
-  steps_b, base_lr = by_seed(records, "base_learning_rate")
-  _band(ax, steps_b, base_lr, color="black", positive=True,
-        linewidth=1.0, band=False, label=f"{base_name}'s own learning rate")
-  ax.set_yscale("log")
-  _finish_axes(ax, "learning rate", legend and "upper right")
+  _band(ax_lr, *by_seed(records, "base_learning_rate"), color="black",
+        positive=True, linewidth=1.0, band=False,
+        label=f"{base_name}'s own learning rate")
+  ax_lr.set_yscale("log")
+  for ax, ylabel, loc in ((ax_loss, "error (loss)", "lower left"),
+                          (ax_lr, "learning rate", "upper right")):
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    if legend:
+      ax.legend(loc=loc, fontsize="small")
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
@@ -111,13 +103,9 @@ def make_run_figure(records: Records, *, title: str, base_name: str = "SGD",
   fig = Figure(figsize=(13.0, 4.8), dpi=DPI, layout="constrained")
   FigureCanvasAgg(fig)
   ax_loss, ax_lr = fig.subplots(1, 2)
-  seeds = _seeds_label(records)
-  _plot_losses(ax_loss, records, base_name, legend=True)
-  ax_loss.set_title(
-      f"(a) Error ({base_name} in blue, {base_name} with CR in red; {seeds})",
-      fontsize="small")
-  _plot_learning_rate(ax_lr, records, period, legend=True,
-                      base_name=base_name)
+  _plot(ax_loss, ax_lr, records, base_name, period, legend=True)
+  ax_loss.set_title(f"(a) Error ({base_name} in blue, {base_name} with CR in "
+                    f"red; {_seeds_label(records)})", fontsize="small")
   ax_lr.set_title(
       f"(b) Learning rate (CR's in red, period-{period} moving average in "
       f"green, {base_name}'s own in black)", fontsize="small")
@@ -145,10 +133,9 @@ def make_overview_figure(runs: Sequence[tuple[str, Records]], *, title: str,
   FigureCanvasAgg(fig)
   axes = np.asarray(fig.subplots(2, n, squeeze=False))
   for j, (name, records) in enumerate(runs):
-    _plot_losses(axes[0, j], records, "base", legend=(j == 0))
+    _plot(axes[0, j], axes[1, j], records, "base", period, legend=(j == 0))
     axes[0, j].set_title(f"{name}\n({_seeds_label(records)})",
                          fontsize="medium")
-    _plot_learning_rate(axes[1, j], records, period, legend=(j == 0))
     if j > 0:
       axes[0, j].set_ylabel("")
       axes[1, j].set_ylabel("")
