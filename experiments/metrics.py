@@ -85,9 +85,7 @@ def _parse(path: Any) -> list[tuple[int, dict[str, Any]]]:
       raise _damaged(f"{path}:{lineno}", f"invalid JSON ({e})") from e
     if not isinstance(rec, dict):
       raise _damaged(f"{path}:{lineno}", "expected a JSON object")
-    for key in FLOAT_FIELDS:
-      if key in rec:
-        rec[key] = as_float(rec[key])
+    rec.update({k: as_float(rec[k]) for k in FLOAT_FIELDS if k in rec})
     out.append((lineno, rec))
   return out
 

@@ -110,15 +110,12 @@ def _adam_claim(s: Mapping[str, Any]) -> tuple[bool, str]:
   fb = stats.as_float(s.get("final_loss_base"))
   fc = stats.as_float(s.get("final_loss_cr"))
   n = int(s.get("num_steps") or 0)
-  exit_gain = 0.0
-  if exit_cr is not None and n > 0:
-    exit_gain = ((n if exit_base is None else exit_base) - exit_cr) / n
-  if math.isfinite(fc) and not math.isfinite(fb):
-    loss_gain = math.inf  # base diverged, CR did not
-  elif math.isfinite(fc) and fb != 0:
-    loss_gain = (fb - fc) / abs(fb)
-  else:
-    loss_gain = math.nan  # CR diverged (or base loss is 0): no gain
+  exit_gain = (((n if exit_base is None else exit_base) - exit_cr) / n
+               if exit_cr is not None and n > 0 else 0.0)
+  # Infinite if only base diverged; none (NaN) if CR diverged or base is 0.
+  loss_gain = (math.nan if not math.isfinite(fc) else math.inf
+               if not math.isfinite(fb) else (fb - fc) / abs(fb) if fb != 0
+               else math.nan)
   holds = not (exit_gain > _ADAM_EXIT_GAIN or loss_gain > _ADAM_LOSS_GAIN)
   return holds, (
       f"CR exits at step {_fmt_exit(exit_cr)} vs base at "
