@@ -135,14 +135,14 @@ def validate_batch_size(dataset: Dataset, batch_size: int) -> None:
                 f"{dataset.description})", "change the batch size or the data")
 
 
-# The sampler: epoch e is the permutation of the N indices drawn from (key, e)
-# cut into N // B batches (the last N mod B left out), so the batch of step t
-# is a function of t alone and a resumed run sees an uninterrupted one's.
-
-
 def batch_indices(data_key: Any, step: Any, num_examples: int,
                   batch_size: int) -> Any:
-  """The example indices [B] of the batch of `step` (a Python or traced int)."""
+  """The example indices [B] of the batch of `step` (a Python or traced int).
+
+  Epoch e is the permutation of the N indices drawn from (key, e), cut into
+  N // B batches (the last N mod B left out): the batch is a function of the
+  step alone, so a resumed run sees the batches an uninterrupted one would.
+  """
   epoch, offset = epoch_and_offset(step, num_examples, batch_size)
   return jax.lax.dynamic_slice_in_dim(
       permutation(data_key, epoch, num_examples), offset, batch_size)
