@@ -93,8 +93,8 @@ def _parse(path: Any) -> list[tuple[int, dict[str, Any]]]:
 def _check(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any, *,
            seeds: Sequence[int] | None = None,
            num_steps: int | None = None) -> int:
-  """The complete steps in (line, record) pairs, checked to be steps 0, 1, ...
-  (`num_steps` of them if given), each once per seed (default: step 0's)."""
+  """How many of the (line, record) pairs make complete steps, checked to be
+  steps 0, 1, ... (`num_steps` if given), once per seed (default: step 0's)."""
   if seeds is None:
     seeds = []
     for _, rec in lines:
@@ -117,7 +117,7 @@ def _check(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any, *,
                    f"steps of {len(seeds)} seed(s), where the checkpoint is "
                    f"at step {num_steps}: the file is damaged or from another "
                    "run")
-  return complete
+  return complete * len(seeds)
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -126,7 +126,4 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
   A torn last line and an incomplete last step are dropped.
   """
   lines = _parse(path)
-  complete = _check(lines, path)
-  # _check passed: the step-0 records are the first, one per seed.
-  seeds = sum(1 for _, rec in lines if rec.get("step") == 0)
-  return [rec for _, rec in lines[:complete * seeds]]
+  return [rec for _, rec in lines[:_check(lines, path)]]
