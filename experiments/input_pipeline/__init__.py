@@ -36,9 +36,7 @@ __all__ = ["DataError", "Dataset", "NAMES", "SOURCES", "SPLITS",
 
 def _canonical(value: str, known: tuple[str, ...], what: str, flag: str,
                strip: str = "") -> str:
-  key = str(value).strip().lower()
-  for c in strip:
-    key = key.replace(c, "")
+  key = str(value).strip().lower().translate({ord(c): None for c in strip})
   if key not in known:
     raise error(f"Unknown {what} {value!r}", f"expected one of "
                 f"{', '.join(known)} (--config.data.{flag})")

@@ -89,9 +89,8 @@ class Dataset:
 
 
 def describe_array(x: Any) -> str:
-  if isinstance(x, np.ndarray):
-    return f"{x.dtype} array of shape {x.shape}"
-  return type(x).__name__
+  return (f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray)
+          else type(x).__name__)
 
 
 def check_images(images: np.ndarray, shape: tuple[int, ...], where: Any,
