@@ -126,25 +126,23 @@ def main(argv: Sequence[str]) -> None:
                [_run(f"mnist_sgd_plateau,{a}", workdir)
                 for a in beyond.AVERAGINGS] if _AVERAGING.value else [])
   wall = time.perf_counter() - start
-  grid = grid or previous.get("grid", [])
-  sweep = sweep or previous.get("sweep", [])
-  averaging = averaging or previous.get("averaging", [])
+  parts = {k: rows or previous.get(k, []) for k, rows in (
+      ("grid", grid), ("sweep", sweep), ("averaging", averaging))}
   command = report.command_line("experiments.beyond")
-  data = sorted({r["data"] for r in grid + sweep + averaging})
+  data = sorted({r["data"] for rows in parts.values() for r in rows})
   lines = ["# lrcr beyond the paper", "",
            f"- Command: `{command}`", f"- Data: {'; '.join(data)}",
            f"- Seeds: {_NUM_SEEDS.value} per run; cells are the median over "
            "seeds [25th, 75th percentile]", f"- Date: {report.now()}",
            f"- Total wall time: {wall:.1f} s", ""]
-  for title, rows, cv in (
-      ("Granularity and adaptive sigma", grid, False),
-      ("Sigma sweep on Fig. 2 (SGD, plateau)", sweep, False),
-      ("Section 3.1's averaging options on Fig. 2", averaging, True)):
+  for title, rows, cv in zip(
+      ("Granularity and adaptive sigma", "Sigma sweep on Fig. 2 (SGD, "
+       "plateau)", "Section 3.1's averaging options on Fig. 2"),
+      parts.values(), (False, False, True)):
     if rows:
       lines += [f"## {title}", "", _table(rows, cv=cv), ""]
-  report.write(workdir, "beyond", {
-      "command": command, "wall_time_s": wall, "grid": grid,
-      "sweep": sweep, "averaging": averaging}, "\n".join(lines))
+  report.write(workdir, "beyond", {"command": command, "wall_time_s": wall,
+                                   **parts}, "\n".join(lines))
   print("\n".join(lines), flush=True)
 
 
