@@ -1,11 +1,6 @@
-"""The metrics of a run: its schema and its JSON-lines file.
+"""The metrics of a run: its schema and its file, metrics.jsonl.
 
-    records = to_records(chunk_metrics, seeds)     # [length, S] arrays -> dicts
-    append(path, records)                          # after each chunk, fsynced
-    records = read_metrics(path)                   # checked whole
-
-`metrics.jsonl` holds one JSON object per (step, seed), step-major, keys in
-`METRIC_KEYS` order; non-finite floats are written as null, read as NaN.
+One JSON object per (step, seed), step-major; non-finite floats are null.
 """
 
 from __future__ import annotations
@@ -21,42 +16,31 @@ from experiments import workdir as workdir_lib
 from experiments.report import jsonable
 from experiments.stats import as_float
 
-#: The keys of every record, in file order.
-METRIC_KEYS: tuple[str, ...] = (
+METRIC_KEYS = (
     "step", "seed", "loss_base", "loss_cr", "alpha", "base_learning_rate",
     "learning_rate_cr", "slope", "curvature", "sqnorm", "predicted_decrease",
     "grad_norm_base", "grad_norm_cr", "skipped_base", "skipped_cr", "sigma",
     "alpha_cv", "accepted")
-
-#: The integer keys; every other key holds a float (NaN when not finite).
-INT_FIELDS: tuple[str, ...] = ("step", "seed", "skipped_base", "skipped_cr",
-                               "accepted")
-
-#: Record fields holding floating-point values.
-FLOAT_FIELDS: tuple[str, ...] = tuple(
-    k for k in METRIC_KEYS if k not in INT_FIELDS)
-
-#: What to do with a damaged metrics file.
-RECOVER_METRICS = (
-    "The metrics cannot be rebuilt from a checkpoint: restore the file from a "
-    "copy, or train again in a new --workdir.")
+INT_FIELDS = ("step", "seed", "skipped_base", "skipped_cr", "accepted")
+FLOAT_FIELDS = tuple(k for k in METRIC_KEYS if k not in INT_FIELDS)
 
 
 class MetricsError(ValueError):
   """A damaged metrics file; the message names the file and the way out."""
 
 
-# ---------------------------------------------------------------------------
-# Writing.
+def _damaged(where: Any, problem: str) -> MetricsError:
+  return MetricsError(
+      f"{where}: {problem}. The metrics cannot be rebuilt from a checkpoint: "
+      "restore the file from a copy, or train again in a new --workdir.")
 
 
 def to_records(metrics: Mapping[str, np.ndarray],
                seeds: Sequence[int]) -> list[dict[str, Any]]:
   """[length, S] arrays -> one JSON-ready dict per (step, seed), step-major."""
-  def value(key, x):
-    return int(x) if key in INT_FIELDS else jsonable(float(x))
   return [{"step": int(metrics["step"][i, j]), "seed": seed,
-           **{key: value(key, metrics[key][i, j])
+           **{key: int(metrics[key][i, j]) if key in INT_FIELDS
+              else jsonable(float(metrics[key][i, j]))
               for key in METRIC_KEYS[2:]}}
           for i in range(len(metrics["step"]))
           for j, seed in enumerate(seeds)]
@@ -68,11 +52,7 @@ def _lines(records: Sequence[Mapping[str, Any]]) -> str:
 
 
 def append(path: str, records: Sequence[Mapping[str, Any]]) -> None:
-  """Appends records to `path` and fsyncs it.
-
-  Raises:
-    OSError: naming the file, and that the run resumes from its checkpoint.
-  """
+  """Appends records to `path` and fsyncs it (OSError: says to resume)."""
   with workdir_lib.io_errors(path):
     with open(path, "a", encoding="utf-8") as f:
       f.write(_lines(records))
@@ -81,34 +61,18 @@ def append(path: str, records: Sequence[Mapping[str, Any]]) -> None:
 
 
 def truncate(path: str, step: int, seeds: Sequence[int]) -> None:
-  """Keeps the records of steps < `step` (atomically), checking them whole.
-
-  Raises:
-    MetricsError: naming the file, the problem and the way out.
-  """
-  if not os.path.exists(path):
-    if step:
-      raise MetricsError(f"{path} is missing, but the checkpoint is at step "
-                         f"{step}. {RECOVER_METRICS}")
-    lines = []
-  else:
-    lines = [(n, r) for n, r in parse_lines(path)
-             if not (isinstance(r.get("step"), int) and r["step"] >= step)]
-    check_metrics(lines, path, seeds=seeds, num_steps=step)
+  """Keeps the records of steps < `step` (atomically), checking them whole."""
+  if not os.path.exists(path) and step:
+    raise _damaged(path, f"missing, but the checkpoint is at step {step}")
+  lines = [(n, r) for n, r in (_parse(path) if os.path.exists(path) else [])
+           if not (isinstance(r.get("step"), int) and r["step"] >= step)]
+  _check(lines, path, seeds=seeds, num_steps=step)
   workdir_lib.atomic_write(
       path, _lines([r for _, r in lines]).encode("utf-8"))
 
 
-# ---------------------------------------------------------------------------
-# Reading.
-
-
-def parse_lines(path: Any) -> list[tuple[int, dict[str, Any]]]:
-  """(line number, record) of every line; drops a torn last line.
-
-  Raises:
-    MetricsError: for a line other than the last that is not a JSON object.
-  """
+def _parse(path: Any) -> list[tuple[int, dict[str, Any]]]:
+  """(line number, record) of every line but a torn last one."""
   with open(path, "r", encoding="utf-8") as f:
     lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
   out = []
@@ -118,73 +82,48 @@ def parse_lines(path: Any) -> list[tuple[int, dict[str, Any]]]:
     except json.JSONDecodeError as e:
       if k == len(lines) - 1 and not line.endswith("\n"):
         break  # a run killed in the middle of writing its last line
-      raise MetricsError(f"{path}:{lineno}: invalid JSON ({e}). "
-                         f"{RECOVER_METRICS}") from e
+      raise _damaged(f"{path}:{lineno}", f"invalid JSON ({e})") from e
     if not isinstance(rec, dict):
-      raise MetricsError(f"{path}:{lineno}: expected a JSON object. "
-                         f"{RECOVER_METRICS}")
-    for key in FLOAT_FIELDS:
-      if key in rec:
-        rec[key] = as_float(rec[key])
+      raise _damaged(f"{path}:{lineno}", "expected a JSON object")
+    rec.update({k: as_float(rec[k]) for k in FLOAT_FIELDS if k in rec})
     out.append((lineno, rec))
   return out
 
 
-def check_metrics(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any,
-                  *, seeds: Sequence[int] | None = None,
-                  num_steps: int | None = None) -> int:
-  """Checks that records are steps 0, 1, ..., each once per seed in order.
-
-  Args:
-    lines: (line number, record) pairs in file order.
-    path: the file, for the message.
-    seeds: the expected seeds; by default those of step 0.
-    num_steps: if given, the file must hold exactly this many steps.
-
-  Returns:
-    The number of complete steps (an incomplete last one does not count).
-
-  Raises:
-    MetricsError: naming the file, the line and how to recover.
-  """
+def _check(lines: Sequence[tuple[int, Mapping[str, Any]]], path: Any, *,
+           seeds: Sequence[int] | None = None,
+           num_steps: int | None = None) -> int:
+  """How many of the (line, record) pairs make complete steps, checked to be
+  steps 0, 1, ... (`num_steps` if given), once per seed (default: step 0's)."""
   if seeds is None:
     seeds = []
     for _, rec in lines:
       if rec.get("step") != 0 or rec.get("seed", 0) in seeds:
         break
       seeds.append(rec.get("seed", 0))
-    seeds = seeds or [0]
-  seeds = list(seeds)
+  seeds = list(seeds) or [0]
   for k, (lineno, rec) in enumerate(lines):
     step, seed = divmod(k, len(seeds))
     found = (rec.get("step"), rec.get("seed", 0))
     if found != (step, seeds[seed]):
-      raise MetricsError(
-          f"{path}:{lineno}: expected step {step}, seed {seeds[seed]}, found "
-          f"step {found[0]}, seed {found[1]}: the file is damaged (a line "
-          f"lost, repeated, moved or edited). {RECOVER_METRICS}")
+      raise _damaged(f"{path}:{lineno}", f"expected step {step}, seed "
+                     f"{seeds[seed]}, found step {found[0]}, seed {found[1]}: "
+                     "the file is damaged (a line lost, repeated, moved or "
+                     "edited)")
   complete = len(lines) // len(seeds)
   if num_steps is not None and (complete != num_steps or
                                 len(lines) % len(seeds)):
-    raise MetricsError(
-        f"{path}: holds {len(lines)} records, {complete} complete steps of "
-        f"{len(seeds)} seed(s), where the checkpoint is at step {num_steps}: "
-        f"the file is damaged or from another run. {RECOVER_METRICS}")
-  return complete
+    raise _damaged(path, f"holds {len(lines)} records, {complete} complete "
+                   f"steps of {len(seeds)} seed(s), where the checkpoint is "
+                   f"at step {num_steps}: the file is damaged or from another "
+                   "run")
+  return complete * len(seeds)
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """The records of a `metrics.jsonl` file, checked whole (`check_metrics`).
+  """The records of a metrics file, checked whole (MetricsError otherwise).
 
-  A torn last line and an incomplete last step are dropped; non-numeric float
-  fields become NaN.
-
-  Raises:
-    MetricsError: for invalid JSON before the last line, a line that is not
-      an object, or a step missing, repeated or out of order (file and line).
+  A torn last line and an incomplete last step are dropped.
   """
-  lines = parse_lines(path)
-  complete = check_metrics(lines, path)
-  # check_metrics passed: the step-0 records are the first, one per seed.
-  seeds = sum(1 for _, rec in lines if rec.get("step") == 0)
-  return [rec for _, rec in lines[:complete * seeds]]
+  lines = _parse(path)
+  return [rec for _, rec in lines[:_check(lines, path)]]

@@ -1,8 +1,6 @@
-"""Figures in the paper's layout for base vs. base+CR runs, over seeds.
+"""The paper's figures of base vs. base+CR runs: medians over seeds, IQR bands.
 
-Every curve is the median over seeds with the interquartile range as a band.
-Figures are built on an Agg canvas without pyplot (no global state touched)
-and released after saving.
+Figures use an Agg canvas, not pyplot, so no global state is touched.
 """
 
 from __future__ import annotations
@@ -10,8 +8,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -19,56 +16,39 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from experiments import workdir
-from experiments.stats import extract_series, extract_steps, moving_average
+from experiments.stats import Records, extract_series, moving_average
 from experiments.stats import split_by_seed
 
-#: Colours used in the paper.
-BASE_COLOR = "blue"
-CR_COLOR = "red"
-AVERAGE_COLOR = "green"
-BASE_LR_COLOR = "black"
-
-#: Opacity of the interquartile bands.
-BAND_ALPHA = 0.25
-
-#: Resolution of saved PNGs.
 DPI = 120
-
-Records = Sequence[Mapping[str, Any]]
 
 
 def by_seed(records: Records, key: str) -> tuple[np.ndarray, np.ndarray]:
   """(steps [T], values [S, T]): one row per seed, NaN where a seed has none."""
   runs = list(split_by_seed(records).values())
-  steps = np.unique(np.concatenate([extract_steps(r) for r in runs])) \
+  steps = np.unique(np.concatenate([extract_series(r, "step") for r in runs])) \
       if runs else np.zeros(0)
   values = np.full((len(runs), len(steps)), np.nan)
   for row, run in zip(values, runs):
-    row[np.searchsorted(steps, extract_steps(run))] = extract_series(run, key)
+    row[np.searchsorted(steps, extract_series(run, "step"))] = (
+        extract_series(run, key))
   return steps, values
-
-
-def median_and_quartiles(values: np.ndarray, *, positive: bool = False):
-  """Median, 25th and 75th percentile over seeds (axis 0) of the finite values
-  (and, if `positive`, of the values > 0); NaN where a step has none."""
-  v = np.where(np.isfinite(values) & ((values > 0) if positive else True),
-               values, np.nan)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN steps
-    return tuple(np.nanpercentile(v, q, axis=0) for q in (50, 25, 75))
 
 
 def _band(ax: Axes, steps: np.ndarray, values: np.ndarray, *, color: str,
           label: str, positive: bool = False, linewidth: float = 0.8,
           band: bool = True) -> None:
-  """The median line over seeds and, for several seeds, the IQR band."""
-  median, lo, hi = median_and_quartiles(values, positive=positive)
+  """Median over seeds of the finite (if `positive`, > 0) values; IQR band."""
+  v = np.where(np.isfinite(values) & ((values > 0) if positive else True),
+               values, np.nan)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN steps
+    median, lo, hi = (np.nanpercentile(v, q, axis=0) for q in (50, 25, 75))
   keep = np.isfinite(median)
   ax.plot(steps[keep], median[keep], color=color, linewidth=linewidth,
           label=label)
   if band and len(values) > 1:
     ax.fill_between(steps[keep], lo[keep], hi[keep], color=color,
-                    alpha=BAND_ALPHA, linewidth=0)
+                    alpha=0.25, linewidth=0)
 
 
 def _seeds_label(records: Records) -> str:
@@ -76,50 +56,35 @@ def _seeds_label(records: Records) -> str:
   return f"median of {n} seeds, IQR band" if n > 1 else "one seed"
 
 
-def _finish_axes(ax: Axes, ylabel: str, legend: str | None) -> None:
-  """Labels the axes; a legend at `legend` (a matplotlib loc) if given."""
-  ax.set_xlabel("iteration")
-  ax.set_ylabel(ylabel)
-  if legend:
-    ax.legend(loc=legend, fontsize="small")
-
-
-def _plot_losses(ax: Axes, records: Records, base_name: str, *,
-                 legend: bool) -> None:
-  for key, color, label in (("loss_base", BASE_COLOR, base_name),
-                            ("loss_cr", CR_COLOR, f"{base_name} with CR")):
-    steps, values = by_seed(records, key)
-    _band(ax, steps, values, color=color, label=label)
-  _finish_axes(ax, "error (loss)", legend and "lower left")
-
-
-def _plot_learning_rate(ax: Axes, records: Records, period: int, *,
-                        legend: bool, base_name: str = "base") -> None:
+def _plot(ax_loss: Axes, ax_lr: Axes, records: Records, base_name: str,
+          period: int, legend: bool) -> None:
+  """The losses on `ax_loss`; the rates on `ax_lr`, log scale."""
+  for key, color, label in (("loss_base", "blue", base_name),  # the paper's
+                            ("loss_cr", "red", f"{base_name} with CR")):
+    _band(ax_loss, *by_seed(records, key), color=color, label=label)
   steps, lr = by_seed(records, "learning_rate_cr")
-  _band(ax, steps, lr, color=CR_COLOR, label="calculated rate",
+  _band(ax_lr, steps, lr, color="red", label="calculated rate",
         positive=True, linewidth=0.5, band=False)
   # The paper's moving average, per seed (non-positive rates left out).
   average = np.stack([moving_average(np.where(row > 0, row, np.nan), period)
                       for row in lr]) if len(lr) else lr
-  _band(ax, steps, average, color=AVERAGE_COLOR, positive=True,
+  _band(ax_lr, steps, average, color="green", positive=True,
         linewidth=1.2, label=f"period-{period} moving average")
-  steps_b, base_lr = by_seed(records, "base_learning_rate")
-  _band(ax, steps_b, base_lr, color=BASE_LR_COLOR, positive=True,
-        linewidth=1.0, band=False, label=f"{base_name}'s own learning rate")
-  ax.set_yscale("log")
-  _finish_axes(ax, "learning rate", legend and "upper right")
-
-
-def _new_figure(figsize: tuple[float, float]) -> Figure:
-  fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")
-  FigureCanvasAgg(fig)
-  return fig
+  _band(ax_lr, *by_seed(records, "base_learning_rate"), color="black",
+        positive=True, linewidth=1.0, band=False,
+        label=f"{base_name}'s own learning rate")
+  ax_lr.set_yscale("log")
+  for ax, ylabel, loc in ((ax_loss, "error (loss)", "lower left"),
+                          (ax_lr, "learning rate", "upper right")):
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    if legend:
+      ax.legend(loc=loc, fontsize="small")
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
-  """Writes the PNG atomically (`workdir.atomic_write`): whole or not at all."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+  """Writes the PNG atomically: whole or not at all."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   png = io.BytesIO()
   try:
     fig.savefig(png, format="png", dpi=DPI)
@@ -132,28 +97,15 @@ def make_run_figure(records: Records, *, title: str, base_name: str = "SGD",
                     period: int = 100) -> Figure:
   """The paper's two-panel figure of one run.
 
-  Panel (a): the losses of base (blue) and base+CR (red); panel (b), log
-  scale: the CR learning rate (red), its moving average (green) and the base
-  learning rate (black). Non-finite values and non-positive rates are masked.
-
-  Args:
-    records: per-(iteration, seed) metric records.
-    title: the figure's title; should name the configuration and the data.
-    base_name: the base optimizer's name, for legends and captions.
-    period: the moving-average window of panel (b).
-
-  Returns:
-    The figure (Agg canvas, not registered with pyplot), with two axes.
+  (a) The losses of base and base+CR; (b), log scale: the CR learning rate,
+  its moving average and the base learning rate (rates > 0 only).
   """
-  fig = _new_figure((13.0, 4.8))
+  fig = Figure(figsize=(13.0, 4.8), dpi=DPI, layout="constrained")
+  FigureCanvasAgg(fig)
   ax_loss, ax_lr = fig.subplots(1, 2)
-  seeds = _seeds_label(records)
-  _plot_losses(ax_loss, records, base_name, legend=True)
-  ax_loss.set_title(
-      f"(a) Error ({base_name} in blue, {base_name} with CR in red; {seeds})",
-      fontsize="small")
-  _plot_learning_rate(ax_lr, records, period, legend=True,
-                      base_name=base_name)
+  _plot(ax_loss, ax_lr, records, base_name, period, legend=True)
+  ax_loss.set_title(f"(a) Error ({base_name} in blue, {base_name} with CR in "
+                    f"red; {_seeds_label(records)})", fontsize="small")
   ax_lr.set_title(
       f"(b) Learning rate (CR's in red, period-{period} moving average in "
       f"green, {base_name}'s own in black)", fontsize="small")
@@ -161,38 +113,29 @@ def make_run_figure(records: Records, *, title: str, base_name: str = "SGD",
   return fig
 
 
-def plot_run(records: Records, path: str | os.PathLike[str], *, title: str,
-             base_name: str = "SGD", period: int = 100) -> None:
-  """Saves `make_run_figure` as a PNG at `path` (parents created)."""
-  _save(make_run_figure(records, title=title, base_name=base_name,
-                        period=period), path)
+def plot_run(records: Records, path: str | os.PathLike[str],
+             **kwargs: Any) -> None:
+  """Saves `make_run_figure(records, **kwargs)` as a PNG at `path`."""
+  _save(make_run_figure(records, **kwargs), path)
 
 
 def make_overview_figure(runs: Sequence[tuple[str, Records]], *, title: str,
                          period: int = 100) -> Figure:
-  """A grid of several runs: one column each, losses above, rates below.
+  """A grid of (name, records) runs: a column each, losses above, rates below.
 
-  Args:
-    runs: (name, records) pairs.
-    title: the figure's title.
-    period: the moving-average window of the learning-rate row.
-
-  Returns:
-    The figure, with 2 * len(runs) axes (all loss axes, then all rate axes).
-
-  Raises:
-    ValueError: if `runs` is empty.
+  Its 2 * len(runs) axes are all loss axes, then all rate axes.
   """
   if not runs:
     raise ValueError("plot_overview needs at least one run")
   n = len(runs)
-  fig = _new_figure((max(4.0, 3.4 * n + 0.6), 6.4))
+  fig = Figure(figsize=(max(4.0, 3.4 * n + 0.6), 6.4), dpi=DPI,
+               layout="constrained")
+  FigureCanvasAgg(fig)
   axes = np.asarray(fig.subplots(2, n, squeeze=False))
   for j, (name, records) in enumerate(runs):
-    _plot_losses(axes[0, j], records, "base", legend=(j == 0))
+    _plot(axes[0, j], axes[1, j], records, "base", period, legend=(j == 0))
     axes[0, j].set_title(f"{name}\n({_seeds_label(records)})",
                          fontsize="medium")
-    _plot_learning_rate(axes[1, j], records, period, legend=(j == 0))
     if j > 0:
       axes[0, j].set_ylabel("")
       axes[1, j].set_ylabel("")
@@ -201,7 +144,6 @@ def make_overview_figure(runs: Sequence[tuple[str, Records]], *, title: str,
 
 
 def plot_overview(runs: Sequence[tuple[str, Records]],
-                  path: str | os.PathLike[str], *, title: str,
-                  period: int = 100) -> None:
-  """Saves `make_overview_figure` as a PNG at `path` (parents created)."""
-  _save(make_overview_figure(runs, title=title, period=period), path)
+                  path: str | os.PathLike[str], **kwargs: Any) -> None:
+  """Saves `make_overview_figure(runs, **kwargs)` as a PNG at `path`."""
+  _save(make_overview_figure(runs, **kwargs), path)

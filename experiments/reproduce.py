@@ -6,10 +6,8 @@
         [--only=mnist_sgd_plateau,...] [--set=model.depth=2 ...]
 
 Each run of `configs/paper.py` trains into `workdir/<name>/` (a rerun
-resumes); the workdir then receives summary.md, summary.json and
-overview.png. Each number is the median over `--num_seeds` seeds with its
-IQR, and a claim holds when it holds on 4 of 5 seeds. A CIFAR-10 run without
-data is listed as not run. Flag mistakes are refused before anything trains.
+resumes); summary.{md,json} and overview.png hold medians over seeds with
+their IQR and the claims. A CIFAR-10 run without data is listed as not run.
 """
 
 import ast
@@ -32,8 +30,7 @@ from experiments import metrics as metrics_lib
 from experiments import summary as summary_lib
 from experiments import train_lib as train
 
-#: The paper's runs, in figure order (configs/paper.py).
-PAPER_RUNS = tuple(paper.RUNS)
+PAPER_RUNS = tuple(paper.RUNS)  # in figure order
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of all runs.")
 _STEPS = flags.DEFINE_integer(
@@ -66,18 +63,14 @@ def _load_config(name: str) -> ml_collections.ConfigDict:
   if _STEPS.value is not None:
     config.training.num_steps = _STEPS.value
   config.training.progress = _PROGRESS.value
-  if config.data.name == "cifar10":
-    source = _DATA_SOURCE.value
-    config.data.source = "auto" if source == "mnist_5k" else source
-    config.data.path = _CIFAR10_PATH.value
-  else:
-    config.data.source = _DATA_SOURCE.value
-    config.data.path = _DATA_PATH.value
+  cifar = config.data.name == "cifar10"
+  config.data.source = ("auto" if cifar and _DATA_SOURCE.value == "mnist_5k"
+                        else _DATA_SOURCE.value)
+  config.data.path = (_CIFAR10_PATH if cifar else _DATA_PATH).value
   for item in _SET.value:
     key, sep, text = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--set={item!r}: expected key=value.")
-    message = train.config_key_error(config, key.strip())
+    message = (train.config_key_error(config, key.strip()) if sep else
+               f"--set={item!r}: expected key=value.")
     if message:
       raise app.UsageError(_as_flags(message))
     try:
@@ -101,28 +94,18 @@ def _run_one(name: str, config: ml_collections.ConfigDict,
   """Trains one run; returns its table row with `status` and `reason`."""
   row = {"run": name, "figure": config.figure, "status": "ok", "reason": ""}
   try:
-    result = train.train_and_evaluate(config, os.path.join(workdir, name))
+    return {**row, **train.train_and_evaluate(config,
+                                              os.path.join(workdir, name))}
   except data_lib.DataError as err:
     if config.data.name != "cifar10":
       raise
     logging.warning("%s not run: %s", name, err)
-    row.update(status="not run", data=f"not run: {_NO_CIFAR}",
-               reason=f"{_NO_CIFAR}. ({err})")
-    return row
+    return dict(row, status="not run", data=f"not run: {_NO_CIFAR}",
+                reason=f"{_NO_CIFAR}. ({err})")
   except Exception as err:  # pylint: disable=broad-except
     logging.exception("%s failed.", name)
-    row.update(status="failed", data=f"failed: {type(err).__name__}",
-               reason=_as_flags(f"{type(err).__name__}: {err}"))
-    return row
-  row.update(result)
-  return row
-
-
-def _table_row(row: dict[str, Any]) -> dict[str, Any]:
-  """A run that did not run shows its reason and no exit steps ("—")."""
-  if row["status"] == "ok":
-    return row
-  return dict(row, exit_step_base="—", exit_step_cr="—")
+    return dict(row, status="failed", data=f"failed: {type(err).__name__}",
+                reason=_as_flags(f"{type(err).__name__}: {err}"))
 
 
 def main(argv: Sequence[str]) -> None:
@@ -134,56 +117,48 @@ def main(argv: Sequence[str]) -> None:
   if unknown:
     raise app.UsageError(f"--only: unknown run(s) {', '.join(unknown)}; "
                          f"choose among {', '.join(PAPER_RUNS)}.")
-  names = [name for name in PAPER_RUNS if name in _ONLY.value]
-  configs = {}
-  for name in names:            # every config mistake, before any training
-    configs[name] = _load_config(name)
+  configs = {name: _load_config(name) for name in PAPER_RUNS
+             if name in _ONLY.value}
+  for name, config in configs.items():  # every mistake, before any training
     try:
-      train.validate_config(configs[name])
+      train.validate_config(config)
     except ValueError as err:
       raise app.UsageError(f"{name}: {_as_flags(str(err))}") from err
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
   date = report_lib.now()
-  rows = [_run_one(name, configs[name], workdir) for name in names]
+  rows = [_run_one(name, config, workdir) for name, config in configs.items()]
   wall_time = time.perf_counter() - start
-
   command = report_lib.command_line("experiments.reproduce")
   data_used = sorted({row["data"] for row in rows if row["status"] == "ok"})
   env = report_lib.environment()
   lines = [
-      "# lrcr: the paper's runs, base vs base+CR",
-      "",
-      f"- Command: `{command}`",
-      f"- Data: {'; '.join(data_used) or 'none'}",
+      "# lrcr: the paper's runs, base vs base+CR", "",
+      f"- Command: `{command}`", f"- Data: {'; '.join(data_used) or 'none'}",
       f"- Seeds: {_NUM_SEEDS.value} per run; each number is the median over "
       "seeds [25th, 75th percentile]; a claim holds when it holds on at "
       f"least {summary_lib.seeds_required(_NUM_SEEDS.value)} of "
       f"{_NUM_SEEDS.value} seeds",
-      f"- Machine: {report_lib.environment_line(env)}",
-      f"- Date: {date}",
-      f"- Total wall time: {wall_time:.1f} s",
-      "",
-      summary_lib.summary_table_markdown([_table_row(row) for row in rows]),
-  ]
-  for row in rows:
-    if row["status"] != "ok":
-      lines.append(f"- {row['run']} ({row['figure']}) {row['status']}: "
-                   f"{row['reason']}")
-    elif row.get("claim"):
-      lines.append(f"- {row['run']} ({row['figure']}): "
-                   f"{row['claim']['reason']}")
+      f"- Machine: {report_lib.environment_line(env)}", f"- Date: {date}",
+      f"- Total wall time: {wall_time:.1f} s", "",
+      summary_lib.summary_table_markdown([  # a run not run: no exits ("—")
+          row if row["status"] == "ok" else
+          dict(row, exit_step_base="—", exit_step_cr="—") for row in rows]),
+  ] + [f"- {r['run']} ({r['figure']}) {r['status']}: {r['reason']}"
+        if r["status"] != "ok" else
+        f"- {r['run']} ({r['figure']}): {r['claim']['reason']}"
+        for r in rows if r["status"] != "ok" or r.get("claim")]
   report_lib.write(workdir, "summary", {
       "command": command, "date": date, "wall_time_s": wall_time,
       "environment": env, "num_seeds": _NUM_SEEDS.value, "data": data_used,
       "runs": rows}, "\n".join(lines))
-
-  runs = [(f"{row['figure']} {row['run']}".strip(), metrics_lib.read_metrics(
-      os.path.join(workdir, row["run"], train.METRICS_FILE)))
-          for row in rows if row["status"] == "ok"]
-  if runs:
-    plots.plot_overview(runs, os.path.join(workdir, "overview.png"),
+  if data_used:
+    plots.plot_overview([(f"{row['figure']} {row['run']}".strip(),
+                          metrics_lib.read_metrics(os.path.join(
+                              workdir, row["run"], train.METRICS_FILE)))
+                         for row in rows if row["status"] == "ok"],
+                        os.path.join(workdir, "overview.png"),
                         title=f"base (blue) vs base+CR (red), median of "
                         f"{_NUM_SEEDS.value} seeds with IQR bands; data: "
                         f"{'; '.join(data_used)}")

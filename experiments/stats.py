@@ -1,13 +1,9 @@
-"""Statistics of metric records: series, moving windows, plateau exits, seeds.
-
-Records are the dicts of `metrics.jsonl`, one per (step, seed). Non-finite
-values (JSON null, NaN, Infinity) are NaN here and every statistic ignores
-them.
-"""
+"""Statistics of metric records; non-finite values are NaN and ignored."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -35,22 +31,16 @@ def extract_series(records: Records, key: str) -> np.ndarray:
   return np.array([as_float(r.get(key)) for r in records], dtype=np.float64)
 
 
-def extract_steps(records: Records) -> np.ndarray:
-  """The records' `step` fields, or their positions where missing."""
-  steps = extract_series(records, "step")
-  return np.where(np.isfinite(steps), steps,
-                  np.arange(len(records), dtype=np.float64))
-
-
-def finite_median(x: Any) -> float | None:
-  """The median of the finite entries of `x`, or None if there are none."""
+def finite_median(x: Any, default: Any = None) -> Any:
+  """The median of the finite entries of `x`, or `default` if there are none."""
   x = np.asarray(x, dtype=np.float64)
   x = x[np.isfinite(x)]
-  return float(np.median(x)) if x.size else None
+  return float(np.median(x)) if x.size else default
 
 
-def _windows(x: Iterable[float], period: int) -> np.ndarray:
-  """[n, period] trailing windows of x, padded with NaN before the start."""
+def _moving(statistic: Any, x: Iterable[float], period: int) -> np.ndarray:
+  """`statistic` of each trailing window's finite values, window by window
+  (one huge value moves only its own windows); NaN for none."""
   if int(period) != period or period < 1:
     raise ValueError(f"period must be a positive integer, got {period!r}")
   arr = np.asarray(x, dtype=np.float64)
@@ -58,52 +48,26 @@ def _windows(x: Iterable[float], period: int) -> np.ndarray:
     raise ValueError(f"x must be 1-D, got shape {arr.shape}")
   arr = np.where(np.isfinite(arr), arr, np.nan)
   padded = np.concatenate([np.full(int(period) - 1, np.nan), arr])
-  return np.lib.stride_tricks.sliding_window_view(padded, int(period))
+  windows = np.lib.stride_tricks.sliding_window_view(padded, int(period))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN windows
+    return statistic(windows, axis=1)
 
 
 def moving_average(x: Iterable[float], period: int = 100) -> np.ndarray:
-  """Trailing, NaN-aware moving average (NaN for a window with no value).
-
-  Each window is summed on its own, so one huge value only moves the windows
-  that hold it.
-
-  Raises:
-    ValueError: if `period < 1` or `x` is not 1-D.
-  """
-  windows = _windows(x, period)
-  counts = np.isfinite(windows).sum(axis=1)
-  sums = np.nansum(windows, axis=1)
-  out = np.full(len(windows), np.nan)
-  ok = counts > 0
-  out[ok] = sums[ok] / counts[ok]
-  return out
-
-
-def moving_median(x: Iterable[float], period: int = 100) -> np.ndarray:
-  """Trailing, NaN-aware moving median (as `moving_average`)."""
-  windows = _windows(x, period)
-  out = np.full(len(windows), np.nan)
-  ok = np.isfinite(windows).any(axis=1)
-  out[ok] = np.nanmedian(windows[ok], axis=1)
-  return out
+  """Trailing, NaN-aware moving average (see `_moving`)."""
+  return _moving(np.nanmean, x, period)
 
 
 def plateau_exit_step(losses: Iterable[float],
                       threshold: float = 0.95 * math.log(10.0),
                       period: int = 100) -> int | None:
-  """The first index i >= period - 1 whose moving median is below threshold.
+  """The first index >= period - 1 whose moving median is below threshold.
 
-  A median, so that one diverging step neither hides nor invents an exit.
-
-  Args:
-    losses: per-iteration losses (non-finite values are ignored).
-    threshold: by default 95% of ln(10), a uniform 10-class prediction's loss.
-    period: the window.
-
-  Returns:
-    The 0-based index of the plateau exit, or None if it never happens.
+  A median, so that one diverging step neither hides nor invents an exit;
+  None if there is none. The default is 95% of a uniform guess's ln(10).
   """
-  median = moving_median(losses, period)
+  median = _moving(np.nanmedian, losses, period)
   if median.size < period:
     return None
   with np.errstate(invalid="ignore"):
@@ -135,8 +99,7 @@ def median_and_iqr(values: Sequence[Any], *, never_is_inf: bool = False
                    ) -> tuple[float | None, list[float | None] | None]:
   """(median, [25th, 75th percentile]) of the numbers, or (None, None).
 
-  With `never_is_inf`, None is an exit that never happened: it sorts after
-  every step, and a median or quartile of it is None.
+  With `never_is_inf`, None (a "never" exit) sorts last and stays None.
   """
   nums = [math.inf if v is None and never_is_inf else float(v)
           for v in values

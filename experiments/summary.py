@@ -1,10 +1,4 @@
-"""Summaries of base vs. base+CR runs, and the paper's claims judged on them.
-
-`summarize_run` computes plateau exit, losses and the CR learning rate on and
-after the plateau, `qualitative_claim` judges the paper's claims on it,
-`summarize_seeds` does both over seeds and `summary_table_markdown` renders
-the runs. Non-finite values are NaN and ignored by the statistics.
-"""
+"""Summaries of base vs. base+CR runs over seeds, and the paper's claims."""
 
 from __future__ import annotations
 
@@ -17,23 +11,19 @@ import numpy as np
 from experiments import report
 from experiments import stats
 
-#: Claim kinds understood by :func:`qualitative_claim`.
-CLAIM_KINDS: tuple[str,
-                   ...] = ("plateau", "plateau_adaptive", "no_plateau", "adam")
-
-# Plateau claim: the plateau learning rate over the later median must reach
-# 10x for SGD (Fig. 2: "a hundred-fold increase") and 2x for Adagrad and
-# Adadelta (Figs. 4-5: "smaller than for SGD").
-_PLATEAU_RATIO_MIN = {"plateau": 10.0, "plateau_adaptive": 2.0}
-# No-plateau claim: final losses within this relative tolerance.
-_NO_PLATEAU_TOL = 0.20
-# Adam claim: an exit earlier by this fraction of the steps, or a final loss
-# better by this fraction, is a gain.
-_ADAM_EXIT_GAIN = 0.10
-_ADAM_LOSS_GAIN = 0.05
-
-# --------------------------------------------------------------------------
-# Run summaries.
+_NO_PLATEAU_TOL = 0.20   # no_plateau: final losses within 20%
+_ADAM_EXIT_GAIN = 0.10   # adam: an exit earlier by 10% of the steps is a gain,
+_ADAM_LOSS_GAIN = 0.05   # and so is a final loss lower by 5%
+# A claim holds for a run when it holds on 80% of its seeds: 4 of 5, 3 of 3.
+CLAIM_SEED_FRACTION = 0.8
+# Summary fields aggregated over seeds (median and interquartile range).
+SEED_FIELDS = (
+    "initial_loss_base", "initial_loss_cr", "final_loss_base",
+    "final_loss_cr", "exit_step_base", "exit_step_cr",
+    "peak_learning_rate_cr", "median_learning_rate_cr",
+    "plateau_learning_rate_cr", "later_median_learning_rate_cr",
+    "plateau_to_later_ratio", "nonfinite_steps_base", "nonfinite_steps_cr")
+_EXIT_FIELDS = ("exit_step_base", "exit_step_cr")
 
 _fmt = functools.partial(report.fmt, spec=".4g", missing="—")
 
@@ -42,85 +32,54 @@ def _fmt_exit(x: Any) -> str:
   return "never" if x is None else _fmt(x)
 
 
-def _skipped(records, key: str, losses: np.ndarray) -> int:
-  """Steps the loop skipped (a non-finite loss or update), else NaN losses."""
-  if records and key in records[0]:
-    return int(sum(int(r.get(key) or 0) for r in records))
-  return int(np.count_nonzero(~np.isfinite(losses)))
-
-
 def summarize_run(records: stats.Records, *, num_classes: int = 10,
                   period: int = 100,
                   claim_kind: str | None = None) -> dict[str, Any]:
-  """Summarizes one base-vs-CR run.
+  """num_steps, `SEED_FIELDS` and the claim of one run's records.
 
-  Args:
-    records: per-iteration metric records, in step order.
-    num_classes: the plateau threshold is 0.95 ln(num_classes).
-    period: the moving window, and how many first and last iterations give
-      the initial and final losses (their finite medians).
-    claim_kind: if given, one of `CLAIM_KINDS`, judged under "claim".
-
-  Returns:
-    num_steps, {initial,final}_loss_{base,cr}, exit_step_{base,cr} (None:
-    never), {peak,median}_learning_rate_cr, plateau_learning_rate_cr and
-    later_median_learning_rate_cr (before and from the CR exit),
-    plateau_to_later_ratio, nonfinite_steps_{base,cr} and claim.
-
-  Raises:
-    ValueError: if num_classes < 2.
+  The plateau threshold is 0.95 ln(num_classes); `period` is the moving
+  window and how many first and last steps give the initial and final losses
+  (finite medians). Exits are steps (None: never); the plateau learning rate
+  is the median before the CR exit, the later one the median from it.
   """
   if num_classes < 2:
     raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-  steps = stats.extract_steps(records)
+  steps = stats.extract_series(records, "step")
   loss = {k: stats.extract_series(records, f"loss_{k}") for k in ("base",
                                                                    "cr")}
-  lr_cr = stats.extract_series(records, "learning_rate_cr")
-  lr_finite = lr_cr[np.isfinite(lr_cr)]
-  exits = {k: stats.plateau_exit_step(
-      series, threshold=0.95 * math.log(num_classes), period=period)
-           for k, series in loss.items()}
+  lr = stats.extract_series(records, "learning_rate_cr")
+  exits = {k: stats.plateau_exit_step(v, 0.95 * math.log(num_classes), period)
+           for k, v in loss.items()}
   summary: dict[str, Any] = {"num_steps": len(records)}
-  for key, part in (("initial_loss", slice(None, period)),
-                    ("final_loss", slice(-period, None))):
-    for k, series in loss.items():
-      summary[f"{key}_{k}"] = _median(series[part])
-  for k in loss:
-    summary[f"exit_step_{k}"] = (None if exits[k] is None
-                                 else int(steps[exits[k]]))
-  summary["peak_learning_rate_cr"] = (float(lr_finite.max())
-                                      if lr_finite.size else math.nan)
-  summary["median_learning_rate_cr"] = _median(lr_finite)
-  plateau = later = None
-  if exits["cr"] is not None:
-    plateau = stats.finite_median(lr_cr[:exits["cr"]])
-    later = stats.finite_median(lr_cr[exits["cr"]:])
+  for key, part in (("initial", slice(None, period)),
+                    ("final", slice(-period, None))):
+    summary.update({f"{key}_loss_{k}": stats.finite_median(v[part], math.nan)
+                    for k, v in loss.items()})
+  summary.update({f"exit_step_{k}": None if e is None else int(steps[e])
+                  for k, e in exits.items()})
+  finite, e = lr[np.isfinite(lr)], exits["cr"]
+  plateau, later = ((None, None) if e is None else
+                    (stats.finite_median(lr[:e]), stats.finite_median(lr[e:])))
   summary.update(
+      peak_learning_rate_cr=float(finite.max()) if finite.size else math.nan,
+      median_learning_rate_cr=stats.finite_median(finite, math.nan),
       plateau_learning_rate_cr=plateau, later_median_learning_rate_cr=later,
       plateau_to_later_ratio=(plateau / later if plateau is not None and
-                              later is not None and later > 0 else None))
-  for k in loss:
-    summary[f"nonfinite_steps_{k}"] = _skipped(records, f"skipped_{k}",
-                                               loss[k])
+                              (later or 0) > 0 else None))
+  for k in loss:  # the steps the loop skipped, else the NaN losses
+    key = f"skipped_{k}"
+    summary[f"nonfinite_steps_{k}"] = (
+        int(sum(int(r.get(key) or 0) for r in records))
+        if records and key in records[0]
+        else int(np.count_nonzero(~np.isfinite(loss[k]))))
   summary["claim"] = (None if claim_kind is None
                       else qualitative_claim(summary, claim_kind))
   return summary
 
 
-def _median(x: Any) -> float:
-  """The median of the finite entries; NaN if there are none."""
-  median = stats.finite_median(x)
-  return math.nan if median is None else median
-
-
-# --------------------------------------------------------------------------
-# The paper's claims.
-
-
-def _plateau_claim(s: Mapping[str, Any], kind: str) -> tuple[bool, str]:
+def _plateau_claim(s: Mapping[str, Any], threshold: float) -> tuple[bool, str]:
   exit_base, exit_cr = s.get("exit_step_base"), s.get("exit_step_cr")
   ratio = s.get("plateau_to_later_ratio")
-  threshold = _PLATEAU_RATIO_MIN[kind]
   earlier = exit_cr is not None and (exit_base is None or exit_cr < exit_base)
   big_lr = ratio is not None and stats.is_number(ratio) and ratio >= threshold
   return bool(earlier and big_lr), (
@@ -151,15 +110,12 @@ def _adam_claim(s: Mapping[str, Any]) -> tuple[bool, str]:
   fb = stats.as_float(s.get("final_loss_base"))
   fc = stats.as_float(s.get("final_loss_cr"))
   n = int(s.get("num_steps") or 0)
-  exit_gain = 0.0
-  if exit_cr is not None and n > 0:
-    exit_gain = ((n if exit_base is None else exit_base) - exit_cr) / n
-  if math.isfinite(fc) and not math.isfinite(fb):
-    loss_gain = math.inf  # base diverged, CR did not
-  elif math.isfinite(fc) and fb != 0:
-    loss_gain = (fb - fc) / abs(fb)
-  else:
-    loss_gain = math.nan  # CR diverged (or base loss is 0): no gain
+  exit_gain = (((n if exit_base is None else exit_base) - exit_cr) / n
+               if exit_cr is not None and n > 0 else 0.0)
+  # Infinite if only base diverged; none (NaN) if CR diverged or base is 0.
+  loss_gain = (math.nan if not math.isfinite(fc) else math.inf
+               if not math.isfinite(fb) else (fb - fc) / abs(fb) if fb != 0
+               else math.nan)
   holds = not (exit_gain > _ADAM_EXIT_GAIN or loss_gain > _ADAM_LOSS_GAIN)
   return holds, (
       f"CR exits at step {_fmt_exit(exit_cr)} vs base at "
@@ -171,51 +127,27 @@ def _adam_claim(s: Mapping[str, Any]) -> tuple[bool, str]:
 
 
 def qualitative_claim(summary: Mapping[str, Any], kind: str) -> dict[str, Any]:
-  """Checks one of the paper's qualitative claims against a run summary.
+  """{"kind", "holds", "reason"} of a claim on a `summarize_run` result.
 
-  Kinds: "plateau" (Figs. 2-3, SGD): CR exits the plateau earlier than the
-  base run, with a plateau learning rate >= 10x its later median;
-  "plateau_adaptive" (Figs. 4-5): the same at 2x; "no_plateau" (Fig. 1): both
-  descend and |final_cr - final_base| <= 0.2 final_base; "adam" (section 4):
-  no exit earlier by 10% of the steps and no final loss lower by 5%.
-
-  Args:
-    summary: a `summarize_run` result.
-    kind: one of `CLAIM_KINDS`.
-
-  Returns:
-    {"kind", "holds", "reason": a sentence quoting the measured numbers}.
-
-  Raises:
-    ValueError: for an unknown `kind`.
+  "plateau" (Figs. 2-3) and "plateau_adaptive" (Figs. 4-5): CR exits the
+  plateau first, its learning rate there a multiple of its later median;
+  "no_plateau" (Fig. 1): both descend to close final losses; "adam"
+  (section 4): CR gives no gain. The reason quotes the measured numbers.
   """
   if kind not in CLAIM_KINDS:
     raise ValueError(
         f"unknown claim kind {kind!r}; expected one of {CLAIM_KINDS}")
-  if kind in _PLATEAU_RATIO_MIN:
-    holds, reason = _plateau_claim(summary, kind)
-  elif kind == "no_plateau":
-    holds, reason = _no_plateau_claim(summary)
-  else:
-    holds, reason = _adam_claim(summary)
+  holds, reason = _CLAIMS[kind](summary)
   return {"kind": kind, "holds": holds, "reason": reason}
 
 
-# --------------------------------------------------------------------------
-# Seeds: each alone, then the median and IQR over seeds.
-
-#: A claim holds for a run when it holds on at least this fraction of its
-#: seeds: 4 of 5, 3 of 3, 1 of 1.
-CLAIM_SEED_FRACTION: float = 0.8
-
-#: Summary fields aggregated over seeds (median and interquartile range).
-SEED_FIELDS: tuple[str, ...] = (
-    "initial_loss_base", "initial_loss_cr", "final_loss_base",
-    "final_loss_cr", "exit_step_base", "exit_step_cr",
-    "peak_learning_rate_cr", "median_learning_rate_cr",
-    "plateau_learning_rate_cr", "later_median_learning_rate_cr",
-    "plateau_to_later_ratio", "nonfinite_steps_base", "nonfinite_steps_cr")
-_EXIT_FIELDS = ("exit_step_base", "exit_step_cr")
+# The plateau claims' least plateau/later learning-rate ratio: Fig. 2's "a
+# hundred-fold increase" for SGD, "smaller than for SGD" for Figs. 4-5.
+_CLAIMS = {"plateau": functools.partial(_plateau_claim, threshold=10.0),
+           "plateau_adaptive": functools.partial(_plateau_claim,
+                                                 threshold=2.0),
+           "no_plateau": _no_plateau_claim, "adam": _adam_claim}
+CLAIM_KINDS = tuple(_CLAIMS)
 
 
 def seeds_required(num_seeds: int) -> int:
@@ -226,13 +158,10 @@ def seeds_required(num_seeds: int) -> int:
 def summarize_seeds(records: stats.Records, *, num_classes: int = 10,
                     period: int = 100,
                     claim_kind: str | None = None) -> dict[str, Any]:
-  """Summarizes a run over its seeds (arguments as for `summarize_run`).
+  """`summarize_run` per seed, and the median and IQR over seeds.
 
-  Returns:
-    num_steps, num_seeds, seeds, per_seed (`summarize_run` per seed), median
-    and iqr over seeds of `SEED_FIELDS` ("never" exits count as latest), the
-    medians at the top level (nonfinite_steps_* summed), and claim: holding
-    on at least `seeds_required` seeds.
+  "Never" exits count as latest; the medians are also at the top level
+  (nonfinite_steps_* summed); the claim must hold on `seeds_required` seeds.
   """
   by_seed = stats.split_by_seed(records)
   per_seed = [{"seed": seed, **summarize_run(
@@ -253,28 +182,22 @@ def summarize_seeds(records: stats.Records, *, num_classes: int = 10,
     result[key] = int(sum(s[key] for s in per_seed))
   result["claim"] = None
   if claim_kind is not None and per_seed:
-    result["claim"] = _claim_over_seeds(per_seed, claim_kind)
+    n, need = len(per_seed), seeds_required(len(per_seed))
+    holding = [s["seed"] for s in per_seed if s["claim"]["holds"]]
+    shown = next((s for s in per_seed if not s["claim"]["holds"]),
+                 per_seed[0])
+    result["claim"] = {
+        "kind": claim_kind, "holds": len(holding) >= need,
+        "holds_on": len(holding), "num_seeds": n, "required": need,
+        "rule": f"holds on at least {need} of {n} seeds",
+        "reason": f"Holds on {len(holding)} of {n} seeds (rule: at least "
+                  f"{need} of {n}). Seed {shown['seed']}: "
+                  f"{shown['claim']['reason']}"}
   result["per_seed"] = per_seed
   return result
 
 
-def _claim_over_seeds(per_seed: Sequence[Mapping[str, Any]],
-                      kind: str) -> dict[str, Any]:
-  n = len(per_seed)
-  need = seeds_required(n)
-  holding = [s["seed"] for s in per_seed if s["claim"]["holds"]]
-  shown = next((s for s in per_seed if not s["claim"]["holds"]), per_seed[0])
-  reason = (f"Holds on {len(holding)} of {n} seeds (rule: at least {need} of "
-            f"{n}). Seed {shown['seed']}: {shown['claim']['reason']}")
-  return {"kind": kind, "holds": len(holding) >= need,
-          "holds_on": len(holding), "num_seeds": n, "required": need,
-          "rule": f"holds on at least {need} of {n} seeds", "reason": reason}
-
-
-# --------------------------------------------------------------------------
-# Table.
-
-_TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+_TABLE_COLUMNS = (
     ("run", "run"), ("paper figure", "figure"), ("data", "data"),
     ("steps", "num_steps"), ("final loss base", "final_loss_base"),
     ("final loss CR", "final_loss_cr"), ("exit base", "exit_step_base"),
@@ -284,7 +207,7 @@ _TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("claim holds", "claim"))
 
 
-def _cell(row: Mapping[str, Any], key: str) -> str:
+def cell(row: Mapping[str, Any], key: str) -> str:
   """A cell; over several seeds, "median [25th, 75th percentile]"."""
   value = row.get(key)
   if key == "claim":
@@ -293,20 +216,16 @@ def _cell(row: Mapping[str, Any], key: str) -> str:
     seeds = (f" ({value['holds_on']}/{value['num_seeds']} seeds)"
              if "holds_on" in value else "")
     return ("yes" if value.get("holds") else "no") + seeds
-  cell = _fmt_exit if key in _EXIT_FIELDS else (
+  fmt = _fmt_exit if key in _EXIT_FIELDS else (
       lambda x: "—" if x == "" else _fmt(x))
   iqr = (row.get("iqr") or {}).get(key, "absent")
   if iqr == "absent" or (row.get("num_seeds") or 1) < 2:
-    return cell(value)
-  return report.with_iqr(value, iqr or (None, None), cell)
+    return fmt(value)
+  return report.with_iqr(value, iqr or (None, None), fmt)
 
 
 def summary_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-  """Renders run summaries (plus "run", "figure", "data") as markdown.
-
-  A row over several seeds shows "median [25th, 75th percentile]".
-  """
-  lines = report.table([name for name, _ in _TABLE_COLUMNS],
-                       [[_cell(row, key) for _, key in _TABLE_COLUMNS]
-                        for row in rows])
-  return "\n".join(lines) + "\n"
+  """Run summaries (plus "run", "figure", "data") as a markdown table."""
+  return "\n".join(report.table(
+      [name for name, _ in _TABLE_COLUMNS],
+      [[cell(row, key) for _, key in _TABLE_COLUMNS] for row in rows])) + "\n"

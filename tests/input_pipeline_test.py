@@ -293,8 +293,9 @@ def test_mnist_wrong_image_shape(tmp_path):
   assert_error(
       lambda: data.load_dataset("mnist", "files", str(tmp_path)),
       images_path,
-      "27x28",
-      "expected 28x28",
+      "shape (2, 27, 28, 1)",
+      "expected uint8 [N, 28, 28, 1]",
+      "wrong image shape",
   )
 
 
