@@ -4,12 +4,10 @@
         --workdir=runs/fig2 [--config.num_seeds=5] [--noprogress] \
         [--config.optimizer.sigma=1000 ...] [--allow_new_data]
 
-This file is intentionally kept short: the work happens in
-`experiments.train_lib.train_and_evaluate`. Rerunning the same command
-resumes from the last checkpoint; Ctrl-C stops at once and leaves the run
-resumable. A mistake in the command ends in one message naming the key or the
-file and the fix; `--verbosity=1` adds the traceback, `--verbosity=0` the INFO
-logs.
+Kept short: `experiments.train_lib.train_and_evaluate` does the work. The same
+command resumes; Ctrl-C stops at once, resumably. A mistake ends in one
+message naming the key or file and the fix (`--verbosity=1`: the traceback;
+`--verbosity=0`: INFO logs).
 """
 
 from collections.abc import Sequence
