@@ -1,17 +1,10 @@
 """The training program: the optimizers, their steps and the jitted chunk.
 
-    cr_step = make_cr_step(model, make_cr_optimizer(config.optimizer, lr),
-                           CROptions.from_config(config.optimizer))
-    out = cr_step(params, opt_state, x, y)          # a StepOutput
-    run_chunk = jax.jit(make_chunk_fn(config, base_step, cr_step, lr, n),
-                        static_argnames="length")
-
-Appendix A: the base optimizers take TF1's defaults, lr(t) = lr_0 * 0.95 **
-(t / 100). The CR optimizer chains `lrcr.scale_by_cubic_step` after the base
-(sec. 3.1): with g the base direction, s = g . grad F, h = g^T H g, and the
-update is alpha g, alpha the minimizer of the cubic model (eq. 37). A chunk
-scans the steps with the seeds vmapped inside; a non-finite step (loss,
-update or curvature) leaves its run unchanged and is flagged in the metrics.
+Appendix A: base optimizers with TF1's defaults, lr(t) = lr_0 * 0.95 **
+(t / 100); the CR optimizer chains `lrcr.scale_by_cubic_step` after the base
+(sec. 3.1): along the base direction g, the update alpha g minimizes the cubic
+model (eq. 37). A chunk is a `lax.scan` of steps with the seeds vmapped
+inside; a non-finite step leaves its run unchanged and is flagged.
 """
 
 from __future__ import annotations
@@ -52,11 +45,8 @@ CURVATURE_PATHS: tuple[str, ...] = ("engine", "lowrank", "autodiff", "hvp")
 
 
 def optimizer_entry(optimizer_config: Any) -> tuple[str, Callable, dict]:
-  """(display name, optax factory, TF1 defaults) of `config.optimizer.name`.
-
-  Raises:
-    ValueError: for an unknown name, listing the valid ones.
-  """
+  """(display name, optax factory, TF1 defaults) of `config.optimizer.name`;
+  ValueError, listing the valid names, for an unknown one."""
   name = str(optimizer_config.name).strip().lower()
   if name not in _OPTIMIZERS:
     raise ValueError(
@@ -97,17 +87,11 @@ def make_cr_optimizer(optimizer_config: Any,
 
 @dataclasses.dataclass(frozen=True)
 class CROptions:
-  """How the CR step gets its slope and curvature.
+  """How the CR step gets its slope and curvature (see configs/base.py).
 
-  Attributes:
-    curvature: one of `CURVATURE_PATHS`.
-    granularity: "global", "layer" or "variable" (`lrcr.scale_by_cubic_step`).
-    gradient_direction: the base optimizer is plain SGD (the Gram form).
-    curvature_batch_size: if > 0, the curvature on the first that many rows
-      of the batch, the slope on all of them (Byrd et al. 2011).
-    stack_layers: the engine batches equally shaped layers' products.
-    averaging: section 3.1's option for SGD (`lrcr.averaging`).
-    sigma: the cubic weight, read by the non-"batch" averagings.
+  `gradient_direction`: the base optimizer is plain SGD (the Gram form);
+  `curvature_batch_size` > 0: the curvature on that many rows of the batch,
+  the slope on all of them (Byrd et al. 2011).
   """
   curvature: str = "engine"
   granularity: str = "global"
@@ -207,11 +191,8 @@ def applied(step):
 
 def _value_grad_and_curvature(loss_fn: LossFn, params: Any, x: Array,
                               y: Array, options: CROptions):
-  """(F, grad F, curvature_fn) on the batch: the one seam every option changes.
-
-  curvature_fn maps (params, direction) to an `lrcr.Directional` at
-  `options.granularity`.
-  """
+  """(F, grad F, curvature_fn) on the batch: the one seam every option changes;
+  curvature_fn(params, direction) is an `lrcr.Directional`."""
   rows = options.curvature_batch_size or None
   if options.curvature == "engine" and not rows:
     return lrcr.value_grad_and_curvature(
@@ -263,8 +244,7 @@ def _all_true(tree: Any) -> Array:
 
 
 def _ok(out: StepOutput, curvature: bool = False) -> Array:
-  """Whether a step's loss, update (and CR slope, curvature, solve) are
-  finite."""
+  """Whether a step's loss, update (and slope, curvature, solve) are finite."""
   ok = jnp.isfinite(out.loss) & _all_true(jax.tree.map(jnp.isfinite,
                                                        out.updates))
   if not curvature:
@@ -323,8 +303,7 @@ def _over_seeds(fn, *args, mapped):
 
 
 def _apply_both(state: TrainState, base, cr, apply_b, apply_c) -> TrainState:
-  """Both runs' params + updates and new opt_state where apply_*, else
-  unchanged."""
+  """Each run's params + updates and new opt_state where apply_*."""
   def apply_if(ok, params, opt_state, out):
     select = lambda a, b: jax.tree.map(lambda u, v: jnp.where(ok, u, v), a, b)
     return (select(optax.apply_updates(params, out.updates), params),
@@ -336,21 +315,11 @@ def _apply_both(state: TrainState, base, cr, apply_b, apply_c) -> TrainState:
 def make_chunk_fn(config: Any, base_step, cr_step, schedule: optax.Schedule,
                   num_examples: int,
                   batch_sharding: jax.sharding.Sharding | None = None):
-  """run_chunk(state, images, labels, data_keys, start, *, length).
+  """run_chunk(state [S, ...], images, labels, data_keys [S], start, *,
+  length) -> (state, metrics [length, S]): `length` steps of both runs.
 
-  Args:
-    config: the run config (`training`, `model.input_shape`);
-      `training.inject_nan_at_step` makes that step's inputs NaN (tests).
-    base_step: `make_base_step(...)`.
-    cr_step: `make_cr_step(...)`.
-    schedule: the base learning rate, for the metrics.
-    num_examples: N.
-    batch_sharding: the batch rows split over the mesh's "data" axis.
-
-  Returns:
-    The pure function of a `TrainState` with [S, ...] leaves and [S] keys,
-    returning (state, metrics of [length, S]). Under `nonfinite="stop"` the
-    first non-finite step of any seed freezes every seed.
+  `schedule` gives the metrics' base learning rate; under `nonfinite="stop"`
+  the first non-finite step of any seed freezes every seed.
   """
   training = config.training
   batch_size, stop = training.batch_size, training.nonfinite == "stop"
@@ -414,11 +383,8 @@ def make_chunk_fn(config: Any, base_step, cr_step, schedule: optax.Schedule,
 
 def make_data_mesh(num_devices: int,
                    batch_size: int) -> jax.sharding.Mesh | None:
-  """A 1-D device mesh with axis "data" (num_devices 0: all), or None for one.
-
-  Raises:
-    ValueError: for more devices than exist, or a batch that does not split.
-  """
+  """A 1-D device mesh with axis "data" (num_devices 0: all), or None for
+  one; ValueError for too many devices or a batch that does not split."""
   available = jax.device_count()
   n = available if num_devices == 0 else num_devices
   if not 1 <= n <= available:

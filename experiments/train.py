@@ -11,8 +11,8 @@ message naming the key or file and the fix (`--verbosity=1`: the traceback;
 """
 
 from collections.abc import Sequence
-import importlib.util
 import os
+import runpy
 import sys
 
 from absl import app
@@ -60,15 +60,6 @@ def _flag_values(argv: Sequence[str], name: str) -> list[tuple[str, str]]:
   return found
 
 
-def _load_config_file(spec: str):
-  """configs/<file>.py[:arg] as config_flags loads it, for the checks."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_config_check", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
 _HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
 
 
@@ -80,13 +71,14 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     finally:
       sys.exit(0)           # absl's help exits 1; asking for help succeeded
   specs = [v for f, v in _flag_values(argv, "config") if f == "config"]
-  if specs:
-    path = specs[-1].partition(":")[0]
+  if specs:       # the config file as config_flags loads it, for the checks
+    path, _, arg = specs[-1].partition(":")
     if not os.path.isfile(path):
       sys.exit(f"--config={specs[-1]}: no such config file {path!r} (from "
                f"{os.getcwd()}); pass e.g. {_EXAMPLE}.")
     try:
-      defaults = _load_config_file(specs[-1])
+      get_config = runpy.run_path(path)["get_config"]
+      defaults = get_config(arg) if arg else get_config()
     except Exception as err:  # pylint: disable=broad-except
       sys.exit(f"--config={specs[-1]}: {type(err).__name__}: {err}")
     for flag, _ in _flag_values(argv, "config"):

@@ -170,14 +170,8 @@ def check_config(config: Any) -> None:
 
 
 def validate_config(config: Any) -> tuple[Any, Any, Any, steps.CROptions]:
-  """Every refusal a config can get before data or files are touched.
-
-  Returns:
-    (base schedule, base optimizer, CR optimizer, `steps.CROptions`).
-
-  Raises:
-    ValueError: naming the key and the fix.
-  """
+  """(base schedule, base optimizer, CR optimizer, `steps.CROptions`), after
+  every refusal (ValueError) a config can get before data or files are read."""
   check_config(config)
   schedule = steps.make_schedule(config.optimizer)
   return (schedule, steps.make_base_optimizer(config.optimizer, schedule),
@@ -318,12 +312,10 @@ def _in_finalizer(frame: Any) -> bool:
 
 
 class _Interrupts:
-  """Ctrl-C stops the run at once, and is never lost in a finalizer.
-
-  In the loop a SIGINT is held to the end of the chunk in flight (a second
-  one raises at once); one landing in a gc callback or __del__, where Python
-  ignores exceptions, is delivered again 50 ms later.
-  """
+  """Ctrl-C stops the run at once, and is never lost in a finalizer: in the
+  loop a SIGINT is held to the end of the chunk in flight (a second one raises
+  at once); one landing in a gc callback or __del__, where Python ignores
+  exceptions, is delivered again 50 ms later."""
 
   def __init__(self):
     self.holding = self.pending = False
@@ -357,8 +349,7 @@ class _Interrupts:
 
 @dataclasses.dataclass
 class _Run:
-  """A run being trained: what the loop and the summary need besides the
-  state."""
+  """What the loop and the summary need besides the state."""
   config: Any
   workdir: str
   dataset: input_pipeline.Dataset
@@ -378,34 +369,28 @@ def _nonfinite(run: _Run, metrics: Mapping[str, np.ndarray],
                records: list[dict[str, Any]],
                step: int) -> tuple[list[dict[str, Any]], int, str | None]:
   """(records to keep, next step, failure message or None) of a chunk."""
-  config, seeds = run.config, run.seeds
-  next_step = step + len(metrics["step"])
-  skipped = {name: np.argwhere(metrics[key]) for name, key in (
-      ("base", "skipped_base"), ("CR", "skipped_cr"))}
-  bad_steps = np.flatnonzero(
-      (metrics["skipped_base"] | metrics["skipped_cr"]).any(axis=1))
-  if not bad_steps.size:
-    return records, next_step, None
-  if config.training.nonfinite == "stop":
-    i = int(bad_steps[0])
-    where = [f"the {name} run of seed {seeds[j]}"
-             for name, hits in skipped.items() for k, j in hits if k == i]
-    return records[:(i + 1) * len(seeds)], step + i, (
+  hits = [(int(k), name, run.seeds[j]) for name in ("base", "CR")
+          for k, j in np.argwhere(metrics[f"skipped_{name.lower()}"])]
+  if hits and run.config.training.nonfinite == "stop":
+    i = min(k for k, _, _ in hits)
+    where = ", ".join(f"the {name} run of seed {seed}"
+                      for k, name, seed in hits if k == i)
+    return records[:(i + 1) * len(run.seeds)], step + i, (
         f"Non-finite loss, update or curvature at step {step + i} in "
-        f"{', '.join(where)} of {config.name} "
-        "(config.training.nonfinite='stop'). "
+        f"{where} of {run.config.name} (config.training.nonfinite='stop'). "
         f"The metrics up to that step and the last finite state of every "
         f"seed (before step {step + i}) are saved in {run.workdir}. A "
         "workdir keeps its config, so try other settings in a new --workdir: "
         "a smaller --config.optimizer.learning_rate, a larger "
         "--config.optimizer.sigma, or --config.training.nonfinite=skip.")
-  hits = [f"{step + k} ({name}, seed {seeds[j]})"
-          for name, found in skipped.items() for k, j in found]
-  logging.warning(
-      "%s: skipped %d non-finite step(s) (loss, update or curvature), "
-      "left unchanged: %s%s", config.name, len(hits), ", ".join(hits[:10]),
-      " ..." if len(hits) > 10 else "")
-  return records, next_step, None
+  if hits:
+    logging.warning(
+        "%s: skipped %d non-finite step(s) (loss, update or curvature), "
+        "left unchanged: %s%s", run.config.name, len(hits),
+        ", ".join(f"{step + k} ({name}, seed {seed})"
+                  for k, name, seed in hits[:10]),
+        " ..." if len(hits) > 10 else "")
+  return records, step + len(metrics["step"]), None
 
 
 def _train(run: _Run, state: steps.TrainState, data_keys: Array, bar: Any,
@@ -567,10 +552,8 @@ def train_and_evaluate(config: Any, workdir: str, *,
       summary's `data_changes`).
 
   Returns:
-    `summary.summarize_seeds` of all records, plus `run`, `figure`, `data`,
-    `data_source`, `data_fingerprint`, `data_changes`, `num_params`,
-    `wall_time_s`, `compile_time_s`, `steps_per_s`, `resumed_from_step`,
-    `already_finished` and `stopped`.
+    `summary.summarize_seeds` of all records, plus the run's name, data,
+    timings and resume (what summary.json holds).
 
   Raises:
     ValueError: for a bad config, a batch larger than the data, a workdir

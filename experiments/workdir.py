@@ -1,10 +1,6 @@
-"""A run's workdir: one owner at a time, whole files, verified checkpoints.
-
-`lock` holds `fcntl.flock` on `<workdir>/.lock` (released however the process
-ends; a second one is refused with the holder's pid and host). `atomic_write`
-leaves the old file or the new one, never a torn one. `Checkpointer` saves
-through orbax and records the sha256 of every file, since orbax does not.
-An I/O error names the file and says that the run can resume.
+"""A run's workdir: one owner (`lock`, by flock), whole files (`atomic_write`)
+and checkpoints verified by sha256 (`Checkpointer`). An I/O error names the
+file and says that the run can resume.
 """
 
 from __future__ import annotations
@@ -92,14 +88,9 @@ def check_path(path: str) -> str:
 
 @contextlib.contextmanager
 def lock(path: str) -> Iterator[None]:
-  """Holds an exclusive lock on the workdir `path` (created if needed).
-
-  A directory this call created that holds only the lock file on exit is
-  removed again.
-
-  Raises:
-    WorkdirInUseError: at once, when another process holds the lock.
-  """
+  """Holds `fcntl.flock` on `<path>/.lock` (released however the process
+  ends), or raises WorkdirInUseError naming the holder's pid and host. A
+  directory this call created that holds only the lock on exit is removed."""
   created = not os.path.exists(path)
   with io_errors(path, "creating the workdir"):
     os.makedirs(path, exist_ok=True)
@@ -146,11 +137,7 @@ def _files(root: str) -> list[str]:
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
-  """`<directory>.sha256.json`: {"metadata", "steps": {step: files}}, or empty.
-
-  Raises:
-    CheckpointError: for a manifest that cannot be read, naming it.
-  """
+  """`<directory>.sha256.json`: {"metadata", "steps": {step: files}}."""
   path = os.path.abspath(directory) + ".sha256.json"
   if not os.path.exists(path):
     return {"metadata": None, "steps": {}}
@@ -173,14 +160,13 @@ class Checkpointer:
   config) go to `<directory>.sha256.json`; an unrecorded step is not used.
   """
 
-  def __init__(self, directory: str, max_to_keep: int = 2,
-               metadata: Any = None):
+  def __init__(self, directory: str, metadata: Any = None):
     self.directory = os.path.abspath(directory)
     self.manifest_path = self.directory + ".sha256.json"
     self.metadata = metadata
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True,
+            max_to_keep=2, create=True,
             enable_async_checkpointing=True))
     self._pending: int | None = None
 
@@ -251,16 +237,14 @@ class Checkpointer:
     found = _files(root)
     for name in sorted(set(expected) | set(found)):
       path = os.path.join(root, name)
-      if name not in found:
-        raise CheckpointError(f"{path}: missing from the checkpoint of step "
-                              f"{step}. {recover}")
-      if name not in expected:
-        raise CheckpointError(f"{path}: not part of the checkpoint of step "
-                              f"{step} as written. {recover}")
-      if _sha256(path) != expected[name]:
-        raise CheckpointError(
-            f"{path}: corrupted (its sha256 differs from the one recorded "
-            f"when step {step} was saved). {recover}")
+      problem = (
+          f"missing from the checkpoint of step {step}" if name not in found
+          else f"not part of the checkpoint of step {step} as written"
+          if name not in expected else "corrupted (its sha256 differs from "
+          f"the one recorded when step {step} was saved)"
+          if _sha256(path) != expected[name] else None)
+      if problem:
+        raise CheckpointError(f"{path}: {problem}. {recover}")
 
   def restore(self, step: int, target: Any) -> Any:
     """The tree of `step`, shaped like `target`, after `verify(step)`."""
