@@ -47,16 +47,14 @@ config_flags.DEFINE_config_file(
 _EXAMPLE = "--config=configs/paper.py:mnist_sgd_plateau"
 
 
-def _flag_values(argv: Sequence[str], name: str) -> list[tuple[str, str]]:
-  """(flag name, value) of every --name / --name.sub on the command line."""
+def _config_flags(argv: Sequence[str]) -> list[tuple[str, str]]:
+  """(flag, value) of every --config / --config.<key> on the command line."""
   found = []
   for i, arg in enumerate(argv):
-    if arg.startswith(f"--{name}"):
-      flag, sep, value = arg[2:].partition("=")
-      if not sep and i + 1 < len(argv):
-        value = argv[i + 1]
-      if flag == name or flag.startswith(name + "."):
-        found.append((flag, value))
+    flag, sep, value = arg[2:].partition("=")
+    if arg.startswith("--") and flag.partition(".")[0] == "config":
+      found.append((flag, value if sep or i + 1 == len(argv) else
+                    argv[i + 1]))
   return found
 
 
@@ -70,7 +68,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
       FLAGS(argv)
     finally:
       sys.exit(0)           # absl's help exits 1; asking for help succeeded
-  specs = [v for f, v in _flag_values(argv, "config") if f == "config"]
+  specs = [v for f, v in _config_flags(argv) if f == "config"]
   if specs:       # the config file as config_flags loads it, for the checks
     path, _, arg = specs[-1].partition(":")
     if not os.path.isfile(path):
@@ -81,7 +79,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
       defaults = get_config(arg) if arg else get_config()
     except Exception as err:  # pylint: disable=broad-except
       sys.exit(f"--config={specs[-1]}: {type(err).__name__}: {err}")
-    for flag, _ in _flag_values(argv, "config"):
+    for flag, _ in _config_flags(argv):
       if flag != "config":
         message = train_lib.config_key_error(defaults, flag[len("config."):])
         if message:

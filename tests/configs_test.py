@@ -1,4 +1,4 @@
-"""Every config trains: its model, optimizers and CR step run on its data shape."""
+"""Every config trains: its model, optimizers and CR step on its data shape."""
 
 import importlib
 
