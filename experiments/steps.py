@@ -10,7 +10,6 @@ inside; a non-finite step leaves its run unchanged and is flagged.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -348,20 +347,6 @@ def make_chunk_fn(config: Any, base_step, cr_step, schedule: optax.Schedule,
                    skipped_cr=(~ok_c).astype(jnp.int32))
     return base, cr, ok_b, ok_c, metrics
 
-  def step_fn(carry, t, *, images, labels, perms, first_epoch):
-    state, halted = carry
-    base, cr, ok_b, ok_c, metrics = _over_seeds(
-        one_seed, state, perms, t, first_epoch, images, labels,
-        mapped=(True, True, False, False, False, False))          # [S] each
-    apply_b, apply_c = ok_b, ok_c
-    if stop:
-      all_ok = jnp.all(ok_b & ok_c)
-      apply_b = apply_c = jnp.broadcast_to(all_ok & ~halted, ok_b.shape)
-      halted = halted | ~all_ok
-    new_state = _over_seeds(_apply_both, state, base, cr, apply_b, apply_c,
-                            mapped=(True,) * 5)
-    return (new_state, halted), metrics
-
   def run_chunk(state: TrainState, images: Array, labels: Array,
                 data_keys: Array, start: Array, *, length: int):
     # The permutations of every epoch this chunk touches, drawn once per seed.
@@ -371,10 +356,23 @@ def make_chunk_fn(config: Any, base_step, cr_step, schedule: optax.Schedule,
     epochs = first_epoch + jnp.arange(num_epochs, dtype=jnp.int32)
     perms = jax.vmap(lambda key: jax.vmap(lambda e: input_pipeline.permutation(
         key, e, num_examples))(epochs))(data_keys)                # [S, E, N]
-    body = functools.partial(step_fn, images=images, labels=labels,
-                             perms=perms, first_epoch=first_epoch)
+
+    def step_fn(carry, t):
+      state, halted = carry
+      base, cr, ok_b, ok_c, metrics = _over_seeds(
+          one_seed, state, perms, t, first_epoch, images, labels,
+          mapped=(True, True, False, False, False, False))        # [S] each
+      apply_b, apply_c = ok_b, ok_c
+      if stop:
+        all_ok = jnp.all(ok_b & ok_c)
+        apply_b = apply_c = jnp.broadcast_to(all_ok & ~halted, ok_b.shape)
+        halted = halted | ~all_ok
+      new_state = _over_seeds(_apply_both, state, base, cr, apply_b, apply_c,
+                              mapped=(True,) * 5)
+      return (new_state, halted), metrics
+
     ts = jnp.asarray(start, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
-    (state, _), metrics = jax.lax.scan(body, (state, jnp.array(False)), ts,
+    (state, _), metrics = jax.lax.scan(step_fn, (state, jnp.array(False)), ts,
                                        unroll=training.get("scan_unroll", 1))
     return state, metrics
 

@@ -532,10 +532,11 @@ def _start(config: Any, workdir: str, txs: tuple[Any, ...],
       config, steps.make_base_step(model, base_tx),
       steps.make_cr_step(model, cr_tx, options), schedule,
       dataset.num_examples, batch_sharding), static_argnames="length")
-  return _Run(config, workdir, dataset, history, seeds, images, labels,
-              run_chunk, ckpt, start, lrcr.num_params(
-                  jax.tree.map(lambda a: a[0], state.params_base))
-              ), state, data_keys
+  run = _Run(config=config, workdir=workdir, dataset=dataset, history=history,
+             seeds=seeds, images=images, labels=labels, run_chunk=run_chunk,
+             ckpt=ckpt, start=start, num_params=lrcr.num_params(
+                 jax.tree.map(lambda a: a[0], state.params_base)))
+  return run, state, data_keys
 
 
 def train_and_evaluate(config: Any, workdir: str, *,
