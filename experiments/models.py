@@ -1,14 +1,14 @@
-"""The networks of the configs: the paper's MLP, a CNN and an RNN (app. B.2).
+"""The networks of the configs (`config.model.kind`): "mlp", the paper's net
+(`lrcr.MLP`, eqs. 10-16), "cnn" (`CNN`) and "rnn" (`RNN`, eq. 58, over the
+rows of an image; appendix B.2).
 
     model = make_model(config.model, num_classes)
     logits = model.apply({"params": params}, x)      # [B, C]
-
-`config.model.kind`: "mlp" (`lrcr.MLP`, the paper's net, eqs. 10-16), "cnn"
-(`CNN`) or "rnn" (`RNN`, eq. 58, over the rows of an image).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,17 +24,8 @@ KINDS = ("mlp", "cnn", "rnn")
 
 
 class CNN(nn.Module):
-  """3x3 convolutions (stride 1, SAME), max pooling, dense layers, logits.
-
-  Attributes:
-    conv_features: channels of each convolution.
-    pool_after: indices of the convolutions followed by a 2x2 max pool.
-    dense_features: widths of the dense layers before the logits.
-    num_classes: C.
-    activation: elementwise activation after every hidden layer.
-    use_bias: biases in every layer.
-    kernel_init: initializer of every kernel.
-  """
+  """3x3 convolutions (stride 1, SAME), each followed by a 2x2 max pool if
+  its index is in `pool_after`, then dense layers and the logits."""
   conv_features: Sequence[int]
   pool_after: Sequence[int]
   dense_features: Sequence[int]
@@ -45,6 +36,8 @@ class CNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:   # [B, H, W, C] -> [B, K]
+    dense = functools.partial(nn.Dense, use_bias=self.use_bias,
+                              kernel_init=self.kernel_init)
     for i, features in enumerate(self.conv_features):
       x = nn.Conv(features, (3, 3), padding="SAME", use_bias=self.use_bias,
                   kernel_init=self.kernel_init)(x)
@@ -53,23 +46,14 @@ class CNN(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     for features in self.dense_features:
-      x = self.activation(nn.Dense(features, use_bias=self.use_bias,
-                                   kernel_init=self.kernel_init)(x))
-    return nn.Dense(self.num_classes, use_bias=self.use_bias,
-                    kernel_init=self.kernel_init)(x)
+      x = self.activation(dense(features)(x))
+    return dense(self.num_classes)(x)
 
 
 class RNN(nn.Module):
   """v_t = A(x_t V + b + v_{t-1} W), v_0 = 0, then logits from v_T (eq. 58).
 
-  `nn.SimpleCell` always has the bias b (on the input term).
-
-  Attributes:
-    features: units of the recurrent state.
-    num_classes: C.
-    activation: A.
-    use_bias: a bias in the logits layer.
-    kernel_init: initializer of V, W and the logits kernel.
+  `nn.SimpleCell` always has the bias b; `use_bias` is the logits layer's.
   """
   features: int
   num_classes: int
@@ -88,11 +72,8 @@ class RNN(nn.Module):
 
 
 def make_model(model_config: Any, num_classes: int) -> nn.Module:
-  """The network of `config.model` (see the module docstring).
-
-  Raises:
-    ValueError: for an unknown `model.kind` or `model.activation`.
-  """
+  """The network of `config.model`, its weights ~ U(-init_scale, init_scale);
+  ValueError for an unknown `model.kind` or `model.activation`."""
   kind = model_config.get("kind", "mlp")
   name = model_config.get("activation", "relu")
   if kind not in KINDS or name not in ACTIVATIONS:
@@ -100,16 +81,13 @@ def make_model(model_config: Any, num_classes: int) -> nn.Module:
         f"config.model.kind={kind!r}, config.model.activation={name!r}: "
         f"expected a kind among {', '.join(KINDS)} and an activation among "
         f"{', '.join(ACTIVATIONS)}.")
-  init = lrcr.uniform_init(model_config.init_scale)
+  kwargs = dict(activation=ACTIVATIONS[name], use_bias=model_config.use_bias,
+                kernel_init=lrcr.uniform_init(model_config.init_scale))
   if kind == "mlp":
     return lrcr.MLP(hidden_sizes=(model_config.width,) * model_config.depth,
-                    num_classes=num_classes, activation=ACTIVATIONS[name],
-                    kernel_init=init, use_bias=model_config.use_bias)
+                    num_classes=num_classes, **kwargs)
   if kind == "cnn":
     return CNN(tuple(model_config.conv_features),
                tuple(model_config.pool_after),
-               tuple(model_config.dense_features), num_classes,
-               activation=ACTIVATIONS[name], use_bias=model_config.use_bias,
-               kernel_init=init)
-  return RNN(model_config.width, num_classes, activation=ACTIVATIONS[name],
-             use_bias=model_config.use_bias, kernel_init=init)
+               tuple(model_config.dense_features), num_classes, **kwargs)
+  return RNN(model_config.width, num_classes, **kwargs)

@@ -4,17 +4,15 @@
         --workdir=runs/fig2 [--config.num_seeds=5] [--noprogress] \
         [--config.optimizer.sigma=1000 ...] [--allow_new_data]
 
-This file is intentionally kept short: the work happens in
-`experiments.train_lib.train_and_evaluate`. Rerunning the same command
-resumes from the last checkpoint; Ctrl-C stops at once and leaves the run
-resumable. A mistake in the command ends in one message naming the key or the
-file and the fix; `--verbosity=1` adds the traceback, `--verbosity=0` the INFO
-logs.
+Kept short: `experiments.train_lib.train_and_evaluate` does the work. The same
+command resumes; Ctrl-C stops at once, resumably. A mistake ends in one
+message naming the key or file and the fix (`--verbosity=1`: the traceback;
+`--verbosity=0`: INFO logs).
 """
 
 from collections.abc import Sequence
-import importlib.util
 import os
+import runpy
 import sys
 
 from absl import app
@@ -49,26 +47,15 @@ config_flags.DEFINE_config_file(
 _EXAMPLE = "--config=configs/paper.py:mnist_sgd_plateau"
 
 
-def _flag_values(argv: Sequence[str], name: str) -> list[tuple[str, str]]:
-  """(flag name, value) of every --name / --name.sub on the command line."""
+def _config_flags(argv: Sequence[str]) -> list[tuple[str, str]]:
+  """(flag, value) of every --config / --config.<key> on the command line."""
   found = []
   for i, arg in enumerate(argv):
-    if arg.startswith(f"--{name}"):
-      flag, sep, value = arg[2:].partition("=")
-      if not sep and i + 1 < len(argv):
-        value = argv[i + 1]
-      if flag == name or flag.startswith(name + "."):
-        found.append((flag, value))
+    flag, sep, value = arg[2:].partition("=")
+    if arg.startswith("--") and flag.partition(".")[0] == "config":
+      found.append((flag, value if sep or i + 1 == len(argv) else
+                    argv[i + 1]))
   return found
-
-
-def _load_config_file(spec: str):
-  """configs/<file>.py[:arg] as config_flags loads it, for the checks."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_config_check", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 _HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
@@ -81,17 +68,18 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
       FLAGS(argv)
     finally:
       sys.exit(0)           # absl's help exits 1; asking for help succeeded
-  specs = [v for f, v in _flag_values(argv, "config") if f == "config"]
-  if specs:
-    path = specs[-1].partition(":")[0]
+  specs = [v for f, v in _config_flags(argv) if f == "config"]
+  if specs:       # the config file as config_flags loads it, for the checks
+    path, _, arg = specs[-1].partition(":")
     if not os.path.isfile(path):
       sys.exit(f"--config={specs[-1]}: no such config file {path!r} (from "
                f"{os.getcwd()}); pass e.g. {_EXAMPLE}.")
     try:
-      defaults = _load_config_file(specs[-1])
+      get_config = runpy.run_path(path)["get_config"]
+      defaults = get_config(arg) if arg else get_config()
     except Exception as err:  # pylint: disable=broad-except
       sys.exit(f"--config={specs[-1]}: {type(err).__name__}: {err}")
-    for flag, _ in _flag_values(argv, "config"):
+    for flag, _ in _config_flags(argv):
       if flag != "config":
         message = train_lib.config_key_error(defaults, flag[len("config."):])
         if message:

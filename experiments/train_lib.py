@@ -3,16 +3,11 @@
     summary = train_lib.train_and_evaluate(config, workdir)
 
 Both runs start from the same parameters and see the same batches, so their
-curves differ only by the CR step length. The `config.num_seeds` seeds (seed
-i from `config.seed + i`) are vmapped inside each chunk's jitted `lax.scan`.
-Per step t: base x_{t+1} = x_t + g_t, CR x_{t+1} = x_t + alpha_t g_t, with g_t
-the base update of grad F (eq. 16), lr(t) = lr_0 * 0.95 ** (t / 100)
-(appendix A) and alpha_t of eq. 37 (`steps.make_cr_step`).
-
-The workdir (locked, `experiments.workdir`) receives config.json, data.json
-(the data's fingerprints), metrics.jsonl, checkpoints/ (orbax, per chunk, with
-checksums and the trained config), figure.png and summary.json. Files are
-written atomically after every check; a killed run loses at most one chunk and
+curves differ only by the CR step length; the `config.num_seeds` seeds (seed
+i from `config.seed + i`) are vmapped in each chunk's jitted `lax.scan`. The
+locked workdir receives config.json, data.json (the data's fingerprints),
+metrics.jsonl, checkpoints/, figure.png and summary.json/.md, each written
+atomically after every check; a killed run loses at most one chunk and
 resumes bit-identically.
 """
 
@@ -33,19 +28,16 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from absl import logging
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import tqdm
 
 import lrcr
-from experiments import checkpoints
-from experiments import chunk as chunk_lib
 from experiments import input_pipeline
 from experiments import metrics as metrics_lib
 from experiments import models
-from experiments import optimizers
 from experiments import plots
 from experiments import report
 from experiments import stats
@@ -62,19 +54,10 @@ CHECKPOINT_DIR = "checkpoints"
 FIGURE_FILE = "figure.png"
 SUMMARY_FILE = "summary.json"
 
-#: What `config.training.nonfinite` may be.
-NONFINITE_POLICIES: tuple[str, ...] = ("skip", "stop")
-
 # Config keys a resume may change: num_steps extends a run, the rest do not
 # change the numbers (num_devices only the float rounding).
-RESUMABLE_CHANGES: tuple[str, ...] = ("training.num_steps",
-                                      "training.progress",
-                                      "training.num_devices")
-
-
-# ---------------------------------------------------------------------------
-# Config checks (the optimizers, the transform and `steps.CROptions` check
-# their own keys).
+RESUMABLE_CHANGES = ("training.num_steps", "training.progress",
+                     "training.num_devices")
 
 _F32 = np.finfo(np.float32)
 
@@ -109,56 +92,35 @@ NUMERIC_RANGES: dict[str, tuple[bool, float, float | None, str]] = {
 }
 
 #: Config keys holding tuples of integers, and their elements' lower bound.
-INT_TUPLES: dict[str, int] = {"model.input_shape": 1,
-                              "model.conv_features": 1,
-                              "model.dense_features": 1,
-                              "model.pool_after": 0}
-
-
-def _range_error(key: str, value: Any, problem: str) -> ValueError:
-  is_int, low, high, why = NUMERIC_RANGES[key]
-  kind = "an integer" if is_int else "a number"
-  bounds = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
-  return ValueError(
-      f"config.{key}={value!r}: {problem}. It must be {kind} {bounds} "
-      f"({why}); pass --config.{key}=<a value in that range>.")
+INT_TUPLES = {"model.input_shape": 1, "model.conv_features": 1,
+              "model.dense_features": 1, "model.pool_after": 0}
 
 
 def check_number(key: str, value: Any) -> None:
   """Raises ValueError, with the valid range, unless `value` suits `key`."""
-  is_int, low, high, _ = NUMERIC_RANGES[key]
+  is_int, low, high, why = NUMERIC_RANGES[key]
+  kind = "an integer" if is_int else "a number"
+
+  def refuse(problem):
+    bounds = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+    raise ValueError(
+        f"config.{key}={value!r}: {problem}. It must be {kind} {bounds} "
+        f"({why}); pass --config.{key}=<a value in that range>.")
+
   if isinstance(value, bool) or not isinstance(
       value, (int, np.integer) if is_int else (int, float, np.number)):
-    raise _range_error(key, value, "not " + ("an integer" if is_int else
-                                             "a number"))
+    refuse(f"not {kind}")
   if not is_int:
     if not math.isfinite(value) or value <= 0:
-      raise _range_error(key, value, "must be a finite number > 0")
+      refuse("must be a finite number > 0")
     if not float(_F32.tiny) <= value <= float(_F32.max):
       with np.errstate(over="ignore"):
         rounded = float(np.float32(value))
-      raise _range_error(key, value, (
-          f"rounds to {rounded:g} in float32, in which the run "
-          f"computes (its normal numbers lie in [{_F32.tiny:.3g}, "
-          f"{_F32.max:.3g}])"))
+      refuse(f"rounds to {rounded:g} in float32, in which the run computes "
+             f"(its normal numbers lie in [{_F32.tiny:.3g}, "
+             f"{_F32.max:.3g}])")
   if value < low or (high is not None and value > high):
-    raise _range_error(key, value, "out of range")
-
-
-def _check_schedule(optimizer_config: Any, num_steps: int) -> None:
-  """Refuses a decay taking lr(num_steps) (appendix A, in logs) out of range."""
-  lr = optimizer_config.learning_rate
-  rate = optimizer_config.get("decay_rate", 0.95)
-  decay_steps = optimizer_config.get("decay_steps", 100)
-  log_end = math.log10(lr) + num_steps / decay_steps * math.log10(rate)
-  _, low, high, _ = NUMERIC_RANGES["optimizer.learning_rate"]
-  if not math.log10(low) <= log_end <= math.log10(high):
-    raise ValueError(
-        f"config.optimizer.decay_rate={rate!r}: with decay_steps="
-        f"{decay_steps} it takes the learning rate from {lr:g} to "
-        f"1e{log_end:.0f} by step {num_steps}, outside [{low:g}, {high:g}] "
-        "(where float32 steps vanish or overflow); pass a decay_rate closer "
-        "to 1 or a larger --config.optimizer.decay_steps.")
+    refuse("out of range")
 
 
 def check_config(config: Any) -> None:
@@ -181,13 +143,25 @@ def check_config(config: Any) -> None:
       isinstance(unroll, int) and unroll >= 1):
     raise ValueError(f"config.training.scan_unroll={unroll!r}: must be an "
                      "integer >= 1, or true for the whole chunk.")
-  _check_schedule(config.optimizer, config.training.num_steps)
-  if config.training.nonfinite not in NONFINITE_POLICIES:
+  # lr(num_steps) (appendix A), in logs, must stay in the learning rate's range.
+  opt, num_steps = config.optimizer, config.training.num_steps
+  rate, decay_steps = opt.get("decay_rate", 0.95), opt.get("decay_steps", 100)
+  log_end = math.log10(opt.learning_rate) + (num_steps / decay_steps *
+                                             math.log10(rate))
+  _, low, high, _ = NUMERIC_RANGES["optimizer.learning_rate"]
+  if not math.log10(low) <= log_end <= math.log10(high):
+    raise ValueError(
+        f"config.optimizer.decay_rate={rate!r}: with decay_steps="
+        f"{decay_steps} it takes the learning rate from "
+        f"{opt.learning_rate:g} to 1e{log_end:.0f} by step {num_steps}, "
+        f"outside [{low:g}, {high:g}] (where float32 steps vanish or "
+        "overflow); pass a decay_rate closer to 1 or a larger "
+        "--config.optimizer.decay_steps.")
+  if config.training.nonfinite not in ("skip", "stop"):
     raise ValueError(
         f"config.training.nonfinite={config.training.nonfinite!r}: expected "
-        f"one of {', '.join(NONFINITE_POLICIES)} ('skip' leaves a run "
-        "unchanged at a non-finite step, 'stop' raises after saving the last "
-        "finite state).")
+        "one of skip, stop ('skip' leaves a run unchanged at a non-finite "
+        "step, 'stop' raises after saving the last finite state).")
   claim_kind = config.get("claim_kind", None)
   if claim_kind and claim_kind not in summary_lib.CLAIM_KINDS:
     raise ValueError(
@@ -195,27 +169,26 @@ def check_config(config: Any) -> None:
         f"{', '.join(summary_lib.CLAIM_KINDS)}, or '' for no claim check.")
 
 
-def validate_config(config: Any) -> tuple[
-    optax.Schedule, optax.GradientTransformation,
-    optax.GradientTransformationExtraArgs, steps.CROptions]:
-  """Every refusal a config can get before data or files are touched.
-
-  Returns:
-    (base schedule, base optimizer, CR optimizer, `steps.CROptions`).
-
-  Raises:
-    ValueError: naming the key and the fix.
-  """
+def validate_config(config: Any) -> tuple[Any, Any, Any, steps.CROptions]:
+  """(base schedule, base optimizer, CR optimizer, `steps.CROptions`), after
+  every refusal (ValueError) a config can get before data or files are read."""
   check_config(config)
-  schedule = optimizers.make_schedule(config.optimizer)
-  return (schedule, optimizers.make_base_optimizer(config.optimizer, schedule),
-          optimizers.make_cr_optimizer(config.optimizer, schedule),
+  schedule = steps.make_schedule(config.optimizer)
+  return (schedule, steps.make_base_optimizer(config.optimizer, schedule),
+          steps.make_cr_optimizer(config.optimizer, schedule),
           steps.CROptions.from_config(config.optimizer))
+
+
+def _flat(config: Any) -> dict[str, Any]:
+  """{"section.key": value} of a ConfigDict or of its saved JSON."""
+  return traverse_util.flatten_dict(config if isinstance(config, Mapping) else
+                                    json.loads(config.to_json_best_effort()),
+                                    sep=".")
 
 
 def config_key_error(config: Any, key: str) -> str | None:
   """None if `key` names a config entry, else a message with close matches."""
-  keys = sorted(_flatten(json.loads(config.to_json_best_effort())))
+  keys = sorted(_flat(config))
   if key in keys:
     return None
   close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
@@ -224,57 +197,27 @@ def config_key_error(config: Any, key: str) -> str | None:
   return f"--config.{key}: no such config key; {hint}"
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
 def trained_config(config: Any) -> dict[str, Any]:
   """The flat config as a checkpoint records it: all but RESUMABLE_CHANGES."""
-  flat = _flatten(json.loads(config.to_json_best_effort(sort_keys=True))
-                  if not isinstance(config, Mapping) else config)
-  return {k: v for k, v in sorted(flat.items()) if k not in RESUMABLE_CHANGES}
+  return {k: v for k, v in sorted(_flat(config).items())
+          if k not in RESUMABLE_CHANGES}
 
 
-def _config_diffs(old: Mapping[str, Any], new: Mapping[str, Any],
-                  names: tuple[str, str]) -> str:
-  """"key: old (names[0]) vs new (names[1]); ..." for every differing key."""
-  return "; ".join(
-      f"{key}: {old.get(key, '<absent>')!r} ({names[0]}) vs "
-      f"{new.get(key, '<absent>')!r} ({names[1]})"
-      for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key))
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints.
-
-
-def save_checkpoint(ckpt: checkpoints.Checkpointer,
-                    state: chunk_lib.TrainState, step: int,
+def save_checkpoint(ckpt: workdir_lib.Checkpointer,
+                    state: steps.TrainState, step: int,
                     data_key: Array) -> None:
   """Both runs' state before step `step`, and the data key(s) [S]."""
   ckpt.save(step, {"state": state,
                    "data_key": jax.random.key_data(data_key)})
 
 
-def restore_checkpoint(ckpt: checkpoints.Checkpointer,
-                       state: chunk_lib.TrainState, data_key: Array
-                       ) -> tuple[chunk_lib.TrainState, int, Array]:
-  """(state, next step, data keys) from the latest verified checkpoint.
-
-  Returns the inputs and step 0 when there is none; unverified steps (a kill
-  during a save) are deleted.
-
-  Raises:
-    checkpoints.CheckpointError: for a corrupted checkpoint (naming the file).
-  """
+def restore_checkpoint(ckpt: workdir_lib.Checkpointer,
+                       state: steps.TrainState, data_key: Array
+                       ) -> tuple[steps.TrainState, int, Array]:
+  """(state, next step, data keys) from the latest verified checkpoint, or
+  the inputs and step 0 when there is none (`workdir.CheckpointError` for a
+  corrupted one)."""
   step = ckpt.latest_step()
-  ckpt.discard_after(-1 if step is None else step)
   if step is None:
     return state, 0, data_key
   tree = ckpt.restore(step, {"state": state,
@@ -289,10 +232,6 @@ def _as_device_state(state: Any) -> Any:
   return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state)
 
 
-# ---------------------------------------------------------------------------
-# The saved run: what a resume must match.
-
-
 def _read_json(path: str, what: str) -> Any:
   try:
     with open(path, encoding="utf-8") as f:
@@ -305,51 +244,43 @@ def _read_json(path: str, what: str) -> Any:
 
 
 def _check_saved_run(config: Any, workdir: str) -> int | None:
-  """The last completed step in `workdir` (None: empty), after config checks.
-
-  The checkpoints' trained config must match config.json and `config` (but
-  for `RESUMABLE_CHANGES`).
-
-  Raises:
-    ValueError: naming the file, the keys that differ and the fix.
-  """
+  """The last completed step in `workdir` (None: empty), after checking that
+  the checkpoints' config matches config.json and `config`."""
   directory = os.path.join(workdir, CHECKPOINT_DIR)
-  manifest = checkpoints.read_manifest(directory)
+  manifest = workdir_lib.read_manifest(directory)
   if not manifest["steps"]:
     return None
   config_path = os.path.join(workdir, CONFIG_FILE)
   on_disk = trained_config(_read_json(config_path, "config"))
   trained = (manifest.get("metadata") or {}).get("config", on_disk)
-  diffs = _config_diffs(trained, on_disk, ("checkpoint", CONFIG_FILE))
-  if diffs:
+  diffs = lambda new, names: "; ".join(
+      f"{key}: {trained.get(key, '<absent>')!r} ({names[0]}) vs "
+      f"{new.get(key, '<absent>')!r} ({names[1]})"
+      for key in sorted(set(trained) | set(new))
+      if trained.get(key) != new.get(key))
+  edited = diffs(on_disk, ("checkpoint", CONFIG_FILE))
+  if edited:
     raise ValueError(
         f"{config_path}: disagrees with the config the checkpoints in "
-        f"{directory} were trained with ({diffs}); it was edited. Write back "
-        "the checkpoint's values to resume that run, or use a new "
-        "--workdir.")
-  diffs = _config_diffs(trained, trained_config(config), ("saved", "now"))
-  if diffs:
+        f"{directory} were trained with ({edited}); it was edited. Write back "
+        "the checkpoint's values to resume that run, or use a new --workdir.")
+  changed = diffs(trained_config(config), ("saved", "now"))
+  if changed:
     raise ValueError(
         f"{config_path}: the workdir holds a run with a different config "
-        f"({diffs}). Use a new --workdir, or the saved values to resume that "
-        "run.")
+        f"({changed}). Use a new --workdir, or the saved values to resume "
+        "that run.")
   return max(int(s) for s in manifest["steps"])
 
 
 def _check_data(workdir: str, fingerprint: dict[str, Any],
                 resume_step: int | None,
                 allow_new_data: bool) -> list[dict[str, Any]]:
-  """Every fingerprint the run trained on, by step.
-
-  Raises:
-    ValueError: for a resume on other data, unless `allow_new_data`.
-  """
+  """Every fingerprint the run trained on, by step; ValueError for a resume
+  on other data, unless `allow_new_data`."""
   path = os.path.join(workdir, DATA_FILE)
   if resume_step is None:
     return [{"from_step": 0, **fingerprint}]
-  if not os.path.exists(path):                 # a run from before data.json
-    logging.warning("%s is missing; recording the data of this resume.", path)
-    return [{"from_step": 0, **fingerprint, "unverified_before": resume_step}]
   history = _read_json(path, "data fingerprint")
   last = history[-1]
   if all(last.get(k) == fingerprint[k] for k in ("sha256", "num_examples")):
@@ -369,10 +300,6 @@ def _check_data(workdir: str, fingerprint: dict[str, Any],
                      "override": True}]
 
 
-# ---------------------------------------------------------------------------
-# Interrupts.
-
-
 def _in_finalizer(frame: Any) -> bool:
   """Whether `frame` runs inside a gc callback or a __del__, where Python
   only prints ("Exception ignored in ...") an exception and goes on."""
@@ -385,12 +312,10 @@ def _in_finalizer(frame: Any) -> bool:
 
 
 class _Interrupts:
-  """Ctrl-C stops the run at once, and is never lost in a finalizer.
-
-  In the loop a SIGINT is held to the end of the chunk in flight (a second
-  one raises at once); one landing in a gc callback or __del__, where Python
-  ignores exceptions, is delivered again 50 ms later.
-  """
+  """Ctrl-C stops the run at once, and is never lost in a finalizer: in the
+  loop a SIGINT is held to the end of the chunk in flight (a second one raises
+  at once); one landing in a gc callback or __del__, where Python ignores
+  exceptions, is delivered again 50 ms later."""
 
   def __init__(self):
     self.holding = self.pending = False
@@ -422,20 +347,20 @@ class _Interrupts:
       signal.signal(signal.SIGINT, previous)
 
 
-# ---------------------------------------------------------------------------
-# The loop.
-
-
 @dataclasses.dataclass
 class _Run:
-  """What the loop needs besides the state."""
+  """What the loop and the summary need besides the state."""
   config: Any
   workdir: str
+  dataset: input_pipeline.Dataset
+  history: list[dict[str, Any]]            # data fingerprints, by step
   seeds: list[int]
   images: Array                              # [N, D]
   labels: Array                              # [N]
   run_chunk: Any
-  ckpt: checkpoints.Checkpointer
+  ckpt: workdir_lib.Checkpointer
+  start: int = 0
+  num_params: int = 0
   compile_time: float = 0.0
   train_time: float = 0.0
 
@@ -444,42 +369,35 @@ def _nonfinite(run: _Run, metrics: Mapping[str, np.ndarray],
                records: list[dict[str, Any]],
                step: int) -> tuple[list[dict[str, Any]], int, str | None]:
   """(records to keep, next step, failure message or None) of a chunk."""
-  config, seeds = run.config, run.seeds
-  next_step = step + len(metrics["step"])
-  skipped = {name: np.argwhere(metrics[key]) for name, key in (
-      ("base", "skipped_base"), ("CR", "skipped_cr"))}
-  bad_steps = np.flatnonzero(
-      (metrics["skipped_base"] | metrics["skipped_cr"]).any(axis=1))
-  if not bad_steps.size:
-    return records, next_step, None
-  if config.training.nonfinite == "stop":
-    i = int(bad_steps[0])
-    where = [f"the {name} run of seed {seeds[j]}"
-             for name, hits in skipped.items() for k, j in hits if k == i]
-    return records[:(i + 1) * len(seeds)], step + i, (
+  hits = [(int(k), name, run.seeds[j]) for name in ("base", "CR")
+          for k, j in np.argwhere(metrics[f"skipped_{name.lower()}"])]
+  if hits and run.config.training.nonfinite == "stop":
+    i = min(k for k, _, _ in hits)
+    where = ", ".join(f"the {name} run of seed {seed}"
+                      for k, name, seed in hits if k == i)
+    return records[:(i + 1) * len(run.seeds)], step + i, (
         f"Non-finite loss, update or curvature at step {step + i} in "
-        f"{', '.join(where)} of {config.name} "
-        "(config.training.nonfinite='stop'). "
+        f"{where} of {run.config.name} (config.training.nonfinite='stop'). "
         f"The metrics up to that step and the last finite state of every "
         f"seed (before step {step + i}) are saved in {run.workdir}. A "
         "workdir keeps its config, so try other settings in a new --workdir: "
         "a smaller --config.optimizer.learning_rate, a larger "
         "--config.optimizer.sigma, or --config.training.nonfinite=skip.")
-  hits = [f"{step + k} ({name}, seed {seeds[j]})"
-          for name, found in skipped.items() for k, j in found]
-  logging.warning(
-      "%s: skipped %d non-finite step(s) (loss, update or curvature), "
-      "left unchanged: %s%s", config.name, len(hits), ", ".join(hits[:10]),
-      " ..." if len(hits) > 10 else "")
-  return records, next_step, None
+  if hits:
+    logging.warning(
+        "%s: skipped %d non-finite step(s) (loss, update or curvature), "
+        "left unchanged: %s%s", run.config.name, len(hits),
+        ", ".join(f"{step + k} ({name}, seed {seed})"
+                  for k, name, seed in hits[:10]),
+        " ..." if len(hits) > 10 else "")
+  return records, step + len(metrics["step"]), None
 
 
-def _train(run: _Run, state: chunk_lib.TrainState, data_keys: Array, start: int,
-           bar: Any, interrupts: _Interrupts) -> tuple[int, str | None]:
-  """Trains chunk by chunk from `start`; (steps done up to, failure)."""
+def _train(run: _Run, state: steps.TrainState, data_keys: Array, bar: Any,
+           interrupts: _Interrupts) -> tuple[int, str | None]:
+  """Trains chunk by chunk from `run.start`; (steps done up to, failure)."""
   training, compiled = run.config.training, {}
-  metrics_path = os.path.join(run.workdir, METRICS_FILE)
-  failure, step = None, start
+  failure, step = None, run.start
   interrupts.holding = True
   while step < training.num_steps and not failure:
     interrupts.check()
@@ -496,7 +414,7 @@ def _train(run: _Run, state: chunk_lib.TrainState, data_keys: Array, start: int,
     run.train_time += time.perf_counter() - tic
     records, next_step, failure = _nonfinite(
         run, metrics, metrics_lib.to_records(metrics, run.seeds), step)
-    metrics_lib.append(metrics_path, records)
+    metrics_lib.append(os.path.join(run.workdir, METRICS_FILE), records)
     save_checkpoint(run.ckpt, state, next_step, data_keys)
     last = records[-len(run.seeds):]
     bar.set_postfix({key: _median_of(last, key) for key in (
@@ -512,10 +430,6 @@ def _median_of(records: list[dict[str, Any]], key: str) -> float | None:
   # NaN stays visible in the progress readout (summary's medians drop it).
   values = [r[key] for r in records if r.get(key) is not None]
   return float(np.median(values)) if values else None
-
-
-# ---------------------------------------------------------------------------
-# The entry point.
 
 
 def _load_data(config: Any) -> input_pipeline.Dataset:
@@ -538,24 +452,10 @@ def _load_data(config: Any) -> input_pipeline.Dataset:
   return dataset
 
 
-#: summary.json fields about the last training; a resume with nothing to
-#: train keeps those of the run that trained.
-_TIMING_FIELDS = ("wall_time_s", "compile_time_s", "steps_per_s")
-
-
-def _previous_timings(workdir: str) -> dict[str, Any]:
-  try:
-    with open(os.path.join(workdir, SUMMARY_FILE), encoding="utf-8") as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
-    return {}
-  return {key: saved[key] for key in _TIMING_FIELDS if key in saved}
-
-
-def _write_summary(config: Any, workdir: str, dataset: Any,
-                   history: list[dict[str, Any]], extra: dict[str, Any],
-                   base_name: str) -> dict[str, Any]:
-  """summary.json and figure.png from every record so far."""
+def _write_summary(run: _Run, extra: dict[str, Any]) -> dict[str, Any]:
+  """summary.json/.md and figure.png from every record so far."""
+  config, workdir, dataset, history = (run.config, run.workdir, run.dataset,
+                                       run.history)
   records = metrics_lib.read_metrics(os.path.join(workdir, METRICS_FILE))
   result = dict(summary_lib.summarize_seeds(
       records, num_classes=dataset.num_classes,
@@ -565,45 +465,26 @@ def _write_summary(config: Any, workdir: str, dataset: Any,
                 data_fingerprint=history[-1],
                 data_changes=[h for h in history if h.get("override")],
                 **extra)
-  seeds = config.get("num_seeds", 1)
+  seeds, base = len(run.seeds), steps.optimizer_entry(config.optimizer)[0]
   plots.plot_run(
-      records, os.path.join(workdir, FIGURE_FILE),
-      title=(f"{config.get('figure', '')} {config.name}: {base_name} vs "
-             f"{base_name}+CR, lr {config.optimizer.learning_rate:g}, sigma "
+      records, os.path.join(workdir, FIGURE_FILE), base_name=base,
+      title=(f"{config.get('figure', '')} {config.name}: {base} vs {base}+CR, "
+             f"lr {config.optimizer.learning_rate:g}, sigma "
              f"{config.optimizer.sigma:g}, {seeds} seed{'s' * (seeds > 1)}; "
              f"data: {dataset.description}, sha256 "
              f"{history[-1]['sha256'][:12]}"
              + (" (changed during the run)" if result["data_changes"] else "")
-             ).strip(), base_name=base_name)
-  workdir_lib.atomic_write(
-      os.path.join(workdir, SUMMARY_FILE),
-      (json.dumps(report.jsonable(result), indent=2, allow_nan=False)
-       + "\n").encode("utf-8"))
+             ).strip())
+  report.write(workdir, "summary", result,
+               summary_lib.summary_table_markdown([result]))
   return result
 
 
-def _initial_state(config: Any, model: Any, images: Array, base_tx: Any,
-                   cr_tx: Any, seeds: list[int]
-                   ) -> tuple[chunk_lib.TrainState, Array]:
-  """(state [S, ...], data keys [S]): seed i from config.seed + i."""
-  keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(
-      jnp.asarray(seeds, jnp.int32))                  # [S, 2]
-  init_keys, data_keys = keys[:, 0], keys[:, 1]
-  shape = tuple(config.model.get("input_shape", ()) or images.shape[1:])
-  params = jax.vmap(lambda k: model.init(
-      k, images[:1].reshape((1,) + shape))["params"])(init_keys)  # [S, ...]
-  return _as_device_state(chunk_lib.TrainState(
-      params, jax.vmap(base_tx.init)(params), params,
-      jax.vmap(cr_tx.init)(params))), data_keys
-
-
 def _start(config: Any, workdir: str, txs: tuple[Any, ...],
-           mesh: jax.sharding.Mesh | None, allow_new_data: bool):
-  """Checks the saved run and the data, restores, writes the run's record.
-
-  Returns:
-    (run, state, data keys, start step, dataset, data history, num_params).
-  """
+           mesh: jax.sharding.Mesh | None,
+           allow_new_data: bool) -> tuple[_Run, steps.TrainState, Array]:
+  """Checks the saved run and the data, restores, writes the run's record;
+  (run, state [S, ...], data keys [S]), seed i from config.seed + i."""
   schedule, base_tx, cr_tx, options = txs
   resume_step = _check_saved_run(config, workdir)
   dataset = _load_data(config)
@@ -613,11 +494,16 @@ def _start(config: Any, workdir: str, txs: tuple[Any, ...],
   images = jnp.asarray(dataset.images, jnp.float32)   # [N, D], on device
   labels = jnp.asarray(dataset.labels, jnp.int32)     # [N]
   seeds = [config.seed + i for i in range(config.get("num_seeds", 1))]
-  state, data_keys = _initial_state(config, model, images, base_tx, cr_tx,
-                                    seeds)
-  num_params = lrcr.num_params(jax.tree.map(lambda a: a[0],
-                                            state.params_base))
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+  keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(
+      jnp.asarray(seeds, jnp.int32))                  # [S, 2]
+  init_keys, data_keys = keys[:, 0], keys[:, 1]
+  shape = tuple(config.model.get("input_shape", ()) or images.shape[1:])
+  params = jax.vmap(lambda k: model.init(
+      k, images[:1].reshape((1,) + shape))["params"])(init_keys)  # [S, ...]
+  state = _as_device_state(steps.TrainState(
+      params, jax.vmap(base_tx.init)(params), params,
+      jax.vmap(cr_tx.init)(params)))
+  ckpt = workdir_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                   metadata={"config": trained_config(config)})
   try:
     state, start, data_keys = restore_checkpoint(ckpt, state, data_keys)
@@ -628,27 +514,29 @@ def _start(config: Any, workdir: str, txs: tuple[Any, ...],
           f"--config.training.num_steps>={start} or use a new --workdir.")
     batch_sharding = None
     if mesh is not None:
-      replicated = jax.sharding.NamedSharding(mesh,
-                                              jax.sharding.PartitionSpec())
       batch_sharding = jax.sharding.NamedSharding(
           mesh, jax.sharding.PartitionSpec("data"))
       state, images, labels, data_keys = jax.device_put(
-          (state, images, labels, data_keys), replicated)
+          (state, images, labels, data_keys), jax.sharding.NamedSharding(
+              mesh, jax.sharding.PartitionSpec()))          # replicated
     metrics_lib.truncate(os.path.join(workdir, METRICS_FILE), start, seeds)
-    workdir_lib.atomic_write(os.path.join(workdir, CONFIG_FILE), (
-        config.to_json_best_effort(indent=2, sort_keys=True)
-        + "\n").encode("utf-8"))
-    workdir_lib.atomic_write(os.path.join(workdir, DATA_FILE), (
-        json.dumps(history, indent=2) + "\n").encode("utf-8"))
+    for name, text in (
+        (CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True)),
+        (DATA_FILE, json.dumps(history, indent=2))):
+      workdir_lib.atomic_write(os.path.join(workdir, name),
+                               (text + "\n").encode("utf-8"))
   except BaseException:
     ckpt.close()
     raise
-  run_chunk = jax.jit(chunk_lib.make_chunk_fn(
+  run_chunk = jax.jit(steps.make_chunk_fn(
       config, steps.make_base_step(model, base_tx),
       steps.make_cr_step(model, cr_tx, options), schedule,
       dataset.num_examples, batch_sharding), static_argnames="length")
-  run = _Run(config, workdir, seeds, images, labels, run_chunk, ckpt)
-  return run, state, data_keys, start, dataset, history, num_params
+  run = _Run(config=config, workdir=workdir, dataset=dataset, history=history,
+             seeds=seeds, images=images, labels=labels, run_chunk=run_chunk,
+             ckpt=ckpt, start=start, num_params=lrcr.num_params(
+                 jax.tree.map(lambda a: a[0], state.params_base)))
+  return run, state, data_keys
 
 
 def train_and_evaluate(config: Any, workdir: str, *,
@@ -665,15 +553,13 @@ def train_and_evaluate(config: Any, workdir: str, *,
       summary's `data_changes`).
 
   Returns:
-    `summary.summarize_seeds` of all records, plus `run`, `figure`, `data`,
-    `data_source`, `data_fingerprint`, `data_changes`, `num_params`,
-    `wall_time_s`, `compile_time_s`, `steps_per_s`, `resumed_from_step`,
-    `already_finished` and `stopped`.
+    `summary.summarize_seeds` of all records, plus the run's name, data,
+    timings and resume (what summary.json holds).
 
   Raises:
     ValueError: for a bad config, a batch larger than the data, a workdir
       that is a file or holds another run or other data, or a corrupted
-      checkpoint (`checkpoints.CheckpointError`).
+      checkpoint (`workdir.CheckpointError`).
     input_pipeline.DataError: when the data cannot be loaded.
     workdir.WorkdirInUseError: when another process holds the workdir.
     OSError: for an I/O error in the workdir, naming the file.
@@ -685,35 +571,35 @@ def train_and_evaluate(config: Any, workdir: str, *,
   txs = validate_config(config)
   training = config.training
   workdir = workdir_lib.check_path(workdir)
-  mesh = chunk_lib.make_data_mesh(training.get("num_devices", 0),
-                                  training.batch_size)
-  base_name = optimizers.DISPLAY_NAMES[optimizers.check_name(
-      config.optimizer.name)]
+  mesh = steps.make_data_mesh(training.get("num_devices", 0),
+                              training.batch_size)
+  base = steps.optimizer_entry(config.optimizer)[0]
   with workdir_lib.lock(workdir), _Interrupts().installed() as interrupts:
-    run, state, data_keys, start, dataset, history, num_params = _start(
-        config, workdir, txs, mesh, allow_new_data)
-    bar = tqdm.tqdm(total=training.num_steps, initial=start,
-                    desc=f"{config.name}: {base_name} vs {base_name}+CR"
+    run, state, data_keys = _start(config, workdir, txs, mesh, allow_new_data)
+    bar = tqdm.tqdm(total=training.num_steps, initial=run.start,
+                    desc=f"{config.name}: {base} vs {base}+CR"
                     + (f", {len(run.seeds)} seeds" if len(run.seeds) > 1
                        else ""), unit="it", file=sys.stderr,
                     dynamic_ncols=True, disable=not training.progress)
     try:
-      step, failure = _train(run, state, data_keys, start, bar, interrupts)
+      step, failure = _train(run, state, data_keys, bar, interrupts)
     finally:
       bar.close()
       run.ckpt.close()
     timings = dict(
         compile_time_s=run.compile_time,
-        steps_per_s=((step - start) / run.train_time if run.train_time > 0
-                     else None),
+        steps_per_s=((step - run.start) / run.train_time
+                     if run.train_time > 0 else None),
         wall_time_s=time.perf_counter() - wall_start)
-    if step == start:
-      timings.update(_previous_timings(workdir))
-    result = _write_summary(config, workdir, dataset, history, dict(
-        num_params=num_params, resumed_from_step=start,
-        already_finished=start >= training.num_steps, stopped=failure,
-        **timings), base_name)
-  print(_final_line(config, workdir, result, step - start), flush=True)
+    if step == run.start:   # nothing trained: keep the last training's
+      with contextlib.suppress(OSError, ValueError):
+        saved = _read_json(os.path.join(workdir, SUMMARY_FILE), "summary")
+        timings.update({key: saved[key] for key in timings if key in saved})
+    result = _write_summary(run, dict(
+        num_params=run.num_params, resumed_from_step=run.start,
+        already_finished=run.start >= training.num_steps, stopped=failure,
+        **timings))
+  print(_final_line(config, workdir, result, step - run.start), flush=True)
   if failure:
     raise FloatingPointError(failure)
   return result

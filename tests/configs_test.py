@@ -1,4 +1,4 @@
-"""Every config trains: its model, optimizers and CR step run on its data shape."""
+"""Every config trains: its model, optimizers and CR step on its data shape."""
 
 import importlib
 
@@ -9,7 +9,6 @@ import pytest
 from configs import beyond
 from configs import paper
 from experiments import models
-from experiments import optimizers
 from experiments import steps
 from experiments import train_lib
 
@@ -46,8 +45,8 @@ def test_config_takes_two_steps(name, arg):
   y = np.arange(8) % 10
   model = models.make_model(config.model, 10)
   params = model.init(jax.random.key(1), x[:1])["params"]
-  schedule = optimizers.make_schedule(config.optimizer)
-  tx = optimizers.make_cr_optimizer(config.optimizer, schedule)
+  schedule = steps.make_schedule(config.optimizer)
+  tx = steps.make_cr_optimizer(config.optimizer, schedule)
   step = jax.jit(steps.applied(steps.make_cr_step(
       model, tx, steps.CROptions.from_config(config.optimizer))))
   state = tx.init(params)

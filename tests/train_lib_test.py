@@ -17,12 +17,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import test as test_config
-from experiments import checkpoints
-from experiments import chunk
 from experiments import input_pipeline
 from experiments import metrics as metrics_lib
-from experiments import optimizers
+from experiments import steps
 from experiments import train_lib
+from experiments import workdir as workdir_lib
 import lrcr
 from tests.input_pipeline_test import random_mnist, write_mnist
 
@@ -59,7 +58,7 @@ def _records(workdir, seed=None):
 
 def _restore(workdir):
   """(state as nested dicts of arrays, step) of the last checkpoint."""
-  ckpt = checkpoints.Checkpointer(
+  ckpt = workdir_lib.Checkpointer(
       os.path.join(workdir, train_lib.CHECKPOINT_DIR))
   step = ckpt.latest_step()
   ckpt.verify(step)
@@ -202,7 +201,7 @@ def test_a_flipped_bit_in_a_weight_is_detected(reference_run, tmp_path):
   data = bytearray(victim.read_bytes())
   data[len(data) // 2] ^= 0x01
   victim.write_bytes(bytes(data))
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(workdir_lib.CheckpointError,
                      match=rf"{victim}: corrupted.*Delete {root} to resume "
                      "from step 10"):
     _train(_config(), workdir)
@@ -294,10 +293,10 @@ def test_resuming_with_another_config_is_refused(tmp_path):
 def test_checkpoint_round_trip(tmp_path):
   key = jax.random.key(3)
   params = {"w": jnp.arange(6.0).reshape(2, 3)}
-  tx = optimizers.make_cr_optimizer(_config().optimizer, 0.1)
-  state = chunk.TrainState(params, optax.sgd(0.1).init(params), params,
-                               tx.init(params))
-  ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"))
+  tx = steps.make_cr_optimizer(_config().optimizer, 0.1)
+  state = steps.TrainState(params, optax.sgd(0.1).init(params), params,
+                           tx.init(params))
+  ckpt = workdir_lib.Checkpointer(str(tmp_path / "ckpt"))
   train_lib.save_checkpoint(ckpt, state, 7, key)
   fresh = jax.tree.map(jnp.zeros_like, state)
   restored, step, restored_key = train_lib.restore_checkpoint(
@@ -423,17 +422,17 @@ def test_batches_are_a_function_of_the_step():
 
 def test_schedule_decays_by_095_per_100_steps():
   config = _config(**{"optimizer.learning_rate": 0.1})
-  schedule = optimizers.make_schedule(config.optimizer)
+  schedule = steps.make_schedule(config.optimizer)
   np.testing.assert_allclose(schedule(100), 0.095, rtol=1e-6)
   config.optimizer.decay_staircase = True
-  np.testing.assert_allclose(optimizers.make_schedule(config.optimizer)(150),
+  np.testing.assert_allclose(steps.make_schedule(config.optimizer)(150),
                              0.095, rtol=1e-6)
 
 
 def test_adagrad_uses_the_tf1_defaults():
   params = {"w": jnp.ones(3)}
   config = _config(**{"optimizer.name": "adagrad"})
-  tx = optimizers.make_base_optimizer(config.optimizer, 1.0)
+  tx = steps.make_base_optimizer(config.optimizer, 1.0)
   updates, _ = tx.update({"w": jnp.full(3, 0.3)}, tx.init(params))
   # -lr g / sqrt(0.1 + g^2 + 1e-7)
   np.testing.assert_allclose(updates["w"], -0.3 / np.sqrt(0.19 + 1e-7),
