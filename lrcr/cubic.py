@@ -243,6 +243,13 @@ def frexp(x: Array) -> tuple[Array, Array]:
   return _where(zero, 0.0, m), _where(zero, 0, e)
 
 
+def exponent(x: Array) -> Array:
+  """e with |x| 2^-e in [0.5, 1) (int32); 0 for 0, subnormals, inf and NaN."""
+  usable = jnp.isfinite(x)
+  return jnp.where(usable, frexp(jnp.where(usable, x, jnp.zeros_like(x)))[1],
+                   0)
+
+
 def _to_float(m: Array, e: Array) -> Array:
   """m 2^e (m >= 0 finite) rounded: inf above the range, 0 below normals."""
   m, de = frexp(m)

@@ -54,8 +54,15 @@ class ScalableCurvatureFn:
   Attributes:
     fn: `fn(params, direction, log2_scale) -> Directional`, where log2_scale
       is an int32 scalar or None (no rescaling).
+    autoscaled: optional `autoscaled(params, direction) -> (Directional, e)`
+      that chooses the exponent e itself (an int32 scalar, exact power of
+      two, the unit direction's values in range) and returns the
+      `Directional` of direction * 2^-e. Where it is given, the transform
+      calls it and skips its own search for the direction's largest entry
+      (one reduction per leaf).
   """
   fn: Callable[[Any, Any, Any], Directional]
+  autoscaled: Callable[[Any, Any], tuple[Directional, Any]] | None = None
 
   def __call__(self, params: Any, direction: Any) -> Directional:
     return self.fn(params, direction, None)
