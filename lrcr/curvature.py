@@ -428,10 +428,15 @@ def value_grad_and_curvature(
     granularity: "global", "layer" or "variable" (see the module docstring),
       matching `scale_by_cubic_step(granularity=...)`.
     gradient_direction: promise that every direction passed to
-      `curvature_fn` is a scalar multiple of the gradient (plain SGD, also
-      with a learning-rate schedule). The weights' products then go through
-      N x N Gram matrices where that is cheaper; the numbers are the same.
-      Used by granularity "global" (the others ignore it).
+      `curvature_fn` is a scalar multiple c grad F of the gradient (plain
+      SGD, also with a learning-rate schedule). The sweep then runs along
+      grad F, the weights' products go through N x N Gram matrices where
+      that is cheaper, and `curvature_fn.autoscaled` lets the transform
+      skip its search for the direction's largest entry; the numbers are
+      the same. The promise is not checked: for another direction the
+      slope stays exact, while the curvature and the squared norm are
+      those of its projection on grad F. Used by granularity "global"
+      (the others ignore it).
     stack_layers: evaluate the sweep's products that do not depend on its
       sequential chain (V phi before it, dV phi after it) as one batched
       matmul for every group of equally shaped weight operations, instead

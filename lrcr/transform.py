@@ -25,14 +25,16 @@ no result, but ||g||^2 (1e60 for a base learning rate of 1e30) can no longer
 overflow inside `curvature_fn`. A `lrcr.types.ScalableCurvatureFn` (what
 `lrcr.value_grad_and_curvature` returns for granularity "global") is called
 as `curvature_fn.fn(params, g, e)` instead and applies 2^-e inside its own
-products, which saves writing a scaled copy of g every step.
+products, which saves writing a scaled copy of g every step. One built with
+`gradient_direction=True` also picks e itself (`autoscaled`), from
+||grad F|| and g . grad F, which it needs anyway.
 
 Cost (granularity "global"): the direction's largest entry takes one
-reduction per leaf (a copy of the leaves into one flat buffer would take
-one reduction in all, but it doubles the step's temporary memory: an extra
-copy of the direction), eq. 37 is solved in a few scalar kernels
-(`lrcr.cubic.solve`), and the rest fuses into the writes of the update, one
-per leaf, as for `optax.sgd`.
+reduction per leaf, none with an `autoscaled` curvature_fn (a copy of the
+leaves into one flat buffer would take one reduction in all, but it doubles
+the step's temporary memory: an extra copy of the direction), eq. 37 is
+solved in a few scalar kernels (`lrcr.cubic.solve`), and the rest fuses into
+the writes of the update, one per leaf, as for `optax.sgd`.
 """
 
 from __future__ import annotations
