@@ -1,4 +1,4 @@
-"""lrcr: exact curvature along a direction and Cubic-Regularization steps in JAX.
+"""lrcr: exact curvature along a direction and Cubic-Regularization steps.
 
 Implements "Understanding and exploiting the low-rank structure of deep
 networks": the exact slope and curvature of the batch loss along any search

@@ -243,6 +243,13 @@ def frexp(x: Array) -> tuple[Array, Array]:
   return _where(zero, 0.0, m), _where(zero, 0, e)
 
 
+def exponent(x: Array) -> Array:
+  """e with |x| 2^-e in [0.5, 1) (int32); 0 for 0, subnormals, inf and NaN."""
+  usable = jnp.isfinite(x)
+  return jnp.where(usable, frexp(jnp.where(usable, x, jnp.zeros_like(x)))[1],
+                   0)
+
+
 def _to_float(m: Array, e: Array) -> Array:
   """m 2^e (m >= 0 finite) rounded: inf above the range, 0 below normals."""
   m, de = frexp(m)
@@ -407,9 +414,10 @@ def solve(slope, curvature, sqnorm, sigma) -> CubicSolution:
   derivative of the side it took (0 on the no-step side). Where alpha
   overflowed (`finite` False) both derivatives are 0, and where only the
   decrease did, the decrease's. The derivative is evaluated in the input
-  dtype (at least float32) without the rescaling of the solve itself, so it is exact where
-  sigma ||g||^3 alpha and its tangents stay in the float range (as along
-  the unit-sized direction that `lrcr.scale_by_cubic_step` solves on).
+  dtype (at least float32) without the rescaling of the solve itself, so
+  it is exact where sigma ||g||^3 alpha and its tangents stay in the float
+  range (as along the unit-sized direction that `lrcr.scale_by_cubic_step`
+  solves on).
 
   Args:
     slope: s = g . grad F.

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrcr import cubic
 from lrcr import engine
 from lrcr import reference
 from lrcr import samples
@@ -178,10 +179,15 @@ def value_grad_and_curvature(
     granularity: "global", "layer" or "variable" (see the module docstring),
       matching `scale_by_cubic_step(granularity=...)`.
     gradient_direction: promise that every direction passed to
-      `curvature_fn` is a scalar multiple of the gradient (plain SGD, also
-      with a learning-rate schedule). The weights' products then go through
-      N x N Gram matrices where that is cheaper; the numbers are the same.
-      Used by granularity "global" (the others ignore it).
+      `curvature_fn` is a scalar multiple c grad F of the gradient (plain
+      SGD, also with a learning-rate schedule). The sweep then runs along
+      grad F, the weights' products go through N x N Gram matrices where
+      that is cheaper, and `curvature_fn.autoscaled` lets the transform
+      skip its search for the direction's largest entry; the numbers are
+      the same. The promise is not checked: for another direction the
+      slope stays exact, while the curvature and the squared norm are
+      those of its projection on grad F. Used by granularity "global"
+      (the others ignore it).
     stack_layers: evaluate the sweep's products that do not depend on its
       sequential chain (V phi before it, dV phi after it) as one batched
       matmul for every group of equally shaped weight operations, instead
@@ -231,40 +237,41 @@ def value_grad_and_curvature(
     return value, grads, _variable_fn(ps)
   # The transform may pass the exponent of an exact power-of-two rescaling
   # instead of rescaling the direction itself (`scale_by_cubic_step`).
-  return value, grads, ScalableCurvatureFn(
-      _global_fn(ps, gradient_direction, stack_layers))
+  return value, grads, _global_fn(ps, gradient_direction, stack_layers)
 
 
-def _global_fn(ps: engine.Pass, gradient_direction: bool, stack_layers: bool):
-  """`fn(params, direction, log2_scale)` of granularity "global"."""
+def _global_fn(ps: engine.Pass, gradient_direction: bool,
+               stack_layers: bool) -> ScalableCurvatureFn:
+  """The `ScalableCurvatureFn` of granularity "global"."""
   treedef = ps.traced.params_treedef
-  # The Gram form reads ||grad F||^2 off the loss's tangent: not for complex
-  # params, nor where the loss or the gradient differs between shard_map
-  # shards (the tangent and g . grad F would then sum over other shards).
-  plain = not (any(jnp.iscomplexobj(p) for p in ps.flat_params)
-               or ps.traced.keep
-               or any(engine.varying_axes(g) for g in ps.flat_grads))
-  gram_ids = (sweep.gram_operations(ps) if gradient_direction and plain
-              else frozenset())
+  # Along grad F, ||grad F||^2 is read off the loss's tangent: not for
+  # complex params, nor where the loss or the gradient differs between
+  # shard_map shards (the tangent and g . grad F would then sum over other
+  # shards).
+  along_grad = gradient_direction and not (
+      any(jnp.iscomplexobj(p) for p in ps.flat_params) or ps.traced.keep
+      or any(engine.varying_axes(g) for g in ps.flat_grads))
+  gram_ids = sweep.gram_operations(ps) if along_grad else frozenset()
 
-  def curvature_fn(params_unused: Any, direction: Any,
-                   log2_scale: Any = None) -> Directional:
+  # direction = c grad F: the sweep runs along grad F itself, so that its
+  # slope is ||grad F||^2 (eq. 38 along grad F) and needs no reduction over
+  # the leaves, in the Gram form where some weight operation gains by it.
+  # With c = g . grad F / ||grad F||^2, slope = c ||grad F||^2 = g . grad F
+  # (eq. 38), curvature = c^2 grad F^T H grad F (eq. 39) and ||g||^2
+  # = c^2 ||grad F||^2 (eq. 40).
+  def along_grad_sweep() -> tuple[Array, Array]:
+    return sweep.curvature(ps, ps.flat_grads, 1.0, None, stack_layers,
+                           gram_ids)
+
+  def fn(params_unused: Any, direction: Any,
+         log2_scale: Any = None) -> Directional:
     del params_unused
     flat_d = reference.flat_direction(direction, treedef, ps.flat_params)
     log2 = None if log2_scale is None else jnp.asarray(log2_scale, jnp.int32)
     unit = sweep.unit(log2)
-    # direction = c grad F: the Gram form, where some weight operation gains
-    # by it (otherwise the dense sweep is the cheaper of the two). The sweep
-    # then runs along grad F itself, so that its slope is ||grad F||^2
-    # (eq. 38 along grad F) and needs no reduction over the leaves; with
-    # c = g . grad F / ||grad F||^2 (g the direction, 2^-log2 included),
-    # slope = c ||grad F||^2 = g . grad F (eq. 38), curvature
-    # = c^2 grad F^T H grad F (eq. 39) and ||g||^2 = c^2 ||grad F||^2
-    # (eq. 40).
-    if gram_ids:
-      gg, curv = sweep.curvature(ps, ps.flat_grads, 1.0, None, stack_layers,
-                                 gram_ids)
-      dg = sweep.inner(flat_d, ps.flat_grads, unit)
+    if along_grad:
+      gg, curv = along_grad_sweep()
+      dg = sweep.inner(flat_d, ps.flat_grads, unit)     # 2^-log2 included
       c = dg / jnp.where(gg > 0, gg, 1.0)
       return Directional(dg, c * c * curv, c * dg)
     slope, curv = sweep.curvature(ps, flat_d, None, log2, stack_layers)
@@ -273,7 +280,32 @@ def _global_fn(ps: engine.Pass, gradient_direction: bool, stack_layers: bool):
     sqnorm = sum(reference.sqnorm(unit(d)) for d in flat_d)
     return Directional(slope, curv, sqnorm)
 
-  return curvature_fn
+  def autoscaled(params_unused: Any, direction: Any
+                 ) -> tuple[Directional, Array]:
+    """(the Directional of g 2^-e, e), e from ||grad F|| and c alone.
+
+    With u = grad F 2^-k, ||u|| near 1, and c = m 2^ec, |m| in [0.5, 1):
+    g = c grad F = m 2^(ec + k) u, so g 2^-e = m u for e = ec + k, found
+    without a search for g's largest entry. c is summed as
+    g . (grad F 2^-2k) / ||u||^2, whose products are of the size of c (the
+    base learning rate), whatever the size of grad F.
+    """
+    del params_unused
+    flat_d = reference.flat_direction(direction, treedef, ps.flat_params)
+    gg, curv = along_grad_sweep()
+    # |k| <= 63, so that 2^-2k is one normal float (one factor per entry).
+    k = jnp.clip(cubic.exponent(jnp.sqrt(gg)), -63, 63)
+    uu = cubic.times_pow2(gg, -2 * k)                         # ||u||^2
+    inv = cubic.times_pow2(jnp.ones_like(gg), -2 * k)
+    c = sweep.inner(ps.flat_grads, flat_d, lambda x: x * inv)
+    c = c / jnp.where(uu > 0, uu, 1.0)
+    ec = cubic.exponent(c)
+    m = cubic.times_pow2(c, -ec)
+    return Directional(m * cubic.times_pow2(gg, -k),
+                       m * m * cubic.times_pow2(curv, -2 * k),
+                       m * m * uu), ec + k
+
+  return ScalableCurvatureFn(fn, autoscaled if along_grad else None)
 
 
 def _layer_fn(ps: engine.Pass, params: Any, stack_layers: bool) -> CurvatureFn:
@@ -336,7 +368,8 @@ def _custom_vjp_path(loss_fn, params, batch, traced: engine.Traced,
   """`value_grad_and_curvature` for a loss that holds a custom_vjp.
 
   The loss and the gradient are `jax.value_and_grad`'s; the curvature is
-  g^T d/dt grad F(params + t g) by autodiff of that gradient (`reference.hvp_fn`).
+  g^T d/dt grad F(params + t g) by autodiff of that gradient
+  (`reference.hvp_fn`).
   """
   names = ", ".join(f"`{n}`" for n in sorted(set(traced.custom_vjps)))
   if granularity == "variable":

@@ -25,14 +25,16 @@ no result, but ||g||^2 (1e60 for a base learning rate of 1e30) can no longer
 overflow inside `curvature_fn`. A `lrcr.types.ScalableCurvatureFn` (what
 `lrcr.value_grad_and_curvature` returns for granularity "global") is called
 as `curvature_fn.fn(params, g, e)` instead and applies 2^-e inside its own
-products, which saves writing a scaled copy of g every step.
+products, which saves writing a scaled copy of g every step. One built with
+`gradient_direction=True` also picks e itself (`autoscaled`), from
+||grad F|| and g . grad F, which it needs anyway.
 
 Cost (granularity "global"): the direction's largest entry takes one
-reduction per leaf (a copy of the leaves into one flat buffer would take
-one reduction in all, but it doubles the step's temporary memory: an extra
-copy of the direction), eq. 37 is solved in a few scalar kernels
-(`lrcr.cubic.solve`), and the rest fuses into the writes of the update, one
-per leaf, as for `optax.sgd`.
+reduction per leaf, none with an `autoscaled` curvature_fn (a copy of the
+leaves into one flat buffer would take one reduction in all, but it doubles
+the step's temporary memory: an extra copy of the direction), eq. 37 is
+solved in a few scalar kernels (`lrcr.cubic.solve`), and the rest fuses into
+the writes of the update, one per leaf, as for `optax.sgd`.
 """
 
 from __future__ import annotations
@@ -148,13 +150,6 @@ def _zeros_for(granularity: str, params: Any, dtype) -> Any:
 # --- Exact power-of-two rescaling of the direction ---------------------------
 
 
-def _exponent(max_abs: Array) -> Array:
-  """e with max_abs 2^-e in [0.5, 1); 0 for 0, subnormal or non-finite."""
-  usable = jnp.isfinite(max_abs)
-  e = cubic.frexp(jnp.where(usable, max_abs, jnp.zeros_like(max_abs)))[1]
-  return jnp.where(usable, e, 0)
-
-
 def _max_abs(tree: Any) -> Array:
   """max |x| over every leaf of a group, in at least float32 (float64 kept)."""
   leaves = jax.tree.leaves(tree)
@@ -168,10 +163,10 @@ def _max_abs(tree: Any) -> Array:
 def _block_exponents(granularity: str, updates: Any) -> Any:
   """One exponent per block ("layer" or "variable"): e of max |g_block|."""
   if granularity == "layer":
-    return jax.tree.map(lambda _, sub: _exponent(_max_abs(sub)),
+    return jax.tree.map(lambda _, sub: cubic.exponent(_max_abs(sub)),
                         param_groups(updates), updates)
   return jax.tree.map(
-      lambda u: _exponent(jnp.abs(u).astype(
+      lambda u: cubic.exponent(jnp.abs(u).astype(
           jnp.promote_types(u.dtype, jnp.float32))), updates)
 
 
@@ -398,25 +393,36 @@ def _update(c: _Settings, updates: Any, state: CubicStepState, params: Any,
             curvature_fn, value_fn, value):
   """`scale_by_cubic_step`'s update_fn, its arguments checked."""
   like = state.learning_rate
-  # g' = g 2^-e per block, max |g'| in [0.5, 1): curvature_fn sees a
-  # unit-sized direction, and alpha' along g' is alpha 2^e.
-  if c.granularity == "global":
-    exps = _exponent(_max_abs(updates))
-  else:
-    exps = _block_exponents(c.granularity, updates)
   # An engine-built curvature_fn (`lrcr.value_grad_and_curvature`) takes
   # the exponent and applies the scaling inside its products, which saves
-  # writing a scaled copy of the whole direction every step.
-  in_fn = (c.granularity == "global" and
-           isinstance(curvature_fn, ScalableCurvatureFn))
-  unit = None if in_fn else _per_block(
+  # writing a scaled copy of the whole direction every step; one built with
+  # `gradient_direction=True` also chooses the exponent itself, which saves
+  # the search for the largest entry.
+  scalable = (c.granularity == "global" and
+              isinstance(curvature_fn, ScalableCurvatureFn))
+  auto = scalable and curvature_fn.autoscaled is not None
+  # g' = g 2^-e per block, max |g'| in [0.5, 1): curvature_fn sees a
+  # unit-sized direction, and alpha' along g' is alpha 2^e.
+  if auto:
+    exps = jnp.zeros((), jnp.int32)     # the reused alpha needs none
+  elif c.granularity == "global":
+    exps = cubic.exponent(_max_abs(updates))
+  else:
+    exps = _block_exponents(c.granularity, updates)
+  unit = None if scalable else _per_block(
       lambda e, u: cubic.times_pow2(u, -e), exps, updates)
 
   def fresh(_):
-    raw = (curvature_fn.fn(params, updates, exps) if in_fn
-           else curvature_fn(params, unit))
+    e = exps
+    if auto:
+      raw, e = curvature_fn.autoscaled(params, updates)
+      e = jnp.asarray(e, jnp.int32)
+    elif scalable:
+      raw = curvature_fn.fn(params, updates, exps)
+    else:
+      raw = curvature_fn(params, unit)
     d = _as_directional(raw, c.granularity, like)
-    return _solve_blocks(d, exps, state.sigma, like)
+    return _solve_blocks(d, e, state.sigma, like)
 
   def reuse(_):
     alpha = state.learning_rate

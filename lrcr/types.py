@@ -54,15 +54,22 @@ class ScalableCurvatureFn:
   Attributes:
     fn: `fn(params, direction, log2_scale) -> Directional`, where log2_scale
       is an int32 scalar or None (no rescaling).
+    autoscaled: optional `autoscaled(params, direction) -> (Directional, e)`
+      that chooses the exponent e itself (an int32 scalar, exact power of
+      two, the unit direction's values in range) and returns the
+      `Directional` of direction * 2^-e. Where it is given, the transform
+      calls it and skips its own search for the direction's largest entry
+      (one reduction per leaf).
   """
   fn: Callable[[Any, Any, Any], Directional]
+  autoscaled: Callable[[Any, Any], tuple[Directional, Any]] | None = None
 
   def __call__(self, params: Any, direction: Any) -> Directional:
     return self.fn(params, direction, None)
 
 
 def param_groups(tree: Any, fill: Any = 0.0) -> Any:
-  """The tree with every innermost dict (one module's arrays) replaced by `fill`.
+  """The tree with every innermost dict (one module's arrays) set to `fill`.
 
   For flax params {'params': {'Dense_0': {'kernel', 'bias'}, ...}} this is
   {'params': {'Dense_0': fill, ...}}: a tree prefix of params with one leaf

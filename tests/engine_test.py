@@ -151,6 +151,49 @@ def test_gram_products_against_the_dense_hessian(seed, act):
                                    rtol=RTOL)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("batch", [3, 40])      # Gram form / dense sweep
+def test_autoscaled_against_the_dense_hessian(seed, batch):
+  """gradient_direction=True: `autoscaled` picks its own exponent e and
+  returns the Directional of g 2^-e, exact, for directions c grad F with c
+  from 1e-30 to 1e30; |g 2^-e| is of order 1 (||g 2^-e||^2 in [1/16, 1))."""
+  with jax.enable_x64(True):
+    model = lrcr.MLP((16, 12), 5, kernel_init=lrcr.uniform_init(0.6),
+                     use_bias=True)
+    k = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(k[0], (batch, 7), jnp.float64)
+    y = jax.random.randint(k[1], (batch,), 0, 5)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                          model.init(k[2], x))["params"]
+    loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(
+        model.apply({"params": p}, x), y)
+    grads, hess = zoo.dense(loss_fn, params, (x, y))
+    _, g_tree, cf = lrcr.value_grad_and_curvature(loss_fn, params, x, y,
+                                                  gradient_direction=True)
+    assert cf.autoscaled is not None
+    for c in (-0.7, 3.0, -1e-30, 1e30, 2.0**-40):
+      d = jax.tree.map(lambda g: c * g, g_tree)
+      g = ravel_pytree(d)[0]
+      out, e = jax.jit(cf.autoscaled)(params, d)
+      e = int(e)
+      np.testing.assert_allclose(out.slope * 2.0**e, g @ grads, rtol=RTOL)
+      np.testing.assert_allclose(out.curvature * 4.0**e, g @ hess @ g,
+                                 rtol=RTOL)
+      np.testing.assert_allclose(out.sqnorm * 4.0**e, g @ g, rtol=RTOL)
+      assert 1 / 16 <= float(out.sqnorm) < 1, (c, float(out.sqnorm))
+
+
+def test_autoscaled_is_offered_only_where_it_is_exact():
+  """Not without gradient_direction, nor for granularity 'layer'."""
+  loss_fn, params, batch = zoo.make("paper_mlp", 0)
+  plain = lrcr.value_grad_and_curvature(loss_fn, params, *batch)[2]
+  assert plain.autoscaled is None
+  layer = lrcr.value_grad_and_curvature(
+      loss_fn, params, *batch, granularity="layer",
+      gradient_direction=True)[2]
+  assert not isinstance(layer, lrcr.types.ScalableCurvatureFn)
+
+
 @pytest.mark.parametrize("batch", [3, 40])      # Gram form / dense form
 @pytest.mark.parametrize("granularity", ["global", "layer"])
 def test_stacked_layers_against_the_dense_hessian(batch, granularity):

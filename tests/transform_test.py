@@ -118,6 +118,59 @@ def test_updates_are_alpha_times_direction_for_any_size(granularity):
                                  atol=1e-30)
 
 
+@pytest.mark.parametrize("sizes", [(2, 3), (40, 3)])  # Gram form / dense
+def test_gradient_direction_picks_its_own_exponent_for_any_size(sizes):
+  """With gradient_direction=True the engine's curvature_fn chooses the
+  power of two itself (`ScalableCurvatureFn.autoscaled`): the update is
+  the same for base learning rates 1e-30 to 1e30 in float32, and the same
+  as the transform's own largest-entry rescaling gives."""
+  batch, classes = sizes
+  model, params, x, y = reference.make_problem(
+      5, (6, 5), 4, batch, classes, dtype=jnp.float32, activation=jnp.tanh,
+      use_bias=True)
+  loss = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
+  tx = lrcr.scale_by_cubic_step(20.0)
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def update(lr, auto):
+    _, grads, fn = lrcr.value_grad_and_curvature(loss, params, x, y,
+                                                 gradient_direction=True)
+    assert fn.autoscaled is not None
+    if not auto:     # the same engine function, rescaled by the transform
+      fn = lrcr.types.ScalableCurvatureFn(fn.fn)
+    g = jax.tree.map(lambda a: -lr * a, grads)
+    return tx.update(g, tx.init(params), params, curvature_fn=fn)
+
+  close = lambda a, b: jax.tree.map(
+      lambda u, v: np.testing.assert_allclose(u, v, rtol=2e-5, atol=0), a, b)
+  first, state = update(1.0, True)
+  assert bool(state.info.finite) and float(state.learning_rate) > 0
+  close(first, update(1.0, False)[0])
+  close(state.info, update(1.0, False)[1].info)
+  for lr in (1e-30, 1e30, 2.0**-100):
+    updates, s = update(lr, True)
+    assert bool(s.info.finite)
+    close(updates, first)
+    np.testing.assert_allclose(s.learning_rate * lr, state.learning_rate,
+                               rtol=2e-5)
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_gradient_direction_with_a_nonfinite_entry_is_no_step(bad):
+  model, params, x, y = _small()
+  loss = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
+  _, grads, fn = lrcr.value_grad_and_curvature(loss, params, x, y,
+                                               gradient_direction=True)
+  leaves, treedef = jax.tree.flatten(jax.tree.map(jnp.negative, grads))
+  leaves[1] = leaves[1].at[(0,) * leaves[1].ndim].set(bad)
+  tx = lrcr.scale_by_cubic_step(10.0)
+  u, state = tx.update(jax.tree.unflatten(treedef, leaves), tx.init(params),
+                       params, curvature_fn=fn)
+  assert not bool(state.info.finite)
+  assert float(state.learning_rate) == 0.0
+  assert all(bool(jnp.all(leaf == 0)) for leaf in jax.tree.leaves(u))
+
+
 def test_curvature_fn_sees_a_unit_direction_and_info_is_in_g_units():
   """g is divided by 2^e (max |g| 2^-e in [0.5, 1)), exactly, and back."""
   seen = []
@@ -745,9 +798,9 @@ def test_kernels_of_the_update_on_the_paper_net():
   """scale_by_cubic_step's update + apply_updates on the 12x128 net's params,
   compiled, counted by experiments.bench.count_kernels (deterministic for a
   given XLA). The curvature_fn reads one entry of the direction, so the
-  count is the transform's own: 31, against optax.sgd's 13 (issue 19: 72
-  with a tree-norm curvature_fn, bar 20): the largest entry takes one
-  reduction per leaf. Reading the leaves as one flat buffer took 18 kernels
+  count is the transform's own: 31, against optax.sgd's 13: the largest
+  entry takes one reduction per leaf; 16 with a curvature_fn that picks its
+  own exponent. Reading the leaves as one flat buffer took 18 kernels
   but doubled the step's temporary memory, which this test also bounds: no
   copy of the direction.
   """
@@ -774,3 +827,14 @@ def test_kernels_of_the_update_on_the_paper_net():
         p, tx.update(g, state, p, curvature_fn=fn)[0])
     assert count(step) <= 31
     assert temp(step) < size / 2, (temp(step), size)
+  # A curvature_fn that picks its own exponent (the engine's, with
+  # gradient_direction=True): no largest-entry search, 3 scalar kernels
+  # beyond the 13 writes of the update.
+  auto = lrcr.types.ScalableCurvatureFn(
+      lambda p, d, e: one_entry(p, d),
+      lambda p, d: (one_entry(p, d), lrcr.cubic.exponent(
+          jax.tree.leaves(d)[0][0, 0])))
+  step = lambda p, g: optax.apply_updates(
+      p, tx.update(g, state, p, curvature_fn=auto)[0])
+  assert count(step) <= 16
+  assert temp(step) < size / 2, (temp(step), size)
