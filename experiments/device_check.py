@@ -1,18 +1,16 @@
-"""One short check of lrcr on an accelerator: exactness, speed, Fig. 2, memory.
+"""One short check of lrcr on an accelerator: exactness, speed, memory, Fig. 2.
 
     python -m experiments.device_check --out=runs/device_check [--tiny] \
         [--sections=exactness,speed,memory,fig2] [--budget_s=360]
 
-One process, a few minutes on the 12x128 net. Every section is guarded (a
-failure is recorded and the next runs) and DIR/device_check.{json,md} are
-rewritten after each, so a killed run keeps what it finished. `--tiny` shrinks
-every size for the CPU test. The sections compose the other programs:
-exactness (`exactness.float32_errors` under default and highest matmul
-precision, and the steps timed under both), speed (`benchmark.bench_shape`,
-the HLO text of the first batch's steps, and a scanned chunk of
-`bench.loop_iteration`), memory (peak bytes against SGD's) and fig2 (the Fig.
-2 run through `train_lib`, against the CPU's wall time). The goals are data
-rows judged by `report.judge`.
+Each section composes another program: exactness (`exactness.float32_errors`
+under default and highest matmul precision, and the steps timed under both),
+speed (`benchmark.bench_shape`, the HLO text of the first batch's steps, and
+a scanned chunk of `bench.loop_iteration`), memory (peak bytes against
+SGD's) and fig2 (the Fig. 2 run through `benchmark.train_run`, against the
+CPU's wall time). A failed section is recorded and the next runs; the report,
+<out>/device_check.{json,md}, is rewritten after each. `--tiny` shrinks every
+size for the CPU test.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import os
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from absl import app
@@ -37,18 +35,12 @@ from experiments import report as report_lib
 from experiments.report import Goal
 
 SECTIONS = ("exactness", "speed", "memory", "fig2")
-
-#: The speed table's steps (`experiments.bench.make_steps` names).
-SGD = "sgd"
-GRAM = "cr_sgd_engine_gram"      # the public fast path, gradient_direction=True
-DENSE = "cr_sgd_engine"          # the public fast path, any direction
-FOF = "cr_sgd_autodiff"          # forward-over-forward
-GRAM_STACKED = "cr_sgd_engine_gram_stacked"   # stack_layers=True
-DENSE_STACKED = "cr_sgd_engine_stacked"
-SPEED_STEPS = (SGD, GRAM, DENSE, GRAM_STACKED, DENSE_STACKED, FOF)
-#: Steps written out as HLO text (first speed batch).
-HLO_STEPS = (SGD, GRAM, DENSE)
-MEMORY_STEPS = (SGD, GRAM, DENSE, GRAM_STACKED)
+#: The steps measured (`bench.VARIANTS` names).
+SGD, GRAM, DENSE = "sgd", "cr_sgd_engine_gram", "cr_sgd_engine"
+SPEED_STEPS = (SGD, GRAM, DENSE, "cr_sgd_engine_gram_stacked",
+               "cr_sgd_engine_stacked", "cr_sgd_autodiff")
+HLO_STEPS = (SGD, GRAM, DENSE)           # written out as HLO text
+MEMORY_STEPS = SPEED_STEPS[:4]
 PRECISIONS = ("default", "highest")
 
 #: The Fig. 2 run on the CPU: `JAX_PLATFORMS=cpu python -m
@@ -61,7 +53,8 @@ CPU_FIG2_SOURCE = ("2-core CPU dev machine, 2026-11-28, jax 0.10.2, same "
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """Sizes of one check."""
+  """Sizes of one check: the width x depth net, its batches (the first also
+  that of the scanned chunk and the Fig. 2 run), the goals' two batches."""
   width: int = 128
   depth: int = 12
   batches: tuple[int, ...] = (32, 256, 1024)
@@ -71,11 +64,7 @@ class Options:
   repeats: int = 15
   sample_s: float = 0.02          # seconds per timing sample
   chunk: int = 100                # steps per scanned chunk (the loop's)
-  chunk_batch: int = 32
   fig2_steps: int = 3000
-  fig2_width: int = 128
-  fig2_depth: int = 12
-  fig2_chunk: int = 100
   goal_batches: tuple[int, int] = (256, 32)   # judged at <= 1.5x, <= 2x
   tiny: bool = False
 
@@ -83,8 +72,7 @@ class Options:
   def tiny_sizes(cls) -> Options:
     return cls(width=16, depth=2, batches=(8,), exact_batch=16,
                precision_batches=(8,), repeats=2, sample_s=0.002, chunk=10,
-               chunk_batch=8, fig2_steps=10, fig2_width=16, fig2_depth=2,
-               fig2_chunk=10, goal_batches=(8, 8), tiny=True)
+               fig2_steps=10, goal_batches=(8, 8), tiny=True)
 
 
 def _over_budget(state: dict[str, Any]) -> bool:
@@ -96,8 +84,8 @@ def _log(message: str) -> None:
   print(f"[device_check] {message}", flush=True)
 
 
-# ---------------------------------------------------------------------------
-# Sections.
+def _measure(opts: Options, entries: dict[str, Any]) -> dict[str, Any]:
+  return bench.measure(entries, repeats=opts.repeats, sample_s=opts.sample_s)
 
 
 def _precision_timing(opts: Options, b: int, cache: dict) -> dict[str, Any]:
@@ -107,13 +95,11 @@ def _precision_timing(opts: Options, b: int, cache: dict) -> dict[str, Any]:
   for prec in PRECISIONS:
     for name, v in bench.make_steps(model, b, (SGD, GRAM)).items():
       args = (params, v.tx.init(params), x, y)
-      compiled, _ = benchmark.compile_step(v.step, args, prec, cache=cache,
-                                           key=(name, b))
-      entries[f"{name}@{prec}"] = dict(compiled=compiled, args=args,
-                                       base=f"{SGD}@default",
-                                       steps_per_call=1)
-  table = benchmark.measure(entries, repeats=opts.repeats,
-                            sample_s=opts.sample_s)
+      entries[f"{name}@{prec}"] = dict(base=f"{SGD}@default", args=args,
+                                       compiled=bench.compile_step(
+                                           v.step, args, prec, cache=cache,
+                                           key=(name, b))[0])
+  table = _measure(opts, entries)
   ms = lambda n: table[f"{n}@highest"]["ms_per_step"] / table[  # noqa: E731
       f"{n}@default"]["ms_per_step"]
   return dict(steps=table, cr_highest_over_default=ms(GRAM),
@@ -125,32 +111,15 @@ def section_exactness(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
   out = exactness.float32_errors(opts.width, opts.depth, opts.exact_batch,
                                  init_scales=opts.exact_init_scales,
                                  precisions=PRECISIONS)
-  out["step_timing"] = {}
+  out["step_timing"] = timing = {}
   for b in opts.precision_batches:
     if _over_budget(state):
-      out["step_timing"][f"b{b}"] = dict(skipped="over --budget_s")
-      continue
-    _log(f"exactness: step timing under both precisions, batch {b}")
-    out["step_timing"][f"b{b}"] = _precision_timing(
-        opts, b, state.setdefault("executables", {}))
+      timing[f"b{b}"] = dict(skipped="over --budget_s")
+    else:
+      _log(f"exactness: step timing under both precisions, batch {b}")
+      timing[f"b{b}"] = _precision_timing(
+          opts, b, state.setdefault("executables", {}))
   return out
-
-
-def _scan_chunk(opts: Options) -> dict[str, Any]:
-  """Steps/s of a lax.scan chunk of the loop's body (SGD + CR-SGD pairs)."""
-  b, t = opts.chunk_batch, opts.chunk
-  chunk, args = bench.loop_iteration(opts.width, opts.depth, b, steps=t)
-  compiled, compile_s = benchmark.compile_step(chunk, args)
-  timed = benchmark.measure(
-      {"chunk": dict(compiled=compiled, args=args, base="chunk",
-                     steps_per_call=1)},
-      repeats=opts.repeats, sample_s=opts.sample_s)["chunk"]
-  return dict(batch=b, chunk=t, ms_per_chunk=timed["ms_per_step"],
-              steps_per_s=t / (timed["ms_per_step"] / 1e3),
-              kernels=timed["kernels"], compile_s=compile_s,
-              note=("one step = one SGD step and one engine Gram-form "
-                    "CR-SGD step on the same batch (the training loop's "
-                    "body), random data, no data indexing or metrics"))
 
 
 def _bench_shape(opts: Options, state: dict[str, Any], b: int,
@@ -163,27 +132,37 @@ def _bench_shape(opts: Options, state: dict[str, Any], b: int,
 
 
 def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
-  cache = state.setdefault("executables", {})
-  result = dict(network=f"{opts.depth}x{opts.width}", shapes={},
-                scan_chunk=None, skipped_over_budget=[])
-  state["partial"] = result
+  skipped, first = [], opts.batches[0]
+  result = state["partial"] = dict(network=f"{opts.depth}x{opts.width}",
+                                   shapes={}, scan_chunk=None,
+                                   skipped_over_budget=skipped)
   for b in opts.batches:
     if _over_budget(state):
-      result["skipped_over_budget"].append(f"b{b}")
+      skipped.append(f"b{b}")
       continue
     _log(f"speed: batch {b}")
     result["shapes"][f"b{b}"] = _bench_shape(opts, state, b, SPEED_STEPS,
                                              opts.repeats)
-    if b == opts.batches[0] and state.get("out"):
-      for name in HLO_STEPS:
-        path = os.path.join(state["out"], f"hlo_{name}_b{b}.txt")
-        with open(path, "w", encoding="utf-8") as f:
-          f.write(cache[((name, b), "default")].as_text())
+    for name in HLO_STEPS if b == first and state.get("out") else ():
+      with open(os.path.join(state["out"], f"hlo_{name}_b{b}.txt"), "w",
+                encoding="utf-8") as f:
+        f.write(state["executables"][((name, b), "default")].as_text())
   if _over_budget(state):
-    result["skipped_over_budget"].append("scan_chunk")
+    skipped.append("scan_chunk")
   else:
     _log("speed: scan chunk")
-    result["scan_chunk"] = _scan_chunk(opts)
+    chunk, args = bench.loop_iteration(opts.width, opts.depth, first,
+                                       steps=opts.chunk)
+    compiled, compile_s = bench.compile_step(chunk, args)
+    ms = _measure(opts, {"chunk": dict(compiled=compiled, args=args,
+                                       base="chunk")})["chunk"]
+    result["scan_chunk"] = dict(
+        batch=first, chunk=opts.chunk, ms_per_chunk=ms["ms_per_step"],
+        steps_per_s=opts.chunk / (ms["ms_per_step"] / 1e3),
+        kernels=ms["kernels"], compile_s=compile_s,
+        note=("one step = one SGD step and one engine Gram-form CR-SGD step "
+              "on the same batch (the training loop's body), random data, "
+              "no data indexing or metrics"))
   return result
 
 
@@ -204,8 +183,8 @@ def section_memory(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
 
 def section_fig2(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
   del state
-  config = benchmark.fig2_config(opts.fig2_width, opts.fig2_depth, 32,
-                                 opts.fig2_chunk, opts.fig2_steps)
+  config = benchmark.fig2_config(opts.width, opts.depth, 32, opts.chunk,
+                                 opts.fig2_steps)
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
   try:
@@ -213,12 +192,12 @@ def section_fig2(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
       out = benchmark.train_run(config, os.path.join(tmp, "fig2"))
   finally:
     logging.set_verbosity(verbosity)
-  full = (opts.fig2_steps == 3000 and not opts.tiny and
-          (opts.fig2_width, opts.fig2_depth, opts.fig2_chunk) == (128, 12, 100))
+  full = opts.fig2_steps == 3000 and not opts.tiny and (
+      opts.width, opts.depth, opts.chunk) == (128, 12, 100)
   cpu = CPU_FIG2 if full else None
   out.update(
       config="configs/paper.py:mnist_sgd_plateau", num_steps=opts.fig2_steps,
-      network=f"{opts.fig2_depth}x{opts.fig2_width}", cpu=cpu,
+      network=f"{opts.depth}x{opts.width}", cpu=cpu,
       cpu_source=CPU_FIG2_SOURCE if cpu else None,
       cpu_over_device_wall=report_lib.ratio(cpu and cpu["wall_time_s"],
                                             out.get("wall_time_s")),
@@ -231,65 +210,51 @@ RUNNERS = dict(exactness=section_exactness, speed=section_speed,
                memory=section_memory, fig2=section_fig2)
 
 
-# ---------------------------------------------------------------------------
-# Goals: each a `report.Goal` and the function reading its measured value.
+def _result(report: dict[str, Any], name: str) -> dict[str, Any]:
+  return (report["sections"].get(name) or {}).get("result") or {}
 
 
-def _speed_reader(b: int, key: str) -> Callable[[dict], Any]:
+def _speed_reader(b: int, key: str):
   def read(report):
-    speed = report["sections"].get("speed", {}).get("result") or {}
-    row = (speed.get("shapes") or {}).get(f"b{b}")
-    if row is None:
-      return None
-    v = row["variants"]
-    return v[GRAM][key], (f"b{b}: Gram {v[GRAM][key]:.2f}x, dense "
-                          f"{v[DENSE][key]:.2f}x")
+    row = (_result(report, "speed").get("shapes") or {}).get(f"b{b}")
+    v = row and row["variants"]
+    return v and (v[GRAM][key], f"b{b}: Gram {v[GRAM][key]:.2f}x, dense "
+                  f"{v[DENSE][key]:.2f}x")
   return read
 
 
-def _exact_reader(prec: str) -> Callable[[dict], Any]:
+def _exact_reader(prec: str):
   def read(report):
-    exact = report["sections"].get("exactness", {}).get("result") or {}
-    err = (exact.get("max_rel_err") or {}).get(prec, {})
-    if err.get("engine") is None:
-      return None
-    return err["engine"], (f"engine {err['engine']:.1e} (f-o-f "
-                           f"{report_lib.fmt(err['fof'], '.1e')})")
+    err = (_result(report, "exactness").get("max_rel_err") or {}).get(
+        prec, {})
+    return err.get("engine") is not None and (err["engine"], (
+        f"engine {err['engine']:.1e} (f-o-f "
+        f"{report_lib.fmt(err['fof'], '.1e')})"))
   return read
 
 
-def goals(opts: Options) -> list[tuple[Goal, Callable[[dict], Any]]]:
-  """The device goals at the sizes of `opts`."""
+def goals(opts: Options) -> list[tuple[Goal, Any]]:
+  """The device goals at the sizes of `opts`: (goal, reader) pairs."""
   b256, b32 = opts.goal_batches
-  rows = [(Goal(f"CR-SGD (Gram form) time / SGD, batch {b256}", "<=", 1.5),
-           _speed_reader(b256, "ratio")),
-          (Goal(f"CR-SGD (Gram form) time / SGD, batch {b32}", "<=", 2.0),
-           _speed_reader(b32, "ratio"))]
-  for b in sorted(set(opts.goal_batches)):
-    rows.append((Goal(f"CR-SGD (Gram form) kernels / SGD's, batch {b} "
-                      "(the CPU target, on this device)", "<=", 1.6,
-                      1.3, "performance target"), _speed_reader(b, "kernel_ratio")))
-  for prec in PRECISIONS:
-    rows.append((Goal(f"engine max relative error against the float64 CPU "
-                      f"reference, {prec} precision", "<=", 1e-5),
-                 _exact_reader(prec)))
-  return rows
+  return [
+      (Goal(f"CR-SGD (Gram form) time / SGD, batch {b256}", "<=", 1.5),
+       _speed_reader(b256, "ratio")),
+      (Goal(f"CR-SGD (Gram form) time / SGD, batch {b32}", "<=", 2.0),
+       _speed_reader(b32, "ratio")),
+      *((Goal(f"CR-SGD (Gram form) kernels / SGD's, batch {b} (the CPU "
+              "target, on this device)", "<=", 1.6, 1.3, "performance target"),
+         _speed_reader(b, "kernel_ratio")) for b in sorted({b256, b32})),
+      *((Goal(f"engine max relative error against the float64 CPU "
+              f"reference, {prec} precision", "<=", 1e-5), _exact_reader(prec))
+        for prec in PRECISIONS)]
 
 
 def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
-  """The goal rows of a device report (`report.judge`)."""
+  """The goal rows of a device report (`report.judge_all`)."""
   opts = Options(**{k: tuple(v) if isinstance(v, list) else v
                     for k, v in report["options"].items()})
-  rows = []
-  for goal, read in goals(opts):
-    rows.append(report_lib.judge(goal, *(read(report) or (None, ""))))
-    if opts.tiny:
-      rows[-1]["verdict"] += " [--tiny: not the goals' shapes]"
-  return rows
-
-
-# ---------------------------------------------------------------------------
-# Report.
+  return report_lib.judge_all(goals(opts), report,
+                              opts.tiny and "--tiny: not the goals' shapes")
 
 
 def _title(title: str) -> list[str]:
@@ -332,20 +297,19 @@ def _exactness_lines(exact: dict[str, Any]) -> list[str]:
 
 def _speed_lines(speed: dict[str, Any]) -> list[str]:
   g = report_lib.fmt
-  shapes = speed["shapes"].values()
+
+  def grid(cell):                   # batches (rows) by steps (columns)
+    return report_lib.table(["batch", *SPEED_STEPS], [
+        (s["batch"], *(cell(s["variants"][n]) for n in SPEED_STEPS))
+        for s in speed["shapes"].values()])
   lines = _title("2. Speed (ms per step, median of interleaved repeats; "
-                 "paired ratio to SGD)") + report_lib.table(
-               ["batch", *SPEED_STEPS],
-               [(s["batch"], *(f"{g(s['variants'][n]['ms_per_step'])} "
-                               f"({g(s['variants'][n]['ratio'], '.2f')}x)"
-                               for n in SPEED_STEPS)) for s in shapes])
+                 "paired ratio to SGD)") + grid(
+                     lambda v: f"{g(v['ms_per_step'])} "
+                     f"({g(v['ratio'], '.2f')}x)")
   lines += ["", "Kernels per compiled step (`bench.count_kernels`: fusions, "
             "library calls and copies in the compiled HLO), and the ratio to "
-            "SGD's:", ""] + report_lib.table(
-                ["batch", *SPEED_STEPS],
-                [(s["batch"], *(f"{s['variants'][n]['kernels']} ("
-                                f"{g(s['variants'][n]['kernel_ratio'], '.2f')})"
-                                for n in SPEED_STEPS)) for s in shapes])
+            "SGD's:", ""] + grid(
+                lambda v: f"{v['kernels']} ({g(v['kernel_ratio'], '.2f')})")
   if speed.get("skipped_over_budget"):
     lines += ["", "Skipped (over --budget_s): "
               + ", ".join(speed["skipped_over_budget"]) + "."]
@@ -359,17 +323,14 @@ def _speed_lines(speed: dict[str, Any]) -> list[str]:
 
 
 def _memory_lines(memory: dict[str, Any]) -> list[str]:
-  rows = []
-  for row in memory["shapes"].values():
-    st = row["steps"]
-    rows.append((row["batch"], *(
-        f"{report_lib.mib(st[n]['peak_bytes'])} "
-        f"({report_lib.fmt(st[n]['memory_ratio'], '.2f')})"
-        for n in MEMORY_STEPS),
-                 report_lib.fmt(st[GRAM]["xla_memory_ratio"], ".2f")))
+  g = report_lib.fmt
   return _title("3. Memory (compiled step, MiB; ratio to SGD)") + (
-      report_lib.table(["batch", *MEMORY_STEPS, f"XLA peak ratio {GRAM}"],
-                       rows))
+      report_lib.table(["batch", *MEMORY_STEPS, f"XLA peak ratio {GRAM}"], [
+          (r["batch"], *(f"{report_lib.mib(r['steps'][n]['peak_bytes'])} "
+                         f"({g(r['steps'][n]['memory_ratio'], '.2f')})"
+                         for n in MEMORY_STEPS),
+           g(r["steps"][GRAM]["xla_memory_ratio"], ".2f"))
+          for r in memory["shapes"].values()]))
 
 
 def _fig2_lines(fig2: dict[str, Any]) -> list[str]:
@@ -408,9 +369,8 @@ def to_markdown(report: dict[str, Any]) -> str:
   if report.get("goals"):
     lines += ["", "**Goals:**", ""] + report_lib.goals_table(report["goals"])
   for name, render in _RENDER.items():
-    result = (report["sections"].get(name) or {}).get("result")
-    if result:
-      lines += render(result)
+    if _result(report, name):
+      lines += render(_result(report, name))
   return "\n".join(lines) + "\n"
 
 
@@ -425,8 +385,7 @@ def _run_section(name: str, opts: Options, state: dict[str, Any],
   tic = time.perf_counter()
   _log(f"{name} ...")
   try:
-    entry["result"] = RUNNERS[name](opts, state)
-    entry["status"] = "ok"
+    entry.update(result=RUNNERS[name](opts, state), status="ok")
   except Exception as err:  # pylint: disable=broad-except
     entry.update(status="error", error=f"{type(err).__name__}: {err}",
                  traceback=traceback.format_exc(limit=8),
@@ -449,10 +408,8 @@ def run_check(opts: Options, out: str, *, sections: Sequence[str] = SECTIONS,
     raise ValueError(f"--sections: unknown {sorted(unknown)}; expected some "
                      f"of {', '.join(SECTIONS)}.")
   start = time.perf_counter()
-  report = dict(command=command, date=report_lib.now(),
-                environment=report_lib.environment(),
-                options=dataclasses.asdict(opts), sections={}, finished=False,
-                goals=None, total_wall_s=0.0)
+  report = dict(report_lib.stamp(command), options=dataclasses.asdict(opts),
+                sections={}, finished=False, goals=None, total_wall_s=0.0)
   state: dict[str, Any] = dict(deadline=start + budget_s, out=out)
   for name in (n for n in SECTIONS if n in sections):
     entry = report["sections"][name] = dict(
@@ -496,10 +453,8 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   opts = Options.tiny_sizes() if f.tiny else Options()
-  if f.repeats is not None:
-    opts = dataclasses.replace(opts, repeats=f.repeats)
-  if f.fig2_steps is not None:
-    opts = dataclasses.replace(opts, fig2_steps=f.fig2_steps)
+  opts = dataclasses.replace(opts, **{k: f[k].value for k in (
+      "repeats", "fig2_steps") if f[k].value is not None})
   run_check(opts, f.out, sections=tuple(f.sections or SECTIONS),
             budget_s=f.budget_s,
             command=report_lib.command_line("experiments.device_check"))

@@ -23,15 +23,12 @@ import numpy as np
 
 import lrcr
 from experiments import bench
-from experiments import benchmark
 from experiments import report
 from experiments import steps
 
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh,
                "softplus": jax.nn.softplus, "gelu": jax.nn.gelu}
 
-# ---------------------------------------------------------------------------
-# float32 on the default device against float64 on the CPU.
 
 
 def _directionals(loss_fn, params, x, y, direction, lr):
@@ -135,7 +132,7 @@ def float32_errors(width: int, depth: int, batch: int, *,
   problems = _problems(width, depth, x.shape[1], init_scales)
   compiled, compile_s = {}, {}
   for prec in precisions:
-    compiled[prec], compile_s[prec] = benchmark.compile_step(
+    compiled[prec], compile_s[prec] = bench.compile_step(
         lambda p, xx, yy, d: _directionals(loss_fn, p, xx, yy, d, lr),
         (problems[0][1], x, y, problems[0][2]), prec)
   runs = []                           # float32 first, outside x64
@@ -158,10 +155,6 @@ def float32_errors(width: int, depth: int, batch: int, *,
           c["f64_engine_vs_fof"] for c in cases),
       max_rel_err={p: dict(engine=worst(p, ("engine", "engine_gram")),
                            fof=worst(p, ("fof",))) for p in precisions})
-
-
-# ---------------------------------------------------------------------------
-# float64 against the dense Hessian.
 
 
 def _mlp_rows(rng) -> tuple[np.ndarray, list[float]]:

@@ -1,11 +1,7 @@
-"""The reporting layer of experiments/: numbers, JSON, ratios, tables, goals.
+"""The reporting layer: numbers, JSON, paired ratios, markdown tables, goals.
 
-Every measuring program builds its report as plain data and hands it here:
-
-    report = jsonable(report)                     # JSON-safe, NaN -> None
-    lines = table(["net", "kernels"], rows)       # markdown
-    rows = [judge(goal, value, text) for ...]     # Goal rows -> verdicts
-    write(out, "benchmark", report, markdown)     # .json and .md, atomically
+Every measuring program builds its report as plain data, judges its `Goal`
+rows (`judge_all`) and writes <out>/<stem>.{json,md} with `write`.
 """
 
 from __future__ import annotations
@@ -19,22 +15,19 @@ import os
 import platform
 import shlex
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from experiments import workdir
 
-# ---------------------------------------------------------------------------
-# Numbers and JSON.
-
 
 def jsonable(x: Any) -> Any:
   """`x` with numpy scalars as Python numbers and non-finite floats as None.
 
-  Mappings become dicts with string keys, sequences lists; strings, None
-  and Python numbers pass; anything else becomes its `str`.
+  Mappings become dicts with string keys, sequences lists; anything else but
+  a string or None becomes its `str`.
   """
   if isinstance(x, Mapping):
     return {str(k): jsonable(v) for k, v in x.items()}
@@ -105,10 +98,6 @@ def paired(seconds: Sequence[float], base: Sequence[float]) -> dict[str, Any]:
               samples_ms=[float(t * 1e3) for t in s])
 
 
-# ---------------------------------------------------------------------------
-# Markdown.
-
-
 def _cell(x: Any) -> str:
   text = x if isinstance(x, str) else fmt(x)
   return text.replace("|", "\\|").replace("\n", " ")
@@ -120,9 +109,6 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
   lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
   return lines
 
-
-# ---------------------------------------------------------------------------
-# Goals.
 
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt,
         ">=": operator.ge}
@@ -188,6 +174,16 @@ def judge(goal: Goal, value: float | None, measured: str = "") -> dict:
   return row
 
 
+def judge_all(goals: Iterable[tuple[Goal, Callable[[Any], Any]]],
+              report: Any, note: str = "") -> list[dict]:
+  """`judge` of each (goal, reader) pair; a reader gives (value, words) or
+  None (not measured). A `note` is appended to every verdict in brackets."""
+  rows = [judge(goal, *(read(report) or (None, ""))) for goal, read in goals]
+  for row in rows if note else ():
+    row["verdict"] += f" [{note}]"
+  return rows
+
+
 def goals_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   """The goal rows as a markdown table."""
   def target(r):
@@ -198,10 +194,6 @@ def goals_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return f"{r['target']} ({', '.join(l for l in levels if l)}){where}"
   return table(["target", "measured", "verdict"],
                [(target(r), r["measured"], r["verdict"]) for r in rows])
-
-
-# ---------------------------------------------------------------------------
-# Where the numbers come from, and where they go.
 
 
 def now() -> str:
@@ -243,6 +235,11 @@ def environment_line(env: Mapping[str, Any]) -> str:
           f"{env['device_count']} device(s)); jax {env['jax_version']}, "
           f"jaxlib {env['jaxlib_version']}; python {env['python']}; "
           f"{env['cpu_count']} CPU cores ({env['cpu']}); {env['platform']}")
+
+
+def stamp(command: str) -> dict[str, Any]:
+  """A report's provenance: its command, the date and the machine."""
+  return dict(command=command, date=now(), environment=environment())
 
 
 def header(title: str, report: Mapping[str, Any]) -> list[str]:
