@@ -1,10 +1,8 @@
-"""Benchmark steps and how they are measured: kernels, flops, memory, time.
+"""Benchmark steps, and how a compiled program is counted and timed.
 
-Every step is pure, `step(params, opt_state, x, y) -> (params, opt_state,
-loss)`, so `compile_step` gives the executable that `measure` counts
-(`static_costs`) and times (`sampler`, `interleaved_samples`). `make_steps`
-builds the benchmark's variants from the training loop's own steps
-(`experiments.steps`), so the benchmarks time exactly what the loop runs.
+A step is pure, `step(params, opt_state, x, y) -> (params, opt_state,
+loss)`; `make_steps` builds the variants from the training loop's own steps
+(`experiments.steps`), and `measure` counts and times their executables.
 """
 
 from __future__ import annotations
@@ -51,22 +49,21 @@ class Variant(NamedTuple):
   description: str
 
 
-def paper_mlp(width: int, depth: int, num_classes: int = 10) -> lrcr.MLP:
-  """The paper's ReLU MLP, no biases, weights ~ U(-0.1, 0.1)."""
-  return lrcr.MLP((width,) * depth, num_classes,
-                  kernel_init=lrcr.uniform_init(0.1))
+def paper_mlp(width: int, depth: int) -> lrcr.MLP:
+  """The paper's ReLU MLP, 10 classes, no biases, weights ~ U(-0.1, 0.1)."""
+  return lrcr.MLP((width,) * depth, 10, kernel_init=lrcr.uniform_init(0.1))
 
 
-def make_problem(width: int, depth: int, batch: int, *, input_dim: int = 784,
-                 num_classes: int = 10, seed: int = 0, steps: int = 1):
-  """(model, params, x [B, D], y [B]), random float32 (x [steps, B, D] and
-  y [steps, B] with steps > 1)."""
-  model = paper_mlp(width, depth, num_classes)
+def make_problem(width: int, depth: int, batch: int, *, seed: int = 0,
+                 steps: int = 1):
+  """(model, params, x [B, 784], y [B]), random float32 (x [steps, B, 784]
+  and y [steps, B] with steps > 1)."""
+  model = paper_mlp(width, depth)
   kx, ky, kp = jax.random.split(jax.random.key(seed), 3)
   lead = (batch,) if steps == 1 else (steps, batch)
-  x = jax.random.normal(kx, lead + (input_dim,), jnp.float32)
-  y = jax.random.randint(ky, lead, 0, num_classes, jnp.int32)
-  params = model.init(kp, jnp.zeros((1, input_dim), jnp.float32))["params"]
+  x = jax.random.normal(kx, lead + (784,), jnp.float32)
+  y = jax.random.randint(ky, lead, 0, 10, jnp.int32)
+  params = model.init(kp, jnp.zeros((1, 784), jnp.float32))["params"]
   return model, params, x, y
 
 
@@ -315,15 +312,14 @@ def compile_step(fn: Callable[..., Any], args: Sequence[Any],
 
 
 def sampler(fn: Callable[..., Any], args: Sequence[Any], target_s: float,
-            chained: bool = True,
-            max_calls: int = 100_000) -> tuple[Callable[[], float], int]:
+            chained: bool = True) -> tuple[Callable[[], float], int]:
   """(sample() -> seconds per call, calls per sample), a sample ~`target_s`.
 
-  A sample is the mean of chained calls from `args`: each call feeds its new
-  (params, opt_state) into the next, like a training loop, on a fixed
-  batch (with `chained=False`, every call gets `args`). The clock stops when
-  the last result is ready.
+  A sample is the mean of calls from `args`, each feeding its new (params,
+  opt_state) into the next on a fixed batch, like a training loop (or, not
+  `chained`, each on `args`); the clock stops when the last result is ready.
   """
+  max_calls = 100_000
   def run(calls: int) -> float:
     a, tic = tuple(args), time.perf_counter()
     for _ in range(calls):

@@ -3,14 +3,12 @@
     python -m experiments.benchmark [--quick] [--out=runs/benchmark] \
         [--repeats=15]
 
-Per network shape, every `bench.VARIANTS` step is compiled ahead of time and
-measured by `bench.measure`: kernels, flops and peak memory with their ratios
-to its base's, and the median and IQR of ms per step and of the paired ratio
-to its base, timed round-robin. The loop measurement compares
-`train_lib.train_and_evaluate` on configs/paper.py:mnist_sgd_plateau
-(mnist_5k) with the bare jitted `bench.loop_iteration`, from runs of N1 and
-N2 steps: (N2 - N1) / ((wall2 - compile2) - (wall1 - compile1)). The goals
-are data (`GOALS`). Outputs: markdown on stdout, <out>/benchmark.{md,json}.
+Every `bench.VARIANTS` step at every shape goes through `bench.measure`. The
+loop measurement compares `train_lib.train_and_evaluate` on
+configs/paper.py:mnist_sgd_plateau (mnist_5k) with the bare jitted
+`bench.loop_iteration`, from runs of N1 and N2 steps: (N2 - N1) /
+((wall2 - compile2) - (wall1 - compile1)). The goals are data (`GOALS`).
+Outputs: markdown on stdout, <out>/benchmark.{md,json}.
 """
 
 from __future__ import annotations
@@ -50,8 +48,7 @@ def shape_key(width: int, depth: int, batch: int) -> str:
 
 def bench_shape(width: int, depth: int, batch: int, *, repeats: int,
                 sample_s: float, names: Sequence[str] | None = None,
-                prec: str = "default", cache: dict | None = None,
-                seed: int = 0) -> dict[str, Any]:
+                cache: dict | None = None, seed: int = 0) -> dict[str, Any]:
   """Measures the variants `names` (default: all, plus bases) at one shape."""
   model, params, x, y = bench.make_problem(width, depth, batch, seed=seed)
   _, _, xs, ys = bench.make_problem(width, depth, batch, seed=seed,
@@ -63,7 +60,7 @@ def bench_shape(width: int, depth: int, batch: int, *, repeats: int,
   for name, v in bench.make_steps(model, batch, names).items():
     args = (params, v.tx.init(params),
             *((xs, ys) if v.steps_per_call > 1 else (x, y)))
-    compiled, compile_s = bench.compile_step(v.step, args, prec, cache=cache,
+    compiled, compile_s = bench.compile_step(v.step, args, cache=cache,
                                              key=(name, batch))
     entries[name] = dict(
         compiled=compiled, args=args, base=v.base, kind=v.kind,
@@ -431,7 +428,8 @@ def run(*, quick: bool = False, out: str = "runs/benchmark",
       sample_ms=sample_s * 1e3, shapes={},
       transform=bench_transform(*shapes[0][:2]), loop=None)
   total = time.perf_counter()
-  log = lambda m: print(f"[benchmark] {m}", file=sys.stderr, flush=True)
+  log = lambda m: print(f"[benchmark] {m}", file=sys.stderr,  # noqa: E731
+                        flush=True)
   for width, depth, batch in shapes:
     tic = time.perf_counter()
     log(f"{depth}x{width} batch {batch} ...")

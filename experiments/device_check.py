@@ -3,14 +3,9 @@
     python -m experiments.device_check --out=runs/device_check [--tiny] \
         [--sections=exactness,speed,memory,fig2] [--budget_s=360]
 
-Each section composes another program: exactness (`exactness.float32_errors`
-under default and highest matmul precision, and the steps timed under both),
-speed (`benchmark.bench_shape`, the HLO text of the first batch's steps, and
-a scanned chunk of `bench.loop_iteration`), memory (peak bytes against
-SGD's) and fig2 (the Fig. 2 run through `benchmark.train_run`, against the
-CPU's wall time). A failed section is recorded and the next runs; the report,
-<out>/device_check.{json,md}, is rewritten after each. `--tiny` shrinks every
-size for the CPU test.
+The sections compose `exactness.float32_errors`, `benchmark.bench_shape` and
+`benchmark.train_run`. A failed section is recorded and the next runs;
+<out>/device_check.{json,md} are rewritten after each. `--tiny`: CPU test.
 """
 
 from __future__ import annotations
@@ -257,14 +252,10 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
                               opts.tiny and "--tiny: not the goals' shapes")
 
 
-def _title(title: str) -> list[str]:
-  return ["", f"## {title}", ""]
-
-
 def _exactness_lines(exact: dict[str, Any]) -> list[str]:
   g = report_lib.fmt
-  lines = _title("1. Exactness (float32 on the device vs float64 on the CPU)")
-  lines += [
+  lines = [
+      "", "## 1. Exactness (float32 on the device vs float64 on the CPU)", "",
       f"{exact['network']} net, batch {exact['batch']}, random data; "
       f"reference: forward-over-forward in {exact['reference_dtype']} on "
       f"{exact['reference_device']} (the float64 engine agrees with it to "
@@ -302,8 +293,8 @@ def _speed_lines(speed: dict[str, Any]) -> list[str]:
     return report_lib.table(["batch", *SPEED_STEPS], [
         (s["batch"], *(cell(s["variants"][n]) for n in SPEED_STEPS))
         for s in speed["shapes"].values()])
-  lines = _title("2. Speed (ms per step, median of interleaved repeats; "
-                 "paired ratio to SGD)") + grid(
+  lines = ["", "## 2. Speed (ms per step, median of interleaved repeats; "
+           "paired ratio to SGD)", ""] + grid(
                      lambda v: f"{g(v['ms_per_step'])} "
                      f"({g(v['ratio'], '.2f')}x)")
   lines += ["", "Kernels per compiled step (`bench.count_kernels`: fusions, "
@@ -324,7 +315,7 @@ def _speed_lines(speed: dict[str, Any]) -> list[str]:
 
 def _memory_lines(memory: dict[str, Any]) -> list[str]:
   g = report_lib.fmt
-  return _title("3. Memory (compiled step, MiB; ratio to SGD)") + (
+  return ["", "## 3. Memory (compiled step, MiB; ratio to SGD)", ""] + (
       report_lib.table(["batch", *MEMORY_STEPS, f"XLA peak ratio {GRAM}"], [
           (r["batch"], *(f"{report_lib.mib(r['steps'][n]['peak_bytes'])} "
                          f"({g(r['steps'][n]['memory_ratio'], '.2f')})"
@@ -335,7 +326,7 @@ def _memory_lines(memory: dict[str, Any]) -> list[str]:
 
 def _fig2_lines(fig2: dict[str, Any]) -> list[str]:
   g = report_lib.fmt
-  lines = _title("4. Fig. 2 run") + [
+  lines = ["", "## 4. Fig. 2 run", "",
       f"{fig2['config']}, {fig2['num_steps']} steps, {fig2['network']}, "
       f"data {fig2['data_source']}: wall {g(fig2['wall_time_s'], '.1f')} s "
       f"(compile {g(fig2['compile_time_s'], '.1f')} s, "
@@ -435,17 +426,14 @@ def run_check(opts: Options, out: str, *, sections: Sequence[str] = SECTIONS,
 def _define_flags() -> None:
   """The command's flags, defined only when it runs as a program."""
   flags.DEFINE_string("out", None, "Directory for device_check.{md,json}.")
-  flags.DEFINE_bool(
-      "tiny", False, "Tiny sizes (2x16 net, batch 8, 2 repeats, 10 Fig. 2 "
-      "steps): the CPU test of this script, not a measurement.")
+  flags.DEFINE_bool("tiny", False, "Tiny sizes (2x16 net, batch 8, 2 repeats, "
+                    "10 Fig. 2 steps): the CPU test, not a measurement.")
   flags.DEFINE_list("sections", None, "Sections to run (default: all), of "
                     "exactness, speed, memory, fig2.")
-  flags.DEFINE_float(
-      "budget_s", 360.0, "Sections not started within this many seconds of "
-      "the start are skipped (recorded as such).")
+  flags.DEFINE_float("budget_s", 360.0, "Sections not started within this "
+                     "many seconds are skipped (recorded as such).")
   flags.DEFINE_integer("repeats", None, "Override: timing repeats.")
-  flags.DEFINE_integer("fig2_steps", None,
-                       "Override: steps of the Fig. 2 run.")
+  flags.DEFINE_integer("fig2_steps", None, "Override: Fig. 2 run's steps.")
 
 
 def main(argv: Sequence[str]) -> None:

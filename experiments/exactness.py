@@ -30,12 +30,9 @@ ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh,
                "softplus": jax.nn.softplus, "gelu": jax.nn.gelu}
 
 
-
 def _directionals(loss_fn, params, x, y, direction, lr):
-  """([slope, curvature] per way, g, g_gram) along -lr grad F and `direction`.
-
-  Ways: the engine (dense sweep; Gram form along g) and forward-over-forward.
-  """
+  """([slope, curvature] by the engine (dense sweep; Gram form along g) and
+  forward-over-forward, g, g_gram) along g = -lr grad F and `direction`."""
   _, grads, curv = lrcr.value_grad_and_curvature(loss_fn, params, x, y)
   _, grads_g, curv_gram = lrcr.value_grad_and_curvature(
       loss_fn, params, x, y, gradient_direction=True)
@@ -116,10 +113,9 @@ def float32_errors(width: int, depth: int, batch: int, *,
                    ) -> dict[str, Any]:
   """The float32 engine and f-o-f against a float64 f-o-f reference on CPU.
 
-  Args:
-    width, depth, batch: the paper's MLP and its random batch.
-    init_scales: U(-s, s) initializations (Fig. 2's 0.1, Fig. 1's 0.2).
-    precisions: "default" or a `jax.default_matmul_precision` name.
+  The width x depth paper MLP, initialized U(-s, s) for each s of
+  `init_scales`, on a random batch, traced under each matmul precision
+  ("default" or a `jax.default_matmul_precision` name).
 
   Returns:
     network, batch, learning_rate, compile_s, reference_device and _dtype,

@@ -24,11 +24,9 @@ from experiments import workdir
 
 
 def jsonable(x: Any) -> Any:
-  """`x` with numpy scalars as Python numbers and non-finite floats as None.
-
-  Mappings become dicts with string keys, sequences lists; anything else but
-  a string or None becomes its `str`.
-  """
+  """`x` with numpy scalars as Python numbers, non-finite floats as None,
+  mappings as dicts with string keys, sequences as lists, and anything else
+  but a string or None as its `str`."""
   if isinstance(x, Mapping):
     return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
@@ -84,12 +82,8 @@ def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
 
 
 def paired(seconds: Sequence[float], base: Sequence[float]) -> dict[str, Any]:
-  """ms per step and the paired ratio to `base` (seconds per repeat each).
-
-  Returns:
-    ms_per_step, ms_q1, ms_q3; ratio, ratio_q1, ratio_q3 of the per-repeat
-    seconds[i] / base[i]; ratio_of_medians; samples_ms.
-  """
+  """ms_per_step, ms_q1, ms_q3; ratio, ratio_q1, ratio_q3 of the per-repeat
+  seconds[i] / base[i]; ratio_of_medians; samples_ms."""
   s, b = np.asarray(seconds, np.float64), np.asarray(base, np.float64)
   q1, med, q3 = quartiles(s * 1e3)
   r1, rmed, r3 = quartiles(s / b)
@@ -116,16 +110,9 @@ _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt,
 
 @dataclasses.dataclass(frozen=True)
 class Goal:
-  """A target: the measured value must be `op` the bar, ideally the goal.
-
-  Attributes:
-    target: what is judged, in words.
-    op: the comparison with the bar, one of "<", "<=", ">", ">=".
-    bar: the level to pass (None: the goal alone is judged).
-    goal: the stretch level, or None.
-    source: where the target comes from (an issue, say).
-    goal_op: the comparison with the goal, if not `op`.
-  """
+  """A target in words: the measured value must be `op` ("<", "<=", ">",
+  ">=") the `bar` (None: the goal alone is judged), ideally `goal_op` (default
+  `op`) the stretch `goal` (or None); `source` says where it comes from."""
   target: str
   op: str
   bar: float | None
@@ -251,11 +238,8 @@ def header(title: str, report: Mapping[str, Any]) -> list[str]:
 
 def write(out: str, stem: str, report: Mapping[str, Any],
           markdown: str) -> dict[str, Any]:
-  """Writes <out>/<stem>.json and <out>/<stem>.md, each replaced atomically.
-
-  Returns:
-    The report as written (`jsonable`).
-  """
+  """Writes <out>/<stem>.{json,md}, each replaced atomically; returns the
+  report as written (`jsonable`)."""
   report = jsonable(report)
   os.makedirs(out, exist_ok=True)
   for ext, text in (("json", json.dumps(report, indent=1, allow_nan=False)),
