@@ -333,13 +333,15 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
       "--quick: tiny net, not the goal's shapes"))
 
 
-def _shape_lines(s: dict[str, Any]) -> list[str]:
+def shape_lines(s: dict[str, Any], heading: str = "##") -> list[str]:
+  """A `bench_shape` result as a titled markdown table ("n/a": not timed)."""
   f = report_lib.fmt
-  rows = [(name, v["base"],
-           f"{v['ms_per_step']:.3f} [{v['ms_q1']:.3f}, {v['ms_q3']:.3f}]",
-           f"{v['ratio']:.2f} [{v['ratio_q1']:.2f}, {v['ratio_q3']:.2f}]",
+  iqr = lambda v, k, q, spec: report_lib.with_iqr(  # noqa: E731
+      v.get(k), [v.get(f"{q}_q1"), v.get(f"{q}_q3")], lambda x: f(x, spec))
+  rows = [(name, v["base"], iqr(v, "ms_per_step", "ms", ".3f"),
+           iqr(v, "ratio", "ratio", ".2f"),
            f"{v['kernels']} ({f(v['kernel_ratio'], '.2f')})",
-           f(v["flops_ratio"], ".2f"), v["calls_per_sample"],
+           f(v["flops_ratio"], ".2f"), v.get("calls_per_sample"),
            report_lib.mib(v["peak_bytes"]), f(v["memory_ratio"], ".2f") + (
                f" ({f(v['xla_memory_ratio'], '.2f')})"
                if v["xla_memory_ratio"] is not None else ""))
@@ -348,7 +350,8 @@ def _shape_lines(s: dict[str, Any]) -> list[str]:
   if d:
     rows.append(("cr_sgd_every10_derived (DERIVED)", "sgd", "-",
                  f"{d['ratio']:.2f}", "-", "-", "-", "-", "-"))
-  return ["", f"## {s['depth']}x{s['width']}, batch {s['batch']}", ""] + (
+  return ["", f"{heading} {s['depth']}x{s['width']}, batch {s['batch']}",
+          ""] + (
       report_lib.table(["variant", "base", "ms/step [IQR]", "ratio [IQR]",
                         "kernels (ratio)", "flops ratio", "K", "memory MiB",
                         "memory ratio"], rows))
@@ -395,7 +398,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines.append("- **--quick: smoke run on a tiny net; the numbers mean "
                  "nothing for the goals.**")
   for s in report["shapes"].values():
-    lines += _shape_lines(s)
+    lines += shape_lines(s)
   first = next(iter(report["shapes"].values()))
   lines += ["", "Variants:", ""] + [
       f"- `{name}` ({v['kind']}): {v['description']}"

@@ -288,19 +288,11 @@ def _exactness_lines(exact: dict[str, Any]) -> list[str]:
 
 def _speed_lines(speed: dict[str, Any]) -> list[str]:
   g = report_lib.fmt
-
-  def grid(cell):                   # batches (rows) by steps (columns)
-    return report_lib.table(["batch", *SPEED_STEPS], [
-        (s["batch"], *(cell(s["variants"][n]) for n in SPEED_STEPS))
-        for s in speed["shapes"].values()])
-  lines = ["", "## 2. Speed (ms per step, median of interleaved repeats; "
-           "paired ratio to SGD)", ""] + grid(
-                     lambda v: f"{g(v['ms_per_step'])} "
-                     f"({g(v['ratio'], '.2f')}x)")
-  lines += ["", "Kernels per compiled step (`bench.count_kernels`: fusions, "
-            "library calls and copies in the compiled HLO), and the ratio to "
-            "SGD's:", ""] + grid(
-                lambda v: f"{v['kernels']} ({g(v['kernel_ratio'], '.2f')})")
+  lines = ["", "## 2. Speed (the benchmark's tables: ms per step, median of "
+           "interleaved repeats; paired ratio to SGD; kernels per compiled "
+           "step by `bench.count_kernels`)"]
+  for s in speed["shapes"].values():
+    lines += benchmark.shape_lines(s, "###")
   if speed.get("skipped_over_budget"):
     lines += ["", "Skipped (over --budget_s): "
               + ", ".join(speed["skipped_over_budget"]) + "."]
