@@ -366,9 +366,7 @@ def measure(entries: dict[str, dict[str, Any]], *, repeats: int,
     entries: name -> dict with `compiled`, `args`, `base` (an entry's name),
       optionally `steps_per_call` (1) and `chained` (`sampler`'s, True);
       other keys are kept.
-    repeats: round-robin repeats of `interleaved_samples`; 0: no timing.
-    sample_s: seconds per timing sample.
-    seed: of the sampling order.
+    repeats: round-robin repeats (`interleaved_samples`); 0: no timing.
 
   Returns:
     name -> the entry's keys (less `compiled`, `args`), `static_costs`,
