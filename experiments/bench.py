@@ -146,8 +146,8 @@ def transform_parts(params: Any) -> dict[str, Callable[[Any], Any]]:
 
 _GRAM, _STACK = dict(gradient_direction=True), dict(stack_layers=True)
 #: The variants: name -> (optimizer, curvature path (None: no CR step),
-#: `steps.CROptions` fields, base, kind, description). The bases of
-#: "sgd_scan10" run EVERY steps under lax.scan per call.
+#: `steps.CROptions` fields, base, kind, description). "sgd_scan10" and the
+#: variants based on it run EVERY steps under lax.scan per call.
 VARIANTS = {
     "sgd": ("sgd", None, {}, "sgd", "base", "value_and_grad + optax.sgd"),
     "adagrad": ("adagrad", None, {}, "adagrad", "base",
