@@ -13,6 +13,7 @@ Outputs: markdown on stdout, <out>/benchmark.{md,json}.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import tempfile
@@ -48,24 +49,29 @@ def shape_key(width: int, depth: int, batch: int) -> str:
 
 def bench_shape(width: int, depth: int, batch: int, *, repeats: int,
                 sample_s: float, names: Sequence[str] | None = None,
+                precisions: Sequence[str] = ("default",),
                 cache: dict | None = None, seed: int = 0) -> dict[str, Any]:
-  """Measures the variants `names` (default: all, plus bases) at one shape."""
+  """Measures the variants `names` (default: all, plus bases) at one shape
+  under each matmul precision; with two or more, named "<variant>@<prec>",
+  each against its base at the first precision."""
   model, params, x, y = bench.make_problem(width, depth, batch, seed=seed)
   _, _, xs, ys = bench.make_problem(width, depth, batch, seed=seed,
                                     steps=bench.EVERY)
   names = list(names or bench.VARIANTS)
   names += [bench.VARIANTS[n][3] for n in names
             if bench.VARIANTS[n][3] not in names]
+  tag = lambda n, p: n if len(precisions) == 1 else f"{n}@{p}"  # noqa: E731
   entries = {}
-  for name, v in bench.make_steps(model, batch, names).items():
+  for prec, (name, v) in itertools.product(
+      precisions, bench.make_steps(model, batch, names).items()):
     args = (params, v.tx.init(params),
             *((xs, ys) if v.steps_per_call > 1 else (x, y)))
-    compiled, compile_s = bench.compile_step(v.step, args, cache=cache,
+    compiled, compile_s = bench.compile_step(v.step, args, prec, cache=cache,
                                              key=(name, batch))
-    entries[name] = dict(
-        compiled=compiled, args=args, base=v.base, kind=v.kind,
-        steps_per_call=v.steps_per_call, description=v.description,
-        compile_s=compile_s)
+    entries[tag(name, prec)] = dict(
+        compiled=compiled, args=args, base=tag(v.base, precisions[0]),
+        kind=v.kind, steps_per_call=v.steps_per_call,
+        description=v.description, compile_s=compile_s)
   out = bench.measure(entries, repeats=repeats, sample_s=sample_s, seed=seed)
   derived = None
   if repeats and PRIMARY in out and "cr_sgd_every10" in out:
@@ -77,6 +83,24 @@ def bench_shape(width: int, depth: int, batch: int, *, repeats: int,
   return dict(width=width, depth=depth, batch=batch, repeats=repeats,
               sub_batch_rows=min(bench.SUB_BATCH, batch), variants=out,
               every10_derived=derived)
+
+
+def bench_chunk(width: int, depth: int, batch: int, chunk: int, *,
+                repeats: int, sample_s: float) -> dict[str, Any]:
+  """The loop's body (`bench.loop_iteration`), `chunk` steps under lax.scan:
+  its ms per chunk, steps/s and kernels."""
+  fn, args = bench.loop_iteration(width, depth, batch, steps=chunk)
+  compiled, compile_s = bench.compile_step(fn, args)
+  m = bench.measure({"chunk": dict(compiled=compiled, args=args,
+                                   base="chunk")},
+                    repeats=repeats, sample_s=sample_s)["chunk"]
+  return dict(
+      batch=batch, chunk=chunk, ms_per_chunk=m["ms_per_step"],
+      steps_per_s=chunk / (m["ms_per_step"] / 1e3), kernels=m["kernels"],
+      compile_s=compile_s, note=(
+          "one step = one SGD step and one engine Gram-form CR-SGD step on "
+          "the same batch (the training loop's body), random data, no data "
+          "indexing or metrics"))
 
 
 def bench_transform(width: int, depth: int) -> dict[str, Any]:

@@ -3,14 +3,15 @@
     python -m experiments.device_check --out=runs/device_check [--tiny] \
         [--sections=exactness,speed,memory,fig2] [--budget_s=360]
 
-The sections compose `exactness.float32_errors`, `benchmark.bench_shape` and
-`benchmark.train_run`. A failed section is recorded and the next runs;
-<out>/device_check.{json,md} are rewritten after each. `--tiny`: CPU test.
+Composes `exactness.float32_errors`, `benchmark.bench_shape`/`bench_chunk`
+and `benchmark.train_run`, with their markdown. A failed section is recorded
+and the next runs; <out>/device_check.{json,md} are rewritten after each.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -23,11 +24,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from experiments import bench
 from experiments import benchmark
 from experiments import exactness
 from experiments import report as report_lib
-from experiments.report import Goal
 
 SECTIONS = ("exactness", "speed", "memory", "fig2")
 #: The steps measured (`bench.VARIANTS` names).
@@ -37,6 +36,7 @@ SPEED_STEPS = (SGD, GRAM, DENSE, "cr_sgd_engine_gram_stacked",
 HLO_STEPS = (SGD, GRAM, DENSE)           # written out as HLO text
 MEMORY_STEPS = SPEED_STEPS[:4]
 PRECISIONS = ("default", "highest")
+SKIPPED = "over --budget_s"
 
 #: The Fig. 2 run on the CPU: `JAX_PLATFORMS=cpu python -m
 #: experiments.device_check --out=DIR --sections=fig2` (train_lib's numbers).
@@ -79,54 +79,38 @@ def _log(message: str) -> None:
   print(f"[device_check] {message}", flush=True)
 
 
-def _measure(opts: Options, entries: dict[str, Any]) -> dict[str, Any]:
-  return bench.measure(entries, repeats=opts.repeats, sample_s=opts.sample_s)
-
-
-def _precision_timing(opts: Options, b: int, cache: dict) -> dict[str, Any]:
-  """SGD and CR-SGD (Gram) under each precision, ratios to SGD at default."""
-  model, params, x, y = bench.make_problem(opts.width, opts.depth, b)
-  entries = {}
-  for prec in PRECISIONS:
-    for name, v in bench.make_steps(model, b, (SGD, GRAM)).items():
-      args = (params, v.tx.init(params), x, y)
-      entries[f"{name}@{prec}"] = dict(base=f"{SGD}@default", args=args,
-                                       compiled=bench.compile_step(
-                                           v.step, args, prec, cache=cache,
-                                           key=(name, b))[0])
-  table = _measure(opts, entries)
-  ms = lambda n: table[f"{n}@highest"]["ms_per_step"] / table[  # noqa: E731
-      f"{n}@default"]["ms_per_step"]
-  return dict(steps=table, cr_highest_over_default=ms(GRAM),
-              sgd_highest_over_default=ms(SGD))
+def _shape(opts: Options, state: dict[str, Any], b: int, names: Sequence[str],
+           key: str = "variants", repeats: int | None = None,
+           precisions: Sequence[str] = ("default",)) -> dict[str, Any]:
+  """`benchmark.bench_shape` at batch `b` (its variants under `key`),
+  sharing the check's executables."""
+  s = benchmark.bench_shape(
+      opts.width, opts.depth, b, names=names, precisions=precisions,
+      repeats=opts.repeats if repeats is None else repeats,
+      sample_s=opts.sample_s, cache=state.setdefault("executables", {}),
+      seed=b)
+  s[key] = s.pop("variants")
+  return s
 
 
 def section_exactness(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
-  _log("exactness: float32 on the device, float64 on the CPU")
+  """`exactness.float32_errors`; SGD and CR-SGD timed under each precision."""
   out = exactness.float32_errors(opts.width, opts.depth, opts.exact_batch,
                                  init_scales=opts.exact_init_scales,
                                  precisions=PRECISIONS)
   out["step_timing"] = timing = {}
   for b in opts.precision_batches:
-    if _over_budget(state):
-      timing[f"b{b}"] = dict(skipped="over --budget_s")
-    else:
-      _log(f"exactness: step timing under both precisions, batch {b}")
-      timing[f"b{b}"] = _precision_timing(
-          opts, b, state.setdefault("executables", {}))
+    timing[f"b{b}"] = t = dict(skipped=SKIPPED) if _over_budget(state) else (
+        _shape(opts, state, b, (SGD, GRAM), "steps", precisions=PRECISIONS))
+    for key, n in () if "skipped" in t else (("cr", GRAM), ("sgd", SGD)):
+      ms = {p: t["steps"][f"{n}@{p}"]["ms_per_step"] for p in PRECISIONS}
+      t[f"{key}_highest_over_default"] = ms["highest"] / ms["default"]
   return out
 
 
-def _bench_shape(opts: Options, state: dict[str, Any], b: int,
-                 names: Sequence[str], repeats: int) -> dict[str, Any]:
-  """`benchmark.bench_shape` at batch `b`, sharing the check's executables."""
-  return benchmark.bench_shape(
-      opts.width, opts.depth, b, names=names, repeats=repeats,
-      sample_s=opts.sample_s, cache=state.setdefault("executables", {}),
-      seed=b)
-
-
 def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
+  """`benchmark.bench_shape` per batch (HLO text of the first written out),
+  then `benchmark.bench_chunk`."""
   skipped, first = [], opts.batches[0]
   result = state["partial"] = dict(network=f"{opts.depth}x{opts.width}",
                                    shapes={}, scan_chunk=None,
@@ -136,8 +120,7 @@ def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
       skipped.append(f"b{b}")
       continue
     _log(f"speed: batch {b}")
-    result["shapes"][f"b{b}"] = _bench_shape(opts, state, b, SPEED_STEPS,
-                                             opts.repeats)
+    result["shapes"][f"b{b}"] = _shape(opts, state, b, SPEED_STEPS)
     for name in HLO_STEPS if b == first and state.get("out") else ():
       with open(os.path.join(state["out"], f"hlo_{name}_b{b}.txt"), "w",
                 encoding="utf-8") as f:
@@ -145,38 +128,24 @@ def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
   if _over_budget(state):
     skipped.append("scan_chunk")
   else:
-    _log("speed: scan chunk")
-    chunk, args = bench.loop_iteration(opts.width, opts.depth, first,
-                                       steps=opts.chunk)
-    compiled, compile_s = bench.compile_step(chunk, args)
-    ms = _measure(opts, {"chunk": dict(compiled=compiled, args=args,
-                                       base="chunk")})["chunk"]
-    result["scan_chunk"] = dict(
-        batch=first, chunk=opts.chunk, ms_per_chunk=ms["ms_per_step"],
-        steps_per_s=opts.chunk / (ms["ms_per_step"] / 1e3),
-        kernels=ms["kernels"], compile_s=compile_s,
-        note=("one step = one SGD step and one engine Gram-form CR-SGD step "
-              "on the same batch (the training loop's body), random data, "
-              "no data indexing or metrics"))
+    result["scan_chunk"] = benchmark.bench_chunk(
+        opts.width, opts.depth, first, opts.chunk, repeats=opts.repeats,
+        sample_s=opts.sample_s)
   return result
 
 
 def section_memory(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
   """Memory of the compiled steps, from the speed section's executables."""
-  out = {}
-  for b in opts.batches:
-    shape = _bench_shape(opts, state, b, MEMORY_STEPS, 0)
-    out[f"b{b}"] = dict(batch=b, steps={
-        name: dict(v["memory"], memory_ratio=v["memory_ratio"],
-                   xla_memory_ratio=v["xla_memory_ratio"])
-        for name, v in shape["variants"].items()})
-  return dict(network=f"{opts.depth}x{opts.width}", shapes=out,
-              note=("peak_bytes = temp + argument + output bytes of "
-                    "compiled.memory_analysis(); xla_peak_bytes is XLA's own "
-                    "peak estimate where the backend reports one"))
+  return dict(network=f"{opts.depth}x{opts.width}", shapes={
+      f"b{b}": _shape(opts, state, b, MEMORY_STEPS, "steps", repeats=0)
+      for b in opts.batches}, note=(
+          "peak_bytes = temp + argument + output bytes of "
+          "compiled.memory_analysis(); xla_peak_bytes is XLA's own peak "
+          "estimate where the backend reports one"))
 
 
 def section_fig2(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
+  """One Fig. 2 training run, against `CPU_FIG2` at the full sizes."""
   del state
   config = benchmark.fig2_config(opts.width, opts.depth, 32, opts.chunk,
                                  opts.fig2_steps)
@@ -187,18 +156,16 @@ def section_fig2(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
       out = benchmark.train_run(config, os.path.join(tmp, "fig2"))
   finally:
     logging.set_verbosity(verbosity)
-  full = opts.fig2_steps == 3000 and not opts.tiny and (
-      opts.width, opts.depth, opts.chunk) == (128, 12, 100)
-  cpu = CPU_FIG2 if full else None
-  out.update(
-      config="configs/paper.py:mnist_sgd_plateau", num_steps=opts.fig2_steps,
-      network=f"{opts.depth}x{opts.width}", cpu=cpu,
-      cpu_source=CPU_FIG2_SOURCE if cpu else None,
+  cpu = CPU_FIG2 if (opts.fig2_steps, opts.width, opts.depth, opts.chunk,
+                     opts.tiny) == (3000, 128, 12, 100, False) else None
+  return dict(
+      out, config="configs/paper.py:mnist_sgd_plateau",
+      num_steps=opts.fig2_steps, network=f"{opts.depth}x{opts.width}",
+      cpu=cpu, cpu_source=CPU_FIG2_SOURCE if cpu else None,
       cpu_over_device_wall=report_lib.ratio(cpu and cpu["wall_time_s"],
                                             out.get("wall_time_s")),
       device_over_cpu_steps_per_s=report_lib.ratio(
           out.get("steps_per_s"), cpu and cpu["steps_per_s"]))
-  return out
 
 
 RUNNERS = dict(exactness=section_exactness, speed=section_speed,
@@ -209,38 +176,31 @@ def _result(report: dict[str, Any], name: str) -> dict[str, Any]:
   return (report["sections"].get(name) or {}).get("result") or {}
 
 
-def _speed_reader(b: int, key: str):
-  def read(report):
-    row = (_result(report, "speed").get("shapes") or {}).get(f"b{b}")
-    v = row and row["variants"]
-    return v and (v[GRAM][key], f"b{b}: Gram {v[GRAM][key]:.2f}x, dense "
-                  f"{v[DENSE][key]:.2f}x")
-  return read
+def _speed(b: int, key: str, report: dict[str, Any]):
+  v = (_result(report, "speed").get("shapes") or {}).get(f"b{b}")
+  v = v and v["variants"]
+  return v and (v[GRAM][key], f"b{b}: Gram {v[GRAM][key]:.2f}x, dense "
+                f"{v[DENSE][key]:.2f}x")
 
 
-def _exact_reader(prec: str):
-  def read(report):
-    err = (_result(report, "exactness").get("max_rel_err") or {}).get(
-        prec, {})
-    return err.get("engine") is not None and (err["engine"], (
-        f"engine {err['engine']:.1e} (f-o-f "
-        f"{report_lib.fmt(err['fof'], '.1e')})"))
-  return read
+def _exact(prec: str, report: dict[str, Any]):
+  e = (_result(report, "exactness").get("max_rel_err") or {}).get(prec, {})
+  return e.get("engine") is not None and (e["engine"], (
+      f"engine {e['engine']:.1e} (f-o-f {report_lib.fmt(e['fof'], '.1e')})"))
 
 
-def goals(opts: Options) -> list[tuple[Goal, Any]]:
+def goals(opts: Options) -> list[tuple[report_lib.Goal, Any]]:
   """The device goals at the sizes of `opts`: (goal, reader) pairs."""
+  goal, part = report_lib.Goal, functools.partial
   b256, b32 = opts.goal_batches
   return [
-      (Goal(f"CR-SGD (Gram form) time / SGD, batch {b256}", "<=", 1.5),
-       _speed_reader(b256, "ratio")),
-      (Goal(f"CR-SGD (Gram form) time / SGD, batch {b32}", "<=", 2.0),
-       _speed_reader(b32, "ratio")),
-      *((Goal(f"CR-SGD (Gram form) kernels / SGD's, batch {b} (the CPU "
+      *((goal(f"CR-SGD (Gram form) time / SGD, batch {b}", "<=", bar),
+         part(_speed, b, "ratio")) for b, bar in ((b256, 1.5), (b32, 2.0))),
+      *((goal(f"CR-SGD (Gram form) kernels / SGD's, batch {b} (the CPU "
               "target, on this device)", "<=", 1.6, 1.3, "performance target"),
-         _speed_reader(b, "kernel_ratio")) for b in sorted({b256, b32})),
-      *((Goal(f"engine max relative error against the float64 CPU "
-              f"reference, {prec} precision", "<=", 1e-5), _exact_reader(prec))
+         part(_speed, b, "kernel_ratio")) for b in sorted({b256, b32})),
+      *((goal(f"engine max relative error against the float64 CPU "
+              f"reference, {prec} precision", "<=", 1e-5), part(_exact, prec))
         for prec in PRECISIONS)]
 
 
@@ -252,136 +212,78 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
                               opts.tiny and "--tiny: not the goals' shapes")
 
 
-def _exactness_lines(exact: dict[str, Any]) -> list[str]:
-  g = report_lib.fmt
-  lines = [
-      "", "## 1. Exactness (float32 on the device vs float64 on the CPU)", "",
-      f"{exact['network']} net, batch {exact['batch']}, random data; "
-      f"reference: forward-over-forward in {exact['reference_dtype']} on "
-      f"{exact['reference_device']} (the float64 engine agrees with it to "
-      f"{g(exact['f64_engine_vs_fof_max'], '.1e')}). Directions: -lr grad F "
-      "(SGD) and a random one.", ""]
-  lines += report_lib.table(
-      ["precision", "max rel err, engine", "max rel err, f-o-f"],
-      [(p, g(e["engine"], ".2e"), g(e["fof"], ".2e"))
-       for p, e in exact["max_rel_err"].items()])
-  lines += [""] + report_lib.table(
-      ["init", "precision", "direction", "method", "slope", "rel err",
-       "curvature", "rel err"],
-      [(f"U(±{c['init_scale']})", c["precision"], c["direction"],
-        c["method"], g(c["slope"], ".6e"), g(c["rel_err_slope"], ".1e"),
-        g(c["curvature"], ".6e"), g(c["rel_err_curvature"], ".1e"))
-       for c in exact["cases"]])
-  rows = []
-  for key, t in exact["step_timing"].items():
-    if "skipped" in t:
-      rows.append((key, f"skipped: {t['skipped']}", "", ""))
-      continue
-    rows += [(key, name, g(s["ms_per_step"]), g(s["ratio"], ".2f"))
-             for name, s in t["steps"].items()]
-    rows.append((key, "CR highest / default",
-                 g(t["cr_highest_over_default"], ".2f") + "x", ""))
-  return lines + ["", "Step time under each precision (ms, median; ratio to "
-                  "SGD at default precision):", ""] + report_lib.table(
-                      ["batch", "step", "ms", "ratio"], rows)
+def _shapes_lines(shapes: dict[str, Any], skipped=()) -> list[str]:
+  """`benchmark.shape_lines` of each measured shape; the skipped named."""
+  lines = [line for s in shapes.values() if "skipped" not in s
+           for line in benchmark.shape_lines(
+               dict(s, variants=s.get("steps", s.get("variants"))), "###")]
+  skipped = [*(k for k, s in shapes.items() if "skipped" in s), *skipped]
+  return lines + (["", f"Skipped ({SKIPPED}): {', '.join(skipped)}."]
+                  if skipped else [])
 
 
-def _speed_lines(speed: dict[str, Any]) -> list[str]:
+def to_markdown(report: dict[str, Any]) -> str:
+  """The device report as markdown."""
   g = report_lib.fmt
-  lines = ["", "## 2. Speed (the benchmark's tables: ms per step, median of "
-           "interleaved repeats; paired ratio to SGD; kernels per compiled "
-           "step by `bench.count_kernels`)"]
-  for s in speed["shapes"].values():
-    lines += benchmark.shape_lines(s, "###")
-  if speed.get("skipped_over_budget"):
-    lines += ["", "Skipped (over --budget_s): "
-              + ", ".join(speed["skipped_over_budget"]) + "."]
+  exact, speed, memory, fig2 = (_result(report, n) for n in SECTIONS)
+  lines = report_lib.header("lrcr device check", report) + [
+      f"- total wall time: {g(report['total_wall_s'], '.1f')} s"
+      + ("" if report["finished"] else " (**not finished**)"),
+      f"- sizes: `{report['options']}`", ""] + report_lib.table(
+          ["section", "status", "wall s"],
+          [(name, s["status"] + (f": {s['error'].splitlines()[0]}"
+                                 if s.get("error") else ""),
+            g(s.get("wall_s"), ".1f"))
+           for name, s in report["sections"].items()])
+  if report.get("goals"):
+    lines += ["", "**Goals:**", ""] + report_lib.goals_table(report["goals"])
+  if exact:
+    lines += ["", "## 1. Exactness (float32 on the device vs float64 on the "
+              "CPU)", *exactness.float32_lines(exact), "", "Step time under "
+              "each precision (ratio to SGD at default precision), highest "
+              "over default:", ""] + [
+                  f"- {k}: CR-SGD {t['cr_highest_over_default']:.2f}x, SGD "
+                  f"{t['sgd_highest_over_default']:.2f}x"
+                  for k, t in exact["step_timing"].items()
+                  if "skipped" not in t]
+    lines += _shapes_lines(exact["step_timing"])
+  if speed:
+    lines += ["", "## 2. Speed (ms per step, median of interleaved repeats; "
+              "paired ratio to SGD; kernels by `bench.count_kernels`)",
+              *_shapes_lines(speed["shapes"], speed["skipped_over_budget"])]
   loop = speed.get("scan_chunk")
   if loop:
     lines += ["", f"Scanned chunk of the loop's body ({loop['chunk']} steps, "
               f"batch {loop['batch']}): {g(loop['steps_per_s'], '.1f')} "
               f"steps/s ({g(loop['ms_per_chunk'])} ms per chunk, "
               f"{loop['kernels']} kernels)."]
-  return lines
-
-
-def _memory_lines(memory: dict[str, Any]) -> list[str]:
-  g = report_lib.fmt
-  return ["", "## 3. Memory (compiled step, MiB; ratio to SGD)", ""] + (
-      report_lib.table(["batch", *MEMORY_STEPS, f"XLA peak ratio {GRAM}"], [
-          (r["batch"], *(f"{report_lib.mib(r['steps'][n]['peak_bytes'])} "
-                         f"({g(r['steps'][n]['memory_ratio'], '.2f')})"
-                         for n in MEMORY_STEPS),
-           g(r["steps"][GRAM]["xla_memory_ratio"], ".2f"))
-          for r in memory["shapes"].values()]))
-
-
-def _fig2_lines(fig2: dict[str, Any]) -> list[str]:
-  g = report_lib.fmt
-  lines = ["", "## 4. Fig. 2 run", "",
-      f"{fig2['config']}, {fig2['num_steps']} steps, {fig2['network']}, "
-      f"data {fig2['data_source']}: wall {g(fig2['wall_time_s'], '.1f')} s "
-      f"(compile {g(fig2['compile_time_s'], '.1f')} s, "
-      f"{g(fig2['steps_per_s'], '.1f')} steps/s in the scan chunks)."]
-  cpu = fig2.get("cpu")
-  if not cpu:
-    return lines + ["", "No CPU comparison: not the full 3,000-step 12x128 "
-                    "run."]
-  return lines + [
-      "", f"CPU ({fig2['cpu_source']}): wall {cpu['wall_time_s']} s, compile "
-      f"{cpu['compile_time_s']} s, {cpu['steps_per_s']} steps/s. CPU wall / "
-      f"device wall {g(fig2['cpu_over_device_wall'], '.2f')}x; device "
-      f"steps/s / CPU {g(fig2['device_over_cpu_steps_per_s'], '.2f')}x."]
-
-
-_RENDER = dict(exactness=_exactness_lines, speed=_speed_lines,
-               memory=_memory_lines, fig2=_fig2_lines)
-
-
-def to_markdown(report: dict[str, Any]) -> str:
-  """The device report as markdown."""
-  lines = report_lib.header("lrcr device check", report) + [
-      f"- total wall time: {report_lib.fmt(report['total_wall_s'], '.1f')} s"
-      + ("" if report["finished"] else " (**not finished**)"),
-      f"- sizes: `{report['options']}`", ""]
-  lines += report_lib.table(["section", "status", "wall s"], [
-      (name, s["status"] + (f": {s['error'].splitlines()[0]}"
-                            if s.get("error") else ""),
-       report_lib.fmt(s.get("wall_s"), ".1f"))
-      for name, s in report["sections"].items()])
-  if report.get("goals"):
-    lines += ["", "**Goals:**", ""] + report_lib.goals_table(report["goals"])
-  for name, render in _RENDER.items():
-    if _result(report, name):
-      lines += render(_result(report, name))
+  if memory:
+    lines += ["", "## 3. Memory (compiled step, MiB; ratio to SGD)",
+              *_shapes_lines(memory["shapes"])]
+  if fig2:
+    cpu = fig2["cpu_source"] or "none, not the full 3,000-step 12x128 run"
+    lines += ["", "## 4. Fig. 2 run", "", f"{fig2['config']}, "
+              f"{fig2['num_steps']} steps, {fig2['network']}, data "
+              f"{fig2['data_source']}; CPU: {cpu}; CPU wall / device wall "
+              f"{g(fig2['cpu_over_device_wall'], '.2f')}x, device steps/s / "
+              f"CPU {g(fig2['device_over_cpu_steps_per_s'], '.2f')}x.", ""]
+    lines += report_lib.table(["", *CPU_FIG2], [(where, *(
+        g((r or {}).get(k), ".1f") for k in CPU_FIG2)) for where, r in (
+            ("device", fig2), ("CPU", fig2["cpu"]))])
   return "\n".join(lines) + "\n"
 
 
-def _write(report: dict[str, Any], out: str) -> dict[str, Any]:
-  report = report_lib.jsonable(report)
-  return report_lib.write(out, "device_check", report, to_markdown(report))
-
-
-def _run_section(name: str, opts: Options, state: dict[str, Any],
-                 entry: dict[str, Any]) -> None:
-  """Runs one section into `entry`; a failure is recorded, not raised."""
-  tic = time.perf_counter()
-  _log(f"{name} ...")
-  try:
-    entry.update(result=RUNNERS[name](opts, state), status="ok")
-  except Exception as err:  # pylint: disable=broad-except
-    entry.update(status="error", error=f"{type(err).__name__}: {err}",
-                 traceback=traceback.format_exc(limit=8),
-                 result=state.get("partial"))
-  state.pop("partial", None)
-  entry["wall_s"] = time.perf_counter() - tic
-  _log(f"{name}: {entry['status']} in {entry['wall_s']:.1f} s"
-       + (f" ({entry['error']})" if entry["error"] else ""))
+def _write(report: dict[str, Any], out: str, start: float) -> dict[str, Any]:
+  report.update(total_wall_s=time.perf_counter() - start,
+                goals=evaluate_goals(report))
+  return report_lib.write(out, "device_check", report,
+                          to_markdown(report_lib.jsonable(report)))
 
 
 def run_check(opts: Options, out: str, *, sections: Sequence[str] = SECTIONS,
               budget_s: float = 360.0, command: str = "") -> dict[str, Any]:
-  """Runs the sections, rewriting the report after each; returns it.
+  """Runs the sections, rewriting the report after each; returns it. A
+  failed section is recorded, not raised.
 
   Raises:
     ValueError: for a section name not in `SECTIONS`.
@@ -392,24 +294,31 @@ def run_check(opts: Options, out: str, *, sections: Sequence[str] = SECTIONS,
                      f"of {', '.join(SECTIONS)}.")
   start = time.perf_counter()
   report = dict(report_lib.stamp(command), options=dataclasses.asdict(opts),
-                sections={}, finished=False, goals=None, total_wall_s=0.0)
+                sections={}, finished=False)
   state: dict[str, Any] = dict(deadline=start + budget_s, out=out)
   for name in (n for n in SECTIONS if n in sections):
     entry = report["sections"][name] = dict(
-        status="running", error=None, wall_s=None, result=None)
+        status="skipped", wall_s=None, result=None, error=(
+            f"skipped: {time.perf_counter() - start:.0f} s elapsed > "
+            f"--budget_s={budget_s:.0f}"))
     if _over_budget(state):
-      entry.update(status="skipped", error=(
-          f"skipped: {time.perf_counter() - start:.0f} s elapsed > "
-          f"--budget_s={budget_s:.0f}"))
       continue
-    _write(report, out)
-    _run_section(name, opts, state, entry)
-    report["total_wall_s"] = time.perf_counter() - start
-    report["goals"] = evaluate_goals(report)
-    _write(report, out)
-  report.update(finished=True, total_wall_s=time.perf_counter() - start)
-  report["goals"] = evaluate_goals(report)
-  report = _write(report, out)
+    entry.update(status="running", error=None)
+    _write(report, out, start)
+    tic = time.perf_counter()
+    _log(f"{name} ...")
+    try:
+      entry.update(result=RUNNERS[name](opts, state), status="ok")
+    except Exception as err:  # pylint: disable=broad-except
+      entry.update(status="error", error=f"{type(err).__name__}: {err}",
+                   traceback=traceback.format_exc(limit=8),
+                   result=state.get("partial"))
+    state.pop("partial", None)
+    entry["wall_s"] = time.perf_counter() - tic
+    _log(f"{name}: {entry['status']} in {entry['wall_s']:.1f} s"
+         + (f" ({entry['error']})" if entry["error"] else ""))
+  report["finished"] = True
+  report = _write(report, out, start)
   _log(f"total {report['total_wall_s']:.1f} s; " + "; ".join(
       f"{g['target']}: {g['verdict']}" for g in report["goals"]))
   return report

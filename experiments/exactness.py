@@ -6,7 +6,8 @@
 and g^T (jax.hessian F) g in float64: random MLPs (depths 1-6, four
 activations, bias on/off; eq. 39's printed gap for ReLU nets without bias),
 then the flax models of tests/zoo.py. `float32_errors` measures the float32
-engine on the default device against a float64 reference on the CPU.
+engine on the default device against a float64 reference on the CPU;
+`float32_lines` renders its result.
 """
 
 from __future__ import annotations
@@ -151,6 +152,26 @@ def float32_errors(width: int, depth: int, batch: int, *,
           c["f64_engine_vs_fof"] for c in cases),
       max_rel_err={p: dict(engine=worst(p, ("engine", "engine_gram")),
                            fof=worst(p, ("fof",))) for p in precisions})
+
+
+def float32_lines(r: dict[str, Any]) -> list[str]:
+  """A `float32_errors` result as markdown: its setting and two tables."""
+  g = report.fmt
+  return [
+      "", f"{r['network']} net, batch {r['batch']}, random data; reference: "
+      f"forward-over-forward in {r['reference_dtype']} on "
+      f"{r['reference_device']} (the float64 engine agrees with it to "
+      f"{g(r['f64_engine_vs_fof_max'], '.1e')}). Directions: -lr grad F "
+      "(SGD) and a random one.", ""] + report.table(
+          ["precision", "max rel err, engine", "max rel err, f-o-f"],
+          [(p, g(e["engine"], ".2e"), g(e["fof"], ".2e"))
+           for p, e in r["max_rel_err"].items()]) + [""] + report.table(
+              ["init", "precision", "direction", "method", "slope",
+               "rel err", "curvature", "rel err"],
+              [(f"U(±{c['init_scale']})", c["precision"], c["direction"],
+                c["method"], g(c["slope"], ".6e"),
+                g(c["rel_err_slope"], ".1e"), g(c["curvature"], ".6e"),
+                g(c["rel_err_curvature"], ".1e")) for c in r["cases"]])
 
 
 def _mlp_rows(rng) -> tuple[np.ndarray, list[float]]:
