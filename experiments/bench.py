@@ -289,12 +289,6 @@ def memory_stats(compiled: Any) -> dict[str, int | None]:
   return out
 
 
-def static_costs(compiled: Any) -> dict[str, Any]:
-  """Kernels (`count_kernels`), flops (`flops`) and `memory_stats`."""
-  return dict(kernels=count_kernels(compiled.as_text()),
-              flops=flops(compiled), memory=memory_stats(compiled))
-
-
 def compile_step(fn: Callable[..., Any], args: Sequence[Any],
                  prec: str = "default", *, cache: dict | None = None,
                  key: Any = None) -> tuple[Any, float]:
@@ -369,13 +363,17 @@ def measure(entries: dict[str, dict[str, Any]], *, repeats: int,
     repeats: round-robin repeats (`interleaved_samples`); 0: no timing.
 
   Returns:
-    name -> the entry's keys (less `compiled`, `args`), `static_costs`,
+    name -> the entry's keys (less `compiled`, `args`), kernels
+    (`count_kernels`), flops, memory (`memory_stats`),
     ratios to its base and, when timed, `report.paired` per-step times.
   """
   out = {}
   for name, e in entries.items():
-    out[name] = {k: v for k, v in e.items() if k not in ("compiled", "args")}
-    out[name].update(static_costs(e["compiled"]))
+    c = e["compiled"]
+    out[name] = dict({k: v for k, v in e.items()
+                      if k not in ("compiled", "args")},
+                     kernels=count_kernels(c.as_text()), flops=flops(c),
+                     memory=memory_stats(c))
   for name, e in out.items():
     base, mem = out[e["base"]], e["memory"]
     e.update(kernel_ratio=report.ratio(e["kernels"], base["kernels"]),

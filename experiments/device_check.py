@@ -75,8 +75,7 @@ def _over_budget(state: dict[str, Any]) -> bool:
   return time.perf_counter() > state.get("deadline", math.inf)
 
 
-def _log(message: str) -> None:
-  print(f"[device_check] {message}", flush=True)
+_log = functools.partial(print, "[device_check]", flush=True)
 
 
 def _shape(opts: Options, state: dict[str, Any], b: int, names: Sequence[str],
@@ -206,10 +205,10 @@ def goals(opts: Options) -> list[tuple[report_lib.Goal, Any]]:
 
 def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
   """The goal rows of a device report (`report.judge_all`)."""
-  opts = Options(**{k: tuple(v) if isinstance(v, list) else v
-                    for k, v in report["options"].items()})
-  return report_lib.judge_all(goals(opts), report,
-                              opts.tiny and "--tiny: not the goals' shapes")
+  o = report["options"]
+  return report_lib.judge_all(
+      goals(Options(goal_batches=tuple(o["goal_batches"]))), report,
+      o["tiny"] and "--tiny: not the goals' shapes")
 
 
 def _shapes_lines(shapes: dict[str, Any], skipped=()) -> list[str]:
