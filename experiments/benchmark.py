@@ -361,7 +361,7 @@ def shape_lines(s: dict[str, Any], heading: str = "##") -> list[str]:
   """A `bench_shape` result as a titled markdown table ("n/a": not timed)."""
   f = report_lib.fmt
   iqr = lambda v, k, q, spec: report_lib.with_iqr(  # noqa: E731
-      v.get(k), [v.get(f"{q}_q1"), v.get(f"{q}_q3")], lambda x: f(x, spec))
+      v.get(k), k in v and [v[f"{q}_q1"], v[f"{q}_q3"]], lambda x: f(x, spec))
   rows = [(name, v["base"], iqr(v, "ms_per_step", "ms", ".3f"),
            iqr(v, "ratio", "ratio", ".2f"),
            f"{v['kernels']} ({f(v['kernel_ratio'], '.2f')})",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import tempfile
 import time
@@ -70,11 +69,6 @@ class Options:
                fig2_steps=10, goal_batches=(8, 8), tiny=True)
 
 
-def _over_budget(state: dict[str, Any]) -> bool:
-  """Past --budget_s: long sections skip what they have not started."""
-  return time.perf_counter() > state.get("deadline", math.inf)
-
-
 _log = functools.partial(print, "[device_check]", flush=True)
 
 
@@ -99,8 +93,9 @@ def section_exactness(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
                                  precisions=PRECISIONS)
   out["step_timing"] = timing = {}
   for b in opts.precision_batches:
-    timing[f"b{b}"] = t = dict(skipped=SKIPPED) if _over_budget(state) else (
-        _shape(opts, state, b, (SGD, GRAM), "steps", precisions=PRECISIONS))
+    over = time.perf_counter() > state["deadline"]
+    timing[f"b{b}"] = t = dict(skipped=SKIPPED) if over else _shape(
+        opts, state, b, (SGD, GRAM), "steps", precisions=PRECISIONS)
     for key, n in () if "skipped" in t else (("cr", GRAM), ("sgd", SGD)):
       ms = {p: t["steps"][f"{n}@{p}"]["ms_per_step"] for p in PRECISIONS}
       t[f"{key}_highest_over_default"] = ms["highest"] / ms["default"]
@@ -115,7 +110,7 @@ def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
                                    shapes={}, scan_chunk=None,
                                    skipped_over_budget=skipped)
   for b in opts.batches:
-    if _over_budget(state):
+    if time.perf_counter() > state["deadline"]:
       skipped.append(f"b{b}")
       continue
     _log(f"speed: batch {b}")
@@ -124,7 +119,7 @@ def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
       with open(os.path.join(state["out"], f"hlo_{name}_b{b}.txt"), "w",
                 encoding="utf-8") as f:
         f.write(state["executables"][((name, b), "default")].as_text())
-  if _over_budget(state):
+  if time.perf_counter() > state["deadline"]:
     skipped.append("scan_chunk")
   else:
     result["scan_chunk"] = benchmark.bench_chunk(
@@ -294,13 +289,14 @@ def run_check(opts: Options, out: str, *, sections: Sequence[str] = SECTIONS,
   start = time.perf_counter()
   report = dict(report_lib.stamp(command), options=dataclasses.asdict(opts),
                 sections={}, finished=False)
+  # Past the deadline, sections skip what they have not started.
   state: dict[str, Any] = dict(deadline=start + budget_s, out=out)
   for name in (n for n in SECTIONS if n in sections):
     entry = report["sections"][name] = dict(
         status="skipped", wall_s=None, result=None, error=(
             f"skipped: {time.perf_counter() - start:.0f} s elapsed > "
             f"--budget_s={budget_s:.0f}"))
-    if _over_budget(state):
+    if time.perf_counter() > state["deadline"]:
       continue
     entry.update(status="running", error=None)
     _write(report, out, start)
