@@ -278,10 +278,8 @@ def memory_stats(compiled: Any) -> dict[str, int | None]:
   names = ("temp_size_in_bytes", "argument_size_in_bytes",
            "output_size_in_bytes", "alias_size_in_bytes",
            "generated_code_size_in_bytes", "peak_memory_in_bytes")
-  out: dict[str, int | None] = {}
-  for name in names:
-    value = getattr(stats, name, None) if stats is not None else None
-    out[name] = int(value) if isinstance(value, (int, np.integer)) else None
+  out = {n: int(v) if isinstance(v := getattr(stats, n, None),
+                                 (int, np.integer)) else None for n in names}
   parts = [out[n] for n in names[:3]]
   out["peak_bytes"] = None if None in parts else sum(parts)
   peak = out.pop("peak_memory_in_bytes")

@@ -48,7 +48,8 @@ CPU_FIG2_SOURCE = ("2-core CPU dev machine, 2026-11-28, jax 0.10.2, same "
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Sizes of one check: the width x depth net, its batches (the first also
-  that of the scanned chunk and the Fig. 2 run), the goals' two batches."""
+  that of the scanned chunk; the Fig. 2 run's is the paper's 32), the goals'
+  two batches."""
   width: int = 128
   depth: int = 12
   batches: tuple[int, ...] = (32, 256, 1024)
