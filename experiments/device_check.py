@@ -98,8 +98,9 @@ def section_exactness(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
     timing[f"b{b}"] = t = dict(skipped=SKIPPED) if over else _shape(
         opts, state, b, (SGD, GRAM), "steps", precisions=PRECISIONS)
     for key, n in () if "skipped" in t else (("cr", GRAM), ("sgd", SGD)):
-      ms = {p: t["steps"][f"{n}@{p}"]["ms_per_step"] for p in PRECISIONS}
-      t[f"{key}_highest_over_default"] = ms["highest"] / ms["default"]
+      ms = {p: t["steps"][f"{n}@{p}"].get("ms_per_step") for p in PRECISIONS}
+      t[f"{key}_highest_over_default"] = report_lib.ratio(ms["highest"],
+                                                          ms["default"])
   return out
 
 
@@ -235,10 +236,10 @@ def to_markdown(report: dict[str, Any]) -> str:
   if exact:
     lines += ["", "## 1. Exactness (float32 on the device vs float64 on the "
               "CPU)", *exactness.float32_lines(exact), "", "Step time under "
-              "each precision (ratio to SGD at default precision), highest "
-              "over default:", ""] + [
-                  f"- {k}: CR-SGD {t['cr_highest_over_default']:.2f}x, SGD "
-                  f"{t['sgd_highest_over_default']:.2f}x"
+              "each precision (ratio to SGD at default precision); time at "
+              "highest over time at default:", ""] + [
+                  f"- {k}: CR-SGD {g(t['cr_highest_over_default'], '.2f')}, "
+                  f"SGD {g(t['sgd_highest_over_default'], '.2f')}"
                   for k, t in exact["step_timing"].items()
                   if "skipped" not in t]
     lines += _shapes_lines(exact["step_timing"])
