@@ -1,21 +1,13 @@
-"""Step functions, kernel and memory counts, and timing helpers.
+"""Benchmark steps, and how a compiled program is counted and timed.
 
-Every step function has the signature
-
-    step(params, opt_state, x, y) -> (new_params, new_opt_state, loss)
-
-and is pure, so `jax.jit(step).lower(...).compile()` gives both the executable
-that is timed and its kernels, flops and memory (`static_costs`).
-`make_steps` builds the benchmark's variants for one network and batch shape
-from the training loop's own steps (`experiments.steps.make_base_step` and
-`make_cr_step`), so the benchmarks time exactly what the loop runs; each
-`Variant` says what it is in one line. The sub-batch option takes the slope
-from the full batch and the curvature from its first rows (Byrd et al.
-2011); the 10-step variants take xs [10, B, D], ys [10, B].
+A step is pure, `step(params, opt_state, x, y) -> (params, opt_state,
+loss)`; `make_steps` builds the variants from the training loop's own steps
+(`experiments.steps`), and `measure` counts and times their executables.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import time
@@ -28,6 +20,7 @@ import numpy as np
 import optax
 
 import lrcr
+from experiments import report
 from experiments import steps as steps_lib
 
 Array = jax.Array
@@ -42,18 +35,11 @@ EVERY = 10             # alpha refreshed every EVERY steps
 
 
 class Variant(NamedTuple):
-  """A timed step: its function, its base, and what one call covers.
-
-  Attributes:
-    name: the variant's name.
-    step: `step(params, opt_state, x, y) -> (params, opt_state, loss)`.
-    tx: its optimizer (for `tx.init(params)`).
-    base: the variant whose time is its denominator.
-    steps_per_call: training steps one call performs (10 for the scans).
-    kind: "base", "exact" (an exact CR step), "baseline" (an exact CR step
-      by generic autodiff) or "option" (an approximation).
-    description: one line for the report.
-  """
+  """A step to time: `step`, its optimizer `tx` (for `tx.init`), the variant
+  whose time is its denominator (`base`), the training steps one call
+  performs, its kind ("base", "exact" for an exact CR step, "baseline" for
+  one by generic autodiff, "option" for an approximation) and one line for
+  the report."""
   name: str
   step: Step
   tx: optax.GradientTransformation
@@ -63,26 +49,21 @@ class Variant(NamedTuple):
   description: str
 
 
-def paper_mlp(width: int, depth: int, num_classes: int = 10) -> lrcr.MLP:
-  """The paper's ReLU MLP, no biases, weights ~ U(-0.1, 0.1)."""
-  return lrcr.MLP((width,) * depth, num_classes,
-                  kernel_init=lrcr.uniform_init(0.1))
+def paper_mlp(width: int, depth: int) -> lrcr.MLP:
+  """The paper's ReLU MLP, 10 classes, no biases, weights ~ U(-0.1, 0.1)."""
+  return lrcr.MLP((width,) * depth, 10, kernel_init=lrcr.uniform_init(0.1))
 
 
-def make_problem(width: int, depth: int, batch: int, *, input_dim: int = 784,
-                 num_classes: int = 10, seed: int = 0, steps: int = 1):
-  """Random float32 inputs and labels and initial params.
-
-  Returns:
-    (model, params, x, y) with x [B, D] and y [B], or x [steps, B, D] and
-    y [steps, B] when steps > 1.
-  """
-  model = paper_mlp(width, depth, num_classes)
+def make_problem(width: int, depth: int, batch: int, *, seed: int = 0,
+                 steps: int = 1):
+  """(model, params, x [B, 784], y [B]), random float32 (x [steps, B, 784]
+  and y [steps, B] with steps > 1)."""
+  model = paper_mlp(width, depth)
   kx, ky, kp = jax.random.split(jax.random.key(seed), 3)
   lead = (batch,) if steps == 1 else (steps, batch)
-  x = jax.random.normal(kx, lead + (input_dim,), jnp.float32)
-  y = jax.random.randint(ky, lead, 0, num_classes, jnp.int32)
-  params = model.init(kp, jnp.zeros((1, input_dim), jnp.float32))["params"]
+  x = jax.random.normal(kx, lead + (784,), jnp.float32)
+  y = jax.random.randint(ky, lead, 0, 10, jnp.int32)
+  params = model.init(kp, jnp.zeros((1, 784), jnp.float32))["params"]
   return model, params, x, y
 
 
@@ -97,33 +78,22 @@ def scanned(step: Step) -> Step:
   return scan_step
 
 
-def pair_step(first: Step, second: Step) -> Step:
-  """Both steps on the same batch, as one iteration of the training loop.
-
-  The pair takes params (p1, p2) and states (s1, s2); its loss is the sum.
-  """
-  def pair(params, states, x, y):
-    p1, s1, l1 = first(params[0], states[0], x, y)
-    p2, s2, l2 = second(params[1], states[1], x, y)
-    return (p1, p2), (s1, s2), l1 + l2
-  return pair
-
-
 def loop_iteration(width: int, depth: int, batch: int,
                    steps: int = 1) -> tuple[Step, tuple[Any, ...]]:
-  """What one iteration of the training loop does, and its arguments.
+  """One iteration of the training loop, and its arguments.
 
-  One SGD step and one CR-SGD step (engine, Gram form) on the same batch of
-  the width x depth paper MLP (`pair_step`); with steps > 1, `steps` such
-  iterations under lax.scan, as a chunk of the loop.
-
-  Returns:
-    (step, (params pair, states pair, x, y)).
+  One SGD and one CR-SGD step (engine, Gram form) on the same batch of the
+  paper MLP, on params (p1, p2) and states (s1, s2), the loss their sum;
+  with steps > 1, `steps` such iterations under lax.scan, as a chunk.
   """
   model, params, x, y = make_problem(width, depth, batch, steps=steps)
   v = make_steps(model, batch, ("sgd", "cr_sgd_engine_gram"))
   sgd, cr = v["sgd"], v["cr_sgd_engine_gram"]
-  step = pair_step(sgd.step, cr.step)
+
+  def step(params, states, x, y):
+    p1, s1, l1 = sgd.step(params[0], states[0], x, y)
+    p2, s2, l2 = cr.step(params[1], states[1], x, y)
+    return (p1, p2), (s1, s2), l1 + l2
   return (scanned(step) if steps > 1 else step), (
       (params, params), (sgd.tx.init(params), cr.tx.init(params)), x, y)
 
@@ -174,76 +144,76 @@ def transform_parts(params: Any) -> dict[str, Callable[[Any], Any]]:
               transform_own=transform_own, sgd_update=sgd_update)
 
 
+_GRAM, _STACK = dict(gradient_direction=True), dict(stack_layers=True)
+#: The variants: name -> (optimizer, curvature path (None: no CR step),
+#: `steps.CROptions` fields, base, kind, description). "sgd_scan10" and the
+#: variants based on it run EVERY steps under lax.scan per call.
+VARIANTS = {
+    "sgd": ("sgd", None, {}, "sgd", "base", "value_and_grad + optax.sgd"),
+    "adagrad": ("adagrad", None, {}, "adagrad", "base",
+                "value_and_grad + optax.adagrad"),
+    "cr_sgd_engine_gram": (
+        "cr_sgd", "engine", _GRAM, "sgd", "exact", "lrcr.value_grad_and_"
+        "curvature, gradient_direction=True (Gram matrices)"),
+    "cr_sgd_engine": ("cr_sgd", "engine", {}, "sgd", "exact",
+                      "lrcr.value_grad_and_curvature, dense direction sweep"),
+    "cr_sgd_engine_gram_stacked": (
+        "cr_sgd", "engine", dict(**_GRAM, **_STACK), "sgd", "exact",
+        "the Gram-form engine with stack_layers=True (equally shaped layers "
+        "batched)"),
+    "cr_sgd_engine_stacked": ("cr_sgd", "engine", _STACK, "sgd", "exact",
+                              "the dense-sweep engine with stack_layers=True"),
+    "cr_sgd_lowrank": (
+        "cr_sgd", "lowrank", {}, "sgd", "exact",
+        "value_and_grad + lrcr.lowrank_curvature_fn (self-contained)"),
+    "cr_sgd_autodiff": (
+        "cr_sgd", "autodiff", {}, "sgd", "baseline",
+        "value_and_grad + forward-over-forward (autodiff_curvature_fn)"),
+    "cr_sgd_hvp": ("cr_sgd", "hvp", {}, "sgd", "baseline",
+                   "value_and_grad + g.(H g), H g by jvp of grad"),
+    "cr_adagrad_engine": ("cr_adagrad", "engine", {}, "adagrad", "exact",
+                          "lrcr.value_grad_and_curvature after adagrad"),
+    "cr_sgd_engine_sub8": (
+        "cr_sgd", "engine", dict(curvature_batch_size=SUB_BATCH), "sgd",
+        "option", "value_and_grad; slope on all rows, curvature by the "
+        "engine on the first {sub}"),
+    "sgd_scan10": ("sgd", None, {}, "sgd_scan10", "base",
+                   f"{EVERY} SGD steps under lax.scan"),
+    "cr_sgd_every10": (
+        "cr_every", "engine", _GRAM, "sgd_scan10", "option",
+        f"{EVERY} CR-SGD steps under lax.scan, alpha refreshed (engine "
+        f"Gram) on 1 of {EVERY} (curvature_every={EVERY})"),
+}
+
+
 def make_steps(model: lrcr.MLP, batch: int,
                names: Sequence[str] | None = None) -> dict[str, Variant]:
-  """The benchmark's variants for `model` at batch size `batch`."""
+  """The `VARIANTS` `names` (default: all) for `model` at batch `batch`."""
+  sub = min(SUB_BATCH, batch)
   sgd = optax.sgd(SGD_LR)
   adagrad = optax.adagrad(ADAGRAD_LR, initial_accumulator_value=ADAGRAD_INIT)
-  cr_sgd = optax.chain(optax.sgd(SGD_LR), lrcr.scale_by_cubic_step(SIGMA))
-  cr_adagrad = optax.chain(
-      optax.adagrad(ADAGRAD_LR, initial_accumulator_value=ADAGRAD_INIT),
-      lrcr.scale_by_cubic_step(SIGMA))
-  cr_every = optax.chain(optax.sgd(SGD_LR), lrcr.scale_by_cubic_step(
-      SIGMA, curvature_every=EVERY))
-  sub = min(SUB_BATCH, batch)
-
-  def base(tx):
-    return steps_lib.applied(steps_lib.make_base_step(model, tx))
-
-  def cr(tx, curvature, **options):
-    return steps_lib.applied(steps_lib.make_cr_step(
-        model, tx, steps_lib.CROptions(curvature=curvature, sigma=SIGMA,
-                                       **options)))
-
-  gram = dict(gradient_direction=True)
-  variants = [
-      Variant("sgd", base(sgd), sgd, "sgd", 1, "base",
-              "value_and_grad + optax.sgd"),
-      Variant("adagrad", base(adagrad), adagrad, "adagrad", 1, "base",
-              "value_and_grad + optax.adagrad"),
-      Variant("cr_sgd_engine_gram", cr(cr_sgd, "engine", **gram), cr_sgd,
-              "sgd", 1, "exact",
-              "lrcr.value_grad_and_curvature, gradient_direction=True "
-              "(Gram matrices)"),
-      Variant("cr_sgd_engine", cr(cr_sgd, "engine"), cr_sgd, "sgd", 1,
-              "exact", "lrcr.value_grad_and_curvature, dense direction sweep"),
-      Variant("cr_sgd_engine_gram_stacked",
-              cr(cr_sgd, "engine", stack_layers=True, **gram), cr_sgd, "sgd",
-              1, "exact", "the Gram-form engine with stack_layers=True "
-              "(equally shaped layers batched)"),
-      Variant("cr_sgd_engine_stacked", cr(cr_sgd, "engine", stack_layers=True),
-              cr_sgd, "sgd", 1, "exact",
-              "the dense-sweep engine with stack_layers=True"),
-      Variant("cr_sgd_lowrank", cr(cr_sgd, "lowrank"), cr_sgd, "sgd", 1,
-              "exact",
-              "value_and_grad + lrcr.lowrank_curvature_fn (self-contained)"),
-      Variant("cr_sgd_autodiff", cr(cr_sgd, "autodiff"), cr_sgd, "sgd", 1,
-              "baseline",
-              "value_and_grad + forward-over-forward (autodiff_curvature_fn)"),
-      Variant("cr_sgd_hvp", cr(cr_sgd, "hvp"), cr_sgd, "sgd", 1, "baseline",
-              "value_and_grad + g.(H g), H g by jvp of grad"),
-      Variant("cr_adagrad_engine", cr(cr_adagrad, "engine"), cr_adagrad,
-              "adagrad", 1, "exact",
-              "lrcr.value_grad_and_curvature after adagrad"),
-      Variant("cr_sgd_engine_sub8",
-              cr(cr_sgd, "engine", curvature_batch_size=sub), cr_sgd, "sgd", 1,
-              "option", f"value_and_grad; slope on all rows, curvature by "
-              f"the engine on the first {sub}"),
-      Variant("sgd_scan10", scanned(base(sgd)), sgd, "sgd_scan10", EVERY,
-              "base", f"{EVERY} SGD steps under lax.scan"),
-      Variant("cr_sgd_every10", scanned(cr(cr_every, "engine", **gram)),
-              cr_every, "sgd_scan10", EVERY, "option",
-              f"{EVERY} CR-SGD steps under lax.scan, alpha refreshed (engine "
-              f"Gram) on 1 of {EVERY} (curvature_every={EVERY})"),
-  ]
-  out = {v.name: v for v in variants}
-  if names is not None:
-    out = {n: out[n] for n in names}
+  cubic = lrcr.scale_by_cubic_step(SIGMA)
+  txs = dict(sgd=sgd, adagrad=adagrad, cr_sgd=optax.chain(sgd, cubic),
+             cr_adagrad=optax.chain(adagrad, cubic),
+             cr_every=optax.chain(sgd, lrcr.scale_by_cubic_step(
+                 SIGMA, curvature_every=EVERY)))
+  out = {}
+  for name in names or VARIANTS:
+    opt, curvature, options, base, kind, text = VARIANTS[name]
+    tx = txs[opt]
+    if curvature is None:
+      step = steps_lib.make_base_step(model, tx)
+    else:
+      if "curvature_batch_size" in options:
+        options = dict(options, curvature_batch_size=sub)
+      step = steps_lib.make_cr_step(model, tx, steps_lib.CROptions(
+          curvature=curvature, sigma=SIGMA, **options))
+    step, per_call = steps_lib.applied(step), 1
+    if base == "sgd_scan10":
+      step, per_call = scanned(step), EVERY
+    out[name] = Variant(name, step, tx, base, per_call, kind,
+                        text.format(sub=sub))
   return out
-
-
-# ---------------------------------------------------------------------------
-# Timing and memory.
 
 
 #: HLO operations that launch no work of their own (an async pair's `-done`
@@ -288,18 +258,18 @@ def count_kernels(hlo_text: str) -> int:
   return count
 
 
-def static_costs(compiled: Any) -> dict[str, Any]:
-  """Kernels (`count_kernels`), flops (`flops`) and `memory_stats`."""
-  return dict(kernels=count_kernels(compiled.as_text()),
-              flops=flops(compiled), memory=memory_stats(compiled))
+def flops(compiled: Any) -> float:
+  """XLA's flop count of a compiled executable (`cost_analysis()`), or nan."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", float("nan")))
 
 
 def memory_stats(compiled: Any) -> dict[str, int | None]:
-  """Byte counts of a compiled executable's memory analysis.
+  """Byte counts of a compiled executable's memory analysis (None: missing).
 
   `peak_bytes` is temp + argument + output (an upper bound on the live
-  buffers); `xla_peak_bytes` is XLA's own peak estimate where the backend
-  reports one. Missing numbers are None.
+  buffers); `xla_peak_bytes` is XLA's own peak estimate where reported.
   """
   try:
     stats = compiled.memory_analysis()
@@ -308,10 +278,8 @@ def memory_stats(compiled: Any) -> dict[str, int | None]:
   names = ("temp_size_in_bytes", "argument_size_in_bytes",
            "output_size_in_bytes", "alias_size_in_bytes",
            "generated_code_size_in_bytes", "peak_memory_in_bytes")
-  out: dict[str, int | None] = {}
-  for name in names:
-    value = getattr(stats, name, None) if stats is not None else None
-    out[name] = int(value) if isinstance(value, (int, np.integer)) else None
+  out = {n: int(v) if isinstance(v := getattr(stats, n, None),
+                                 (int, np.integer)) else None for n in names}
   parts = [out[n] for n in names[:3]]
   out["peak_bytes"] = None if None in parts else sum(parts)
   peak = out.pop("peak_memory_in_bytes")
@@ -319,72 +287,54 @@ def memory_stats(compiled: Any) -> dict[str, int | None]:
   return out
 
 
-def flops(compiled: Any) -> float:
-  """XLA's flop count of a compiled executable (`cost_analysis()`), or nan."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", float("nan")))
+def compile_step(fn: Callable[..., Any], args: Sequence[Any],
+                 prec: str = "default", *, cache: dict | None = None,
+                 key: Any = None) -> tuple[Any, float]:
+  """(executable, compile seconds) under matmul precision `prec` ("default":
+  JAX's own); reused from `cache[(key, prec)]`."""
+  if cache is not None and (key, prec) in cache:
+    return cache[(key, prec)], 0.0
+  tic = time.perf_counter()
+  with (contextlib.nullcontext() if prec == "default"
+        else jax.default_matmul_precision(prec)):
+    compiled = jax.jit(fn).lower(*args).compile()
+  if cache is not None:
+    cache[(key, prec)] = compiled
+  return compiled, time.perf_counter() - tic
 
 
-def make_sampler(fn: Callable[..., Any], args: Sequence[Any],
-                 calls: int) -> Callable[[], float]:
-  """`sample() -> seconds per call`, the mean over `calls` chained calls.
+def sampler(fn: Callable[..., Any], args: Sequence[Any], target_s: float,
+            chained: bool = True) -> tuple[Callable[[], float], int]:
+  """(sample() -> seconds per call, calls per sample), a sample ~`target_s`.
 
-  Each sample starts from `args` and feeds the new (params, opt_state) of one
-  call into the next, like a training loop; the batch stays fixed. The clock
-  stops when the last result is ready.
+  A sample is the mean of calls from `args`, each feeding its new (params,
+  opt_state) into the next on a fixed batch, like a training loop (or, not
+  `chained`, each on `args`); the clock stops when the last result is ready.
   """
-  params, state, *rest = args
-
-  def sample() -> float:
-    p, s = params, state
-    tic = time.perf_counter()
-    for _ in range(calls):
-      p, s, loss = fn(p, s, *rest)
-    jax.block_until_ready((p, s, loss))
-    return (time.perf_counter() - tic) / calls
-  return sample
-
-
-def call_sampler(fn: Callable[..., Any], args: Sequence[Any],
-                 target_s: float = 0.03) -> Callable[[], float]:
-  """`sample() -> seconds per call` of `fn(*args)` (same inputs every call).
-
-  For functions that are not training steps (a curvature evaluation, a
-  Hessian diagonal). After a warm-up call, the number of calls per sample is
-  set so that a sample takes about `target_s`.
-  """
+  max_calls = 100_000
   def run(calls: int) -> float:
-    tic = time.perf_counter()
+    a, tic = tuple(args), time.perf_counter()
     for _ in range(calls):
-      out = fn(*args)
+      out = fn(*a)
+      a = (*out[:2], *args[2:]) if chained else a
     jax.block_until_ready(out)
     return (time.perf_counter() - tic) / calls
 
-  run(1)
-  calls = max(1, int(target_s / max(run(1), 1e-9)))
-  return lambda: run(calls)
-
-
-def calibrate(fn: Callable[..., Any], args: Sequence[Any], target_s: float,
-              max_calls: int = 100_000) -> int:
-  """Calls per sample so that a sample takes about `target_s` seconds."""
-  make_sampler(fn, args, 1)()                     # warm-up
+  run(1)                                           # warm-up
   calls = 1
   while True:
-    per_call = min(make_sampler(fn, args, calls)() for _ in range(2))
+    per_call = min(run(calls) for _ in range(2))
     if calls * per_call >= target_s / 4 or calls >= max_calls:
       break
     calls = min(max_calls, calls * 4)
-  return int(min(max_calls, max(1, round(target_s / max(per_call, 1e-9)))))
+  calls = int(min(max_calls, max(1, round(target_s / max(per_call, 1e-9)))))
+  return (lambda: run(calls)), calls
 
 
 def interleaved_samples(samplers: dict[str, Callable[[], float]],
                         repeats: int, seed: int = 0) -> dict[str, list[float]]:
-  """Round-robin timing: each repeat samples every entry once, shuffled.
-
-  Garbage collection is off while sampling.
-  """
+  """Round-robin timing, garbage collection off: each repeat samples every
+  entry once, in a fresh random order."""
   rng = np.random.default_rng(seed)
   names = list(samplers)
   out: dict[str, list[float]] = {n: [] for n in names}
@@ -397,4 +347,49 @@ def interleaved_samples(samplers: dict[str, Callable[[], float]],
   finally:
     if enabled:
       gc.enable()
+  return out
+
+
+def measure(entries: dict[str, dict[str, Any]], *, repeats: int,
+            sample_s: float, seed: int = 0) -> dict[str, dict[str, Any]]:
+  """Counts and (with repeats > 0) times compiled steps against their bases.
+
+  Args:
+    entries: name -> dict with `compiled`, `args`, `base` (an entry's name),
+      optionally `steps_per_call` (1) and `chained` (`sampler`'s, True);
+      other keys are kept.
+    repeats: round-robin repeats (`interleaved_samples`); 0: no timing.
+
+  Returns:
+    name -> the entry's keys (less `compiled`, `args`), kernels
+    (`count_kernels`), flops, memory (`memory_stats`),
+    ratios to its base and, when timed, `report.paired` per-step times.
+  """
+  out = {}
+  for name, e in entries.items():
+    c = e["compiled"]
+    out[name] = dict({k: v for k, v in e.items()
+                      if k not in ("compiled", "args")},
+                     kernels=count_kernels(c.as_text()), flops=flops(c),
+                     memory=memory_stats(c))
+  for name, e in out.items():
+    base, mem = out[e["base"]], e["memory"]
+    e.update(kernel_ratio=report.ratio(e["kernels"], base["kernels"]),
+             flops_ratio=report.ratio(e["flops"], base["flops"]),
+             peak_bytes=mem["peak_bytes"], xla_peak_bytes=mem["xla_peak_bytes"],
+             memory_ratio=report.ratio(mem["peak_bytes"],
+                                       base["memory"]["peak_bytes"]),
+             xla_memory_ratio=report.ratio(mem["xla_peak_bytes"],
+                                           base["memory"]["xla_peak_bytes"]))
+  if not repeats:
+    return out
+  samplers = {}
+  for name, e in entries.items():
+    samplers[name], out[name]["calls_per_sample"] = sampler(
+        e["compiled"], e["args"], sample_s, e.get("chained", True))
+  samples = interleaved_samples(samplers, repeats, seed=seed)
+  per_step = {n: np.asarray(samples[n]) / e.get("steps_per_call", 1)
+              for n, e in entries.items()}
+  for name, e in entries.items():
+    out[name].update(report.paired(per_step[name], per_step[e["base"]]))
   return out

@@ -3,13 +3,12 @@
     python -m experiments.bench_nets [--repeats=11] [--batches=32,256] \
         [--out=DIR]
 
-Measures (`benchmark.measure`, float32, random inputs) the loop's own steps
-(`sgd`, and CR-SGD by the engine's Gram form, forward-over-forward and a
-Hessian-vector product) on the CNN of configs/cifar10_cnn_sgd_plateau.py, the
-RNN of configs/sequence_rnn_sgd.py, a self-attention classifier and the
-paper's 12x128 MLP: time, flop and kernel ratios to SGD, the engine's
-speed-up over forward-over-forward, and the kernel goal (`GOAL`).
-`--repeats=0` counts without timing.
+Measures (`bench.measure`, float32, random inputs; `--repeats=0` counts
+without timing) the loop's own steps, `STEPS`: SGD, and CR-SGD by the
+engine's Gram form, forward-over-forward and a Hessian-vector product, on
+the CNN of configs/cifar10_cnn_sgd_plateau.py, the RNN of
+configs/sequence_rnn_sgd.py, a self-attention classifier and the paper's
+12x128 MLP, and judges `GOAL`.
 """
 
 from collections.abc import Sequence
@@ -25,7 +24,6 @@ import optax
 
 import lrcr
 from experiments import bench
-from experiments import benchmark
 from experiments import models
 from experiments import report
 from experiments import steps
@@ -35,6 +33,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 11, "Timing repeats.")
 _BATCHES = flags.DEFINE_list("batches", ["32", "256"], "Batch sizes.")
 _OUT = flags.DEFINE_string("out", "", "Directory for bench_nets.{md,json} "
                            "('' for stdout only).")
+
+STEPS = ("sgd", "cr_engine", "cr_autodiff", "cr_hvp")
+#: Issue 19: the engine CR step launches fewer kernels than forward-over-
+#: forward on every net (bar), at most 0.6x as many (goal).
+GOAL = Goal("engine CR step's kernels / forward-over-forward's, every net "
+            "and batch (worst)", "<", 1.0, 0.6, "performance target", "<=")
 
 
 class AttentionClassifier(nn.Module):
@@ -57,23 +61,10 @@ def _nets():
   yield "mlp 12x128 (paper)", bench.paper_mlp(128, 12), (784,), 100.0
 
 
-STEPS = ("sgd", "cr_engine", "cr_autodiff", "cr_hvp")
-
-#: Issue 19: the engine CR step launches fewer kernels than forward-over-
-#: forward on every net (bar), at most 0.6x as many (goal).
-GOAL = Goal("engine CR step's kernels / forward-over-forward's, every net "
-            "and batch (worst)", "<", 1.0, 0.6, "performance target", "<=")
-
-
 def measure_net(model, shape: tuple[int, ...], sigma: float, batch: int, *,
                 repeats: int, sample_s: float = 0.03) -> dict[str, Any]:
-  """`benchmark.measure` of the `STEPS` of one net, each against SGD's.
-
-  Returns:
-    A dict: batch; variants, per step `benchmark.measure`'s kernels, flops
-    and memory with their ratios to SGD's and, with repeats > 0, its
-    ms_per_step and paired ratio; engine_over_fof_kernels.
-  """
+  """`bench.measure` of the `STEPS` of one net, each against SGD's; and
+  engine_over_fof_kernels."""
   x = jax.random.uniform(jax.random.key(0), (batch,) + shape)
   y = jnp.arange(batch) % 10
   params = model.init(jax.random.key(1), x)["params"]
@@ -85,10 +76,10 @@ def measure_net(model, shape: tuple[int, ...], sigma: float, batch: int, *,
   entries = {}
   for name, (step, tx) in fns.items():
     args = (params, tx.init(params), x, y)
-    entries[name] = dict(
-        compiled=jax.jit(steps.applied(step)).lower(*args).compile(),
-        args=args, base="sgd", steps_per_call=1)
-  v = benchmark.measure(entries, repeats=repeats, sample_s=sample_s)
+    entries[name] = dict(compiled=bench.compile_step(steps.applied(step),
+                                                     args)[0],
+                         args=args, base="sgd")
+  v = bench.measure(entries, repeats=repeats, sample_s=sample_s)
   return dict(batch=batch, variants=v, engine_over_fof_kernels=(
       v["cr_engine"]["kernels"] / v["cr_autodiff"]["kernels"]))
 
@@ -108,9 +99,7 @@ def evaluate_goal(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def _row(r: dict[str, Any]) -> list[Any]:
   v = r["variants"]
-
-  def times(x):
-    return report.fmt(x, ".2f") + ("x" if x is not None else "")
+  times = lambda x: report.fmt(x, ".2f") + ("x" if x is not None else "")
   ms = {k: v[k].get("ms_per_step") for k in STEPS}
   return [r["net"], r["batch"], report.fmt(ms["sgd"], ".2f"),
           *(times(v[k].get("ratio")) for k in STEPS[1:]),
@@ -141,14 +130,13 @@ def main(argv: Sequence[str]) -> None:
                                                repeats=_REPEATS.value)))
       print(f"[bench_nets] {name} b{batch} done", flush=True)
   goal = evaluate_goal(rows)
-  env = report.environment()
+  stamp = report.stamp(report.command_line("experiments.bench_nets"))
   markdown = "# lrcr on other nets\n\n" + _markdown(
-      report.environment_line(env), rows, goal)
+      report.environment_line(stamp["environment"]), rows, goal)
   print(markdown, flush=True)
   if _OUT.value:
-    report.write(_OUT.value, "bench_nets", dict(
-        command=report.command_line("experiments.bench_nets"),
-        date=report.now(), environment=env, nets=rows, goal=goal), markdown)
+    report.write(_OUT.value, "bench_nets", dict(stamp, nets=rows, goal=goal),
+                 markdown)
 
 
 if __name__ == "__main__":

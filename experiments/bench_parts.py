@@ -2,10 +2,10 @@
 
     python -m experiments.bench_parts [--batch=32] [--repeats=11]
 
-On the paper's 12x128 net, float32, jitted, interleaved medians of repeated
-samples (ratio to `grad`), the number of kernels in each compiled program
-(`bench.count_kernels`), and its flops from XLA's cost analysis (the
-matmuls' count, what the step would cost if kernels were free):
+On the paper's 12x128 net, float32, each jitted part's median ms over
+interleaved samples (`bench.measure`) and its ratio to `grad`'s, its kernels
+(`bench.count_kernels`) and its flops (XLA's cost analysis: what the step
+would cost if kernels were free) over `grad`'s. The parts:
 
 - `grad`: `jax.value_and_grad` of the loss
 - `engine_pass`: `lrcr.value_grad_and_curvature` without calling its
@@ -14,11 +14,8 @@ matmuls' count, what the step would cost if kernels were free):
 - `engine_gram`: the same with `gradient_direction=True` (Gram form)
 - `engine_stacked`, `engine_gram_stacked`: the two with `stack_layers=True`
 - `fwd_over_fwd`: `value_and_grad` plus forward-over-forward along -0.1 grad
-- `transform`: `scale_by_cubic_step`'s update with a stub `curvature_fn`
-  (one tree norm), against `apply_only`, the SGD update applied alone
-- `transform_own`: `scale_by_cubic_step`'s update applied, on the gradient
-  as given, with a stub that reads one entry of the direction (the
-  transform's own kernels), against `sgd_update`, `optax.sgd`'s update applied
+- `transform`, `apply_only`, `transform_own`, `sgd_update`: the transform
+  alone (`bench.transform_parts`)
 """
 
 from collections.abc import Sequence
@@ -26,18 +23,13 @@ from collections.abc import Sequence
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 
 import lrcr
 from experiments import bench
+from experiments import report
 
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
 _REPEATS = flags.DEFINE_integer("repeats", 11, "Timing repeats.")
-
-
-def _kernels_and_flops(fn, args) -> tuple[int, float]:
-  compiled = jax.jit(fn).lower(*args).compile()
-  return bench.count_kernels(compiled.as_text()), bench.flops(compiled)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -72,19 +64,17 @@ def main(argv: Sequence[str]) -> None:
          "engine_gram_stacked": engine(gram=True, stack=True),
          "fwd_over_fwd": fwd_over_fwd,
          **bench.transform_parts(params)}
-  samplers = {k: bench.call_sampler(jax.jit(f), (params,))
-              for k, f in fns.items()}
-  times = bench.interleaved_samples(samplers, _REPEATS.value)
-  med = {k: float(np.median(v)) for k, v in times.items()}
+  rows = bench.measure(
+      {k: dict(compiled=bench.compile_step(f, (params,))[0], args=(params,),
+               base="grad", chained=False) for k, f in fns.items()},
+      repeats=_REPEATS.value, sample_s=0.03)
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, "
         f"batch {_BATCH.value}")
-  print("| part | ms | ratio to grad | XLA kernels | flops ratio to grad |")
-  print("|---|---|---|---|---|")
-  counted = {k: _kernels_and_flops(f, (params,)) for k, f in fns.items()}
-  for k in fns:
-    kernels, flops = counted[k]
-    print(f"| {k} | {1e3 * med[k]:.3f} | {med[k] / med['grad']:.2f}x | "
-          f"{kernels} | {flops / counted['grad'][1]:.2f}x |")
+  print("\n".join(report.table(
+      ["part", "ms", "ratio to grad", "XLA kernels", "flops ratio to grad"],
+      [(k, report.fmt(r.get("ms_per_step"), ".3f"),
+        report.fmt(r.get("ratio_of_medians"), ".2f") + "x", r["kernels"],
+        report.fmt(r["flops_ratio"], ".2f") + "x") for k, r in rows.items()])))
 
 
 if __name__ == "__main__":

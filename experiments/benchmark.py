@@ -3,29 +3,22 @@
     python -m experiments.benchmark [--quick] [--out=runs/benchmark] \
         [--repeats=15]
 
-Per network shape, every `bench.make_steps` variant is compiled ahead of time
-(the executable gives kernels, flops and memory), warmed up and timed
-round-robin in a fresh random order per repeat; a sample is the mean of K
-chained calls. Reported: median and IQR of ms per step, of the paired ratio to
-its base, and kernels, flops and peak memory with their ratios to the base's.
-
-The loop measurement compares `train_lib.train_and_evaluate` on
+Every `bench.VARIANTS` step at every shape goes through `bench.measure`. The
+loop measurement compares `train_lib.train_and_evaluate` on
 configs/paper.py:mnist_sgd_plateau (mnist_5k) with the bare jitted
-`bench.loop_iteration`, differentially from runs of N1 and N2 steps:
-(N2 - N1) / ((wall2 - compile2) - (wall1 - compile1)).
-
-The goals are data (`GOALS`); the outputs are a markdown table on stdout,
-<out>/benchmark.md and <out>/benchmark.json.
+`bench.loop_iteration`, from runs of N1 and N2 steps: (N2 - N1) /
+((wall2 - compile2) - (wall1 - compile1)). The goals are data (`GOALS`).
+Outputs: markdown on stdout, <out>/benchmark.{md,json}.
 """
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from absl import app
@@ -54,97 +47,32 @@ def shape_key(width: int, depth: int, batch: int) -> str:
   return f"{depth}x{width}_b{batch}"
 
 
-# ---------------------------------------------------------------------------
-# Compiled steps: timings, kernels, flops, memory.
-
-
-def precision(name: str):
-  """The matmul precision context for `name` ("default": JAX's own)."""
-  if name == "default":
-    return contextlib.nullcontext()
-  return jax.default_matmul_precision(name)
-
-
-def compile_step(fn: Callable[..., Any], args: Sequence[Any],
-                 prec: str = "default", *, cache: dict | None = None,
-                 key: Any = None) -> tuple[Any, float]:
-  """(executable, compile seconds) under `prec`; reused from `cache[key]`."""
-  if cache is not None and (key, prec) in cache:
-    return cache[(key, prec)], 0.0
-  tic = time.perf_counter()
-  with precision(prec):
-    compiled = jax.jit(fn).lower(*args).compile()
-  if cache is not None:
-    cache[(key, prec)] = compiled
-  return compiled, time.perf_counter() - tic
-
-
-def measure(entries: dict[str, dict[str, Any]], *, repeats: int,
-            sample_s: float, seed: int = 0) -> dict[str, dict[str, Any]]:
-  """Counts and (with repeats > 0) times compiled steps against their bases.
-
-  Args:
-    entries: name -> dict with `compiled`, `args`, `base` (an entry's name)
-      and `steps_per_call`; other keys are kept.
-    repeats: round-robin repeats; 0 counts without timing.
-    sample_s: seconds per timing sample.
-    seed: of the sampling order.
-
-  Returns:
-    name -> the entry's keys (less `compiled`, `args`), `bench.static_costs`,
-    ratios to its base and, when timed, `report.paired` per-step times.
-  """
-  out = {}
-  for name, e in entries.items():
-    out[name] = {k: v for k, v in e.items() if k not in ("compiled", "args")}
-    out[name].update(bench.static_costs(e["compiled"]))
-  for name, e in out.items():
-    base = out[e["base"]]
-    e.update(kernel_ratio=report_lib.ratio(e["kernels"], base["kernels"]),
-             flops_ratio=report_lib.ratio(e["flops"], base["flops"]),
-             peak_bytes=e["memory"]["peak_bytes"],
-             xla_peak_bytes=e["memory"]["xla_peak_bytes"])
-    for key, ratio_key in (("peak_bytes", "memory_ratio"),
-                           ("xla_peak_bytes", "xla_memory_ratio")):
-      e[ratio_key] = report_lib.ratio(e["memory"][key], base["memory"][key])
-  if not repeats:
-    return out
-  samplers = {}
-  for name, e in entries.items():
-    calls = bench.calibrate(e["compiled"], e["args"], sample_s)
-    samplers[name] = bench.make_sampler(e["compiled"], e["args"], calls)
-    out[name]["calls_per_sample"] = calls
-  samples = bench.interleaved_samples(samplers, repeats, seed=seed)
-  per_step = {n: np.asarray(samples[n]) / e["steps_per_call"]
-              for n, e in entries.items()}
-  for name, e in entries.items():
-    out[name].update(report_lib.paired(per_step[name], per_step[e["base"]]))
-  return out
-
-
 def bench_shape(width: int, depth: int, batch: int, *, repeats: int,
                 sample_s: float, names: Sequence[str] | None = None,
-                prec: str = "default", cache: dict | None = None,
-                seed: int = 0) -> dict[str, Any]:
-  """Measures the variants `names` (default: all, plus bases) at one shape."""
+                precisions: Sequence[str] = ("default",),
+                cache: dict | None = None, seed: int = 0) -> dict[str, Any]:
+  """Measures the variants `names` (default: all, plus bases) at one shape
+  under each matmul precision; with two or more, named "<variant>@<prec>",
+  each against its base at the first precision."""
   model, params, x, y = bench.make_problem(width, depth, batch, seed=seed)
   _, _, xs, ys = bench.make_problem(width, depth, batch, seed=seed,
                                     steps=bench.EVERY)
-  variants = bench.make_steps(model, batch)
-  names = list(names or variants)
-  names += [variants[n].base for n in names if variants[n].base not in names]
+  names = list(names or bench.VARIANTS)
+  names += [bench.VARIANTS[n][3] for n in names
+            if bench.VARIANTS[n][3] not in names]
+  tag = lambda n, p: n if len(precisions) == 1 else f"{n}@{p}"  # noqa: E731
   entries = {}
-  for name in names:
-    v = variants[name]
+  for prec, (name, v) in itertools.product(
+      precisions, bench.make_steps(model, batch, names).items()):
     args = (params, v.tx.init(params),
             *((xs, ys) if v.steps_per_call > 1 else (x, y)))
-    compiled, compile_s = compile_step(v.step, args, prec, cache=cache,
-                                       key=(name, batch))
-    entries[name] = dict(
-        compiled=compiled, args=args, base=v.base, kind=v.kind,
-        steps_per_call=v.steps_per_call, description=v.description,
-        compile_s=compile_s)
-  out = measure(entries, repeats=repeats, sample_s=sample_s, seed=seed)
+    compiled, compile_s = bench.compile_step(v.step, args, prec, cache=cache,
+                                             key=(name, batch))
+    entries[tag(name, prec)] = dict(
+        compiled=compiled, args=args, base=tag(v.base, precisions[0]),
+        kind=v.kind, steps_per_call=v.steps_per_call,
+        description=v.description, compile_s=compile_s)
+  out = bench.measure(entries, repeats=repeats, sample_s=sample_s, seed=seed)
   derived = None
   if repeats and PRIMARY in out and "cr_sgd_every10" in out:
     derived = dict(
@@ -157,30 +85,30 @@ def bench_shape(width: int, depth: int, batch: int, *, repeats: int,
               every10_derived=derived)
 
 
+def bench_chunk(width: int, depth: int, batch: int, chunk: int, *,
+                repeats: int, sample_s: float) -> dict[str, Any]:
+  """The loop's body (`bench.loop_iteration`), `chunk` steps under lax.scan:
+  its ms per chunk, steps/s and kernels."""
+  fn, args = bench.loop_iteration(width, depth, batch, steps=chunk)
+  compiled, compile_s = bench.compile_step(fn, args)
+  m = bench.measure({"chunk": dict(compiled=compiled, args=args,
+                                   base="chunk")},
+                    repeats=repeats, sample_s=sample_s)["chunk"]
+  return dict(
+      batch=batch, chunk=chunk, ms_per_chunk=m["ms_per_step"],
+      steps_per_s=chunk / (m["ms_per_step"] / 1e3), kernels=m["kernels"],
+      compile_s=compile_s, note=(
+          "one step = one SGD step and one engine Gram-form CR-SGD step on "
+          "the same batch (the training loop's body), random data, no data "
+          "indexing or metrics"))
+
+
 def bench_transform(width: int, depth: int) -> dict[str, Any]:
   """Kernels of `bench.transform_parts` on the width x depth net's params."""
   _, params, _, _ = bench.make_problem(width, depth, 1)
   return {name: bench.count_kernels(
       jax.jit(fn).lower(params).compile().as_text())
           for name, fn in bench.transform_parts(params).items()}
-
-
-# ---------------------------------------------------------------------------
-# The training loop against the bare step.
-
-
-def _warm_up_matplotlib() -> None:
-  """Draws and saves a throwaway figure (font cache, Agg setup)."""
-  # pylint: disable=import-outside-toplevel
-  import io
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(4, 3))
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot(1, 1, 1)
-  ax.semilogy([1, 2, 3], [1, 0.5, 0.2], label="warm-up")
-  ax.legend()
-  fig.savefig(io.BytesIO(), format="png")
 
 
 def fig2_config(width: int, depth: int, batch: int, chunk: int,
@@ -209,30 +137,36 @@ def train_run(config, workdir: str) -> dict[str, Any]:
               outer_wall_s=time.perf_counter() - tic)
 
 
-def _bare_sampler(width, depth, batch, sample_s):
-  """The bare SGD + CR-SGD iteration's sampler and its calls per sample."""
-  fn, args = bench.loop_iteration(width, depth, batch)
-  compiled = jax.jit(fn).lower(*args).compile()
-  calls = bench.calibrate(compiled, args, sample_s)
-  return bench.make_sampler(compiled, args, calls), calls
-
-
-def _loop_runs(config, chunk, n1, n2, trials, warmup, sampler, per_block):
-  """Bare samples around `trials` N1/N2 run pairs; (bare, runs, error)."""
-  # pylint: disable-next=import-outside-toplevel
+def _warm_up(config) -> None:
+  """Loads the data and draws a throwaway figure (font cache, Agg setup), so
+  that one-time costs do not land in the first timed run."""
+  # pylint: disable=import-outside-toplevel
+  import io
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
   from experiments import input_pipeline
+  input_pipeline.load_dataset(config.data.name, config.data.source)
+  fig = Figure(figsize=(4, 3))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  ax.semilogy([1, 2, 3], [1, 0.5, 0.2], label="warm-up")
+  ax.legend()
+  fig.savefig(io.BytesIO(), format="png")
+
+
+def _loop_runs(config, chunk, n1, n2, trials, warmup, sample, per_block):
+  """Bare samples around `trials` N1/N2 run pairs; (bare, runs, error)."""
   bare, runs, error = [], [], None
+  timed = lambda seed: bench.interleaved_samples(  # noqa: E731
+      {"bare": sample}, per_block, seed=seed)["bare"]
   try:
-    # One-time costs would otherwise land in the first timed run.
-    input_pipeline.load_dataset(config.data.name, config.data.source)
-    _warm_up_matplotlib()
+    _warm_up(config)
     with tempfile.TemporaryDirectory() as tmp:
       if warmup:
         config.training.num_steps = chunk
         train_run(config, os.path.join(tmp, "warmup"))
       for trial in range(trials):
-        bare += bench.interleaved_samples({"bare": sampler}, per_block,
-                                          seed=trial)["bare"]
+        bare += timed(trial)
         pair = []
         for tag, n in (("n1", n1), ("n2", n2)):
           config.training.num_steps = n
@@ -247,9 +181,7 @@ def _loop_runs(config, chunk, n1, n2, trials, warmup, sampler, per_block):
                                     - second["compile_time_s"])))
   except Exception as err:  # pylint: disable=broad-except
     error = f"{type(err).__name__}: {err}"
-  bare += bench.interleaved_samples({"bare": sampler}, per_block,
-                                    seed=trials)["bare"]
-  return bare, runs, error
+  return bare + timed(trials), runs, error
 
 
 def _median(values) -> float | None:
@@ -264,9 +196,11 @@ def bench_loop(*, quick: bool, repeats: int, sample_s: float,
   width, depth, batch, chunk = (16, 2, 8, 20) if quick else (128, 12, 32, 100)
   n1, n2 = 2 * chunk, 2 * chunk + loop_steps
   config = fig2_config(width, depth, batch, chunk, n1)
-  sampler, calls = _bare_sampler(width, depth, batch, sample_s)
+  fn, args = bench.loop_iteration(width, depth, batch)
+  sample, calls = bench.sampler(jax.jit(fn).lower(*args).compile(), args,
+                                sample_s)
   bare, runs, error = _loop_runs(config, chunk, n1, n2, trials, warmup,
-                                 sampler, max(1, repeats // (trials + 1)))
+                                 sample, max(1, repeats // (trials + 1)))
   q1, med, q3 = report_lib.quartiles(bare)
   out = dict(
       network=shape_key(width, depth, batch), chunk_size=chunk,
@@ -284,7 +218,6 @@ def bench_loop(*, quick: bool, repeats: int, sample_s: float,
   return out
 
 
-# ---------------------------------------------------------------------------
 # Goals: each a `report.Goal` and a reader of its measured value, (value,
 # words) from the report or None where it was not measured.
 
@@ -327,18 +260,16 @@ def _flops(v):
 
 def _worst(parts, text, pick=max):
   """(the worst of the parts' values, the parts in words), or None."""
-  if not parts:
-    return None
-  return pick(p[0] for p in parts), "; ".join(map(text, parts))
+  parts = [p for p in parts if p]
+  return parts and (pick(p[0] for p in parts), "; ".join(map(text, parts)))
 
 
 def _engine_over_fof(report):
-  parts = [_at(b, lambda v, b=b: (v[PRIMARY]["kernels"] / v[FOF]["kernels"],
-                                  b, v[PRIMARY]["kernels"],
-                                  v[FOF]["kernels"]))(report)
-           for b in (32, 256)]
-  return _worst([p for p in parts if p],
-                lambda p: f"b{p[1]}: {p[2]} vs {p[3]} = {p[0]:.2f}x")
+  return _worst(
+      [_at(b, lambda v, b=b: (v[PRIMARY]["kernels"] / v[FOF]["kernels"], b,
+                              v[PRIMARY]["kernels"], v[FOF]["kernels"]))(
+                                  report) for b in (32, 256)],
+      lambda p: f"b{p[1]}: {p[2]} vs {p[3]} = {p[0]:.2f}x")
 
 
 def _depth_growth(report):
@@ -422,35 +353,29 @@ GOALS = (
 
 def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
   """The goal rows (`report.judge`) of a benchmark report."""
-  rows = [report_lib.judge(goal, *(read(report) or (None, "")))
-          for goal, read in GOALS]
-  for row in rows if report.get("quick") else ():
-    row["verdict"] += " [--quick: tiny net, not the goal's shapes]"
-  return rows
+  return report_lib.judge_all(GOALS, report, report.get("quick") and (
+      "--quick: tiny net, not the goal's shapes"))
 
 
-# ---------------------------------------------------------------------------
-# Report.
-
-
-def _shape_lines(s: dict[str, Any]) -> list[str]:
-  rows = []
-  for name, v in s["variants"].items():
-    xla = report_lib.fmt(v["xla_memory_ratio"], ".2f", "")
-    rows.append((
-        name, v["base"],
-        f"{v['ms_per_step']:.3f} [{v['ms_q1']:.3f}, {v['ms_q3']:.3f}]",
-        f"{v['ratio']:.2f} [{v['ratio_q1']:.2f}, {v['ratio_q3']:.2f}]",
-        f"{v['kernels']} ({report_lib.fmt(v['kernel_ratio'], '.2f')})",
-        report_lib.fmt(v["flops_ratio"], ".2f"), v["calls_per_sample"],
-        report_lib.mib(v["peak_bytes"]),
-        report_lib.fmt(v["memory_ratio"], ".2f") + (f" ({xla})" if xla
-                                                      else "")))
+def shape_lines(s: dict[str, Any], heading: str = "##") -> list[str]:
+  """A `bench_shape` result as a titled markdown table ("n/a": not timed)."""
+  f = report_lib.fmt
+  iqr = lambda v, k, q, spec: report_lib.with_iqr(  # noqa: E731
+      v.get(k), k in v and [v[f"{q}_q1"], v[f"{q}_q3"]], lambda x: f(x, spec))
+  rows = [(name, v["base"], iqr(v, "ms_per_step", "ms", ".3f"),
+           iqr(v, "ratio", "ratio", ".2f"),
+           f"{v['kernels']} ({f(v['kernel_ratio'], '.2f')})",
+           f(v["flops_ratio"], ".2f"), v.get("calls_per_sample"),
+           report_lib.mib(v["peak_bytes"]), f(v["memory_ratio"], ".2f") + (
+               f" ({f(v['xla_memory_ratio'], '.2f')})"
+               if v["xla_memory_ratio"] is not None else ""))
+          for name, v in s["variants"].items()]
   d = s.get("every10_derived")
   if d:
     rows.append(("cr_sgd_every10_derived (DERIVED)", "sgd", "-",
                  f"{d['ratio']:.2f}", "-", "-", "-", "-", "-"))
-  return ["", f"## {s['depth']}x{s['width']}, batch {s['batch']}", ""] + (
+  return ["", f"{heading} {s['depth']}x{s['width']}, batch {s['batch']}",
+          ""] + (
       report_lib.table(["variant", "base", "ms/step [IQR]", "ratio [IQR]",
                         "kernels (ratio)", "flops ratio", "K", "memory MiB",
                         "memory ratio"], rows))
@@ -458,7 +383,9 @@ def _shape_lines(s: dict[str, Any]) -> list[str]:
 
 def _loop_lines(loop: dict[str, Any]) -> list[str]:
   f = lambda x: report_lib.fmt(x, ".1f")  # noqa: E731
-  r = lambda x: report_lib.fmt(x, ".2f")  # noqa: E731
+  vs = lambda k: (f"{f(loop[f'loop_{k}steps_per_s'])} "  # noqa: E731
+                  f"({report_lib.fmt(loop[f'loop_{k}over_bare'], '.2f')}x "
+                  "bare)")
   return ["", f"## Training loop ({loop['network']}, chunk "
           f"{loop['chunk_size']}, {loop['config']}, {loop['data_source']})",
           "", "One iteration = one SGD step and one engine (Gram form) "
@@ -469,14 +396,11 @@ def _loop_lines(loop: dict[str, Any]) -> list[str]:
                f"{loop['bare_ms_per_iteration']:.3f} ms)"),
               (f"train_and_evaluate, end-to-end steady state (N2="
                f"{loop['n2']} - N1={loop['n1']}, median of "
-               f"{loop['trials']})", f"{f(loop['loop_steps_per_s'])} "
-               f"({r(loop['loop_over_bare'])}x bare)"),
+               f"{loop['trials']})", vs("")),
               ("train_and_evaluate, train_lib steps_per_s (compute only)",
-               f"{f(loop['loop_compute_steps_per_s'])} "
-               f"({r(loop['loop_compute_over_bare'])}x bare)"),
+               vs("compute_")),
               ("train_and_evaluate, N2 / (wall - compile), fixed costs "
-               f"included", f"{f(loop['loop_naive_steps_per_s'])} "
-               f"({r(loop['loop_naive_over_bare'])}x bare)")]) + (
+               "included", vs("naive_"))]) + (
                    [f"\nLoop measurement failed: {loop['error']}"]
                    if loop.get("error") else [])
 
@@ -498,7 +422,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines.append("- **--quick: smoke run on a tiny net; the numbers mean "
                  "nothing for the goals.**")
   for s in report["shapes"].values():
-    lines += _shape_lines(s)
+    lines += shape_lines(s)
   first = next(iter(report["shapes"].values()))
   lines += ["", "Variants:", ""] + [
       f"- `{name}` ({v['kind']}): {v['description']}"
@@ -514,34 +438,33 @@ def to_markdown(report: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------------
-# Entry point.
-
-
 def run(*, quick: bool = False, out: str = "runs/benchmark",
         repeats: int | None = None, sample_ms: float | None = None,
         loop_steps: int | None = None, loop_trials: int | None = None,
-        skip_loop: bool = False, command: str = "") -> dict[str, Any]:
-  """Runs the benchmark; returns the report written to <out>/benchmark.json."""
+        skip_loop: bool = False,
+        command: str = "python -m experiments.benchmark") -> dict[str, Any]:
+  """Runs the benchmark; returns the report written to <out>/benchmark.json.
+
+  Args mirror the command's flags (None: the default, smaller with quick).
+  """
   repeats = repeats or (3 if quick else 15)
   sample_s = (sample_ms or (5.0 if quick else 30.0)) / 1e3
   shapes = QUICK_SHAPES if quick else FULL_SHAPES
   report: dict[str, Any] = dict(
-      command=command or "python -m experiments.benchmark",
-      date=report_lib.now(), environment=report_lib.environment(),
-      quick=quick, repeats=repeats, sample_ms=sample_s * 1e3, shapes={},
+      report_lib.stamp(command), quick=quick, repeats=repeats,
+      sample_ms=sample_s * 1e3, shapes={},
       transform=bench_transform(*shapes[0][:2]), loop=None)
   total = time.perf_counter()
+  log = lambda m: print(f"[benchmark] {m}", file=sys.stderr,  # noqa: E731
+                        flush=True)
   for width, depth, batch in shapes:
     tic = time.perf_counter()
-    print(f"[benchmark] {depth}x{width} batch {batch} ...", file=sys.stderr,
-          flush=True)
+    log(f"{depth}x{width} batch {batch} ...")
     report["shapes"][shape_key(width, depth, batch)] = bench_shape(
         width, depth, batch, repeats=repeats, sample_s=sample_s)
-    print(f"[benchmark]   done in {time.perf_counter() - tic:.0f} s",
-          file=sys.stderr, flush=True)
+    log(f"  done in {time.perf_counter() - tic:.0f} s")
   if not skip_loop:
-    print("[benchmark] training loop ...", file=sys.stderr, flush=True)
+    log("training loop ...")
     report["loop"] = bench_loop(
         quick=quick, repeats=repeats, sample_s=sample_s,
         loop_steps=loop_steps or (40 if quick else 1000),
@@ -552,6 +475,10 @@ def run(*, quick: bool = False, out: str = "runs/benchmark",
   markdown = to_markdown(report)
   print(markdown)
   return report_lib.write(out, "benchmark", report, markdown)
+
+
+_FLAGS = ("quick", "out", "repeats", "sample_ms", "loop_steps", "loop_trials",
+          "skip_loop")
 
 
 def _define_flags() -> None:
@@ -574,10 +501,7 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  f = flags.FLAGS
-  run(quick=f.quick, out=f.out, repeats=f.repeats, sample_ms=f.sample_ms,
-      loop_steps=f.loop_steps, loop_trials=f.loop_trials,
-      skip_loop=f.skip_loop,
+  run(**{name: flags.FLAGS[name].value for name in _FLAGS},
       command=report_lib.command_line("experiments.benchmark"))
 
 

@@ -1,55 +1,41 @@
-"""One short check of lrcr on an accelerator: exactness, speed, Fig. 2, memory.
+"""One short check of lrcr on an accelerator: exactness, speed, memory, Fig. 2.
 
     python -m experiments.device_check --out=runs/device_check [--tiny] \
         [--sections=exactness,speed,memory,fig2] [--budget_s=360]
 
-One process, a few minutes on the 12x128 net. Every section is guarded (a
-failure is recorded and the next runs) and DIR/device_check.{json,md} are
-rewritten after each, so a killed run keeps what it finished. `--tiny` shrinks
-every size for the CPU test. The sections compose the other programs:
-exactness (`exactness.float32_errors` under default and highest matmul
-precision, and the steps timed under both), speed (`benchmark.bench_shape`,
-the HLO text of the first batch's steps, and a scanned chunk of
-`bench.loop_iteration`), memory (peak bytes against SGD's) and fig2 (the Fig.
-2 run through `train_lib`, against the CPU's wall time). The goals are data
-rows judged by `report.judge`.
+Composes `exactness.float32_errors`, `benchmark.bench_shape`/`bench_chunk`
+and `benchmark.train_run`, with their markdown. A failed section is recorded
+and the next runs; <out>/device_check.{json,md} are rewritten after each.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import os
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
 
-from experiments import bench
 from experiments import benchmark
 from experiments import exactness
 from experiments import report as report_lib
-from experiments.report import Goal
 
 SECTIONS = ("exactness", "speed", "memory", "fig2")
-
-#: The speed table's steps (`experiments.bench.make_steps` names).
-SGD = "sgd"
-GRAM = "cr_sgd_engine_gram"      # the public fast path, gradient_direction=True
-DENSE = "cr_sgd_engine"          # the public fast path, any direction
-FOF = "cr_sgd_autodiff"          # forward-over-forward
-GRAM_STACKED = "cr_sgd_engine_gram_stacked"   # stack_layers=True
-DENSE_STACKED = "cr_sgd_engine_stacked"
-SPEED_STEPS = (SGD, GRAM, DENSE, GRAM_STACKED, DENSE_STACKED, FOF)
-#: Steps written out as HLO text (first speed batch).
-HLO_STEPS = (SGD, GRAM, DENSE)
-MEMORY_STEPS = (SGD, GRAM, DENSE, GRAM_STACKED)
+#: The steps measured (`bench.VARIANTS` names).
+SGD, GRAM, DENSE = "sgd", "cr_sgd_engine_gram", "cr_sgd_engine"
+SPEED_STEPS = (SGD, GRAM, DENSE, "cr_sgd_engine_gram_stacked",
+               "cr_sgd_engine_stacked", "cr_sgd_autodiff")
+HLO_STEPS = (SGD, GRAM, DENSE)           # written out as HLO text
+MEMORY_STEPS = SPEED_STEPS[:4]
 PRECISIONS = ("default", "highest")
+SKIPPED = "over --budget_s"
 
 #: The Fig. 2 run on the CPU: `JAX_PLATFORMS=cpu python -m
 #: experiments.device_check --out=DIR --sections=fig2` (train_lib's numbers).
@@ -61,7 +47,9 @@ CPU_FIG2_SOURCE = ("2-core CPU dev machine, 2026-11-28, jax 0.10.2, same "
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """Sizes of one check."""
+  """Sizes of one check: the width x depth net, its batches (the first also
+  that of the scanned chunk; the Fig. 2 run's is the paper's 32), the goals'
+  two batches."""
   width: int = 128
   depth: int = 12
   batches: tuple[int, ...] = (32, 256, 1024)
@@ -71,11 +59,7 @@ class Options:
   repeats: int = 15
   sample_s: float = 0.02          # seconds per timing sample
   chunk: int = 100                # steps per scanned chunk (the loop's)
-  chunk_batch: int = 32
   fig2_steps: int = 3000
-  fig2_width: int = 128
-  fig2_depth: int = 12
-  fig2_chunk: int = 100
   goal_batches: tuple[int, int] = (256, 32)   # judged at <= 1.5x, <= 2x
   tiny: bool = False
 
@@ -83,129 +67,84 @@ class Options:
   def tiny_sizes(cls) -> Options:
     return cls(width=16, depth=2, batches=(8,), exact_batch=16,
                precision_batches=(8,), repeats=2, sample_s=0.002, chunk=10,
-               chunk_batch=8, fig2_steps=10, fig2_width=16, fig2_depth=2,
-               fig2_chunk=10, goal_batches=(8, 8), tiny=True)
+               fig2_steps=10, goal_batches=(8, 8), tiny=True)
 
 
-def _over_budget(state: dict[str, Any]) -> bool:
-  """Past --budget_s: long sections skip what they have not started."""
-  return time.perf_counter() > state.get("deadline", math.inf)
+_log = functools.partial(print, "[device_check]", flush=True)
 
 
-def _log(message: str) -> None:
-  print(f"[device_check] {message}", flush=True)
-
-
-# ---------------------------------------------------------------------------
-# Sections.
-
-
-def _precision_timing(opts: Options, b: int, cache: dict) -> dict[str, Any]:
-  """SGD and CR-SGD (Gram) under each precision, ratios to SGD at default."""
-  model, params, x, y = bench.make_problem(opts.width, opts.depth, b)
-  entries = {}
-  for prec in PRECISIONS:
-    for name, v in bench.make_steps(model, b, (SGD, GRAM)).items():
-      args = (params, v.tx.init(params), x, y)
-      compiled, _ = benchmark.compile_step(v.step, args, prec, cache=cache,
-                                           key=(name, b))
-      entries[f"{name}@{prec}"] = dict(compiled=compiled, args=args,
-                                       base=f"{SGD}@default",
-                                       steps_per_call=1)
-  table = benchmark.measure(entries, repeats=opts.repeats,
-                            sample_s=opts.sample_s)
-  ms = lambda n: table[f"{n}@highest"]["ms_per_step"] / table[  # noqa: E731
-      f"{n}@default"]["ms_per_step"]
-  return dict(steps=table, cr_highest_over_default=ms(GRAM),
-              sgd_highest_over_default=ms(SGD))
+def _shape(opts: Options, state: dict[str, Any], b: int, names: Sequence[str],
+           key: str = "variants", repeats: int | None = None,
+           precisions: Sequence[str] = ("default",)) -> dict[str, Any]:
+  """`benchmark.bench_shape` at batch `b` (its variants under `key`),
+  sharing the check's executables."""
+  s = benchmark.bench_shape(
+      opts.width, opts.depth, b, names=names, precisions=precisions,
+      repeats=opts.repeats if repeats is None else repeats,
+      sample_s=opts.sample_s, cache=state.setdefault("executables", {}),
+      seed=b)
+  s[key] = s.pop("variants")
+  return s
 
 
 def section_exactness(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
-  _log("exactness: float32 on the device, float64 on the CPU")
+  """`exactness.float32_errors`; SGD and CR-SGD timed under each precision."""
   out = exactness.float32_errors(opts.width, opts.depth, opts.exact_batch,
                                  init_scales=opts.exact_init_scales,
                                  precisions=PRECISIONS)
-  out["step_timing"] = {}
+  out["step_timing"] = timing = {}
   for b in opts.precision_batches:
-    if _over_budget(state):
-      out["step_timing"][f"b{b}"] = dict(skipped="over --budget_s")
-      continue
-    _log(f"exactness: step timing under both precisions, batch {b}")
-    out["step_timing"][f"b{b}"] = _precision_timing(
-        opts, b, state.setdefault("executables", {}))
+    over = time.perf_counter() > state["deadline"]
+    timing[f"b{b}"] = t = dict(skipped=SKIPPED) if over else _shape(
+        opts, state, b, (SGD, GRAM), "steps", precisions=PRECISIONS)
+    for key, n in () if "skipped" in t else (("cr", GRAM), ("sgd", SGD)):
+      ms = {p: t["steps"][f"{n}@{p}"].get("ms_per_step") for p in PRECISIONS}
+      t[f"{key}_highest_over_default"] = report_lib.ratio(ms["highest"],
+                                                          ms["default"])
   return out
 
 
-def _scan_chunk(opts: Options) -> dict[str, Any]:
-  """Steps/s of a lax.scan chunk of the loop's body (SGD + CR-SGD pairs)."""
-  b, t = opts.chunk_batch, opts.chunk
-  chunk, args = bench.loop_iteration(opts.width, opts.depth, b, steps=t)
-  compiled, compile_s = benchmark.compile_step(chunk, args)
-  timed = benchmark.measure(
-      {"chunk": dict(compiled=compiled, args=args, base="chunk",
-                     steps_per_call=1)},
-      repeats=opts.repeats, sample_s=opts.sample_s)["chunk"]
-  return dict(batch=b, chunk=t, ms_per_chunk=timed["ms_per_step"],
-              steps_per_s=t / (timed["ms_per_step"] / 1e3),
-              kernels=timed["kernels"], compile_s=compile_s,
-              note=("one step = one SGD step and one engine Gram-form "
-                    "CR-SGD step on the same batch (the training loop's "
-                    "body), random data, no data indexing or metrics"))
-
-
-def _bench_shape(opts: Options, state: dict[str, Any], b: int,
-                 names: Sequence[str], repeats: int) -> dict[str, Any]:
-  """`benchmark.bench_shape` at batch `b`, sharing the check's executables."""
-  return benchmark.bench_shape(
-      opts.width, opts.depth, b, names=names, repeats=repeats,
-      sample_s=opts.sample_s, cache=state.setdefault("executables", {}),
-      seed=b)
-
-
 def section_speed(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
-  cache = state.setdefault("executables", {})
-  result = dict(network=f"{opts.depth}x{opts.width}", shapes={},
-                scan_chunk=None, skipped_over_budget=[])
-  state["partial"] = result
+  """`benchmark.bench_shape` per batch (HLO text of the first written out),
+  then `benchmark.bench_chunk`."""
+  skipped, first = [], opts.batches[0]
+  result = state["partial"] = dict(network=f"{opts.depth}x{opts.width}",
+                                   shapes={}, scan_chunk=None,
+                                   skipped_over_budget=skipped)
   for b in opts.batches:
-    if _over_budget(state):
-      result["skipped_over_budget"].append(f"b{b}")
+    if time.perf_counter() > state["deadline"]:
+      skipped.append(f"b{b}")
       continue
     _log(f"speed: batch {b}")
-    result["shapes"][f"b{b}"] = _bench_shape(opts, state, b, SPEED_STEPS,
-                                             opts.repeats)
-    if b == opts.batches[0] and state.get("out"):
-      for name in HLO_STEPS:
-        path = os.path.join(state["out"], f"hlo_{name}_b{b}.txt")
-        with open(path, "w", encoding="utf-8") as f:
-          f.write(cache[((name, b), "default")].as_text())
-  if _over_budget(state):
-    result["skipped_over_budget"].append("scan_chunk")
+    result["shapes"][f"b{b}"] = _shape(opts, state, b, SPEED_STEPS)
+    for name in HLO_STEPS if b == first and state.get("out") else ():
+      with open(os.path.join(state["out"], f"hlo_{name}_b{b}.txt"), "w",
+                encoding="utf-8") as f:
+        f.write(state["executables"][((name, b), "default")].as_text())
+  if time.perf_counter() > state["deadline"]:
+    skipped.append("scan_chunk")
   else:
-    _log("speed: scan chunk")
-    result["scan_chunk"] = _scan_chunk(opts)
+    result["scan_chunk"] = benchmark.bench_chunk(
+        opts.width, opts.depth, first, opts.chunk, repeats=opts.repeats,
+        sample_s=opts.sample_s)
   return result
 
 
 def section_memory(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
   """Memory of the compiled steps, from the speed section's executables."""
-  out = {}
-  for b in opts.batches:
-    shape = _bench_shape(opts, state, b, MEMORY_STEPS, 0)
-    out[f"b{b}"] = dict(batch=b, steps={
-        name: dict(v["memory"], memory_ratio=v["memory_ratio"],
-                   xla_memory_ratio=v["xla_memory_ratio"])
-        for name, v in shape["variants"].items()})
-  return dict(network=f"{opts.depth}x{opts.width}", shapes=out,
-              note=("peak_bytes = temp + argument + output bytes of "
-                    "compiled.memory_analysis(); xla_peak_bytes is XLA's own "
-                    "peak estimate where the backend reports one"))
+  return dict(network=f"{opts.depth}x{opts.width}", shapes={
+      f"b{b}": _shape(opts, state, b, MEMORY_STEPS, "steps", repeats=0)
+      for b in opts.batches}, note=(
+          "peak_bytes = temp + argument + output bytes of "
+          "compiled.memory_analysis(); xla_peak_bytes is XLA's own peak "
+          "estimate where the backend reports one"))
 
 
 def section_fig2(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
+  """One Fig. 2 training run, against `CPU_FIG2` at the full sizes."""
   del state
-  config = benchmark.fig2_config(opts.fig2_width, opts.fig2_depth, 32,
-                                 opts.fig2_chunk, opts.fig2_steps)
+  config = benchmark.fig2_config(opts.width, opts.depth, 32, opts.chunk,
+                                 opts.fig2_steps)
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
   try:
@@ -213,233 +152,135 @@ def section_fig2(opts: Options, state: dict[str, Any]) -> dict[str, Any]:
       out = benchmark.train_run(config, os.path.join(tmp, "fig2"))
   finally:
     logging.set_verbosity(verbosity)
-  full = (opts.fig2_steps == 3000 and not opts.tiny and
-          (opts.fig2_width, opts.fig2_depth, opts.fig2_chunk) == (128, 12, 100))
-  cpu = CPU_FIG2 if full else None
-  out.update(
-      config="configs/paper.py:mnist_sgd_plateau", num_steps=opts.fig2_steps,
-      network=f"{opts.fig2_depth}x{opts.fig2_width}", cpu=cpu,
-      cpu_source=CPU_FIG2_SOURCE if cpu else None,
+  cpu = CPU_FIG2 if (opts.fig2_steps, opts.width, opts.depth, opts.chunk,
+                     opts.tiny) == (3000, 128, 12, 100, False) else None
+  return dict(
+      out, config="configs/paper.py:mnist_sgd_plateau",
+      num_steps=opts.fig2_steps, network=f"{opts.depth}x{opts.width}",
+      cpu=cpu, cpu_source=CPU_FIG2_SOURCE if cpu else None,
       cpu_over_device_wall=report_lib.ratio(cpu and cpu["wall_time_s"],
                                             out.get("wall_time_s")),
       device_over_cpu_steps_per_s=report_lib.ratio(
           out.get("steps_per_s"), cpu and cpu["steps_per_s"]))
-  return out
 
 
 RUNNERS = dict(exactness=section_exactness, speed=section_speed,
                memory=section_memory, fig2=section_fig2)
 
 
-# ---------------------------------------------------------------------------
-# Goals: each a `report.Goal` and the function reading its measured value.
+def _result(report: dict[str, Any], name: str) -> dict[str, Any]:
+  return (report["sections"].get(name) or {}).get("result") or {}
 
 
-def _speed_reader(b: int, key: str) -> Callable[[dict], Any]:
-  def read(report):
-    speed = report["sections"].get("speed", {}).get("result") or {}
-    row = (speed.get("shapes") or {}).get(f"b{b}")
-    if row is None:
-      return None
-    v = row["variants"]
-    return v[GRAM][key], (f"b{b}: Gram {v[GRAM][key]:.2f}x, dense "
-                          f"{v[DENSE][key]:.2f}x")
-  return read
+def _speed(b: int, key: str, report: dict[str, Any]):
+  v = (_result(report, "speed").get("shapes") or {}).get(f"b{b}")
+  v = v and v["variants"]
+  return v and (v[GRAM][key], f"b{b}: Gram {v[GRAM][key]:.2f}x, dense "
+                f"{v[DENSE][key]:.2f}x")
 
 
-def _exact_reader(prec: str) -> Callable[[dict], Any]:
-  def read(report):
-    exact = report["sections"].get("exactness", {}).get("result") or {}
-    err = (exact.get("max_rel_err") or {}).get(prec, {})
-    if err.get("engine") is None:
-      return None
-    return err["engine"], (f"engine {err['engine']:.1e} (f-o-f "
-                           f"{report_lib.fmt(err['fof'], '.1e')})")
-  return read
+def _exact(prec: str, report: dict[str, Any]):
+  e = (_result(report, "exactness").get("max_rel_err") or {}).get(prec, {})
+  return e.get("engine") is not None and (e["engine"], (
+      f"engine {e['engine']:.1e} (f-o-f {report_lib.fmt(e['fof'], '.1e')})"))
 
 
-def goals(opts: Options) -> list[tuple[Goal, Callable[[dict], Any]]]:
-  """The device goals at the sizes of `opts`."""
+def goals(opts: Options) -> list[tuple[report_lib.Goal, Any]]:
+  """The device goals at the sizes of `opts`: (goal, reader) pairs."""
+  goal, part = report_lib.Goal, functools.partial
   b256, b32 = opts.goal_batches
-  rows = [(Goal(f"CR-SGD (Gram form) time / SGD, batch {b256}", "<=", 1.5),
-           _speed_reader(b256, "ratio")),
-          (Goal(f"CR-SGD (Gram form) time / SGD, batch {b32}", "<=", 2.0),
-           _speed_reader(b32, "ratio"))]
-  for b in sorted(set(opts.goal_batches)):
-    rows.append((Goal(f"CR-SGD (Gram form) kernels / SGD's, batch {b} "
-                      "(the CPU target, on this device)", "<=", 1.6,
-                      1.3, "performance target"), _speed_reader(b, "kernel_ratio")))
-  for prec in PRECISIONS:
-    rows.append((Goal(f"engine max relative error against the float64 CPU "
-                      f"reference, {prec} precision", "<=", 1e-5),
-                 _exact_reader(prec)))
-  return rows
+  return [
+      *((goal(f"CR-SGD (Gram form) time / SGD, batch {b}", "<=", bar),
+         part(_speed, b, "ratio")) for b, bar in ((b256, 1.5), (b32, 2.0))),
+      *((goal(f"CR-SGD (Gram form) kernels / SGD's, batch {b} (the CPU "
+              "target, on this device)", "<=", 1.6, 1.3, "performance target"),
+         part(_speed, b, "kernel_ratio")) for b in sorted({b256, b32})),
+      *((goal(f"engine max relative error against the float64 CPU "
+              f"reference, {prec} precision", "<=", 1e-5), part(_exact, prec))
+        for prec in PRECISIONS)]
 
 
 def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
-  """The goal rows of a device report (`report.judge`)."""
-  opts = Options(**{k: tuple(v) if isinstance(v, list) else v
-                    for k, v in report["options"].items()})
-  rows = []
-  for goal, read in goals(opts):
-    rows.append(report_lib.judge(goal, *(read(report) or (None, ""))))
-    if opts.tiny:
-      rows[-1]["verdict"] += " [--tiny: not the goals' shapes]"
-  return rows
+  """The goal rows of a device report (`report.judge_all`)."""
+  o = report["options"]
+  return report_lib.judge_all(
+      goals(Options(goal_batches=tuple(o["goal_batches"]))), report,
+      o["tiny"] and "--tiny: not the goals' shapes")
 
 
-# ---------------------------------------------------------------------------
-# Report.
+def _shapes_lines(shapes: dict[str, Any], skipped=()) -> list[str]:
+  """`benchmark.shape_lines` of each measured shape; the skipped named."""
+  lines = [line for s in shapes.values() if "skipped" not in s
+           for line in benchmark.shape_lines(
+               dict(s, variants=s.get("steps", s.get("variants"))), "###")]
+  skipped = [*(k for k, s in shapes.items() if "skipped" in s), *skipped]
+  return lines + (["", f"Skipped ({SKIPPED}): {', '.join(skipped)}."]
+                  if skipped else [])
 
 
-def _title(title: str) -> list[str]:
-  return ["", f"## {title}", ""]
-
-
-def _exactness_lines(exact: dict[str, Any]) -> list[str]:
+def to_markdown(report: dict[str, Any]) -> str:
+  """The device report as markdown."""
   g = report_lib.fmt
-  lines = _title("1. Exactness (float32 on the device vs float64 on the CPU)")
-  lines += [
-      f"{exact['network']} net, batch {exact['batch']}, random data; "
-      f"reference: forward-over-forward in {exact['reference_dtype']} on "
-      f"{exact['reference_device']} (the float64 engine agrees with it to "
-      f"{g(exact['f64_engine_vs_fof_max'], '.1e')}). Directions: -lr grad F "
-      "(SGD) and a random one.", ""]
-  lines += report_lib.table(
-      ["precision", "max rel err, engine", "max rel err, f-o-f"],
-      [(p, g(e["engine"], ".2e"), g(e["fof"], ".2e"))
-       for p, e in exact["max_rel_err"].items()])
-  lines += [""] + report_lib.table(
-      ["init", "precision", "direction", "method", "slope", "rel err",
-       "curvature", "rel err"],
-      [(f"U(±{c['init_scale']})", c["precision"], c["direction"],
-        c["method"], g(c["slope"], ".6e"), g(c["rel_err_slope"], ".1e"),
-        g(c["curvature"], ".6e"), g(c["rel_err_curvature"], ".1e"))
-       for c in exact["cases"]])
-  rows = []
-  for key, t in exact["step_timing"].items():
-    if "skipped" in t:
-      rows.append((key, f"skipped: {t['skipped']}", "", ""))
-      continue
-    rows += [(key, name, g(s["ms_per_step"]), g(s["ratio"], ".2f"))
-             for name, s in t["steps"].items()]
-    rows.append((key, "CR highest / default",
-                 g(t["cr_highest_over_default"], ".2f") + "x", ""))
-  return lines + ["", "Step time under each precision (ms, median; ratio to "
-                  "SGD at default precision):", ""] + report_lib.table(
-                      ["batch", "step", "ms", "ratio"], rows)
-
-
-def _speed_lines(speed: dict[str, Any]) -> list[str]:
-  g = report_lib.fmt
-  shapes = speed["shapes"].values()
-  lines = _title("2. Speed (ms per step, median of interleaved repeats; "
-                 "paired ratio to SGD)") + report_lib.table(
-               ["batch", *SPEED_STEPS],
-               [(s["batch"], *(f"{g(s['variants'][n]['ms_per_step'])} "
-                               f"({g(s['variants'][n]['ratio'], '.2f')}x)"
-                               for n in SPEED_STEPS)) for s in shapes])
-  lines += ["", "Kernels per compiled step (`bench.count_kernels`: fusions, "
-            "library calls and copies in the compiled HLO), and the ratio to "
-            "SGD's:", ""] + report_lib.table(
-                ["batch", *SPEED_STEPS],
-                [(s["batch"], *(f"{s['variants'][n]['kernels']} ("
-                                f"{g(s['variants'][n]['kernel_ratio'], '.2f')})"
-                                for n in SPEED_STEPS)) for s in shapes])
-  if speed.get("skipped_over_budget"):
-    lines += ["", "Skipped (over --budget_s): "
-              + ", ".join(speed["skipped_over_budget"]) + "."]
+  exact, speed, memory, fig2 = (_result(report, n) for n in SECTIONS)
+  lines = report_lib.header("lrcr device check", report) + [
+      f"- total wall time: {g(report['total_wall_s'], '.1f')} s"
+      + ("" if report["finished"] else " (**not finished**)"),
+      f"- sizes: `{report['options']}`", ""] + report_lib.table(
+          ["section", "status", "wall s"],
+          [(name, s["status"] + (f": {s['error'].splitlines()[0]}"
+                                 if s.get("error") else ""),
+            g(s.get("wall_s"), ".1f"))
+           for name, s in report["sections"].items()])
+  if report.get("goals"):
+    lines += ["", "**Goals:**", ""] + report_lib.goals_table(report["goals"])
+  if exact:
+    lines += ["", "## 1. Exactness (float32 on the device vs float64 on the "
+              "CPU)", *exactness.float32_lines(exact), "", "Step time under "
+              "each precision (ratio to SGD at default precision); time at "
+              "highest over time at default:", ""] + [
+                  f"- {k}: CR-SGD {g(t['cr_highest_over_default'], '.2f')}, "
+                  f"SGD {g(t['sgd_highest_over_default'], '.2f')}"
+                  for k, t in exact["step_timing"].items()
+                  if "skipped" not in t]
+    lines += _shapes_lines(exact["step_timing"])
+  if speed:
+    lines += ["", "## 2. Speed (ms per step, median of interleaved repeats; "
+              "paired ratio to SGD; kernels by `bench.count_kernels`)",
+              *_shapes_lines(speed["shapes"], speed["skipped_over_budget"])]
   loop = speed.get("scan_chunk")
   if loop:
     lines += ["", f"Scanned chunk of the loop's body ({loop['chunk']} steps, "
               f"batch {loop['batch']}): {g(loop['steps_per_s'], '.1f')} "
               f"steps/s ({g(loop['ms_per_chunk'])} ms per chunk, "
               f"{loop['kernels']} kernels)."]
-  return lines
-
-
-def _memory_lines(memory: dict[str, Any]) -> list[str]:
-  rows = []
-  for row in memory["shapes"].values():
-    st = row["steps"]
-    rows.append((row["batch"], *(
-        f"{report_lib.mib(st[n]['peak_bytes'])} "
-        f"({report_lib.fmt(st[n]['memory_ratio'], '.2f')})"
-        for n in MEMORY_STEPS),
-                 report_lib.fmt(st[GRAM]["xla_memory_ratio"], ".2f")))
-  return _title("3. Memory (compiled step, MiB; ratio to SGD)") + (
-      report_lib.table(["batch", *MEMORY_STEPS, f"XLA peak ratio {GRAM}"],
-                       rows))
-
-
-def _fig2_lines(fig2: dict[str, Any]) -> list[str]:
-  g = report_lib.fmt
-  lines = _title("4. Fig. 2 run") + [
-      f"{fig2['config']}, {fig2['num_steps']} steps, {fig2['network']}, "
-      f"data {fig2['data_source']}: wall {g(fig2['wall_time_s'], '.1f')} s "
-      f"(compile {g(fig2['compile_time_s'], '.1f')} s, "
-      f"{g(fig2['steps_per_s'], '.1f')} steps/s in the scan chunks)."]
-  cpu = fig2.get("cpu")
-  if not cpu:
-    return lines + ["", "No CPU comparison: not the full 3,000-step 12x128 "
-                    "run."]
-  return lines + [
-      "", f"CPU ({fig2['cpu_source']}): wall {cpu['wall_time_s']} s, compile "
-      f"{cpu['compile_time_s']} s, {cpu['steps_per_s']} steps/s. CPU wall / "
-      f"device wall {g(fig2['cpu_over_device_wall'], '.2f')}x; device "
-      f"steps/s / CPU {g(fig2['device_over_cpu_steps_per_s'], '.2f')}x."]
-
-
-_RENDER = dict(exactness=_exactness_lines, speed=_speed_lines,
-               memory=_memory_lines, fig2=_fig2_lines)
-
-
-def to_markdown(report: dict[str, Any]) -> str:
-  """The device report as markdown."""
-  lines = report_lib.header("lrcr device check", report) + [
-      f"- total wall time: {report_lib.fmt(report['total_wall_s'], '.1f')} s"
-      + ("" if report["finished"] else " (**not finished**)"),
-      f"- sizes: `{report['options']}`", ""]
-  lines += report_lib.table(["section", "status", "wall s"], [
-      (name, s["status"] + (f": {s['error'].splitlines()[0]}"
-                            if s.get("error") else ""),
-       report_lib.fmt(s.get("wall_s"), ".1f"))
-      for name, s in report["sections"].items()])
-  if report.get("goals"):
-    lines += ["", "**Goals:**", ""] + report_lib.goals_table(report["goals"])
-  for name, render in _RENDER.items():
-    result = (report["sections"].get(name) or {}).get("result")
-    if result:
-      lines += render(result)
+  if memory:
+    lines += ["", "## 3. Memory (compiled step, MiB; ratio to SGD)",
+              *_shapes_lines(memory["shapes"])]
+  if fig2:
+    cpu = fig2["cpu_source"] or "none, not the full 3,000-step 12x128 run"
+    lines += ["", "## 4. Fig. 2 run", "", f"{fig2['config']}, "
+              f"{fig2['num_steps']} steps, {fig2['network']}, data "
+              f"{fig2['data_source']}; CPU: {cpu}. CPU wall / device wall: "
+              f"{g(fig2['cpu_over_device_wall'], '.2f')}; device steps/s / "
+              f"CPU: {g(fig2['device_over_cpu_steps_per_s'], '.2f')}.", ""]
+    lines += report_lib.table(
+        ["", "wall s", "compile s", "steps/s (scan chunks)"],
+        [(where, *(g((r or {}).get(k), ".1f") for k in CPU_FIG2))
+         for where, r in (("device", fig2), ("CPU", fig2["cpu"]))])
   return "\n".join(lines) + "\n"
 
 
-def _write(report: dict[str, Any], out: str) -> dict[str, Any]:
-  report = report_lib.jsonable(report)
-  return report_lib.write(out, "device_check", report, to_markdown(report))
-
-
-def _run_section(name: str, opts: Options, state: dict[str, Any],
-                 entry: dict[str, Any]) -> None:
-  """Runs one section into `entry`; a failure is recorded, not raised."""
-  tic = time.perf_counter()
-  _log(f"{name} ...")
-  try:
-    entry["result"] = RUNNERS[name](opts, state)
-    entry["status"] = "ok"
-  except Exception as err:  # pylint: disable=broad-except
-    entry.update(status="error", error=f"{type(err).__name__}: {err}",
-                 traceback=traceback.format_exc(limit=8),
-                 result=state.get("partial"))
-  state.pop("partial", None)
-  entry["wall_s"] = time.perf_counter() - tic
-  _log(f"{name}: {entry['status']} in {entry['wall_s']:.1f} s"
-       + (f" ({entry['error']})" if entry["error"] else ""))
+def _write(report: dict[str, Any], out: str, start: float) -> dict[str, Any]:
+  report.update(total_wall_s=time.perf_counter() - start,
+                goals=evaluate_goals(report))
+  return report_lib.write(out, "device_check", report,
+                          to_markdown(report_lib.jsonable(report)))
 
 
 def run_check(opts: Options, out: str, *, sections: Sequence[str] = SECTIONS,
               budget_s: float = 360.0, command: str = "") -> dict[str, Any]:
-  """Runs the sections, rewriting the report after each; returns it.
+  """Runs the sections, rewriting the report after each; returns it. A
+  failed section is recorded, not raised.
 
   Raises:
     ValueError: for a section name not in `SECTIONS`.
@@ -449,27 +290,33 @@ def run_check(opts: Options, out: str, *, sections: Sequence[str] = SECTIONS,
     raise ValueError(f"--sections: unknown {sorted(unknown)}; expected some "
                      f"of {', '.join(SECTIONS)}.")
   start = time.perf_counter()
-  report = dict(command=command, date=report_lib.now(),
-                environment=report_lib.environment(),
-                options=dataclasses.asdict(opts), sections={}, finished=False,
-                goals=None, total_wall_s=0.0)
+  report = dict(report_lib.stamp(command), options=dataclasses.asdict(opts),
+                sections={}, finished=False)
+  # Past the deadline, sections skip what they have not started.
   state: dict[str, Any] = dict(deadline=start + budget_s, out=out)
   for name in (n for n in SECTIONS if n in sections):
     entry = report["sections"][name] = dict(
-        status="running", error=None, wall_s=None, result=None)
-    if _over_budget(state):
-      entry.update(status="skipped", error=(
-          f"skipped: {time.perf_counter() - start:.0f} s elapsed > "
-          f"--budget_s={budget_s:.0f}"))
+        status="skipped", wall_s=None, result=None, error=(
+            f"skipped: {time.perf_counter() - start:.0f} s elapsed > "
+            f"--budget_s={budget_s:.0f}"))
+    if time.perf_counter() > state["deadline"]:
       continue
-    _write(report, out)
-    _run_section(name, opts, state, entry)
-    report["total_wall_s"] = time.perf_counter() - start
-    report["goals"] = evaluate_goals(report)
-    _write(report, out)
-  report.update(finished=True, total_wall_s=time.perf_counter() - start)
-  report["goals"] = evaluate_goals(report)
-  report = _write(report, out)
+    entry.update(status="running", error=None)
+    _write(report, out, start)
+    tic = time.perf_counter()
+    _log(f"{name} ...")
+    try:
+      entry.update(result=RUNNERS[name](opts, state), status="ok")
+    except Exception as err:  # pylint: disable=broad-except
+      entry.update(status="error", error=f"{type(err).__name__}: {err}",
+                   traceback=traceback.format_exc(limit=8),
+                   result=state.get("partial"))
+    state.pop("partial", None)
+    entry["wall_s"] = time.perf_counter() - tic
+    _log(f"{name}: {entry['status']} in {entry['wall_s']:.1f} s"
+         + (f" ({entry['error']})" if entry["error"] else ""))
+  report["finished"] = True
+  report = _write(report, out, start)
   _log(f"total {report['total_wall_s']:.1f} s; " + "; ".join(
       f"{g['target']}: {g['verdict']}" for g in report["goals"]))
   return report
@@ -478,17 +325,14 @@ def run_check(opts: Options, out: str, *, sections: Sequence[str] = SECTIONS,
 def _define_flags() -> None:
   """The command's flags, defined only when it runs as a program."""
   flags.DEFINE_string("out", None, "Directory for device_check.{md,json}.")
-  flags.DEFINE_bool(
-      "tiny", False, "Tiny sizes (2x16 net, batch 8, 2 repeats, 10 Fig. 2 "
-      "steps): the CPU test of this script, not a measurement.")
+  flags.DEFINE_bool("tiny", False, "Tiny sizes (2x16 net, batch 8, 2 repeats, "
+                    "10 Fig. 2 steps): the CPU test, not a measurement.")
   flags.DEFINE_list("sections", None, "Sections to run (default: all), of "
                     "exactness, speed, memory, fig2.")
-  flags.DEFINE_float(
-      "budget_s", 360.0, "Sections not started within this many seconds of "
-      "the start are skipped (recorded as such).")
+  flags.DEFINE_float("budget_s", 360.0, "Sections not started within this "
+                     "many seconds are skipped (recorded as such).")
   flags.DEFINE_integer("repeats", None, "Override: timing repeats.")
-  flags.DEFINE_integer("fig2_steps", None,
-                       "Override: steps of the Fig. 2 run.")
+  flags.DEFINE_integer("fig2_steps", None, "Override: Fig. 2 run's steps.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -496,10 +340,8 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   opts = Options.tiny_sizes() if f.tiny else Options()
-  if f.repeats is not None:
-    opts = dataclasses.replace(opts, repeats=f.repeats)
-  if f.fig2_steps is not None:
-    opts = dataclasses.replace(opts, fig2_steps=f.fig2_steps)
+  opts = dataclasses.replace(opts, **{k: f[k].value for k in (
+      "repeats", "fig2_steps") if f[k].value is not None})
   run_check(opts, f.out, sections=tuple(f.sections or SECTIONS),
             budget_s=f.budget_s,
             command=report_lib.command_line("experiments.device_check"))

@@ -1,9 +1,9 @@
-"""Eq. 39 of the paper, evaluated literally, to measure how far it is from exact.
+"""Eq. 39 of the paper, evaluated literally, to measure how far it is off.
 
-This is a reference for analysis and tests, not part of the training path: it
-builds the eta chains explicitly, at a cost quadratic in depth, exactly as
-eq. 39 is printed (ReLU network without biases, appendix B.1). Legend, per
-sample, with flax's [d_in, d_out] kernels:
+A reference for analysis and tests, not the training path: the eta chains
+built explicitly, at a cost quadratic in depth, exactly as eq. 39 is printed
+(ReLU network without biases, appendix B.1). Per sample, with flax's
+[d_in, d_out] kernels:
 
     a_k   = v_{k-1} phi_k                   [d_k]   the layer-k input tangent
     J_k   = dp/dz_k = u eta^(n,k)           [C, d_k]
@@ -12,7 +12,8 @@ sample, with flax's [d_in, d_out] kernels:
 Eq. 39, term by term:
 
     line 1: (v_n omega)^T d2f/dp2 (v_n omega)
-    line 2: 2 sum_k [ df/dp . (eta^(n,k) a_k) omega + (v_n omega)^T d2f/dp2 J_k a_k ]
+    line 2: 2 sum_k [ df/dp . (eta^(n,k) a_k) omega
+                      + (v_n omega)^T d2f/dp2 J_k a_k ]
     line 3: sum_k (J_k a_k)^T d2f/dp2 (J_k a_k)                  <- k = r only
     line 4: 2 sum_{k>r} df/dp u eta^(n,k) (eta^(k-1,r) a_r) phi_k
 
@@ -58,7 +59,7 @@ def _sample_factors(kernels: list[Array], x: Array, label: Array) -> _Factors:
   q = jax.nn.softmax(p)
   jac = kernels[-1].T * act_grads[-1][None, :]                 # J_n [C, d_n]
   jacobians = [jac]
-  for k in range(len(kernels) - 2, 0, -1):                     # J_k = J_{k+1} W^T gamma_k
+  for k in range(len(kernels) - 2, 0, -1):      # J_k = J_{k+1} W^T gamma_k
     jac = (jac @ kernels[k].T) * act_grads[k - 1][None, :]
     jacobians.insert(0, jac)
   return _Factors(inputs, act_grads, jacobians,
@@ -104,7 +105,7 @@ def _sample_eq39(layers, steps, fac: _Factors):
   a = [fac.inputs[k] @ steps[k] for k in range(n)]               # a_k
 
   def eta_apply(k_top: int, r: int, vec: Array) -> Array:
-    """eta^(k_top, r) vec: push a layer-r pre-activation tangent up to v_{k_top}."""
+    """eta^(k_top, r) vec: a layer-r pre-activation tangent up to v_{k_top}."""
     t = fac.act_grads[r] * vec                                   # gamma, eq. 19
     for j in range(r + 1, k_top + 1):
       t = fac.act_grads[j] * (t @ layers[j])              # beta, eq. 20

@@ -6,7 +6,8 @@
 and g^T (jax.hessian F) g in float64: random MLPs (depths 1-6, four
 activations, bias on/off; eq. 39's printed gap for ReLU nets without bias),
 then the flax models of tests/zoo.py. `float32_errors` measures the float32
-engine on the default device against a float64 reference on the CPU.
+engine on the default device against a float64 reference on the CPU;
+`float32_lines` renders its result.
 """
 
 from __future__ import annotations
@@ -23,22 +24,16 @@ import numpy as np
 
 import lrcr
 from experiments import bench
-from experiments import benchmark
 from experiments import report
 from experiments import steps
 
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh,
                "softplus": jax.nn.softplus, "gelu": jax.nn.gelu}
 
-# ---------------------------------------------------------------------------
-# float32 on the default device against float64 on the CPU.
-
 
 def _directionals(loss_fn, params, x, y, direction, lr):
-  """([slope, curvature] per way, g, g_gram) along -lr grad F and `direction`.
-
-  Ways: the engine (dense sweep; Gram form along g) and forward-over-forward.
-  """
+  """([slope, curvature] by the engine (dense sweep; Gram form along g) and
+  forward-over-forward, g, g_gram) along g = -lr grad F and `direction`."""
   _, grads, curv = lrcr.value_grad_and_curvature(loss_fn, params, x, y)
   _, grads_g, curv_gram = lrcr.value_grad_and_curvature(
       loss_fn, params, x, y, gradient_direction=True)
@@ -119,10 +114,9 @@ def float32_errors(width: int, depth: int, batch: int, *,
                    ) -> dict[str, Any]:
   """The float32 engine and f-o-f against a float64 f-o-f reference on CPU.
 
-  Args:
-    width, depth, batch: the paper's MLP and its random batch.
-    init_scales: U(-s, s) initializations (Fig. 2's 0.1, Fig. 1's 0.2).
-    precisions: "default" or a `jax.default_matmul_precision` name.
+  The width x depth paper MLP, initialized U(-s, s) for each s of
+  `init_scales`, on a random batch, traced under each matmul precision
+  ("default" or a `jax.default_matmul_precision` name).
 
   Returns:
     network, batch, learning_rate, compile_s, reference_device and _dtype,
@@ -135,7 +129,7 @@ def float32_errors(width: int, depth: int, batch: int, *,
   problems = _problems(width, depth, x.shape[1], init_scales)
   compiled, compile_s = {}, {}
   for prec in precisions:
-    compiled[prec], compile_s[prec] = benchmark.compile_step(
+    compiled[prec], compile_s[prec] = bench.compile_step(
         lambda p, xx, yy, d: _directionals(loss_fn, p, xx, yy, d, lr),
         (problems[0][1], x, y, problems[0][2]), prec)
   runs = []                           # float32 first, outside x64
@@ -160,8 +154,24 @@ def float32_errors(width: int, depth: int, batch: int, *,
                            fof=worst(p, ("fof",))) for p in precisions})
 
 
-# ---------------------------------------------------------------------------
-# float64 against the dense Hessian.
+def float32_lines(r: dict[str, Any]) -> list[str]:
+  """A `float32_errors` result as markdown: its setting and two tables."""
+  g = report.fmt
+  return [
+      "", f"{r['network']} net, batch {r['batch']}, random data; reference: "
+      f"forward-over-forward in {r['reference_dtype']} on "
+      f"{r['reference_device']} (the float64 engine agrees with it to "
+      f"{g(r['f64_engine_vs_fof_max'], '.1e')}). Directions: -lr grad F "
+      "(SGD) and a random one.", ""] + report.table(
+          ["precision", "max rel err, engine", "max rel err, f-o-f"],
+          [(p, g(e["engine"], ".2e"), g(e["fof"], ".2e"))
+           for p, e in r["max_rel_err"].items()]) + [""] + report.table(
+              ["init", "precision", "direction", "method", "slope",
+               "rel err", "curvature", "rel err"],
+              [(f"U(±{c['init_scale']})", c["precision"], c["direction"],
+                c["method"], g(c["slope"], ".6e"),
+                g(c["rel_err_slope"], ".1e"), g(c["curvature"], ".6e"),
+                g(c["rel_err_curvature"], ".1e")) for c in r["cases"]])
 
 
 def _mlp_rows(rng) -> tuple[np.ndarray, list[float]]:

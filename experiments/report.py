@@ -1,11 +1,7 @@
-"""The reporting layer of experiments/: numbers, JSON, ratios, tables, goals.
+"""The reporting layer: numbers, JSON, paired ratios, markdown tables, goals.
 
-Every measuring program builds its report as plain data and hands it here:
-
-    report = jsonable(report)                     # JSON-safe, NaN -> None
-    lines = table(["net", "kernels"], rows)       # markdown
-    rows = [judge(goal, value, text) for ...]     # Goal rows -> verdicts
-    write(out, "benchmark", report, markdown)     # .json and .md, atomically
+Every measuring program builds its report as plain data, judges its `Goal`
+rows (`judge_all`) and writes <out>/<stem>.{json,md} with `write`.
 """
 
 from __future__ import annotations
@@ -19,23 +15,18 @@ import os
 import platform
 import shlex
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from experiments import workdir
 
-# ---------------------------------------------------------------------------
-# Numbers and JSON.
-
 
 def jsonable(x: Any) -> Any:
-  """`x` with numpy scalars as Python numbers and non-finite floats as None.
-
-  Mappings become dicts with string keys, sequences lists; strings, None
-  and Python numbers pass; anything else becomes its `str`.
-  """
+  """`x` with numpy scalars as Python numbers, non-finite floats as None,
+  mappings as dicts with string keys, sequences as lists, and anything else
+  but a string or None as its `str`."""
   if isinstance(x, Mapping):
     return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
@@ -91,22 +82,14 @@ def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
 
 
 def paired(seconds: Sequence[float], base: Sequence[float]) -> dict[str, Any]:
-  """ms per step and the paired ratio to `base` (seconds per repeat each).
-
-  Returns:
-    ms_per_step, ms_q1, ms_q3; ratio, ratio_q1, ratio_q3 of the per-repeat
-    seconds[i] / base[i]; ratio_of_medians; samples_ms.
-  """
+  """ms_per_step, ms_q1, ms_q3; ratio, ratio_q1, ratio_q3 of the per-repeat
+  seconds[i] / base[i]; ratio_of_medians; samples_ms."""
   s, b = np.asarray(seconds, np.float64), np.asarray(base, np.float64)
   q1, med, q3 = quartiles(s * 1e3)
   r1, rmed, r3 = quartiles(s / b)
   return dict(ms_per_step=med, ms_q1=q1, ms_q3=q3, ratio=rmed, ratio_q1=r1,
               ratio_q3=r3, ratio_of_medians=med / (np.median(b) * 1e3),
               samples_ms=[float(t * 1e3) for t in s])
-
-
-# ---------------------------------------------------------------------------
-# Markdown.
 
 
 def _cell(x: Any) -> str:
@@ -121,25 +104,15 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
   return lines
 
 
-# ---------------------------------------------------------------------------
-# Goals.
-
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt,
         ">=": operator.ge}
 
 
 @dataclasses.dataclass(frozen=True)
 class Goal:
-  """A target: the measured value must be `op` the bar, ideally the goal.
-
-  Attributes:
-    target: what is judged, in words.
-    op: the comparison with the bar, one of "<", "<=", ">", ">=".
-    bar: the level to pass (None: the goal alone is judged).
-    goal: the stretch level, or None.
-    source: where the target comes from (an issue, say).
-    goal_op: the comparison with the goal, if not `op`.
-  """
+  """A target in words: the measured value must be `op` ("<", "<=", ">",
+  ">=") the `bar` (None: the goal alone is judged), ideally `goal_op` (default
+  `op`) the stretch `goal` (or None); `source` says where it comes from."""
   target: str
   op: str
   bar: float | None
@@ -188,6 +161,16 @@ def judge(goal: Goal, value: float | None, measured: str = "") -> dict:
   return row
 
 
+def judge_all(goals: Iterable[tuple[Goal, Callable[[Any], Any]]],
+              report: Any, note: str = "") -> list[dict]:
+  """`judge` of each (goal, reader) pair; a reader gives (value, words) or
+  None (not measured). A `note` is appended to every verdict in brackets."""
+  rows = [judge(goal, *(read(report) or (None, ""))) for goal, read in goals]
+  for row in rows if note else ():
+    row["verdict"] += f" [{note}]"
+  return rows
+
+
 def goals_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   """The goal rows as a markdown table."""
   def target(r):
@@ -198,10 +181,6 @@ def goals_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return f"{r['target']} ({', '.join(l for l in levels if l)}){where}"
   return table(["target", "measured", "verdict"],
                [(target(r), r["measured"], r["verdict"]) for r in rows])
-
-
-# ---------------------------------------------------------------------------
-# Where the numbers come from, and where they go.
 
 
 def now() -> str:
@@ -245,6 +224,11 @@ def environment_line(env: Mapping[str, Any]) -> str:
           f"{env['cpu_count']} CPU cores ({env['cpu']}); {env['platform']}")
 
 
+def stamp(command: str) -> dict[str, Any]:
+  """A report's provenance: its command, the date and the machine."""
+  return dict(command=command, date=now(), environment=environment())
+
+
 def header(title: str, report: Mapping[str, Any]) -> list[str]:
   """A report's first markdown lines: title, command, date, machine."""
   return [f"# {title}", "", f"- command: `{report['command']}`",
@@ -254,11 +238,8 @@ def header(title: str, report: Mapping[str, Any]) -> list[str]:
 
 def write(out: str, stem: str, report: Mapping[str, Any],
           markdown: str) -> dict[str, Any]:
-  """Writes <out>/<stem>.json and <out>/<stem>.md, each replaced atomically.
-
-  Returns:
-    The report as written (`jsonable`).
-  """
+  """Writes <out>/<stem>.{json,md}, each replaced atomically; returns the
+  report as written (`jsonable`)."""
   report = jsonable(report)
   os.makedirs(out, exist_ok=True)
   for ext, text in (("json", json.dumps(report, indent=1, allow_nan=False)),
