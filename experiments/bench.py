@@ -106,8 +106,11 @@ def transform_parts(params: Any) -> dict[str, Callable[[Any], Any]]:
     `curvature_fn` (one tree norm), applied; "apply_only": the SGD update
     -0.1 params applied alone; "transform_own": `scale_by_cubic_step`'s
     update alone, on the gradient as given (params stand for it), with a
-    stub that reads one entry (the transform's own kernels); "sgd_update":
-    `optax.sgd`'s update applied, its counterpart.
+    stub that reads one entry (the transform's own kernels);
+    "transform_autoscaled": the same with a stub that also picks the
+    power-of-two exponent (as `value_grad_and_curvature(...,
+    gradient_direction=True)`'s does); "sgd_update": `optax.sgd`'s update
+    applied, its counterpart.
   """
   tx = optax.chain(optax.sgd(SGD_LR), lrcr.scale_by_cubic_step(SIGMA))
   state = tx.init(params)
@@ -138,10 +141,20 @@ def transform_parts(params: Any) -> dict[str, Callable[[Any], Any]]:
     updates, _ = cubic.update(p, cubic_state, p, curvature_fn=one_entry)
     return optax.apply_updates(p, updates)
 
+  first = lambda d: jax.tree.leaves(d)[0].ravel()[0]
+  auto = lrcr.types.ScalableCurvatureFn(
+      lambda p, d, e: one_entry(p, d),
+      lambda p, d: (one_entry(p, d), lrcr.cubic.exponent(first(d))))
+
+  def transform_autoscaled(p):
+    updates, _ = cubic.update(p, cubic_state, p, curvature_fn=auto)
+    return optax.apply_updates(p, updates)
+
   def sgd_update(p):
     return optax.apply_updates(p, sgd.update(p, sgd_state, p)[0])
   return dict(transform=transform, apply_only=apply_only,
-              transform_own=transform_own, sgd_update=sgd_update)
+              transform_own=transform_own,
+              transform_autoscaled=transform_autoscaled, sgd_update=sgd_update)
 
 
 _GRAM, _STACK = dict(gradient_direction=True), dict(stack_layers=True)

@@ -94,9 +94,10 @@ def bench_chunk(width: int, depth: int, batch: int, chunk: int, *,
   m = bench.measure({"chunk": dict(compiled=compiled, args=args,
                                    base="chunk")},
                     repeats=repeats, sample_s=sample_s)["chunk"]
+  ms = m.get("ms_per_step")                  # None when untimed
   return dict(
-      batch=batch, chunk=chunk, ms_per_chunk=m["ms_per_step"],
-      steps_per_s=chunk / (m["ms_per_step"] / 1e3), kernels=m["kernels"],
+      batch=batch, chunk=chunk, ms_per_chunk=ms,
+      steps_per_s=ms and chunk / (ms / 1e3), kernels=m["kernels"],
       compile_s=compile_s, note=(
           "one step = one SGD step and one engine Gram-form CR-SGD step on "
           "the same batch (the training loop's body), random data, no data "
@@ -309,8 +310,11 @@ def _memory(report):
 
 def _transform(report):
   t = report.get("transform")
-  return t and (t["transform"], f"{t['transform']} kernels (the SGD update "
-                f"applied alone: {t['apply_only']})")
+  return t and (t["transform"], (
+      f"{t['transform']} kernels (the SGD update applied alone: "
+      f"{t['apply_only']}); its own: {t['transform_own']}, "
+      f"{t['transform_autoscaled']} with a curvature_fn that picks its "
+      f"exponent (optax.sgd's: {t['sgd_update']})"))
 
 
 def _loop(report):
@@ -431,7 +435,10 @@ def to_markdown(report: dict[str, Any]) -> str:
   if t:
     lines += ["", f"Transform alone (`bench.transform_parts`): "
               f"scale_by_cubic_step's update {t['transform']} kernels, the "
-              f"SGD update applied alone {t['apply_only']}."]
+              f"SGD update applied alone {t['apply_only']}; the transform's "
+              f"own {t['transform_own']}, {t['transform_autoscaled']} with a "
+              f"curvature_fn that picks its exponent (`optax.sgd`'s update: "
+              f"{t['sgd_update']})."]
   if report.get("loop"):
     lines += _loop_lines(report["loop"])
   lines += ["", "## Goals", ""] + report_lib.goals_table(report["goals"])

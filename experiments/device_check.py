@@ -175,8 +175,10 @@ def _result(report: dict[str, Any], name: str) -> dict[str, Any]:
 def _speed(b: int, key: str, report: dict[str, Any]):
   v = (_result(report, "speed").get("shapes") or {}).get(f"b{b}")
   v = v and v["variants"]
-  return v and (v[GRAM][key], f"b{b}: Gram {v[GRAM][key]:.2f}x, dense "
-                f"{v[DENSE][key]:.2f}x")
+  if not v or v[GRAM].get(key) is None:      # untimed (--repeats=0)
+    return None
+  return v[GRAM][key], (f"b{b}: Gram {v[GRAM][key]:.2f}x, dense "
+                        f"{report_lib.fmt(v[DENSE].get(key), '.2f')}x")
 
 
 def _exact(prec: str, report: dict[str, Any]):
