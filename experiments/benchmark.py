@@ -23,6 +23,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import numpy as np
 
@@ -312,9 +313,9 @@ def _transform(report):
   t = report.get("transform")
   return t and (t["transform"], (
       f"{t['transform']} kernels (the SGD update applied alone: "
-      f"{t['apply_only']}); its own: {t['transform_own']}, "
-      f"{t['transform_autoscaled']} with a curvature_fn that picks its "
-      f"exponent (optax.sgd's: {t['sgd_update']})"))
+      f"{t['apply_only']}); its own: {t.get('transform_own')}, "
+      f"{t.get('transform_autoscaled')} with a curvature_fn that picks its "
+      f"exponent (optax.sgd's: {t.get('sgd_update')})"))
 
 
 def _loop(report):
@@ -339,9 +340,10 @@ GOALS = (
      _engine_over_fof),
     (Goal("scale_by_cubic_step update with a stub curvature_fn, kernels",
           "<=", 20, 13, _PERF), _transform),
+    # The levels before the kernel work, to the digit XLA's count gives.
     *((Goal(f"engine CR step's flops / SGD's, 12x128, batch {b} (no "
             "increase)", "<=", limit, None, _PERF), _at(b, _flops))
-      for b, limit in ((32, 1.57), (256, 1.87))),
+      for b, limit in ((32, 1.572), (256, 1.874))),
     (Goal("CR/SGD time ratio at depth 48 over depth 12, minus 1, batch 32",
           "<=", 0.10, 0.03, _PERF), _depth_growth),
     *((Goal(f"speed-up of {name} over forward-over-forward, every 12x128 "
@@ -436,9 +438,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"Transform alone (`bench.transform_parts`): "
               f"scale_by_cubic_step's update {t['transform']} kernels, the "
               f"SGD update applied alone {t['apply_only']}; the transform's "
-              f"own {t['transform_own']}, {t['transform_autoscaled']} with a "
-              f"curvature_fn that picks its exponent (`optax.sgd`'s update: "
-              f"{t['sgd_update']})."]
+              f"own {t.get('transform_own')}, {t.get('transform_autoscaled')} "
+              f"with a curvature_fn that picks its exponent (`optax.sgd`'s "
+              f"update: {t.get('sgd_update')})."]
   if report.get("loop"):
     lines += _loop_lines(report["loop"])
   lines += ["", "## Goals", ""] + report_lib.goals_table(report["goals"])
@@ -508,6 +510,8 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  if not flags.FLAGS["verbosity"].present:   # orbax logs INFO per checkpoint
+    logging.set_verbosity(logging.WARNING)
   run(**{name: flags.FLAGS[name].value for name in _FLAGS},
       command=report_lib.command_line("experiments.benchmark"))
 

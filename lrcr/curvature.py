@@ -186,7 +186,9 @@ def value_grad_and_curvature(
       skip its search for the direction's largest entry; the numbers are
       the same. The promise is not checked: for another direction the
       slope stays exact, while the curvature and the squared norm are
-      those of its projection on grad F. Used by granularity "global"
+      those of its projection on grad F. The sweep along grad F is not
+      rescaled, so grad F^T H grad F must stay in the float range (else
+      the step is flagged not finite). Used by granularity "global"
       (the others ignore it).
     stack_layers: evaluate the sweep's products that do not depend on its
       sequential chain (V phi before it, dV phi after it) as one batched
