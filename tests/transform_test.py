@@ -155,6 +155,33 @@ def test_gradient_direction_picks_its_own_exponent_for_any_size(sizes):
                                rtol=2e-5)
 
 
+def test_gradient_direction_beyond_its_range_is_flagged_not_wrong():
+  """Along grad F the sweep is not rescaled: where grad F^T H grad F leaves
+  float32 (a loss times 1e20) the step is flagged and skipped; a loss times
+  1e6 gets the step of the sweep along the rescaled direction."""
+  model, params, x, y = _small()
+  tx = lrcr.scale_by_cubic_step(20.0)
+
+  def step(scale, gradient_direction):
+    loss = lambda p, x, y: scale * lrcr.cross_entropy_loss(model.apply(p, x),
+                                                           y)
+    _, grads, fn = lrcr.value_grad_and_curvature(
+        loss, params, x, y, gradient_direction=gradient_direction)
+    d = jax.tree.map(lambda a: -1e-3 * a, grads)
+    return tx.update(d, tx.init(params), params, curvature_fn=fn)
+
+  u, state = step(1e20, True)
+  assert not bool(state.info.finite)
+  assert all(bool(jnp.all(leaf == 0)) for leaf in jax.tree.leaves(u))
+  u, state = step(1e6, True)
+  u_ref, ref = step(1e6, False)
+  assert bool(state.info.finite) and float(state.learning_rate) > 0
+  np.testing.assert_allclose(state.learning_rate, ref.learning_rate,
+                             rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-9), u, u_ref)
+
+
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
 def test_gradient_direction_with_a_nonfinite_entry_is_no_step(bad):
   model, params, x, y = _small()
