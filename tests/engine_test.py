@@ -93,6 +93,21 @@ def test_diagonal_refuses_what_it_cannot_compute_exactly(name):
       lrcr.hessian_diagonal(loss_fn, params, *batch)
 
 
+def _mlp64(hidden, input_dim, batch, seed, activation=jax.nn.relu):
+  """(loss_fn, params, x, y): a float64 MLP with biases, 5 classes (call
+  under jax.enable_x64)."""
+  model = lrcr.MLP(hidden, 5, activation=activation,
+                   kernel_init=lrcr.uniform_init(0.6), use_bias=True)
+  k = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(k[0], (batch, input_dim), jnp.float64)
+  y = jax.random.randint(k[1], (batch,), 0, 5)
+  params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                        model.init(k[2], x))["params"]
+  loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(
+      model.apply({"params": p}, x), y)
+  return loss_fn, params, x, y
+
+
 @pytest.mark.parametrize("batch_size", [1, 5])
 @pytest.mark.parametrize("name", ["paper_mlp", "residual_layernorm",
                                   "attention", "gru"])
@@ -121,15 +136,8 @@ def test_gram_products_against_the_dense_hessian(seed, act):
   # pylint: disable=g-import-not-at-top,protected-access
   from lrcr import curvature, sweep
   with jax.enable_x64(True):
-    model = lrcr.MLP((16, 12), 5, activation=getattr(jax.nn, act),
-                     kernel_init=lrcr.uniform_init(0.6), use_bias=True)
-    k = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(k[0], (3, 7), jnp.float64)
-    y = jax.random.randint(k[1], (3,), 0, 5)
-    params = jax.tree.map(lambda a: a.astype(jnp.float64),
-                          model.init(k[2], x))["params"]
-    loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(
-        model.apply({"params": p}, x), y)
+    loss_fn, params, x, y = _mlp64((16, 12), 7, 3, seed,
+                                   getattr(jax.nn, act))
     # Every weight operation takes the Gram form here.
     ps = curvature._gradient_pass(lrcr.engine.trace(loss_fn, params, (x, y)), params)
     assert len(sweep.gram_operations(ps)) == 3
@@ -158,15 +166,7 @@ def test_autoscaled_against_the_dense_hessian(seed, batch):
   returns the Directional of g 2^-e, exact, for directions c grad F with c
   from 1e-30 to 1e30; |g 2^-e| is of order 1 (||g 2^-e||^2 in [1/16, 1))."""
   with jax.enable_x64(True):
-    model = lrcr.MLP((16, 12), 5, kernel_init=lrcr.uniform_init(0.6),
-                     use_bias=True)
-    k = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(k[0], (batch, 7), jnp.float64)
-    y = jax.random.randint(k[1], (batch,), 0, 5)
-    params = jax.tree.map(lambda a: a.astype(jnp.float64),
-                          model.init(k[2], x))["params"]
-    loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(
-        model.apply({"params": p}, x), y)
+    loss_fn, params, x, y = _mlp64((16, 12), 7, batch, seed)
     grads, hess = zoo.dense(loss_fn, params, (x, y))
     _, g_tree, cf = lrcr.value_grad_and_curvature(loss_fn, params, x, y,
                                                   gradient_direction=True)
@@ -185,13 +185,14 @@ def test_autoscaled_against_the_dense_hessian(seed, batch):
 
 def test_autoscaled_is_offered_only_where_it_is_exact():
   """Not without gradient_direction, nor for granularity 'layer'."""
-  loss_fn, params, batch = zoo.make("paper_mlp", 0)
-  plain = lrcr.value_grad_and_curvature(loss_fn, params, *batch)[2]
-  assert plain.autoscaled is None
-  layer = lrcr.value_grad_and_curvature(
-      loss_fn, params, *batch, granularity="layer",
-      gradient_direction=True)[2]
-  assert not isinstance(layer, lrcr.types.ScalableCurvatureFn)
+  with jax.enable_x64(True):
+    loss_fn, params, batch = zoo.make("paper_mlp", 0)
+    plain = lrcr.value_grad_and_curvature(loss_fn, params, *batch)[2]
+    assert plain.autoscaled is None
+    layer = lrcr.value_grad_and_curvature(
+        loss_fn, params, *batch, granularity="layer",
+        gradient_direction=True)[2]
+    assert not isinstance(layer, lrcr.types.ScalableCurvatureFn)
 
 
 @pytest.mark.parametrize("batch", [3, 40])      # Gram form / dense form
@@ -199,15 +200,7 @@ def test_autoscaled_is_offered_only_where_it_is_exact():
 def test_stacked_layers_against_the_dense_hessian(batch, granularity):
   """stack_layers batches equal layers; the numbers stay exact."""
   with jax.enable_x64(True):
-    model = lrcr.MLP((16,) * 4, 5, kernel_init=lrcr.uniform_init(0.6),
-                     use_bias=True)
-    k = jax.random.split(jax.random.key(batch), 3)
-    x = jax.random.normal(k[0], (batch, 16), jnp.float64)
-    y = jax.random.randint(k[1], (batch,), 0, 5)
-    params = jax.tree.map(lambda a: a.astype(jnp.float64),
-                          model.init(k[2], x))["params"]
-    loss_fn = lambda p, x, y: lrcr.cross_entropy_loss(
-        model.apply({"params": p}, x), y)
+    loss_fn, params, x, y = _mlp64((16,) * 4, 16, batch, batch)
     grads, hess = zoo.dense(loss_fn, params, (x, y))
     # hidden_1..3 (16 x 16, each reading a tangent) form one stacked group.
     # pylint: disable=g-import-not-at-top,protected-access
