@@ -11,12 +11,12 @@ ratio of medians to `c_backward`.
 
 from collections.abc import Sequence
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 
 import lrcr
+import experiments
 from experiments import bench
 from experiments import report
 
@@ -63,4 +63,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 import importlib
 from typing import Any
 
-from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 import lrcr
+import experiments
 from experiments import bench
 from experiments import models
 from experiments import report
@@ -140,4 +140,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

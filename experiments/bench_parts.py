@@ -20,11 +20,11 @@ would cost if kernels were free) over `grad`'s. The parts:
 
 from collections.abc import Sequence
 
-from absl import app
 from absl import flags
 import jax
 
 import lrcr
+import experiments
 from experiments import bench
 from experiments import report
 
@@ -78,4 +78,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

@@ -27,6 +27,7 @@ from absl import logging
 import jax
 import numpy as np
 
+import experiments
 from experiments import bench
 from experiments import report as report_lib
 from experiments.report import Goal
@@ -518,4 +519,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  experiments.run(main)

@@ -22,6 +22,7 @@ from absl import logging
 import numpy as np
 
 from configs import beyond
+import experiments
 from experiments import metrics as metrics_lib
 from experiments import report
 from experiments import stats
@@ -148,4 +149,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  experiments.run(main)

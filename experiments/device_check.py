@@ -23,6 +23,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+import experiments
 from experiments import benchmark
 from experiments import exactness
 from experiments import report as report_lib
@@ -352,4 +353,4 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["out"])
-  app.run(main)
+  experiments.run(main)

@@ -16,13 +16,13 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from absl import app
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
 import lrcr
+import experiments
 from experiments import bench
 from experiments import report
 from experiments import steps
@@ -245,4 +245,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

@@ -23,6 +23,7 @@ from absl import logging
 import ml_collections
 
 from configs import paper
+import experiments
 from experiments import input_pipeline as data_lib
 from experiments import plots
 from experiments import report as report_lib
@@ -170,4 +171,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  experiments.run(main)

@@ -21,6 +21,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+import experiments
 from experiments import train_lib
 from experiments import workdir as workdir_lib
 
@@ -58,16 +59,9 @@ def _config_flags(argv: Sequence[str]) -> list[tuple[str, str]]:
   return found
 
 
-_HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
-
-
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing, with one short message for each mistake."""
-  if any(arg in _HELP for arg in argv[1:]):
-    try:
-      FLAGS(argv)
-    finally:
-      sys.exit(0)           # absl's help exits 1; asking for help succeeded
+  experiments.exit_on_help(argv)
   specs = [v for f, v in _config_flags(argv) if f == "config"]
   if specs:       # the config file as config_flags loads it, for the checks
     path, _, arg = specs[-1].partition(":")

@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from experiments import metrics as metrics_lib
-from experiments import summary as summary_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

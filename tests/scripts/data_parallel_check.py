@@ -12,7 +12,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.getcwd())   # the checkout: experiments/, configs/
 # pylint: disable=g-import-not-at-top,wrong-import-position
