@@ -29,10 +29,10 @@ multiple of the gradient (plain SGD), each weight's direction is itself a sum
 of per-sample outer products, phi = c V^T Ybar with V the operand of the weight
 and Ybar the adjoint of its output. Then V phi = c (V V^T) Ybar and
 Ybar . (dV phi) = c dV . ((Ybar Ybar^T) V) cost O(N^2 d) through N x N
-Gram matrices instead of O(N d^2): `gradient_direction=True` uses them for
-every weight operation where that is cheaper (`lrcr.sweep`), and where no
-operation gains it runs the plain sweep (the Gram form needs
-c = g . grad F / ||grad F||^2 first, one more reduction over every leaf).
+Gram matrices instead of O(N d^2): `gradient_direction=True` runs the sweep
+along grad F itself, in this form for every weight operation where that is
+cheaper (`lrcr.sweep`), and scales its results by
+c = g . grad F / ||grad F||^2 (one reduction over every leaf).
 """
 
 from __future__ import annotations
@@ -187,9 +187,13 @@ def value_grad_and_curvature(
       the same. The promise is not checked: for another direction the
       slope stays exact, while the curvature and the squared norm are
       those of its projection on grad F. The sweep along grad F is not
-      rescaled, so grad F^T H grad F must stay in the float range (else
-      the step is flagged not finite). Used by granularity "global"
-      (the others ignore it).
+      rescaled: where ||grad F||^2 is outside [2^-79, 2^80] (float32;
+      wider in float64) the curvature_fn returns NaN, which the transform
+      flags as a non-finite step and skips (without the promise, the sweep
+      along the rescaled direction has no such limit). Not used (a plain
+      sweep runs) for complex params, a custom_vjp in the loss, or a loss or
+      gradient that differs between shard_map devices. Used by granularity
+      "global" (the others ignore it).
     stack_layers: evaluate the sweep's products that do not depend on its
       sequential chain (V phi before it, dV phi after it) as one batched
       matmul for every group of equally shaped weight operations, instead
@@ -242,6 +246,29 @@ def value_grad_and_curvature(
   return value, grads, _global_fn(ps, gradient_direction, stack_layers)
 
 
+def _sweep_along_grad(ps: engine.Pass, stack_layers: bool,
+                      gram_ids: frozenset) -> tuple[Array, Array, Array]:
+  """(||grad F||^2, grad F^T H grad F, whether ||grad F||^2 is in range).
+
+  The sweep along grad F is not rescaled: where ||grad F||^2 is outside
+  [2^(5 minexp / 8), 2^(5 maxexp / 8)] of its dtype (2^-79 to 2^80 in
+  float32), its terms may underflow or overflow, and the step is flagged
+  (`_flagged`).
+  """
+  gg, curv = sweep.curvature(ps, ps.flat_grads, 1.0, None, stack_layers,
+                             gram_ids)
+  fi = jnp.finfo(gg.dtype)
+  in_range = ((gg >= 2.0 ** (5 * fi.minexp // 8))
+              & (gg <= 2.0 ** (5 * fi.maxexp // 8)))
+  return gg, curv, in_range
+
+
+def _flagged(in_range: Array, gg: Array, dot: Array, c: Array) -> Array:
+  """c, or NaN (so `info.finite` is False: no step) where ||grad F||^2 is
+  out of range; a zero gradient (gg = 0 and g . grad F = 0) keeps c = 0."""
+  return jnp.where(in_range | ((gg == 0) & (dot == 0)), c, jnp.nan)
+
+
 def _global_fn(ps: engine.Pass, gradient_direction: bool,
                stack_layers: bool) -> ScalableCurvatureFn:
   """The `ScalableCurvatureFn` of granularity "global"."""
@@ -261,9 +288,8 @@ def _global_fn(ps: engine.Pass, gradient_direction: bool,
   # With c = g . grad F / ||grad F||^2, slope = c ||grad F||^2 = g . grad F
   # (eq. 38), curvature = c^2 grad F^T H grad F (eq. 39) and ||g||^2
   # = c^2 ||grad F||^2 (eq. 40).
-  def along_grad_sweep() -> tuple[Array, Array]:
-    return sweep.curvature(ps, ps.flat_grads, 1.0, None, stack_layers,
-                           gram_ids)
+  def along_grad_sweep() -> tuple[Array, Array, Array]:
+    return _sweep_along_grad(ps, stack_layers, gram_ids)
 
   def fn(params_unused: Any, direction: Any,
          log2_scale: Any = None) -> Directional:
@@ -272,9 +298,9 @@ def _global_fn(ps: engine.Pass, gradient_direction: bool,
     log2 = None if log2_scale is None else jnp.asarray(log2_scale, jnp.int32)
     unit = sweep.unit(log2)
     if along_grad:
-      gg, curv = along_grad_sweep()
+      gg, curv, in_range = along_grad_sweep()
       dg = sweep.inner(flat_d, ps.flat_grads, unit)     # 2^-log2 included
-      c = dg / jnp.where(gg > 0, gg, 1.0)
+      c = _flagged(in_range, gg, dg, dg / jnp.where(gg > 0, gg, 1.0))
       return Directional(dg, c * c * curv, c * dg)
     slope, curv = sweep.curvature(ps, flat_d, None, log2, stack_layers)
     # One reduction per leaf: concatenating the leaves into fewer blocks
@@ -294,15 +320,22 @@ def _global_fn(ps: engine.Pass, gradient_direction: bool,
     """
     del params_unused
     flat_d = reference.flat_direction(direction, treedef, ps.flat_params)
-    gg, curv = along_grad_sweep()
-    # |k| <= 63, so that 2^-2k is one normal float (one factor per entry).
-    k = jnp.clip(cubic.exponent(jnp.sqrt(gg)), -63, 63)
+    gg, curv, in_range = along_grad_sweep()
+    # 2^-2k is one normal float (one factor per entry): |k| <= 63 in float32.
+    kmax = jnp.finfo(gg.dtype).maxexp // 2 - 1
+    k = jnp.clip(cubic.exponent(jnp.sqrt(gg)), -kmax, kmax)
     uu = cubic.times_pow2(gg, -2 * k)                         # ||u||^2
-    inv = cubic.times_pow2(jnp.ones_like(gg), -2 * k)
+    # gg = 0: a zero gradient, or one whose squares flushed to zero; 2^100
+    # lifts the products of the latter, so that c != 0 flags it.
+    inv = jnp.where(gg == 0, 2.0 ** 100,
+                    cubic.times_pow2(jnp.ones_like(gg), -2 * k))
     c = sweep.inner(ps.flat_grads, flat_d, lambda x: x * inv)
     c = c / jnp.where(uu > 0, uu, 1.0)
+    c = _flagged(in_range, gg, c, c)
     ec = cubic.exponent(c)
     m = cubic.times_pow2(c, -ec)
+    # Eqs. 38-40 along g 2^-e = m u: slope m ||grad F||^2 2^-k, curvature
+    # m^2 grad F^T H grad F 2^-2k, squared norm m^2 ||u||^2.
     return Directional(m * cubic.times_pow2(gg, -k),
                        m * m * cubic.times_pow2(curv, -2 * k),
                        m * m * uu), ec + k

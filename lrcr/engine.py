@@ -31,8 +31,8 @@ differentiation rule is refused by name.
 How the numbers are obtained
 ----------------------------
 1. The program is traced once (`jax.make_jaxpr`) and flattened: nested `jit`
-   calls and `remat` are inlined, and so are `custom_vjp` functions, for
-   reading only (see below). `custom_jvp`
+   calls and `remat` (`jax.checkpoint`) are inlined, and so are `custom_vjp`
+   functions, for reading only (see below). `custom_jvp`
    functions (relu, gelu, softplus, logsumexp pieces) stay whole and are
    differentiated by their own rules. `scan` bodies (`nn.RNN`, `nn.scan`) are
    read recursively, so the identity holds at every time step.
@@ -99,8 +99,9 @@ from jax._src.interpreters import partial_eval as pe  # dce_jaxpr
 Array = jax.Array
 
 #: Call-like primitives: the operation is its body, a jaxpr in its params.
-_CALLS = ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint",
-          "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_jvp_call")
+_CALLS = ("jit", "pjit", "closed_call", "core_call", "remat", "remat2",
+          "checkpoint", "custom_vjp_call", "custom_vjp_call_jaxpr",
+          "custom_jvp_call")
 #: Calls that the engine keeps whole (differentiated by their own rules);
 #: it inlines the others.
 _KEPT_CALLS = ("custom_jvp_call",)
@@ -288,15 +289,21 @@ def is_float(aval) -> bool:
 # Reading the program.
 # ---------------------------------------------------------------------------
 
-def call_body(eqn) -> Any:
+def call_body(eqn, required: bool = True) -> Any:
   """The body of a call-like operation (jit, remat, custom_jvp/vjp), or None.
+
+  Args:
+    eqn: a jaxpr equation.
+    required: raise where a call-like primitive has no body; with False,
+      return None (the callers that only look inside where they can).
 
   Returns:
     The `ClosedJaxpr` or `Jaxpr` among its params, or None for a primitive
     that is not call-like.
 
   Raises:
-    UnsupportedProgramError: for a call-like primitive with no body found.
+    UnsupportedProgramError: for a call-like primitive with no body found,
+      where `required`.
   """
   name = eqn.primitive.name
   if name not in _CALLS:
@@ -304,6 +311,8 @@ def call_body(eqn) -> Any:
   for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
     if key in eqn.params:
       return eqn.params[key]
+  if not required:
+    return None
   raise UnsupportedProgramError(
       f"lrcr's engine cannot read the body of `{name}`. " + UNSUPPORTED_HINT)
 
@@ -607,9 +616,9 @@ def _mark_weights(prog: Program, param_ids: dict, uses: dict) -> None:
     # A body's invariant inputs (a scan's consts) are counted where the body
     # reads them; its other inputs are read by the operation itself.
     through = node.rule.invariants(node) if node.rule is not None else []
-    own = {k for k, _ in through}
+    via_body = {k for k, _ in through}
     for k, x in enumerate(node.ins):
-      if k not in own and isinstance(x, int) and x in param_ids:
+      if k not in via_body and isinstance(x, int) and x in param_ids:
         uses[param_ids[x]] = uses.get(param_ids[x], 0) + 1
     if node.rule is not None:
       inner = {b: param_ids[node.ins[k]] for k, b in through
@@ -912,7 +921,7 @@ def custom_vjp_names(jaxpr: jcore.Jaxpr) -> list[str]:
 
 def _function_name(eqn) -> str:
   """The Python name of a custom_vjp function, from its traced body."""
-  sub = call_body(eqn)
+  sub = call_body(eqn, required=False)
   info = getattr(getattr(sub, "jaxpr", sub), "debug_info", None)
   src = getattr(info, "func_src_info", None) or ""
   return src.split(" ")[0] or str(eqn.params.get("name", "?"))

@@ -232,7 +232,7 @@ def _rule(eqn, states: list) -> list:
   if _SUM in states and name in _SHAPE_OPS and all(
       x in (_SUM, None) for x in states[1:]) and states[0] == _SUM:
     return [_SUM] * n                    # a reshaped or broadcast sum
-  sub = engine.call_body(eqn)
+  sub = engine.call_body(eqn, required=False)
   if sub is not None:
     return _walk(sub, states)
   live = [s for s in states if s is not None]
@@ -322,7 +322,7 @@ def _walk(closed, states: Sequence[Any], deps: Sequence[bool] | None = None,
     din = [not isinstance(v, jcore.Literal) and v in reached
            for v in eqn.invars]
     if any(din):
-      sub = engine.call_body(eqn)
+      sub = engine.call_body(eqn, required=False)
       outs = (_walk(sub, ins, din) if sub is not None and deps is not None
               else _rule(eqn, ins))
       reached.update(eqn.outvars)

@@ -30,11 +30,13 @@ products, which saves writing a scaled copy of g every step. One built with
 ||grad F|| and g . grad F, which it needs anyway.
 
 Cost (granularity "global"): the direction's largest entry takes one
-reduction per leaf, none with an `autoscaled` curvature_fn (a copy of the
-leaves into one flat buffer would take one reduction in all, but it doubles
-the step's temporary memory: an extra copy of the direction), eq. 37 is
-solved in a few scalar kernels (`lrcr.cubic.solve`), and the rest fuses into
-the writes of the update, one per leaf, as for `optax.sgd`.
+reduction per leaf (a copy of the leaves into one flat buffer would take
+one reduction in all, but it doubles the step's temporary memory: an extra
+copy of the direction); with an `autoscaled` curvature_fn there is none,
+except for the finiteness check on the steps that reuse alpha
+(`curvature_every`). Eq. 37 is solved in a few scalar kernels
+(`lrcr.cubic.solve`), and the rest fuses into the writes of the update, one
+per leaf, as for `optax.sgd`.
 """
 
 from __future__ import annotations
@@ -401,8 +403,9 @@ def _update(c: _Settings, updates: Any, state: CubicStepState, params: Any,
   scalable = (c.granularity == "global" and
               isinstance(curvature_fn, ScalableCurvatureFn))
   auto = scalable and curvature_fn.autoscaled is not None
-  # g' = g 2^-e per block, max |g'| in [0.5, 1): curvature_fn sees a
-  # unit-sized direction, and alpha' along g' is alpha 2^e.
+  # g' = g 2^-e per block, max |g'| in [0.5, 1) (||g'||^2 in [1/16, 1)
+  # when autoscaled): curvature_fn sees a unit-sized direction, and alpha'
+  # along g' is alpha 2^e.
   if auto:
     exps = jnp.zeros((), jnp.int32)     # the reused alpha needs none
   elif c.granularity == "global":
@@ -466,8 +469,9 @@ def scale_by_cubic_step(
   preceding transforms), it evaluates s = g . grad F, h = g^T H g and ||g||^2
   through `curvature_fn(params, g)`, solves the cubic model of eq. 8 for alpha
   (eq. 37, stable, see `lrcr.cubic`) and returns alpha g (eqs. 42-43).
-  `curvature_fn` is called with g divided by a power of two per block (see
-  the module docstring); slope, curvature and ||g||^2 being linear and
+  The quantities are those of g divided by a power of two per block (see
+  the module docstring), computed by the transform or, for an engine-built
+  `curvature_fn`, inside it; slope, curvature and ||g||^2 being linear and
   quadratic in g, this is exact. The options of the curvature_fn itself
   (`gradient_direction=True` for plain SGD, `granularity`) are arguments of
   `lrcr.value_grad_and_curvature`, which builds it.

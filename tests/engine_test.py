@@ -183,6 +183,27 @@ def test_autoscaled_against_the_dense_hessian(seed, batch):
       assert 1 / 16 <= float(out.sqnorm) < 1, (c, float(out.sqnorm))
 
 
+def test_checkpointed_blocks_are_read_through():
+  """jax.checkpoint (`remat2`) is inlined like a jit: its weights take the
+  Gram form, and the curvature stays exact."""
+  # pylint: disable=g-import-not-at-top,protected-access
+  from lrcr import curvature, sweep
+  with jax.enable_x64(True):
+    loss_fn, params, x, y = _mlp64((16, 12), 7, 3, 4)
+    ckpt = lambda p, x, y: jax.checkpoint(loss_fn)(p, x, y)
+    assert "remat2" in str(jax.make_jaxpr(ckpt)(params, x, y))
+    ps = curvature._gradient_pass(lrcr.engine.trace(ckpt, params, (x, y)),
+                                  params)
+    assert len(sweep.gram_operations(ps)) == 3
+    grads, hess = zoo.dense(loss_fn, params, (x, y))
+    _, g_tree, cf = lrcr.value_grad_and_curvature(ckpt, params, x, y,
+                                                  gradient_direction=True)
+    g = ravel_pytree(jax.tree.map(lambda a: -0.5 * a, g_tree))[0]
+    out = cf(params, jax.tree.map(lambda a: -0.5 * a, g_tree))
+    np.testing.assert_allclose(out.curvature, g @ hess @ g, rtol=RTOL)
+    np.testing.assert_allclose(out.slope, g @ grads, rtol=RTOL)
+
+
 def test_autoscaled_is_offered_only_where_it_is_exact():
   """Not without gradient_direction, nor for granularity 'layer'."""
   with jax.enable_x64(True):

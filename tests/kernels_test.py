@@ -19,7 +19,7 @@ from experiments import bench
 #: (batch, gradient_direction) -> most kernels of the engine's CR step on the
 #: six-layer net below: the Gram form at batch 4 (gradient_direction=True),
 #: the dense sweep otherwise.
-LEVELS = {(4, True): 71, (4, False): 80, (64, True): 86, (64, False): 92}
+LEVELS = {(4, True): 72, (4, False): 80, (64, True): 87, (64, False): 92}
 
 
 def _net(batch):
@@ -76,10 +76,11 @@ def test_engine_launches_fewer_kernels_than_forward_over_forward(batch):
   ours, our_flops = _compiled(engine, params, x, y)
   theirs, their_flops = _compiled(fwd_over_fwd, params, x, y)
   # Fewer kernels and no more flops; in the Gram form (batch 4), beyond the
-  # gradient pass that both share, at most 0.6 of the kernels.
+  # gradient pass that both share, at most 29 of forward-over-forward's 48
+  # (28 before the range check of gradient_direction, one scalar kernel).
   assert ours < theirs, (ours, theirs)
   if batch == 4:
-    assert ours - base <= 0.6 * (theirs - base), (ours, theirs, base)
+    assert ours - base <= 29 / 48 * (theirs - base), (ours, theirs, base)
   assert our_flops <= their_flops, (our_flops, their_flops)
 
 

@@ -156,9 +156,11 @@ def test_gradient_direction_picks_its_own_exponent_for_any_size(sizes):
 
 
 def test_gradient_direction_beyond_its_range_is_flagged_not_wrong():
-  """Along grad F the sweep is not rescaled: where grad F^T H grad F leaves
-  float32 (a loss times 1e20) the step is flagged and skipped; a loss times
-  1e6 gets the step of the sweep along the rescaled direction."""
+  """Along grad F the sweep is not rescaled: where ||grad F||^2 leaves
+  [2^-79, 2^80] in float32 (a loss times 1e20, 1e-15 or 1e-21, whose
+  squares flush to zero) the step is flagged and skipped; a loss times 1e6
+  gets the step of the sweep along the rescaled direction, and a zero
+  gradient a zero step."""
   model, params, x, y = _small()
   tx = lrcr.scale_by_cubic_step(20.0)
 
@@ -170,9 +172,13 @@ def test_gradient_direction_beyond_its_range_is_flagged_not_wrong():
     d = jax.tree.map(lambda a: -1e-3 * a, grads)
     return tx.update(d, tx.init(params), params, curvature_fn=fn)
 
-  u, state = step(1e20, True)
-  assert not bool(state.info.finite)
-  assert all(bool(jnp.all(leaf == 0)) for leaf in jax.tree.leaves(u))
+  for scale in (1e20, 1e-15, 1e-21):
+    u, state = step(scale, True)
+    assert not bool(state.info.finite), scale
+    assert all(bool(jnp.all(leaf == 0)) for leaf in jax.tree.leaves(u))
+    assert bool(step(scale, False)[1].info.finite) or scale == 1e20
+  u, state = step(0.0, True)
+  assert bool(state.info.finite) and float(state.learning_rate) == 0.0
   u, state = step(1e6, True)
   u_ref, ref = step(1e6, False)
   assert bool(state.info.finite) and float(state.learning_rate) > 0
