@@ -35,8 +35,8 @@ _OUT = flags.DEFINE_string("out", "", "Directory for bench_nets.{md,json} "
                            "('' for stdout only).")
 
 STEPS = ("sgd", "cr_engine", "cr_autodiff", "cr_hvp")
-#: The performance target: the engine CR step launches fewer kernels than forward-over-
-#: forward on every net (bar), at most 0.6x as many (goal).
+#: The performance target: the engine CR step launches fewer kernels than
+#: forward-over-forward on every net (bar), at most 0.6x as many (goal).
 GOAL = Goal("engine CR step's kernels / forward-over-forward's, every net "
             "and batch (worst)", "<", 1.0, 0.6, "performance target", "<=")
 
