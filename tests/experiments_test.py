@@ -85,6 +85,18 @@ def test_benchmark_cli_uses_absl_flags(tmp_path):
   assert proc.returncode != 0 and "Unknown command line flag" in proc.stderr
 
 
+def test_benchmark_cli_keeps_orbax_quiet(tmp_path):
+  """The loop measurement trains with checkpoints: orbax's INFO lines (about
+  40 per save) stay off unless --verbosity asks for them."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark", "--quick",
+       "--repeats=1", f"--out={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=True)
+  assert "training loop" in proc.stderr
+  assert "checkpoint" not in proc.stderr.lower(), proc.stderr[-2000:]
+  assert (tmp_path / "benchmark.json").exists()
+
+
 def _fails(*args):
   proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=120,
