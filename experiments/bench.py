@@ -132,29 +132,28 @@ def transform_parts(params: Any) -> dict[str, Callable[[Any], Any]]:
   sgd = optax.sgd(SGD_LR)
   sgd_state = sgd.init(params)
 
+  first = lambda d: jax.tree.leaves(d)[0].ravel()[0]
+
   def one_entry(p, d):
     del p
-    n = 1.0 + jnp.square(jax.tree.leaves(d)[0].ravel()[0])
+    n = 1.0 + jnp.square(first(d))
     return lrcr.Directional(-n, 2.0 * n, n)
 
-  def transform_own(p):
-    updates, _ = cubic.update(p, cubic_state, p, curvature_fn=one_entry)
-    return optax.apply_updates(p, updates)
-
-  first = lambda d: jax.tree.leaves(d)[0].ravel()[0]
   auto = lrcr.types.ScalableCurvatureFn(
       lambda p, d, e: one_entry(p, d),
       lambda p, d: (one_entry(p, d), lrcr.cubic.exponent(first(d))))
 
-  def transform_autoscaled(p):
-    updates, _ = cubic.update(p, cubic_state, p, curvature_fn=auto)
-    return optax.apply_updates(p, updates)
+  def own(curvature_fn):       # the transform's update alone, applied
+    def part(p):
+      updates, _ = cubic.update(p, cubic_state, p, curvature_fn=curvature_fn)
+      return optax.apply_updates(p, updates)
+    return part
 
   def sgd_update(p):
     return optax.apply_updates(p, sgd.update(p, sgd_state, p)[0])
   return dict(transform=transform, apply_only=apply_only,
-              transform_own=transform_own,
-              transform_autoscaled=transform_autoscaled, sgd_update=sgd_update)
+              transform_own=own(one_entry), transform_autoscaled=own(auto),
+              sgd_update=sgd_update)
 
 
 _GRAM, _STACK = dict(gradient_direction=True), dict(stack_layers=True)
