@@ -25,11 +25,11 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import numpy as np
 
 import experiments
 from experiments import bench
 from experiments import report as report_lib
+from experiments import stats
 from experiments.report import Goal
 
 # (width, depth, batch). The 12x128 net at three batch sizes, then depth.
@@ -187,11 +187,6 @@ def _loop_runs(config, chunk, n1, n2, trials, warmup, sample, per_block):
   return bare + timed(trials), runs, error
 
 
-def _median(values) -> float | None:
-  values = [v for v in values if v]
-  return float(np.median(values)) if values else None
-
-
 def bench_loop(*, quick: bool, repeats: int, sample_s: float,
                loop_steps: int, trials: int,
                warmup: bool = True) -> dict[str, Any]:
@@ -212,9 +207,11 @@ def bench_loop(*, quick: bool, repeats: int, sample_s: float,
       bare_ms_per_iteration=med * 1e3, bare_ms_q1=q1 * 1e3,
       bare_ms_q3=q3 * 1e3, bare_steps_per_s=1.0 / med, runs=runs,
       error=error,
-      loop_steps_per_s=_median(r["steps_per_s"] for r in runs),
-      loop_compute_steps_per_s=_median(r["n2"]["steps_per_s"] for r in runs),
-      loop_naive_steps_per_s=_median(r["naive_steps_per_s"] for r in runs))
+      loop_steps_per_s=stats.finite_median([r["steps_per_s"] for r in runs]),
+      loop_compute_steps_per_s=stats.finite_median(
+          [r["n2"]["steps_per_s"] for r in runs]),
+      loop_naive_steps_per_s=stats.finite_median(
+          [r["naive_steps_per_s"] for r in runs]))
   for kind in ("", "compute_", "naive_"):
     out[f"loop_{kind}over_bare"] = report_lib.ratio(
         out[f"loop_{kind}steps_per_s"], out["bare_steps_per_s"])
@@ -434,14 +431,9 @@ def to_markdown(report: dict[str, Any]) -> str:
   lines += ["", "Variants:", ""] + [
       f"- `{name}` ({v['kind']}): {v['description']}"
       for name, v in first["variants"].items()]
-  t = report.get("transform")
-  if t:
-    lines += ["", f"Transform alone (`bench.transform_parts`): "
-              f"scale_by_cubic_step's update {t['transform']} kernels, the "
-              f"SGD update applied alone {t['apply_only']}; the transform's "
-              f"own {t.get('transform_own')}, {t.get('transform_autoscaled')} "
-              f"with a curvature_fn that picks its exponent (`optax.sgd`'s "
-              f"update: {t.get('sgd_update')})."]
+  if report.get("transform"):
+    lines += ["", "Transform alone (`bench.transform_parts`): "
+              f"scale_by_cubic_step's update {_transform(report)[1]}."]
   if report.get("loop"):
     lines += _loop_lines(report["loop"])
   lines += ["", "## Goals", ""] + report_lib.goals_table(report["goals"])
