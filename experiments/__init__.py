@@ -4,6 +4,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 _HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
 
@@ -16,6 +17,13 @@ def exit_on_help(argv) -> None:
       flags.FLAGS(argv)
     finally:
       sys.exit(0)
+
+
+def quiet_logs() -> None:
+  """INFO logs off unless --verbosity is given: orbax writes about 40 lines
+  per checkpoint (--verbosity=0 shows them); warnings and errors stay."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def parse_flags(argv):

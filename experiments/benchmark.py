@@ -23,7 +23,6 @@ from typing import Any
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 
 import experiments
@@ -503,8 +502,7 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  if not flags.FLAGS["verbosity"].present:   # orbax logs INFO per checkpoint
-    logging.set_verbosity(logging.WARNING)
+  experiments.quiet_logs()
   run(**{name: flags.FLAGS[name].value for name in _FLAGS},
       command=report_lib.command_line("experiments.benchmark"))
 

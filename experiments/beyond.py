@@ -18,7 +18,6 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
 from configs import beyond
@@ -103,8 +102,7 @@ def _table(rows, cv=False):
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  if not flags.FLAGS["verbosity"].present:   # orbax logs INFO per checkpoint
-    logging.set_verbosity(logging.WARNING)
+  experiments.quiet_logs()
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   previous = {}   # an earlier beyond.json: rows of the parts not run now

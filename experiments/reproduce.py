@@ -112,8 +112,7 @@ def _run_one(name: str, config: ml_collections.ConfigDict,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  if not flags.FLAGS["verbosity"].present:   # orbax logs INFO per checkpoint
-    logging.set_verbosity(logging.WARNING)
+  experiments.quiet_logs()
   unknown = sorted(set(_ONLY.value) - set(PAPER_RUNS))
   if unknown:
     raise app.UsageError(f"--only: unknown run(s) {', '.join(unknown)}; "

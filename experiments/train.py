@@ -93,10 +93,8 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  if not FLAGS["verbosity"].present:
-    # The output is the data line, the progress bar and the final line; INFO
-    # logs (orbax writes about 40 per checkpoint) need --verbosity=0.
-    logging.set_verbosity(logging.WARNING)
+  # The output is the data line, the progress bar and the final line.
+  experiments.quiet_logs()
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   config = FLAGS.config
