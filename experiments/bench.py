@@ -141,7 +141,8 @@ def transform_parts(params: Any) -> dict[str, Callable[[Any], Any]]:
 
   auto = lrcr.types.ScalableCurvatureFn(
       lambda p, d, e: one_entry(p, d),
-      lambda p, d: (one_entry(p, d), lrcr.cubic.exponent(first(d))))
+      lambda p, d: (one_entry(p, d), lrcr.cubic.exponent(first(d))),
+      gradient_direction=True)
 
   def own(curvature_fn):       # the transform's update alone, applied
     def part(p):
@@ -165,16 +166,23 @@ VARIANTS = {
     "adagrad": ("adagrad", None, {}, "adagrad", "base",
                 "value_and_grad + optax.adagrad"),
     "cr_sgd_engine_gram": (
-        "cr_sgd", "engine", _GRAM, "sgd", "exact", "lrcr.value_grad_and_"
-        "curvature, gradient_direction=True (Gram matrices)"),
-    "cr_sgd_engine": ("cr_sgd", "engine", {}, "sgd", "exact",
-                      "lrcr.value_grad_and_curvature, dense direction sweep"),
+        "cr_sgd", "engine", {}, "sgd", "exact", "lrcr.cubic_sgd + lrcr."
+        "value_grad_and_curvature: the sweep along grad F (Gram matrices "
+        "where they pay), its multiple known"),
+    "cr_sgd_chain_gram": (
+        "cr_sgd_chain", "engine", _GRAM, "sgd", "exact",
+        "optax.chain(optax.sgd, scale_by_cubic_step), gradient_direction="
+        "True: the same sweep, and a pass over g for its multiple"),
+    "cr_sgd_engine": ("cr_sgd_chain", "engine", {}, "sgd", "exact",
+                      "optax.chain(optax.sgd, scale_by_cubic_step): the "
+                      "sweep along g itself, as after any optimizer"),
     "cr_sgd_engine_gram_stacked": (
-        "cr_sgd", "engine", dict(**_GRAM, **_STACK), "sgd", "exact",
-        "the Gram-form engine with stack_layers=True (equally shaped layers "
+        "cr_sgd", "engine", _STACK, "sgd", "exact",
+        "lrcr.cubic_sgd with stack_layers=True (equally shaped layers "
         "batched)"),
-    "cr_sgd_engine_stacked": ("cr_sgd", "engine", _STACK, "sgd", "exact",
-                              "the dense-sweep engine with stack_layers=True"),
+    "cr_sgd_engine_stacked": ("cr_sgd_chain", "engine", _STACK, "sgd",
+                              "exact", "the sweep along g with "
+                              "stack_layers=True"),
     "cr_sgd_lowrank": (
         "cr_sgd", "lowrank", {}, "sgd", "exact",
         "value_and_grad + lrcr.lowrank_curvature_fn (self-contained)"),
@@ -192,9 +200,9 @@ VARIANTS = {
     "sgd_scan10": ("sgd", None, {}, "sgd_scan10", "base",
                    f"{EVERY} SGD steps under lax.scan"),
     "cr_sgd_every10": (
-        "cr_every", "engine", _GRAM, "sgd_scan10", "option",
-        f"{EVERY} CR-SGD steps under lax.scan, alpha refreshed (engine "
-        f"Gram) on 1 of {EVERY} (curvature_every={EVERY})"),
+        "cr_every", "engine", {}, "sgd_scan10", "option",
+        f"{EVERY} lrcr.cubic_sgd steps under lax.scan, alpha refreshed "
+        f"(engine) on 1 of {EVERY} (curvature_every={EVERY})"),
 }
 
 
@@ -205,10 +213,10 @@ def make_steps(model: lrcr.MLP, batch: int,
   sgd = optax.sgd(SGD_LR)
   adagrad = optax.adagrad(ADAGRAD_LR, initial_accumulator_value=ADAGRAD_INIT)
   cubic = lrcr.scale_by_cubic_step(SIGMA)
-  txs = dict(sgd=sgd, adagrad=adagrad, cr_sgd=optax.chain(sgd, cubic),
+  txs = dict(sgd=sgd, adagrad=adagrad, cr_sgd=lrcr.cubic_sgd(SIGMA, SGD_LR),
+             cr_sgd_chain=optax.chain(sgd, cubic),
              cr_adagrad=optax.chain(adagrad, cubic),
-             cr_every=optax.chain(sgd, lrcr.scale_by_cubic_step(
-                 SIGMA, curvature_every=EVERY)))
+             cr_every=lrcr.cubic_sgd(SIGMA, SGD_LR, curvature_every=EVERY))
   out = {}
   for name in names or VARIANTS:
     opt, curvature, options, base, kind, text = VARIANTS[name]

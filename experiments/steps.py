@@ -74,14 +74,17 @@ def make_base_optimizer(optimizer_config: Any,
 def make_cr_optimizer(optimizer_config: Any,
                       schedule: optax.ScalarOrSchedule,
                       ) -> optax.GradientTransformationExtraArgs:
-  """optax.chain(base, lrcr.scale_by_cubic_step(sigma, ...)) (sec. 3.1)."""
-  return optax.chain(
-      make_base_optimizer(optimizer_config, schedule),
-      lrcr.scale_by_cubic_step(
-          float(optimizer_config.sigma),
-          granularity=optimizer_config.get("granularity", "global"),
-          adaptive_sigma=bool(optimizer_config.get("adaptive_sigma", False)),
-          curvature_every=int(optimizer_config.get("curvature_every", 1))))
+  """optax.chain(base, lrcr.scale_by_cubic_step(sigma, ...)) (sec. 3.1);
+  for SGD `lrcr.cubic_sgd`, the same chain that knows its direction."""
+  cubic = dict(
+      granularity=optimizer_config.get("granularity", "global"),
+      adaptive_sigma=bool(optimizer_config.get("adaptive_sigma", False)),
+      curvature_every=int(optimizer_config.get("curvature_every", 1)))
+  sigma = float(optimizer_config.sigma)
+  if optimizer_entry(optimizer_config)[1] is optax.sgd:
+    return lrcr.cubic_sgd(sigma, schedule, **cubic)
+  return optax.chain(make_base_optimizer(optimizer_config, schedule),
+                     lrcr.scale_by_cubic_step(sigma, **cubic))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -277,10 +277,10 @@ def _global_fn(ps: engine.Pass, gradient_direction: bool,
   # complex params, nor where the loss or the gradient differs between
   # shard_map shards (the tangent and g . grad F would then sum over other
   # shards).
-  along_grad = gradient_direction and not (
+  can_along = not (
       any(jnp.iscomplexobj(p) for p in ps.flat_params) or ps.traced.keep
       or any(engine.varying_axes(g) for g in ps.flat_grads))
-  gram_ids = sweep.gram_operations(ps) if along_grad else frozenset()
+  along_grad = gradient_direction and can_along
 
   # direction = c grad F: the sweep runs along grad F itself, so that its
   # slope is ||grad F||^2 (eq. 38 along grad F) and needs no reduction over
@@ -289,7 +289,7 @@ def _global_fn(ps: engine.Pass, gradient_direction: bool,
   # (eq. 38), curvature = c^2 grad F^T H grad F (eq. 39) and ||g||^2
   # = c^2 ||grad F||^2 (eq. 40).
   def along_grad_sweep() -> tuple[Array, Array, Array]:
-    return _sweep_along_grad(ps, stack_layers, gram_ids)
+    return _sweep_along_grad(ps, stack_layers, sweep.gram_operations(ps))
 
   def fn(params_unused: Any, direction: Any,
          log2_scale: Any = None) -> Directional:
@@ -308,39 +308,50 @@ def _global_fn(ps: engine.Pass, gradient_direction: bool,
     sqnorm = sum(reference.sqnorm(unit(d)) for d in flat_d)
     return Directional(slope, curv, sqnorm)
 
-  def autoscaled(params_unused: Any, direction: Any
+  def autoscaled(params_unused: Any, direction: Any, scale: Any = None
                  ) -> tuple[Directional, Array]:
-    """(the Directional of g 2^-e, e), e from ||grad F|| and c alone.
+    """(the Directional of scale g 2^-e, e), e from ||grad F|| and c alone.
 
     With u = grad F 2^-k, ||u|| near 1, and c = m 2^ec, |m| in [0.5, 1):
-    g = c grad F = m 2^(ec + k) u, so g 2^-e = m u for e = ec + k, found
-    without a search for g's largest entry. c is summed as
-    g . (grad F 2^-2k) / ||u||^2, whose products are of the size of c (the
-    base learning rate), whatever the size of grad F.
+    scale g = c grad F = m 2^(ec + k) u, so scale g 2^-e = m u for e = ec
+    + k, found without a search for g's largest entry. Where g is grad F
+    itself (the same arrays), c = scale with no pass over the leaves (a
+    gradient whose squares all flush to zero then counts as a zero one: no
+    step). Otherwise c is summed as scale g . (grad F 2^-2k) / ||u||^2,
+    whose products are of the size of c (the base learning rate), whatever
+    the size of grad F.
     """
     del params_unused
     flat_d = reference.flat_direction(direction, treedef, ps.flat_params)
     gg, curv, in_range = along_grad_sweep()
+    scale = jnp.ones_like(gg) if scale is None else jnp.asarray(scale,
+                                                                gg.dtype)
     # 2^-2k is one normal float (one factor per entry): |k| <= 63 in float32.
     kmax = jnp.finfo(gg.dtype).maxexp // 2 - 1
-    k = jnp.clip(cubic.exponent(jnp.sqrt(gg)), -kmax, kmax)
+    # k = exponent(||grad F||) = ceil(exponent(gg) / 2), without a sqrt.
+    k = jnp.clip((cubic.exponent(gg) + 1) // 2, -kmax, kmax)
     uu = cubic.times_pow2(gg, -2 * k)                         # ||u||^2
-    # gg = 0: a zero gradient, or one whose squares flushed to zero; 2^100
-    # lifts the products of the latter, so that c != 0 flags it.
-    inv = jnp.where(gg == 0, 2.0 ** 100,
-                    cubic.times_pow2(jnp.ones_like(gg), -2 * k))
-    c = sweep.inner(ps.flat_grads, flat_d, lambda x: x * inv)
-    c = c / jnp.where(uu > 0, uu, 1.0)
-    c = _flagged(in_range, gg, c, c)
+    if all(d is g for d, g in zip(flat_d, ps.flat_grads)):
+      c = _flagged(in_range, gg, gg, scale)
+    else:
+      # gg = 0: a zero gradient, or one whose squares flushed to zero;
+      # 2^100 lifts the products of the latter, so that c != 0 flags it.
+      inv = jnp.where(gg == 0, 2.0 ** 100,
+                      cubic.times_pow2(jnp.ones_like(gg), -2 * k))
+      c = sweep.inner(ps.flat_grads, flat_d, lambda x: x * inv)
+      c = scale * c / jnp.where(uu > 0, uu, 1.0)
+      c = _flagged(in_range, gg, c, c)
     ec = cubic.exponent(c)
     m = cubic.times_pow2(c, -ec)
-    # Eqs. 38-40 along g 2^-e = m u: slope m ||grad F||^2 2^-k, curvature
-    # m^2 grad F^T H grad F 2^-2k, squared norm m^2 ||u||^2.
+    # Eqs. 38-40 along scale g 2^-e = m u: slope m ||grad F||^2 2^-k,
+    # curvature m^2 grad F^T H grad F 2^-2k, squared norm m^2 ||u||^2.
     return Directional(m * cubic.times_pow2(gg, -k),
                        m * m * cubic.times_pow2(curv, -2 * k),
                        m * m * uu), ec + k
 
-  return ScalableCurvatureFn(fn, autoscaled if along_grad else None)
+  return ScalableCurvatureFn(fn, autoscaled if can_along else None,
+                             gradient_direction=along_grad,
+                             gradient=tuple(ps.flat_grads))
 
 
 def _layer_fn(ps: engine.Pass, params: Any, stack_layers: bool) -> CurvatureFn:

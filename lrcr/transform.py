@@ -42,6 +42,7 @@ per leaf, as for `optax.sgd`.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -280,14 +281,20 @@ def _solve_blocks(d: Directional, exps: Any, sigma: Array, like: Any
   return _Step(tree(alpha_unit), tree(alpha), info)
 
 
-def _scaled_updates(step: _Step, updates: Any, unit: Any) -> Any:
+def _scaled_updates(step: _Step, updates: Any, unit: Any,
+                    direction_scale: Any = None) -> Any:
   """alpha g = alpha' g' per block (eq. 42), and 0 where not finite.
 
   A block whose step is not finite (a NaN or inf direction, or a
   curvature_fn that returned one) gets a zero update, not alpha * NaN.
+  With `direction_scale` c, g is c * updates, written here as `optax.sgd`
+  writes it (c * u in u's dtype), in the same kernel as the update.
   """
   def scale(a, ok, u):
     return jnp.where(ok, (a * u).astype(u.dtype), jnp.zeros_like(u))
+  if direction_scale is not None:
+    updates = jax.tree.map(lambda u: (direction_scale * u).astype(u.dtype),
+                           updates)
   if unit is None:      # the engine rescaled inside: alpha g directly
     return jax.tree.map(lambda u: scale(step.alpha, step.info.finite, u),
                         updates)
@@ -392,17 +399,28 @@ def _adapt_sigma(c: _Settings, state: CubicStepState, step: _Step,
 
 
 def _update(c: _Settings, updates: Any, state: CubicStepState, params: Any,
-            curvature_fn, value_fn, value):
-  """`scale_by_cubic_step`'s update_fn, its arguments checked."""
+            curvature_fn, value_fn, value, direction_scale: Any = None):
+  """`scale_by_cubic_step`'s update_fn, its arguments checked.
+
+  With `direction_scale` (a scalar c, from `cubic_sgd`), the direction is
+  g = c * updates.
+  """
   like = state.learning_rate
   # An engine-built curvature_fn (`lrcr.value_grad_and_curvature`) takes
   # the exponent and applies the scaling inside its products, which saves
-  # writing a scaled copy of the whole direction every step; one built with
-  # `gradient_direction=True` also chooses the exponent itself, which saves
-  # the search for the largest entry.
+  # writing a scaled copy of the whole direction every step; for a multiple
+  # of the gradient (`gradient_direction=True`, or the gradient itself) it
+  # also chooses the exponent, which saves the search for the largest entry,
+  # and where g is c times the gradient itself, also the pass for c.
   scalable = (c.granularity == "global" and
               isinstance(curvature_fn, ScalableCurvatureFn))
-  auto = scalable and curvature_fn.autoscaled is not None
+  auto = scalable and curvature_fn.autoscales(updates)
+  if direction_scale is not None and not auto:
+    updates = jax.tree.map(lambda u: (direction_scale * u).astype(u.dtype),
+                           updates)
+    direction_scale = None
+  # With direction_scale, g' = c * updates 2^-e.
+  scale_arg = () if direction_scale is None else (direction_scale,)
   # g' = g 2^-e per block, max |g'| in [0.5, 1) (||g'||^2 in [1/16, 1)
   # when autoscaled): curvature_fn sees a unit-sized direction, and alpha'
   # along g' is alpha 2^e.
@@ -418,7 +436,7 @@ def _update(c: _Settings, updates: Any, state: CubicStepState, params: Any,
   def fresh(_):
     e = exps
     if auto:
-      raw, e = curvature_fn.autoscaled(params, updates)
+      raw, e = curvature_fn.autoscaled(params, updates, *scale_arg)
       e = jnp.asarray(e, jnp.int32)
     elif scalable:
       raw = curvature_fn.fn(params, updates, exps)
@@ -433,6 +451,8 @@ def _update(c: _Settings, updates: Any, state: CubicStepState, params: Any,
     # direction is not finite gets no step here either.
     finite = jax.tree.map(jnp.logical_and, state.info.finite,
                           _finite_blocks(c.granularity, updates))
+    if direction_scale is not None:
+      finite = finite & jnp.isfinite(direction_scale)
     return _Step(jax.tree.map(cubic.times_pow2, alpha, exps), alpha,
                  state.info._replace(finite=finite))
 
@@ -441,7 +461,8 @@ def _update(c: _Settings, updates: Any, state: CubicStepState, params: Any,
   else:
     step = jax.lax.cond(state.count % c.curvature_every == 0, fresh, reuse,
                         None)
-  new_updates = _scaled_updates(step, updates, unit)         # eq. 42
+  new_updates = _scaled_updates(step, updates, unit,          # eq. 42
+                               direction_scale)
   alpha, sig, accepted = step.alpha, state.sigma, jnp.asarray(True)
   if c.adaptive_sigma:
     new_updates, alpha, sig, accepted = _adapt_sigma(
@@ -567,37 +588,62 @@ def scale_by_cubic_step(
       to `lrcr.value_grad_and_curvature`), or if `curvature_fn` breaks its
       contract (the message states it).
   """
-  settings = _Settings(granularity, adaptive_sigma, eta_successful,
-                       eta_very_successful, gamma, sigma_min, sigma_max,
-                       curvature_every)
+  return _transform(sigma, _Settings(
+      granularity, adaptive_sigma, eta_successful, eta_very_successful, gamma,
+      sigma_min, sigma_max, curvature_every))
+
+
+def _transform(sigma: Any, settings: _Settings,
+               sgd: optax.GradientTransformation | None = None
+               ) -> optax.GradientTransformationExtraArgs:
+  """`scale_by_cubic_step`, or with `sgd` the pair (sgd, it) of `cubic_sgd`.
+
+  With `sgd` the state is `optax.chain(sgd, scale_by_cubic_step(...))`'s,
+  and the direction is c * updates, with c = sgd's update of a unit scalar
+  (-learning_rate at this step): where updates are the engine's own
+  gradient, the curvature_fn then knows c without a pass over the leaves.
+  """
   _check_settings(sigma, settings)
 
-  def init_fn(params: Any) -> CubicStepState:
+  def init_fn(params: Any) -> Any:
     dtype = _work_dtype(params)
-    zeros = lambda: _zeros_for(granularity, params, dtype)
+    zeros = lambda: _zeros_for(settings.granularity, params, dtype)
     trues = jax.tree.map(lambda z: jnp.ones(jnp.shape(z), bool), zeros())
-    return CubicStepState(
+    state = CubicStepState(
         learning_rate=zeros(),
         info=CubicStepInfo(zeros(), zeros(), zeros(), zeros(), trues),
         sigma=jnp.asarray(sigma, dtype), accepted=jnp.asarray(True),
         count=jnp.zeros((), jnp.int32))
+    return state if sgd is None else (sgd.init(params), state)
 
-  def update_fn(updates: Any, state: CubicStepState, params: Any = None, *,
+  def update_fn(updates: Any, state: Any, params: Any = None, *,
                 curvature_fn: Any = None, value_fn: Any = None,
                 value: Any = None, **extra_args: Any):
     _check_update_args(settings, params, curvature_fn, value_fn, extra_args)
-    return _update(settings, updates, state, params, curvature_fn, value_fn,
-                   value)
+    if sgd is None:
+      return _update(settings, updates, state, params, curvature_fn,
+                     value_fn, value)
+    sgd_state, state = state
+    c, sgd_state = sgd.update(jnp.ones((), _work_dtype(updates)), sgd_state)
+    updates, state = _update(settings, updates, state, params, curvature_fn,
+                             value_fn, value, c)
+    return updates, (sgd_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _with_cubic(base: optax.GradientTransformation, sigma,
-                **cubic_kwargs) -> optax.GradientTransformationExtraArgs:
+def _cubic_kwargs(cubic_kwargs: dict) -> dict:
+  """The aliases' `cubic_kwargs`, refusing `gradient_direction`."""
   if "gradient_direction" in cubic_kwargs:
     raise TypeError(_GRADIENT_DIRECTION.format(
         where="the cubic_* aliases or scale_by_cubic_step"))
-  return optax.chain(base, scale_by_cubic_step(sigma, **cubic_kwargs))
+  return cubic_kwargs
+
+
+def _with_cubic(base: optax.GradientTransformation, sigma,
+                **cubic_kwargs) -> optax.GradientTransformationExtraArgs:
+  return optax.chain(base, scale_by_cubic_step(sigma,
+                                               **_cubic_kwargs(cubic_kwargs)))
 
 
 def cubic_sgd(sigma: float, learning_rate: optax.ScalarOrSchedule = 1.0,
@@ -607,8 +653,21 @@ def cubic_sgd(sigma: float, learning_rate: optax.ScalarOrSchedule = 1.0,
   The learning rate cancels out of the update (see the module docstring); it
   only sets the units of `alpha`. `cubic_kwargs` go to `scale_by_cubic_step`
   (granularity, adaptive_sigma, ...), as for every alias below.
+
+  The same updates and state as `optax.chain(optax.sgd(learning_rate),
+  scale_by_cubic_step(sigma, **cubic_kwargs))`, with one saving: where the
+  incoming updates are the gradient that `lrcr.value_grad_and_curvature`
+  returned (the same arrays, as in its README example), the direction is
+  known to be -learning_rate times that gradient, so the curvature_fn needs
+  neither the `gradient_direction` promise nor a pass over the direction's
+  leaves for its multiple of the gradient.
   """
-  return _with_cubic(optax.sgd(learning_rate), sigma, **cubic_kwargs)
+  cubic = inspect.signature(scale_by_cubic_step).bind(
+      sigma, **_cubic_kwargs(cubic_kwargs))      # TypeError names a wrong one
+  cubic.apply_defaults()
+  settings = _Settings(**{k: v for k, v in cubic.arguments.items()
+                          if k != "sigma"})
+  return _transform(sigma, settings, optax.sgd(learning_rate))
 
 
 def cubic_adagrad(sigma: float, learning_rate: optax.ScalarOrSchedule = 1.0,

@@ -41,7 +41,7 @@ class Directional(NamedTuple):
 CurvatureFn = Callable[[Any, Any], Directional]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)       # hashed by identity
 class ScalableCurvatureFn:
   """A `CurvatureFn` that can rescale the direction by 2^-e inside itself.
 
@@ -54,18 +54,37 @@ class ScalableCurvatureFn:
   Attributes:
     fn: `fn(params, direction, log2_scale) -> Directional`, where log2_scale
       is an int32 scalar or None (no rescaling).
-    autoscaled: optional `autoscaled(params, direction) -> (Directional, e)`
-      that chooses the exponent e itself (an int32 scalar, exact power of
-      two, the unit direction's values in range) and returns the
-      `Directional` of direction * 2^-e. Where it is given, the transform
-      calls it and skips its own search for the direction's largest entry
-      (one reduction per leaf).
+    autoscaled: optional `autoscaled(params, direction, scale=None) ->
+      (Directional, e)` for a direction that is a multiple of the gradient
+      (see `autoscales`): it chooses the exponent e itself (an int32
+      scalar, exact power of two, the unit direction's values in range) and
+      returns the `Directional` of scale * direction * 2^-e (scale: a
+      scalar, 1 when None). The transform then skips its own search for
+      the direction's largest entry (one reduction per leaf).
+    gradient_direction: the promise of `value_grad_and_curvature`: every
+      direction is a multiple of the gradient.
+    gradient: the gradient's leaves, for `autoscales`.
   """
   fn: Callable[[Any, Any, Any], Directional]
-  autoscaled: Callable[[Any, Any], tuple[Directional, Any]] | None = None
+  autoscaled: Callable[..., tuple[Directional, Any]] | None = None
+  gradient_direction: bool = False
+  gradient: tuple = ()
 
   def __call__(self, params: Any, direction: Any) -> Directional:
     return self.fn(params, direction, None)
+
+  def is_gradient(self, direction: Any) -> bool:
+    """Whether `direction`'s leaves are the gradient's own arrays (the same
+    objects, so equal without a look at their values)."""
+    leaves = jax.tree.leaves(direction)
+    return bool(self.gradient) and len(leaves) == len(self.gradient) and all(
+        a is b for a, b in zip(leaves, self.gradient))
+
+  def autoscales(self, direction: Any) -> bool:
+    """Whether `autoscaled` takes `direction`: a multiple of the gradient,
+    by the promise or because it is the gradient itself."""
+    return self.autoscaled is not None and (
+        self.gradient_direction or self.is_gradient(direction))
 
 
 def param_groups(tree: Any, fill: Any = 0.0) -> Any:

@@ -14,7 +14,8 @@ from experiments import bench
 from experiments import bench_nets
 from experiments import benchmark
 
-VARIANTS = ("sgd", "adagrad", "cr_sgd_engine_gram", "cr_sgd_engine",
+VARIANTS = ("sgd", "adagrad", "cr_sgd_engine_gram", "cr_sgd_chain_gram",
+            "cr_sgd_engine",
             "cr_sgd_engine_gram_stacked", "cr_sgd_engine_stacked",
             "cr_sgd_lowrank", "cr_sgd_autodiff", "cr_sgd_hvp",
             "cr_adagrad_engine", "cr_sgd_engine_sub8",
