@@ -166,9 +166,9 @@ VARIANTS = {
     "adagrad": ("adagrad", None, {}, "adagrad", "base",
                 "value_and_grad + optax.adagrad"),
     "cr_sgd_engine_gram": (
-        "cr_sgd", "engine", {}, "sgd", "exact", "lrcr.cubic_sgd + lrcr."
-        "value_grad_and_curvature: the sweep along grad F (Gram matrices "
-        "where they pay), its multiple known"),
+        "cr_sgd", "engine", _GRAM, "sgd", "exact", "lrcr.cubic_sgd + lrcr."
+        "value_grad_and_curvature, gradient_direction=True: the sweep along "
+        "grad F (Gram matrices where they pay), its multiple known"),
     "cr_sgd_chain_gram": (
         "cr_sgd_chain", "engine", _GRAM, "sgd", "exact",
         "optax.chain(optax.sgd, scale_by_cubic_step), gradient_direction="
@@ -177,8 +177,8 @@ VARIANTS = {
                       "optax.chain(optax.sgd, scale_by_cubic_step): the "
                       "sweep along g itself, as after any optimizer"),
     "cr_sgd_engine_gram_stacked": (
-        "cr_sgd", "engine", _STACK, "sgd", "exact",
-        "lrcr.cubic_sgd with stack_layers=True (equally shaped layers "
+        "cr_sgd", "engine", dict(**_GRAM, **_STACK), "sgd", "exact",
+        "the Gram-form engine with stack_layers=True (equally shaped layers "
         "batched)"),
     "cr_sgd_engine_stacked": ("cr_sgd_chain", "engine", _STACK, "sgd",
                               "exact", "the sweep along g with "
@@ -200,7 +200,7 @@ VARIANTS = {
     "sgd_scan10": ("sgd", None, {}, "sgd_scan10", "base",
                    f"{EVERY} SGD steps under lax.scan"),
     "cr_sgd_every10": (
-        "cr_every", "engine", {}, "sgd_scan10", "option",
+        "cr_every", "engine", _GRAM, "sgd_scan10", "option",
         f"{EVERY} lrcr.cubic_sgd steps under lax.scan, alpha refreshed "
         f"(engine) on 1 of {EVERY} (curvature_every={EVERY})"),
 }

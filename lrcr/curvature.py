@@ -235,6 +235,12 @@ def value_grad_and_curvature(
     return _custom_vjp_path(loss_fn, params, batch, traced, granularity,
                             has_aux)
   ps = _gradient_pass(traced, params, diagonal=granularity == "variable")
+  if (granularity == "global" and gradient_direction
+      and _can_sweep_along_grad(ps)):
+    # The sweep along grad F stacks V and Ybar of equally shaped Gram-form
+    # layers: their gradients from those stacks in one batched matmul.
+    ps = ps._replace(flat_grads=sweep.stacked_gradients(
+        ps, stack_layers, sweep.gram_operations(ps)))
   grads = jax.tree.unflatten(traced.params_treedef, ps.flat_grads)
   value = (ps.loss, ps.aux) if has_aux else ps.loss
   if granularity == "layer":
@@ -269,17 +275,21 @@ def _flagged(in_range: Array, gg: Array, dot: Array, c: Array) -> Array:
   return jnp.where(in_range | ((gg == 0) & (dot == 0)), c, jnp.nan)
 
 
+def _can_sweep_along_grad(ps: engine.Pass) -> bool:
+  """Whether ||grad F||^2 can be read off the loss's tangent along grad F:
+  not for complex params, nor where the loss or the gradient differs
+  between shard_map shards (the tangent and g . grad F would then sum over
+  other shards)."""
+  return not (
+      any(jnp.iscomplexobj(p) for p in ps.flat_params) or ps.traced.keep
+      or any(engine.varying_axes(g) for g in ps.flat_grads))
+
+
 def _global_fn(ps: engine.Pass, gradient_direction: bool,
                stack_layers: bool) -> ScalableCurvatureFn:
   """The `ScalableCurvatureFn` of granularity "global"."""
   treedef = ps.traced.params_treedef
-  # Along grad F, ||grad F||^2 is read off the loss's tangent: not for
-  # complex params, nor where the loss or the gradient differs between
-  # shard_map shards (the tangent and g . grad F would then sum over other
-  # shards).
-  can_along = not (
-      any(jnp.iscomplexobj(p) for p in ps.flat_params) or ps.traced.keep
-      or any(engine.varying_axes(g) for g in ps.flat_grads))
+  can_along = _can_sweep_along_grad(ps)
   along_grad = gradient_direction and can_along
 
   # direction = c grad F: the sweep runs along grad F itself, so that its

@@ -310,6 +310,57 @@ def _stack_pays(size: int, gram: bool, tangent: bool) -> bool:
   return size * (2 + t) > 4 + 2 * t
 
 
+def _groups(ps: Pass, dtypes: Sequence[Any], stack: bool,
+            gram_ids: frozenset) -> list[list[Node]]:
+  """The weight operations in the groups that `_WeightPlan` evaluates
+  together (one operation alone where stacking does not pay); `dtypes`:
+  the direction's, per flat param."""
+  groups: dict[tuple, list] = {}
+  for node in _weight_nodes(ps).values():
+    key = (node.in_avals[0].shape, node.in_avals[1].shape,
+           node.in_avals[0].dtype, node.in_avals[1].dtype,
+           node.out_avals[0].dtype, dtypes[node.param], node.cin[0],
+           node.id in gram_ids)
+    groups.setdefault(key, []).append(node)
+  out = []
+  for key, nodes in groups.items():
+    if len(nodes) > 1 and (stack or _stack_pays(len(nodes), key[-1],
+                                                key[-2])):
+      out.append(nodes)
+    else:
+      out.extend([n] for n in nodes)
+  return out
+
+
+def stacked_gradients(ps: Pass, stack: bool, gram_ids: frozenset
+                      ) -> list[Array]:
+  """ps.flat_grads, those of each stacked group in the Gram form as one
+  batched product.
+
+  The weight of a Gram-form operation is read by it alone, so its gradient
+  is V^T Ybar (eq. 27 summed over the batch). Where the sweep along grad F
+  stacks the group's V and Ybar anyway, one batched matmul of the stacks
+  gives the group's gradients, in place of one matmul per layer in the
+  backward pass (which XLA then drops). The values are jax.grad's up to
+  float rounding (the order of the sums may change).
+  """
+  flat = list(ps.flat_grads)
+  for nodes in _groups(ps, [g.dtype for g in flat], stack, gram_ids):
+    if len(nodes) < 2 or nodes[0].id not in gram_ids:
+      continue
+    pairs = [ps.weight_values(n, ()) for n in nodes]
+    v = _stack([x.reshape(-1, n.in_avals[0].shape[-1])
+                for (x, _), n in zip(pairs, nodes)])
+    y = _stack([a.reshape(-1, n.out_avals[0].shape[-1])
+                for (_, a), n in zip(pairs, nodes)])
+    if not all(flat[n.param].dtype == v.dtype == y.dtype for n in nodes):
+      continue                       # low precision: jax.grad's own dot
+    grads = jnp.einsum("lni,lnj->lij", v, y)
+    for k, n in enumerate(nodes):
+      flat[n.param] = grads[k]
+  return flat
+
+
 class _WeightPlan:
   """The weight operations of one sweep, each in the dense or the Gram form.
 
@@ -331,20 +382,8 @@ class _WeightPlan:
     # phi itself is not copied; a stacked phi is scaled as it is copied.
     self.ps, self.flat_d, self.scale = ps, flat_d, scale
     self.unit = unit(log2)
-    groups: dict[tuple, list] = {}
-    for node in _weight_nodes(ps).values():
-      key = (node.in_avals[0].shape, node.in_avals[1].shape,
-             node.in_avals[0].dtype, node.in_avals[1].dtype,
-             node.out_avals[0].dtype, jnp.result_type(flat_d[node.param]),
-             node.cin[0], node.id in gram_ids)
-      groups.setdefault(key, []).append(node)
-    self.groups = []
-    for key, nodes in groups.items():
-      if len(nodes) > 1 and (stack or _stack_pays(len(nodes), key[-1],
-                                                  key[-2])):
-        self.groups.append(nodes)
-      else:
-        self.groups.extend([n] for n in nodes)
+    self.groups = _groups(ps, [jnp.result_type(d) for d in flat_d], stack,
+                          gram_ids)
     self.slot = {n.id: (g, k) for g, nodes in enumerate(self.groups)
                  for k, n in enumerate(nodes)}
     self.sources, self.parts, self.dv = [], [], {}

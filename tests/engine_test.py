@@ -10,6 +10,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import lrcr
+from tests import reference
 from tests import zoo
 
 RTOL = 1e-10
@@ -605,3 +606,35 @@ def test_the_transform_passes_its_rescaling_to_the_engine(lr, gd):
   for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(u, v, rtol=2e-5)
   np.testing.assert_allclose(ia.curvature, ib.curvature, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed,batch,depth", [(0, 4, 4), (1, 2, 5),
+                                              (2, 6, 4)])
+def test_stacked_gradients_are_jax_grads(seed, batch, depth):
+  """With gradient_direction=True, equally shaped Gram-form layers (here
+  three or more 16 x 16 ReLU layers at batch < 8) get their gradients from
+  one batched matmul of the stacked operands and adjoints: jax.grad's in
+  float64, and the curvature along -lr grad F is the dense Hessian's."""
+  with jax.enable_x64(True):
+    model, params, x, y = reference.make_problem(
+        seed, (16,) * depth, 5, batch, 7)
+    loss = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
+    want = jax.grad(loss)(params, x, y)
+
+    @jax.jit
+    def engine(params):
+      _, grads, fn = lrcr.value_grad_and_curvature(
+          loss, params, x, y, gradient_direction=True)
+      g = jax.tree.map(lambda a: -0.3 * a, grads)
+      return grads, fn(params, g)
+
+    grads, d = engine(params)
+    text = jax.jit(engine).lower(params).compile().as_text()
+    assert "lni,lnj->lij" in text          # the stacked gradient product
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12,
+                                                         atol=1e-15),
+                 grads, want)
+    g = jax.tree.map(lambda a: -0.3 * a, want)
+    ref = reference.dense_reference(model, params, x, y, g)
+    for got, expected in zip(d, ref):
+      np.testing.assert_allclose(got, expected, rtol=1e-10)
