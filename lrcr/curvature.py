@@ -182,18 +182,22 @@ def value_grad_and_curvature(
       `curvature_fn` is a scalar multiple c grad F of the gradient (plain
       SGD, also with a learning-rate schedule). The sweep then runs along
       grad F, the weights' products go through N x N Gram matrices where
-      that is cheaper, and `curvature_fn.autoscaled` lets the transform
-      skip its search for the direction's largest entry; the numbers are
-      the same. The promise is not checked: for another direction the
+      that is cheaper (and the gradients of a stacked group of them come
+      from one batched matmul, see `stack_layers`), and
+      `curvature_fn.autoscaled` lets the transform skip its search for the
+      direction's largest entry; the numbers are the same up to float
+      rounding. The promise is not checked: for another direction the
       slope stays exact, while the curvature and the squared norm are
-      those of its projection on grad F. The sweep along grad F is not
-      rescaled: where ||grad F||^2 is outside [2^-79, 2^80] (float32;
-      wider in float64) the curvature_fn returns NaN, which the transform
-      flags as a non-finite step and skips (without the promise, the sweep
-      along the rescaled direction has no such limit). Not used (a plain
-      sweep runs) for complex params, a custom_vjp in the loss, or a loss or
-      gradient that differs between shard_map devices. Used by granularity
-      "global" (the others ignore it).
+      those of its projection on grad F. Without the promise, a direction
+      that is the returned gradient itself (the same arrays: what
+      `lrcr.cubic_sgd` passes) takes the same sweep along grad F. The
+      sweep along grad F is not rescaled: where ||grad F||^2 is outside
+      [2^-79, 2^80] (float32; wider in float64) the curvature_fn returns
+      NaN, which the transform flags as a non-finite step and skips (the
+      sweep along another, rescaled direction has no such limit). Not
+      used (a plain sweep runs) for complex params, a custom_vjp in the
+      loss, or a loss or gradient that differs between shard_map devices.
+      Used by granularity "global" (the others ignore it).
     stack_layers: evaluate the sweep's products that do not depend on its
       sequential chain (V phi before it, dV phi after it) as one batched
       matmul for every group of equally shaped weight operations, instead

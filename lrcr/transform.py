@@ -25,9 +25,11 @@ no result, but ||g||^2 (1e60 for a base learning rate of 1e30) can no longer
 overflow inside `curvature_fn`. A `lrcr.types.ScalableCurvatureFn` (what
 `lrcr.value_grad_and_curvature` returns for granularity "global") is called
 as `curvature_fn.fn(params, g, e)` instead and applies 2^-e inside its own
-products, which saves writing a scaled copy of g every step. One built with
-`gradient_direction=True` also picks e itself (`autoscaled`), from
-||grad F|| and g . grad F, which it needs anyway.
+products, which saves writing a scaled copy of g every step. For a
+multiple of the gradient (`gradient_direction=True`, or the gradient it
+returned itself) it also picks e itself (`autoscaled`), from ||grad F|| and
+the multiple c of g = c grad F. `cubic_sgd` hands it that gradient and c =
+-learning_rate, so c needs no pass over the leaves either.
 
 Cost (granularity "global"): the direction's largest entry takes one
 reduction per leaf (a copy of the leaves into one flat buffer would take

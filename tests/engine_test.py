@@ -206,11 +206,17 @@ def test_checkpointed_blocks_are_read_through():
 
 
 def test_autoscaled_is_offered_only_where_it_is_exact():
-  """Not without gradient_direction, nor for granularity 'layer'."""
+  """Without gradient_direction only for the returned gradient itself (the
+  same arrays, not equal ones), and not for granularity 'layer'."""
   with jax.enable_x64(True):
     loss_fn, params, batch = zoo.make("paper_mlp", 0)
-    plain = lrcr.value_grad_and_curvature(loss_fn, params, *batch)[2]
-    assert plain.autoscaled is None
+    _, grads, plain = lrcr.value_grad_and_curvature(loss_fn, params, *batch)
+    assert plain.autoscales(grads) and not plain.gradient_direction
+    assert not plain.autoscales(jax.tree.map(lambda a: a + 0, grads))
+    assert not plain.autoscales(jax.tree.map(lambda a: -0.1 * a, grads))
+    promised = lrcr.value_grad_and_curvature(loss_fn, params, *batch,
+                                             gradient_direction=True)[2]
+    assert promised.autoscales(jax.tree.map(lambda a: -0.1 * a, grads))
     layer = lrcr.value_grad_and_curvature(
         loss_fn, params, *batch, granularity="layer",
         gradient_direction=True)[2]
