@@ -182,8 +182,7 @@ def value_grad_and_curvature(
       `curvature_fn` is a scalar multiple c grad F of the gradient (plain
       SGD, also with a learning-rate schedule). The sweep then runs along
       grad F, the weights' products go through N x N Gram matrices where
-      that is cheaper (and the gradients of a stacked group of them come
-      from one batched matmul, see `stack_layers`), and
+      that is cheaper, and
       `curvature_fn.autoscaled` lets the transform skip its search for the
       direction's largest entry; the numbers are the same up to float
       rounding. The promise is not checked: for another direction the
@@ -205,10 +204,14 @@ def value_grad_and_curvature(
       where that launches fewer kernels: from 3 operations in the Gram
       form (the paper's eleven 128 x 128 hidden layers are one group), not
       in the dense one. Stacking copies the stacked operands once.
-      The numbers are the same up to float rounding. It applies to
+      With `gradient_direction` and granularity "global", True also
+      computes the gradients of each stacked Gram-form group as one batched
+      matmul of those stacks, instead of one per layer in the backward pass:
+      fewer kernels, but the group's gradients are then all held at once
+      (more temporary memory), and on CPUs the batched matmul is not
+      faster. The numbers are the same up to float rounding. It applies to
       granularity "global" and "layer" (not to "variable", which reads the
       Hessian diagonal, not a sweep).
-
     has_aux: as in `jax.value_and_grad`: loss_fn returns (loss, aux), aux
       any pytree (a BatchNorm's new batch statistics); the curvature is the
       loss's alone.
@@ -239,12 +242,12 @@ def value_grad_and_curvature(
     return _custom_vjp_path(loss_fn, params, batch, traced, granularity,
                             has_aux)
   ps = _gradient_pass(traced, params, diagonal=granularity == "variable")
-  if (granularity == "global" and gradient_direction
+  if (stack_layers and granularity == "global" and gradient_direction
       and _can_sweep_along_grad(ps)):
     # The sweep along grad F stacks V and Ybar of equally shaped Gram-form
     # layers: their gradients from those stacks in one batched matmul.
     ps = ps._replace(flat_grads=sweep.stacked_gradients(
-        ps, stack_layers, sweep.gram_operations(ps)))
+        ps, sweep.gram_operations(ps)))
   grads = jax.tree.unflatten(traced.params_treedef, ps.flat_grads)
   value = (ps.loss, ps.aux) if has_aux else ps.loss
   if granularity == "layer":

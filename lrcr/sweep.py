@@ -332,20 +332,19 @@ def _groups(ps: Pass, dtypes: Sequence[Any], stack: bool,
   return out
 
 
-def stacked_gradients(ps: Pass, stack: bool, gram_ids: frozenset
-                      ) -> list[Array]:
-  """ps.flat_grads, those of each stacked group in the Gram form as one
-  batched product.
+def stacked_gradients(ps: Pass, gram_ids: frozenset) -> list[Array]:
+  """ps.flat_grads, those of each stack_layers group in the Gram form as
+  one batched product.
 
   The weight of a Gram-form operation is read by it alone, so its gradient
-  is V^T Ybar (eq. 27 summed over the batch). Where the sweep along grad F
-  stacks the group's V and Ybar anyway, one batched matmul of the stacks
+  is V^T Ybar (eq. 27 summed over the batch). The sweep along grad F
+  stacks the group's V and Ybar anyway: one batched matmul of the stacks
   gives the group's gradients, in place of one matmul per layer in the
   backward pass (which XLA then drops). The values are jax.grad's up to
   float rounding (the order of the sums may change).
   """
   flat = list(ps.flat_grads)
-  for nodes in _groups(ps, [g.dtype for g in flat], stack, gram_ids):
+  for nodes in _groups(ps, [g.dtype for g in flat], True, gram_ids):
     if len(nodes) < 2 or nodes[0].id not in gram_ids:
       continue
     pairs = [ps.weight_values(n, ()) for n in nodes]

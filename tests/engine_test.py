@@ -617,10 +617,11 @@ def test_the_transform_passes_its_rescaling_to_the_engine(lr, gd):
 @pytest.mark.parametrize("seed,batch,depth", [(0, 4, 4), (1, 2, 5),
                                               (2, 6, 4)])
 def test_stacked_gradients_are_jax_grads(seed, batch, depth):
-  """With gradient_direction=True, equally shaped Gram-form layers (here
-  three or more 16 x 16 ReLU layers at batch < 8) get their gradients from
-  one batched matmul of the stacked operands and adjoints: jax.grad's in
-  float64, and the curvature along -lr grad F is the dense Hessian's."""
+  """With gradient_direction=True and stack_layers=True, equally shaped
+  Gram-form layers (here three or more 16 x 16 ReLU layers at batch < 8)
+  get their gradients from one batched matmul of the stacked operands and
+  adjoints: jax.grad's in float64, and the curvature along -lr grad F is
+  the dense Hessian's."""
   with jax.enable_x64(True):
     model, params, x, y = reference.make_problem(
         seed, (16,) * depth, 5, batch, 7)
@@ -630,7 +631,7 @@ def test_stacked_gradients_are_jax_grads(seed, batch, depth):
     @jax.jit
     def engine(params):
       _, grads, fn = lrcr.value_grad_and_curvature(
-          loss, params, x, y, gradient_direction=True)
+          loss, params, x, y, gradient_direction=True, stack_layers=True)
       g = jax.tree.map(lambda a: -0.3 * a, grads)
       return grads, fn(params, g)
 

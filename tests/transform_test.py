@@ -873,9 +873,9 @@ def test_kernels_of_the_update_on_the_paper_net():
   assert temp(step) < size / 2, (temp(step), size)
 
 
-@pytest.mark.parametrize("seed,hidden,batch", [(0, (6, 5), 7), (1, (4,), 3),
-                                               (2, (5, 5, 5), 12)])
-def test_cubic_sgd_on_the_gradient_itself_is_exact(seed, hidden, batch):
+@pytest.mark.parametrize("seed,hidden,batch,lr", [
+    (0, (6, 5), 7, 1e-30), (1, (4,), 3, 0.3), (2, (5, 5, 5), 12, 1e30)])
+def test_cubic_sgd_on_the_gradient_itself_is_exact(seed, hidden, batch, lr):
   """cubic_sgd hands the engine the gradient it returned: the curvature_fn
   knows the direction is -lr grad F without the gradient_direction promise
   and without a pass for the multiple. Slope, curvature and ||g||^2 of
@@ -886,65 +886,62 @@ def test_cubic_sgd_on_the_gradient_itself_is_exact(seed, hidden, batch):
         seed, hidden, 4, batch, 3, activation=jnp.tanh, use_bias=True)
     loss = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
     grads = _grads(model, params, x, y)
-    for lr in (1e-30, 0.3, 1e30):
-      tx = lrcr.cubic_sgd(5.0, lr)
+    tx = lrcr.cubic_sgd(5.0, lr)
 
-      @jax.jit
-      def update(params, state):
-        _, grads, fn = lrcr.value_grad_and_curvature(loss, params, x, y)
-        assert fn.autoscales(grads) and not fn.gradient_direction
-        return tx.update(grads, state, params, curvature_fn=fn)
+    @jax.jit
+    def update(params, state):
+      _, grads, fn = lrcr.value_grad_and_curvature(loss, params, x, y)
+      assert fn.autoscales(grads) and not fn.gradient_direction
+      return tx.update(grads, state, params, curvature_fn=fn)
 
-      _, state = update(params, tx.init(params))
-      g = jax.tree.map(lambda a: -lr * a, grads)
-      slope, curv, sqnorm = reference.dense_reference(model, params, x, y, g)
-      info = state[1].info
-      assert bool(info.finite)
-      np.testing.assert_allclose(info.slope, slope, rtol=1e-10)
-      np.testing.assert_allclose(info.curvature, curv, rtol=1e-10)
-      np.testing.assert_allclose(info.sqnorm, sqnorm, rtol=1e-10)
+    _, state = update(params, tx.init(params))
+    g = jax.tree.map(lambda a: -lr * a, grads)
+    slope, curv, sqnorm = reference.dense_reference(model, params, x, y, g)
+    info = state[1].info
+    assert bool(info.finite)
+    np.testing.assert_allclose(info.slope, slope, rtol=1e-10)
+    np.testing.assert_allclose(info.curvature, curv, rtol=1e-10)
+    np.testing.assert_allclose(info.sqnorm, sqnorm, rtol=1e-10)
   finally:
     jax.config.update("jax_enable_x64", False)
 
 
-@pytest.mark.parametrize("learning_rate", [0.05, SCHEDULE])
-@pytest.mark.parametrize("gradient_direction", [False, True])
-def test_cubic_sgd_is_the_chain_of_sgd_and_the_transform(learning_rate,
-                                                          gradient_direction):
+@pytest.mark.parametrize("learning_rate,gradient_direction,kwargs,clip", [
+    (0.05, False, {}, False), (SCHEDULE, True, {}, True),
+    (0.05, True, dict(curvature_every=2), False),
+    (SCHEDULE, False, dict(adaptive_sigma=True), False)])
+def test_cubic_sgd_is_the_chain_of_sgd_and_the_transform(
+    learning_rate, gradient_direction, kwargs, clip):
   """Same state structure, updates and alphas as optax.chain(optax.sgd,
-  scale_by_cubic_step), over three steps, with the engine's gradient (the
+  scale_by_cubic_step), over three steps: with the engine's gradient (the
   fast path), with a clipped gradient (not the engine's arrays: the
-  direction is written out) and with curvature_every and adaptive sigma."""
+  direction is written out), and with curvature_every and adaptive sigma."""
   model, params, x, y = _small()
   loss = lambda p, x, y: lrcr.cross_entropy_loss(model.apply(p, x), y)
-  for kwargs, clip in (({}, False), ({}, True),
-                       (dict(curvature_every=2), False),
-                       (dict(adaptive_sigma=True), False)):
-    fused = lrcr.cubic_sgd(20.0, learning_rate, **kwargs)
-    chain = optax.chain(optax.sgd(learning_rate),
-                        lrcr.scale_by_cubic_step(20.0, **kwargs))
+  fused = lrcr.cubic_sgd(20.0, learning_rate, **kwargs)
+  chain = optax.chain(optax.sgd(learning_rate),
+                      lrcr.scale_by_cubic_step(20.0, **kwargs))
 
-    @functools.partial(jax.jit, static_argnums=2)
-    def step(p, state, chained):
-      value, grads, fn = lrcr.value_grad_and_curvature(
-          loss, p, x, y, gradient_direction=gradient_direction)
-      if clip:
-        grads = optax.clip_by_global_norm(0.5).update(grads, None)[0]
-      value_fn = lambda w: loss(w, x, y)
-      tx = chain if chained else fused
-      u, state = tx.update(grads, state, p, curvature_fn=fn,
-                           value_fn=value_fn, value=value)
-      return optax.apply_updates(p, u), state
+  @functools.partial(jax.jit, static_argnums=2)
+  def step(p, state, chained):
+    value, grads, fn = lrcr.value_grad_and_curvature(
+        loss, p, x, y, gradient_direction=gradient_direction)
+    if clip:
+      grads = optax.clip_by_global_norm(0.5).update(grads, None)[0]
+    tx = chain if chained else fused
+    u, state = tx.update(grads, state, p, curvature_fn=fn,
+                         value_fn=lambda w: loss(w, x, y), value=value)
+    return optax.apply_updates(p, u), state
 
-    p, q = params, params
-    s, r = fused.init(params), chain.init(params)
-    assert jax.tree.structure(s) == jax.tree.structure(r)
-    for _ in range(3):
-      p, s = step(p, s, False)
-      q, r = step(q, r, True)
-      assert bool(s[1].info.finite) and float(s[1].learning_rate) > 0
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(
-          a, b, rtol=1e-5, atol=1e-7), (p, s), (q, r))
+  p, q = params, params
+  s, r = fused.init(params), chain.init(params)
+  assert jax.tree.structure(s) == jax.tree.structure(r)
+  for _ in range(3):
+    p, s = step(p, s, False)
+    q, r = step(q, r, True)
+    assert bool(s[1].info.finite) and float(s[1].learning_rate) > 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-5, atol=1e-7), (p, s), (q, r))
 
 
 def test_cubic_sgd_at_the_edges_of_the_gradients_range():
