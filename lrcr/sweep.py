@@ -33,9 +33,12 @@ def total(terms: Sequence[tuple], dtype: Any = jnp.float32,
 
   Each pairing is `engine.pair`'s (no conjugation, float32 at least, summed
   over the `shard_map` axes along which it varies and the loss (`keep`) does
-  not). Terms of one shape, dtype, coefficient and set of varying axes are
-  summed elementwise and reduced once: XLA:CPU launches a kernel (two for a
-  large one) per reduction, and more where a reduction follows a reshape.
+  not). Terms of one shape (size-1 axes dropped), dtype, coefficient and
+  set of varying axes are summed elementwise and reduced once: XLA:CPU
+  launches a kernel (two for a large one) per reduction, and more where a
+  reduction follows a reshape. A group whose shape extends another's (the
+  loss's [B, C] terms beside its [B] ones) is first summed over its
+  trailing axes into that one.
   """
   terms = list(terms)
   if not terms:
@@ -47,11 +50,22 @@ def total(terms: Sequence[tuple], dtype: Any = jnp.float32,
     if a.shape != b.shape:
       a, b = a.ravel(), b.ravel()
     prod = a * b
-    key = (a.shape, dt, c if isinstance(c, (int, float)) else id(c),
+    prod = prod.reshape(tuple(d for d in prod.shape if d != 1))
+    key = (prod.shape, dt, c if isinstance(c, (int, float)) else id(c),
            engine.varying_axes(prod))
     groups.setdefault(key, [c]).append(prod)
+  merged: dict[tuple, list] = {}
+  for key in sorted(groups, key=lambda k: len(k[0])):
+    shape, rest = key[0], key[1:]
+    into = next((k for k in merged if k[1:] == rest and k[0]
+                 and shape[:len(k[0])] == k[0]), None)
+    if into is None:
+      merged[key] = groups[key]
+    else:
+      axes = tuple(range(len(into[0]), len(shape)))
+      merged[into].extend(p.sum(axes) for p in groups[key][1:])
   out = []
-  for c, *prods in groups.values():
+  for c, *prods in merged.values():
     acc = jnp.sum(sum(prods))
     if jnp.issubdtype(acc.dtype, jnp.complexfloating):
       acc = jnp.real(acc)
@@ -115,6 +129,11 @@ def sweep(prog: Program, res: Residuals, ybar: dict, in_tans: dict,
         tan[o] = t
   if dtype is None:
     dtype = (jnp.result_type(*in_tans.values()) if in_tans else jnp.float32)
+  if plan is not None:              # the weight operations' own terms
+    more, summed = plan.second_order()
+    terms.extend(more)
+    if summed is not None:
+      acc.append(summed)
   out = total(terms, dtype, keep)
   for a in acc:
     out = out + a
@@ -380,7 +399,7 @@ class _WeightPlan:
     # single operation are taken with the raw phi and scaled afterwards, so
     # phi itself is not copied; a stacked phi is scaled as it is copied.
     self.ps, self.flat_d, self.scale = ps, flat_d, scale
-    self.unit = unit(log2)
+    self.log2, self.unit = log2, unit(log2)
     self.groups = _groups(ps, [jnp.result_type(d) for d in flat_d], stack,
                           gram_ids)
     self.slot = {n.id: (g, k) for g, nodes in enumerate(self.groups)
@@ -419,8 +438,9 @@ class _WeightPlan:
       out = out + dv @ vals[1]                                # + dV W
     return [out.reshape(node.out_avals[0].shape)]
 
-  def second_order(self) -> Array:
-    """sum over weight operations of Ybar . (2 dV phi)."""
+  def second_order(self) -> tuple[list, Array | None]:
+    """sum over weight operations of Ybar . (2 dV phi): (terms for
+    `total`, and the rest, already summed, or None)."""
     terms, raw = [], []
     for nodes, (gram, v, y, phi) in zip(self.groups, self.parts):
       if nodes[0].id not in self.dv:
@@ -433,10 +453,12 @@ class _WeightPlan:
       else:
         (raw if len(nodes) == 1 else terms).append(
             (2.0, _bmm(dv, phi, "lni,lij->lnj"), y))
-    # The terms of a raw (unstacked) phi: one scaling of their sum.
-    dtype = jnp.result_type(*self.flat_d)
-    keep = self.ps.traced.keep
-    return total(terms, dtype, keep) + self.unit(total(raw, dtype, keep))
+    # The terms of a raw (unstacked) phi: one scaling of their sum (where
+    # there is a scaling; otherwise summed with the others).
+    if self.log2 is None or not raw:
+      return terms + raw, None
+    return terms, self.unit(total(raw, jnp.result_type(*self.flat_d),
+                                  self.ps.traced.keep))
 
   def direct_params(self) -> set:
     """Flat param indices that some operation other than the plan's reads."""
@@ -487,7 +509,7 @@ def curvature(ps: Pass, flat_d: list, scale: Array | None = None,
                            for d, g in zip(flat_d, ps.flat_grads)))
   else:
     slope = outs[0] if outs[0] is not None else jnp.zeros_like(ps.loss)
-  return slope.astype(dtype), curv + plan.second_order()
+  return slope.astype(dtype), curv
 
 
 def inner(a: Sequence[Array], b: Sequence[Array],

@@ -17,7 +17,7 @@ from experiments import bench
 #: (batch, gradient_direction) -> most kernels of the engine's CR step on the
 #: six-layer net below: the Gram form at batch 4 (gradient_direction=True),
 #: the dense sweep otherwise.
-LEVELS = {(4, True): 79, (4, False): 87, (64, True): 94, (64, False): 99}
+LEVELS = {(4, True): 79, (4, False): 87, (64, True): 92, (64, False): 97}
 
 
 def _net(batch):
@@ -107,7 +107,7 @@ def test_cr_step_writes_no_copy_of_the_direction(gradient_direction):
 #: optax.chain(optax.sgd, scale_by_cubic_step) with gradient_direction=True;
 #: lrcr.cubic_sgd (on the engine's own gradient) without it, with it, and
 #: with it and stack_layers=True; and the SGD step they extend.
-STEP_LEVELS = {4: (82, 79, 79, 75, 47), 64: (95, 92, 92, 92, 47)}
+STEP_LEVELS = {4: (81, 78, 78, 74, 47), 64: (92, 89, 89, 82, 47)}
 
 
 @pytest.mark.parametrize("batch", sorted(STEP_LEVELS))
