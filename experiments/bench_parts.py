@@ -12,6 +12,8 @@ would cost if kernels were free) over `grad`'s. The parts:
   `curvature_fn` (the gradient pass with the adjoints exposed)
 - `engine`: the same plus slope and curvature along -0.1 grad (dense sweep)
 - `engine_gram`: the same with `gradient_direction=True` (Gram form)
+- `engine_known`: the same called as `lrcr.cubic_sgd` calls it: on the
+  gradient itself, its multiple -0.1 given (`autoscaled`, no pass for it)
 - `engine_stacked`, `engine_gram_stacked`: the two with `stack_layers=True`
 - `fwd_over_fwd`: `value_and_grad` plus forward-over-forward along -0.1 grad
 - `transform`, `apply_only`, `transform_own`, `sgd_update`: the transform
@@ -53,13 +55,18 @@ def main(argv: Sequence[str]) -> None:
       return loss, g, curvature_fn(p, step(g))
     return part
 
+  def engine_known(p):
+    loss, g, curvature_fn = lrcr.value_grad_and_curvature(
+        loss_fn, p, x, y, gradient_direction=True)
+    return loss, g, curvature_fn.autoscaled(p, g, -0.1)
+
   def fwd_over_fwd(p):
     loss, g = jax.value_and_grad(loss_fn)(p, x, y)
     return loss, g, lrcr.autodiff_directional(lambda q: loss_fn(q, x, y), p,
                                               step(g))
 
   fns = {"grad": grad, "engine_pass": engine_pass, "engine": engine(),
-         "engine_gram": engine(gram=True),
+         "engine_gram": engine(gram=True), "engine_known": engine_known,
          "engine_stacked": engine(stack=True),
          "engine_gram_stacked": engine(gram=True, stack=True),
          "fwd_over_fwd": fwd_over_fwd,
