@@ -243,13 +243,13 @@ def _read_json(path: str, what: str) -> Any:
         "it.") from err
 
 
-def _check_saved_run(config: Any, workdir: str) -> int | None:
-  """The last completed step in `workdir` (None: empty), after checking that
-  the checkpoints' config matches config.json and `config`."""
+def _check_saved_run(config: Any, workdir: str) -> bool:
+  """Whether `workdir` holds checkpoints, after checking that their config
+  matches config.json and `config`."""
   directory = os.path.join(workdir, CHECKPOINT_DIR)
   manifest = workdir_lib.read_manifest(directory)
   if not manifest["steps"]:
-    return None
+    return False
   config_path = os.path.join(workdir, CONFIG_FILE)
   on_disk = trained_config(_read_json(config_path, "config"))
   trained = (manifest.get("metadata") or {}).get("config", on_disk)
@@ -270,16 +270,16 @@ def _check_saved_run(config: Any, workdir: str) -> int | None:
         f"{config_path}: the workdir holds a run with a different config "
         f"({changed}). Use a new --workdir, or the saved values to resume "
         "that run.")
-  return max(int(s) for s in manifest["steps"])
+  return True
 
 
-def _check_data(workdir: str, fingerprint: dict[str, Any],
-                resume_step: int | None,
+def _check_data(workdir: str, fingerprint: dict[str, Any], saved: bool,
                 allow_new_data: bool) -> list[dict[str, Any]]:
   """Every fingerprint the run trained on, by step; ValueError for a resume
-  on other data, unless `allow_new_data`."""
+  on other data, unless `allow_new_data`. The new data's `from_step` is
+  None, for `_resumed_history` to set once the checkpoint is read."""
   path = os.path.join(workdir, DATA_FILE)
-  if resume_step is None:
+  if not saved:
     return [{"from_step": 0, **fingerprint}]
   history = _read_json(path, "data fingerprint")
   last = history[-1]
@@ -294,10 +294,22 @@ def _check_data(workdir: str, fingerprint: dict[str, Any],
         f"{show(last)}; now: {show(fingerprint)}). Point the config back at "
         "that data, use a new --workdir, or pass --allow_new_data to "
         "continue on this data (the summary then records the change).")
-  logging.warning("%s: continuing on new data from step %d (saved: %s; now: "
-                  "%s).", workdir, resume_step, show(last), show(fingerprint))
-  return history + [{"from_step": resume_step, **fingerprint,
-                     "override": True}]
+  logging.warning("%s: continuing on new data (saved: %s; now: %s).",
+                  workdir, show(last), show(fingerprint))
+  return history + [{"from_step": None, **fingerprint, "override": True}]
+
+
+def _resumed_history(history: list[dict[str, Any]],
+                     fingerprint: dict[str, Any],
+                     start: int) -> list[dict[str, Any]]:
+  """`history` once the run resumes at step `start`, the checkpoint actually
+  read (it may precede the manifest's last step); a run that starts over
+  (start 0) has only its current data."""
+  if start == 0:
+    return [{"from_step": 0, **fingerprint}]
+  if history[-1]["from_step"] is None:
+    history = history[:-1] + [dict(history[-1], from_step=start)]
+  return history
 
 
 def _in_finalizer(frame: Any) -> bool:
@@ -486,10 +498,10 @@ def _start(config: Any, workdir: str, txs: tuple[Any, ...],
   """Checks the saved run and the data, restores, writes the run's record;
   (run, state [S, ...], data keys [S]), seed i from config.seed + i."""
   schedule, base_tx, cr_tx, options = txs
-  resume_step = _check_saved_run(config, workdir)
+  saved = _check_saved_run(config, workdir)
   dataset = _load_data(config)
-  history = _check_data(workdir, dataset.fingerprint(), resume_step,
-                        allow_new_data)
+  fingerprint = dataset.fingerprint()
+  history = _check_data(workdir, fingerprint, saved, allow_new_data)
   model = models.make_model(config.model, dataset.num_classes)
   images = jnp.asarray(dataset.images, jnp.float32)   # [N, D], on device
   labels = jnp.asarray(dataset.labels, jnp.int32)     # [N]
@@ -507,6 +519,7 @@ def _start(config: Any, workdir: str, txs: tuple[Any, ...],
                                   metadata={"config": trained_config(config)})
   try:
     state, start, data_keys = restore_checkpoint(ckpt, state, data_keys)
+    history = _resumed_history(history, fingerprint, start)
     if start > config.training.num_steps:
       raise ValueError(
           f"{ckpt.directory} is at step {start}, past "

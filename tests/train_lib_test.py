@@ -524,6 +524,26 @@ def test_changed_data_is_refused_on_resume(tmp_path, capsys):
   assert "already finished" not in capsys.readouterr().out
 
 
+def test_new_data_is_recorded_from_the_step_actually_resumed(tmp_path):
+  """The manifest lists step 20, but its checkpoint is gone: the run resumes
+  from step 10, and the data change is recorded from step 10."""
+  data_dir = _write_files(tmp_path / "data", seed=1)
+  workdir = tmp_path / "run"
+  for steps in (10, 20):
+    train_lib.train_and_evaluate(
+        _files_config(data_dir, **{"training.num_steps": steps}),
+        str(workdir))
+  shutil.rmtree(workdir / train_lib.CHECKPOINT_DIR / "20")
+  _write_files(data_dir, seed=2)
+  summary = train_lib.train_and_evaluate(
+      _files_config(data_dir, **{"training.num_steps": 30}), str(workdir),
+      allow_new_data=True)
+  assert summary["resumed_from_step"] == 10
+  assert [c["from_step"] for c in summary["data_changes"]] == [10]
+  saved = json.loads((workdir / train_lib.DATA_FILE).read_text())
+  assert [d["from_step"] for d in saved] == [0, 10]
+
+
 def test_the_same_data_from_another_source_resumes(reference_run, tmp_path):
   """The fingerprint hashes the arrays: the source may change (`auto`)."""
   workdir = tmp_path / "run"
