@@ -32,6 +32,36 @@ F64 = zoo.F64
 
 
 # ---------------------------------------------------------------------------
+# Collectives: shard_map and pmap on 2 host devices, in a subprocess. First
+# in the file: the longest test here, started while the rest of the suite can
+# still fill the other pytest-xdist worker.
+# ---------------------------------------------------------------------------
+
+def test_shard_map_and_pmap_are_exact_or_refused():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tests", "scripts",
+                                    "collectives_check.py")],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  result = json.loads(line[len("RESULT "):])
+  exact = ["shard_map vma=True pmean=True", "shard_map vma=True pmean=False",
+           "shard_map vma=False pmean=False", "outer shard_map",
+           "pmap pmean=False"]
+  for name in exact:
+    rows = np.array(result[name])
+    assert rows.shape == (1 if name == "outer shard_map" else 2, 6), name
+    for k in (0, 2, 4):                     # slope, curvature, ||g||^2
+      np.testing.assert_allclose(rows[:, k], rows[:, k + 1], rtol=RTOL,
+                                 err_msg=f"{name} {k}")
+  for name in ("shard_map vma=False pmean=True", "pmap pmean=True"):
+    assert "psum" in result[name] and "check_vma" in result[name], name
+    assert "autodiff_curvature_fn" in result[name]
+
+
+# ---------------------------------------------------------------------------
 # custom_vjp: straight-through, clipping, reversal, stable softplus, odeint.
 # ---------------------------------------------------------------------------
 
@@ -552,34 +582,6 @@ def test_tied_embedding_is_named_not_dropped():
     assert set(found.factors) | set(found.unfactored) == names
     assert "params/Embed_0/embedding" in found.unfactored
     assert "params/Dense_0/kernel" in found.factors
-
-
-# ---------------------------------------------------------------------------
-# Collectives: shard_map and pmap on 2 host devices, in a subprocess.
-# ---------------------------------------------------------------------------
-
-def test_shard_map_and_pmap_are_exact_or_refused():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tests", "scripts",
-                                    "collectives_check.py")],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  result = json.loads(line[len("RESULT "):])
-  exact = ["shard_map vma=True pmean=True", "shard_map vma=True pmean=False",
-           "shard_map vma=False pmean=False", "outer shard_map",
-           "pmap pmean=False"]
-  for name in exact:
-    rows = np.array(result[name])
-    assert rows.shape == (1 if name == "outer shard_map" else 2, 6), name
-    for k in (0, 2, 4):                     # slope, curvature, ||g||^2
-      np.testing.assert_allclose(rows[:, k], rows[:, k + 1], rtol=RTOL,
-                                 err_msg=f"{name} {k}")
-  for name in ("shard_map vma=False pmean=True", "pmap pmean=True"):
-    assert "psum" in result[name] and "check_vma" in result[name], name
-    assert "autodiff_curvature_fn" in result[name]
 
 
 def test_the_sample_axis_is_followed_through_the_program():
