@@ -38,8 +38,10 @@ F64 = zoo.F64
 # ---------------------------------------------------------------------------
 
 def test_shard_map_and_pmap_are_exact_or_refused():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  # The session's XLA_FLAGS (tests/conftest.py), and 2 host devices.
+  flags = " ".join([os.environ.get("XLA_FLAGS", ""),
+                    "--xla_force_host_platform_device_count=2"]).strip()
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "tests", "scripts",
                                     "collectives_check.py")],
