@@ -9,6 +9,7 @@ gradient, g^T grad(g . grad F).
 
 # pylint: disable=protected-access
 
+import functools
 import json
 import os
 import subprocess
@@ -150,15 +151,21 @@ def _ode_problem(seed):
                         jax.random.normal(k[2], (3,), jnp.float64))
 
 
-def _custom_reference(loss_fn, params, batch, d):
-  """(loss, grads, slope, g^T d/dt grad F) by reverse-over-reverse."""
-  loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
-  flat_d = ravel_pytree(d)[0]
-
+@functools.partial(jax.jit, static_argnums=0)
+def _reverse_over_reverse(loss_fn, params, batch, flat_d):
+  """g^T d/dt grad F = g^T grad(g . grad F), as one compiled program."""
   def gdot(p):
     return ravel_pytree(jax.grad(loss_fn)(p, *batch))[0] @ flat_d
 
-  curv = ravel_pytree(jax.grad(gdot)(params))[0] @ flat_d
+  return ravel_pytree(jax.grad(gdot)(params))[0] @ flat_d
+
+
+def _custom_reference(loss_fn, params, batch, d):
+  """(loss, grads, slope, g^T d/dt grad F) by reverse-over-reverse."""
+  # Eager, as lrcr computes them: they are compared bit for bit.
+  loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+  flat_d = ravel_pytree(d)[0]
+  curv = _reverse_over_reverse(loss_fn, params, batch, flat_d)
   return loss, grads, ravel_pytree(grads)[0] @ flat_d, curv
 
 
@@ -541,9 +548,10 @@ class TiedLM(nn.Module):
 
 
 def _per_sample_grads(loss_fn, params, batch):
+  """The reference: one jitted program of vmapped per-sample gradients."""
   def one(*sample):
     return jax.grad(loss_fn)(params, *[s[None] for s in sample])
-  return jax.vmap(one)(*batch)
+  return jax.jit(jax.vmap(one))(*batch)
 
 
 def _names(tree):
