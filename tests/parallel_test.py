@@ -11,8 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_data_parallel_matches_single_device(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+  # The session's XLA_FLAGS (tests/conftest.py), and 4 host devices.
+  flags = " ".join([os.environ.get("XLA_FLAGS", ""),
+                    "--xla_force_host_platform_device_count=4"]).strip()
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "tests", "scripts",
                                     "data_parallel_check.py"), str(tmp_path)],

@@ -62,8 +62,10 @@ def lone_run(tmp_path_factory):
       "training.num_steps": NUM_STEPS, "training.chunk_size": CHUNK})
   workdir = tmp_path_factory.mktemp("lone")
   train_lib.train_and_evaluate(config, str(workdir))
-  # The processes share a compilation cache: the second compiles nothing.
-  _ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+  # The processes share a compilation cache (the session's, from conftest.py,
+  # which holds this run's programs): the second compiles nothing.
+  if not _ENV.get("JAX_COMPILATION_CACHE_DIR"):
+    _ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
   return str(data_dir), str(workdir), config
 
 

@@ -9,6 +9,7 @@ gradient, g^T grad(g . grad F).
 
 # pylint: disable=protected-access
 
+import functools
 import json
 import os
 import subprocess
@@ -29,6 +30,38 @@ from tests import zoo
 RTOL = 1e-8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F64 = zoo.F64
+
+
+# ---------------------------------------------------------------------------
+# Collectives: shard_map and pmap on 2 host devices, in a subprocess. First
+# in the file: the longest test here, started while the rest of the suite can
+# still fill the other pytest-xdist worker.
+# ---------------------------------------------------------------------------
+
+def test_shard_map_and_pmap_are_exact_or_refused():
+  # The session's XLA_FLAGS (tests/conftest.py), and 2 host devices.
+  flags = " ".join([os.environ.get("XLA_FLAGS", ""),
+                    "--xla_force_host_platform_device_count=2"]).strip()
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tests", "scripts",
+                                    "collectives_check.py")],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  result = json.loads(line[len("RESULT "):])
+  exact = ["shard_map vma=True pmean=True", "shard_map vma=True pmean=False",
+           "shard_map vma=False pmean=False", "outer shard_map",
+           "pmap pmean=False"]
+  for name in exact:
+    rows = np.array(result[name])
+    assert rows.shape == (1 if name == "outer shard_map" else 2, 6), name
+    for k in (0, 2, 4):                     # slope, curvature, ||g||^2
+      np.testing.assert_allclose(rows[:, k], rows[:, k + 1], rtol=RTOL,
+                                 err_msg=f"{name} {k}")
+  for name in ("shard_map vma=False pmean=True", "pmap pmean=True"):
+    assert "psum" in result[name] and "check_vma" in result[name], name
+    assert "autodiff_curvature_fn" in result[name]
 
 
 # ---------------------------------------------------------------------------
@@ -118,15 +151,21 @@ def _ode_problem(seed):
                         jax.random.normal(k[2], (3,), jnp.float64))
 
 
-def _custom_reference(loss_fn, params, batch, d):
-  """(loss, grads, slope, g^T d/dt grad F) by reverse-over-reverse."""
-  loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
-  flat_d = ravel_pytree(d)[0]
-
+@functools.partial(jax.jit, static_argnums=0)
+def _reverse_over_reverse(loss_fn, params, batch, flat_d):
+  """g^T d/dt grad F = g^T grad(g . grad F), as one compiled program."""
   def gdot(p):
     return ravel_pytree(jax.grad(loss_fn)(p, *batch))[0] @ flat_d
 
-  curv = ravel_pytree(jax.grad(gdot)(params))[0] @ flat_d
+  return ravel_pytree(jax.grad(gdot)(params))[0] @ flat_d
+
+
+def _custom_reference(loss_fn, params, batch, d):
+  """(loss, grads, slope, g^T d/dt grad F) by reverse-over-reverse."""
+  # Eager, as lrcr computes them: they are compared bit for bit.
+  loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+  flat_d = ravel_pytree(d)[0]
+  curv = _reverse_over_reverse(loss_fn, params, batch, flat_d)
   return loss, grads, ravel_pytree(grads)[0] @ flat_d, curv
 
 
@@ -509,9 +548,10 @@ class TiedLM(nn.Module):
 
 
 def _per_sample_grads(loss_fn, params, batch):
+  """The reference: one jitted program of vmapped per-sample gradients."""
   def one(*sample):
     return jax.grad(loss_fn)(params, *[s[None] for s in sample])
-  return jax.vmap(one)(*batch)
+  return jax.jit(jax.vmap(one))(*batch)
 
 
 def _names(tree):
@@ -552,34 +592,6 @@ def test_tied_embedding_is_named_not_dropped():
     assert set(found.factors) | set(found.unfactored) == names
     assert "params/Embed_0/embedding" in found.unfactored
     assert "params/Dense_0/kernel" in found.factors
-
-
-# ---------------------------------------------------------------------------
-# Collectives: shard_map and pmap on 2 host devices, in a subprocess.
-# ---------------------------------------------------------------------------
-
-def test_shard_map_and_pmap_are_exact_or_refused():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tests", "scripts",
-                                    "collectives_check.py")],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  result = json.loads(line[len("RESULT "):])
-  exact = ["shard_map vma=True pmean=True", "shard_map vma=True pmean=False",
-           "shard_map vma=False pmean=False", "outer shard_map",
-           "pmap pmean=False"]
-  for name in exact:
-    rows = np.array(result[name])
-    assert rows.shape == (1 if name == "outer shard_map" else 2, 6), name
-    for k in (0, 2, 4):                     # slope, curvature, ||g||^2
-      np.testing.assert_allclose(rows[:, k], rows[:, k + 1], rtol=RTOL,
-                                 err_msg=f"{name} {k}")
-  for name in ("shard_map vma=False pmean=True", "pmap pmean=True"):
-    assert "psum" in result[name] and "check_vma" in result[name], name
-    assert "autodiff_curvature_fn" in result[name]
 
 
 def test_the_sample_axis_is_followed_through_the_program():

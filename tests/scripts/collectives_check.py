@@ -30,13 +30,25 @@ def _local(p, x, y):
   return jnp.mean((jnp.sin(h @ p["w2"]) * (x @ p["v"]) - y) ** 2)
 
 
-def _dense(loss, params, d, *batch):
-  """(slope, curvature, ||g||^2) by jax.hessian of the flattened loss."""
+@jax.jit
+def _dense_jit(params, d, x, y):
   flat, unravel = ravel_pytree(params)
   g = ravel_pytree(d)[0]
-  f = lambda w: loss(unravel(w), *batch)
-  return (float(g @ jax.grad(f)(flat)), float(g @ jax.hessian(f)(flat) @ g),
-          float(g @ g))
+  f = lambda w: _local(unravel(w), x, y)
+  return g @ jax.grad(f)(flat), g @ jax.hessian(f)(flat) @ g, g @ g
+
+
+def _dense(params, d, x, y):
+  """(slope, curvature, ||g||^2) of `_local` by jax.hessian of the flattened
+  loss, without any mesh (one compiled program per batch shape)."""
+  return tuple(float(v) for v in _dense_jit(params, d, x, y))
+
+
+def _references(params, d, x, y):
+  """The dense references of the whole batch and of each shard's rows."""
+  parts = [(x[i * 4:(i + 1) * 4], y[i * 4:(i + 1) * 4]) for i in range(SHARDS)]
+  return dict(full=_dense(params, d, x, y),
+              parts=[_dense(params, d, *part) for part in parts])
 
 
 def _rows(got, refs):
@@ -56,11 +68,10 @@ def _problem():
   return params, d, x, y
 
 
-def _shard_map_cases(mesh, params, d, x, y):
+def _shard_map_cases(mesh, params, d, x, y, refs):
   out = {}
   xs = jax.device_put(x, NamedSharding(mesh, P("d")))
   ys = jax.device_put(y, NamedSharding(mesh, P("d")))
-  parts = [(x[i * 4:(i + 1) * 4], y[i * 4:(i + 1) * 4]) for i in range(SHARDS)]
   for vma in (True, False):
     for pmean in (True, False):
       def loss(p, x, y, pmean=pmean):
@@ -78,13 +89,12 @@ def _shard_map_cases(mesh, params, d, x, y):
       except lrcr.UnsupportedProgramError as e:
         out[name] = str(e)
         continue
-      refs = ([_dense(_local, params, d, x, y)] * SHARDS if pmean else
-              [_dense(_local, params, d, *part) for part in parts])
-      out[name] = _rows(got, refs)
+      out[name] = _rows(got, [refs["full"]] * SHARDS if pmean else
+                        refs["parts"])
   return out
 
 
-def _outer_shard_map(mesh, params, d, x, y):
+def _outer_shard_map(mesh, params, d, x, y, refs):
   """A loss that holds a shard_map, called from outside it."""
   xs = jax.device_put(x, NamedSharding(mesh, P("d")))
   ys = jax.device_put(y, NamedSharding(mesh, P("d")))
@@ -95,11 +105,10 @@ def _outer_shard_map(mesh, params, d, x, y):
                          out_specs=P())(p, x, y)
 
   got = lrcr.value_grad_and_curvature(loss, params, xs, ys)[2](params, d)
-  return _rows([[got.slope, got.curvature, got.sqnorm]],
-               [_dense(_local, params, d, x, y)])
+  return _rows([[got.slope, got.curvature, got.sqnorm]], [refs["full"]])
 
 
-def _pmap_cases(params, d, x, y):
+def _pmap_cases(params, d, x, y, refs):
   out = {}
   xr, yr = x.reshape(SHARDS, 4, 3), y.reshape(SHARDS, 4)
   for pmean in (False, True):
@@ -119,7 +128,7 @@ def _pmap_cases(params, d, x, y):
     except lrcr.UnsupportedProgramError as e:
       out[name] = str(e)
       continue
-    out[name] = _rows(got, [_dense(_local, params, d, x, y)] * SHARDS)
+    out[name] = _rows(got, [refs["full"]] * SHARDS)
   return out
 
 
@@ -127,9 +136,10 @@ def main():
   assert jax.device_count() == SHARDS, jax.devices()
   mesh = jax.make_mesh((SHARDS,), ("d",))
   params, d, x, y = _problem()
-  result = _shard_map_cases(mesh, params, d, x, y)
-  result["outer shard_map"] = _outer_shard_map(mesh, params, d, x, y)
-  result.update(_pmap_cases(params, d, x, y))
+  refs = _references(params, d, x, y)
+  result = _shard_map_cases(mesh, params, d, x, y, refs)
+  result["outer shard_map"] = _outer_shard_map(mesh, params, d, x, y, refs)
+  result.update(_pmap_cases(params, d, x, y, refs))
   print("RESULT " + json.dumps(result))
 
 
