@@ -10,12 +10,15 @@ subprocess, all of which inherit the environment) starts JAX:
   kernels, flops and buffers the tests count, are the same; the machine code
   is less tuned, and no test times anything.
 * One JAX persistent compilation cache for the session, in a fresh
-  directory removed after it. Many tests compile the very same program
-  (every `train_and_evaluate` of the tiny config compiles the same chunk
-  step; the command-line tests compile what the in-process tests did; each
-  xdist worker what the other did): each is compiled once. The tests still
-  trace and lower everything, and run the executable XLA built for that very
-  program.
+  directory removed after it, with one subdirectory per pytest-xdist
+  worker. Many tests compile the very same program (every
+  `train_and_evaluate` of the tiny config compiles the same chunk step; the
+  command-line tests compile what the in-process tests did): each is
+  compiled once per worker. A worker and the subprocesses its tests start
+  (which it waits for) share its subdirectory; two workers never do, since
+  JAX writes a cache entry without a lock and a reader could meet it half
+  written. The tests still trace and lower everything, and run the
+  executable XLA built for that very program.
 
 What the caller set already (its own XLA_FLAGS entries, a cache directory)
 is kept as it is.
@@ -27,6 +30,7 @@ import sys
 import tempfile
 
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_OWN_ENV = "LRCR_TESTS_XLA_CACHE"      # the session's directory, if made here
 _MIN_COMPILE_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 # Programs that compile faster than this are compiled again: writing and
 # reading the cache entry would cost about as much.
@@ -37,21 +41,35 @@ _made = []
 
 
 def pytest_configure(config):
-  """Sets the session's environment (in the xdist controller, or alone)."""
+  """Sets the session's environment (in the xdist controller, or alone);
+  in an xdist worker, which inherits it, the worker's own cache directory."""
   if hasattr(config, "workerinput"):
-    return       # an xdist worker inherits the controller's environment
+    if root := os.environ.get(_OWN_ENV):
+      directory = os.path.join(root, config.workerinput["workerid"])
+      os.makedirs(directory, exist_ok=True)
+      _use_cache(directory)
+    return
   flags = os.environ.get("XLA_FLAGS", "").split()
   own = {f.split("=")[0] for f in flags}
   os.environ["XLA_FLAGS"] = " ".join(
       flags + [f for f in _FAST_COMPILE if f.split("=")[0] not in own])
+  os.environ.setdefault(_MIN_COMPILE_ENV, _MIN_COMPILE_S)
   if not os.environ.get(_CACHE_ENV):
     directory = tempfile.mkdtemp(prefix="lrcr_tests_xla_cache_")
     _made.append(directory)
-    os.environ[_CACHE_ENV] = directory
-  os.environ.setdefault(_MIN_COMPILE_ENV, _MIN_COMPILE_S)
+    os.environ[_OWN_ENV] = directory       # the workers' subdirectories
+    _use_cache(directory)
+  else:
+    _use_cache(os.environ[_CACHE_ENV])
+
+
+def _use_cache(directory):
+  """JAX's persistent cache in `directory`, for this process and its
+  subprocesses."""
+  os.environ[_CACHE_ENV] = directory
   if "jax" in sys.modules:     # imported by a plugin: its config read the env
     jax = sys.modules["jax"]
-    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+    jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       float(os.environ[_MIN_COMPILE_ENV]))
 
