@@ -529,9 +529,9 @@ def test_new_data_is_recorded_from_the_step_actually_resumed(tmp_path):
   from step 10, and the data change is recorded from step 10."""
   data_dir = _write_files(tmp_path / "data", seed=1)
   workdir = tmp_path / "run"
-  for steps in (10, 20):
+  for num_steps in (10, 20):
     train_lib.train_and_evaluate(
-        _files_config(data_dir, **{"training.num_steps": steps}),
+        _files_config(data_dir, **{"training.num_steps": num_steps}),
         str(workdir))
   shutil.rmtree(workdir / train_lib.CHECKPOINT_DIR / "20")
   _write_files(data_dir, seed=2)
