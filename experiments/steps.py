@@ -81,7 +81,8 @@ def make_cr_optimizer(optimizer_config: Any,
       adaptive_sigma=bool(optimizer_config.get("adaptive_sigma", False)),
       curvature_every=int(optimizer_config.get("curvature_every", 1)))
   sigma = float(optimizer_config.sigma)
-  if optimizer_entry(optimizer_config)[1] is optax.sgd:
+  _, factory, defaults = optimizer_entry(optimizer_config)
+  if factory is optax.sgd and not defaults:      # plain SGD, as cubic_sgd's
     return lrcr.cubic_sgd(sigma, schedule, **cubic)
   return optax.chain(make_base_optimizer(optimizer_config, schedule),
                      lrcr.scale_by_cubic_step(sigma, **cubic))

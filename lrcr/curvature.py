@@ -53,7 +53,7 @@ from lrcr import samples
 from lrcr import sweep
 from lrcr.losses import cross_entropy_loss
 from lrcr.types import (CurvatureFn, Directional, ScalableCurvatureFn,
-                        group_index)
+                        group_index, same_arrays)
 
 Array = jax.Array
 
@@ -348,7 +348,7 @@ def _global_fn(ps: engine.Pass, gradient_direction: bool,
     # k = exponent(||grad F||) = ceil(exponent(gg) / 2), without a sqrt.
     k = jnp.clip((cubic.exponent(gg) + 1) // 2, -kmax, kmax)
     uu = cubic.times_pow2(gg, -2 * k)                         # ||u||^2
-    if all(d is g for d, g in zip(flat_d, ps.flat_grads)):
+    if same_arrays(flat_d, ps.flat_grads):          # g is grad F itself
       c = _flagged(in_range, gg, gg, scale)
     else:
       # gg = 0: a zero gradient, or one whose squares flushed to zero;

@@ -351,6 +351,17 @@ def _groups(ps: Pass, dtypes: Sequence[Any], stack: bool,
   return out
 
 
+def _operands(ps: Pass, nodes: Sequence[Node]) -> tuple[Array, Array]:
+  """[L, N, d_in] operands V and [L, N, d_out] adjoints Ybar of a group's
+  operations (stacked: one copy each; L = 1: no copy)."""
+  stacked = (lambda xs: xs[0][None]) if len(nodes) == 1 else _stack
+  pairs = [ps.weight_values(n, ()) for n in nodes]
+  return (stacked([x.reshape(-1, n.in_avals[0].shape[-1])
+                   for (x, _), n in zip(pairs, nodes)]),
+          stacked([a.reshape(-1, n.out_avals[0].shape[-1])
+                   for (_, a), n in zip(pairs, nodes)]))
+
+
 def stacked_gradients(ps: Pass, gram_ids: frozenset) -> list[Array]:
   """ps.flat_grads, those of each stack_layers group in the Gram form as
   one batched product.
@@ -366,11 +377,7 @@ def stacked_gradients(ps: Pass, gram_ids: frozenset) -> list[Array]:
   for nodes in _groups(ps, [g.dtype for g in flat], True, gram_ids):
     if len(nodes) < 2 or nodes[0].id not in gram_ids:
       continue
-    pairs = [ps.weight_values(n, ()) for n in nodes]
-    v = _stack([x.reshape(-1, n.in_avals[0].shape[-1])
-                for (x, _), n in zip(pairs, nodes)])
-    y = _stack([a.reshape(-1, n.out_avals[0].shape[-1])
-                for (_, a), n in zip(pairs, nodes)])
+    v, y = _operands(ps, nodes)
     if not all(flat[n.param].dtype == v.dtype == y.dtype for n in nodes):
       continue                       # low precision: jax.grad's own dot
     grads = jnp.einsum("lni,lnj->lij", v, y)
@@ -406,13 +413,7 @@ class _WeightPlan:
                  for k, n in enumerate(nodes)}
     self.sources, self.parts, self.dv = [], [], {}
     for nodes in self.groups:
-      # [L, N, d_in] operands and [L, N, d_out] adjoints (L = 1: no copy).
-      stacked = (lambda xs: xs[0][None]) if len(nodes) == 1 else _stack
-      pairs = [ps.weight_values(n, ()) for n in nodes]
-      v = stacked([x.reshape(-1, n.in_avals[0].shape[-1])
-                   for (x, _), n in zip(pairs, nodes)])
-      y = stacked([a.reshape(-1, n.out_avals[0].shape[-1])
-                   for (_, a), n in zip(pairs, nodes)])
+      v, y = _operands(ps, nodes)
       gram = nodes[0].id in gram_ids
       if gram:                                                # c (V V^T) Ybar
         phi = None

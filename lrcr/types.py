@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -74,17 +74,21 @@ class ScalableCurvatureFn:
     return self.fn(params, direction, None)
 
   def is_gradient(self, direction: Any) -> bool:
-    """Whether `direction`'s leaves are the gradient's own arrays (the same
-    objects, so equal without a look at their values)."""
-    leaves = jax.tree.leaves(direction)
-    return bool(self.gradient) and len(leaves) == len(self.gradient) and all(
-        a is b for a, b in zip(leaves, self.gradient))
+    """Whether `direction`'s leaves are the gradient's own arrays."""
+    return bool(self.gradient) and same_arrays(jax.tree.leaves(direction),
+                                               self.gradient)
 
   def autoscales(self, direction: Any) -> bool:
     """Whether `autoscaled` takes `direction`: a multiple of the gradient,
     by the promise or because it is the gradient itself."""
     return self.autoscaled is not None and (
         self.gradient_direction or self.is_gradient(direction))
+
+
+def same_arrays(a: Sequence[Any], b: Sequence[Any]) -> bool:
+  """Whether two lists hold the same objects, one by one (so equal values
+  without a look at them: traced arrays cannot be compared eagerly)."""
+  return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def param_groups(tree: Any, fill: Any = 0.0) -> Any:
